@@ -1,0 +1,1 @@
+//! `GET /v1/chinchilla` and the `GET /chinchilla` page.

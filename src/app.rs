@@ -1,0 +1,1 @@
+//! Application: binds the listener, loads the model, wires routes, runs until shutdown.

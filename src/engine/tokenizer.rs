@@ -1,0 +1,1 @@
+//! Tokenizer from tokenizer.json or GGUF metadata, and the chat template (minijinja).

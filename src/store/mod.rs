@@ -1,0 +1,1 @@
+//! SQLite pool (WAL) and the migrations in migrations/.
