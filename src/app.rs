@@ -1,1 +1,123 @@
-//! Application: binds the listener, loads the model, wires routes, runs until shutdown.
+//! `Application::build(settings)`: resolves and loads the model, opens the database, starts the
+//! engine thread and binds the listener (port 0 works; `port()` tells which). `run` serves until
+//! the shutdown future resolves. `main` and the integration tests share this path.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use candle_core::Device;
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState, ServedModel};
+use crate::config::Settings;
+use crate::engine::{self, scheduler};
+
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    addr: SocketAddr,
+    pub db: sqlx::SqlitePool,
+}
+
+/// The model path to serve: the configured one, or the default model (fetched if missing).
+pub fn resolve_model_path(settings: &Settings) -> anyhow::Result<PathBuf> {
+    if settings.model.path.is_empty() {
+        crate::model_fetch::ensure_default_model(settings.model_cache_dir())
+    } else {
+        let p = PathBuf::from(&settings.model.path);
+        anyhow::ensure!(p.exists(), "model path {} does not exist", p.display());
+        Ok(p)
+    }
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.validate()?;
+        let db = crate::store::connect(&settings.storage.database_url).await?;
+        std::fs::create_dir_all(&settings.storage.adapters_dir).with_context(|| {
+            format!("creating adapters directory {}", settings.storage.adapters_dir)
+        })?;
+
+        let s = settings.clone();
+        let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let path = resolve_model_path(&s)?;
+            tracing::info!(model = %path.display(), "loading model");
+            let started = std::time::Instant::now();
+            let loaded = engine::load_model(&path, &Device::Cpu)
+                .with_context(|| format!("loading model {}", path.display()))?;
+            tracing::info!(
+                model = %loaded.name,
+                layers = loaded.model.cfg.num_layers,
+                seconds = started.elapsed().as_secs_f64(),
+                "model loaded"
+            );
+            Ok(loaded)
+        })
+        .await
+        .context("model loading task")??;
+
+        let context_len = loaded.model.cfg.max_position_embeddings;
+        let name = if settings.model.name.is_empty() {
+            loaded.name.clone()
+        } else {
+            settings.model.name.clone()
+        };
+        let tokenizer = Arc::new(loaded.tokenizer);
+        let e = &settings.engine;
+        let engine = scheduler::spawn(
+            Arc::new(loaded.model),
+            tokenizer.clone(),
+            scheduler::EngineConfig {
+                max_running: e.max_running,
+                max_waiting: e.max_waiting,
+                max_step_tokens: e.max_step_tokens,
+            },
+        )
+        .context("starting the engine thread")?;
+        let state = AppState {
+            engine,
+            tokenizer,
+            model: Arc::new(ServedModel {
+                name,
+                context_len,
+                default_max_new_tokens: e.default_max_new_tokens,
+                max_new_tokens_limit: e.max_new_tokens_limit,
+                created: api::generation::unix_now(),
+            }),
+            metrics: crate::metrics::install(),
+        };
+        let router = api::router(state, settings.server.max_body_bytes);
+        let addr = settings.bind_addr()?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let addr = listener.local_addr()?;
+        Ok(Self {
+            listener,
+            router,
+            addr,
+            db,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests end.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.addr, "listening");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving HTTP")
+    }
+}

@@ -1,1 +1,215 @@
-//! Settings: config/default.toml, an optional --config file, ADAPTERD_* env and CLI flags.
+//! Settings: config/default.toml (compiled in), an optional `--config` file naming only the keys
+//! it changes, then `ADAPTERD_*` environment variables and command-line flags. Validated once at
+//! start so a bad value fails before anything binds or loads.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// The defaults, every key commented, shipped in the repository and in the binary.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub model: ModelSettings,
+    pub engine: EngineSettings,
+    pub storage: StorageSettings,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub bind: String,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    pub path: String,
+    pub name: String,
+    pub cache_dir: String,
+    pub threads: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSettings {
+    pub max_running: usize,
+    pub max_waiting: usize,
+    pub max_step_tokens: usize,
+    pub default_max_new_tokens: usize,
+    pub max_new_tokens_limit: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    pub adapters_dir: String,
+    pub database_url: String,
+}
+
+/// Overrides from flags or environment; `None` keeps the file's value.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Overrides {
+    /// Settings file (TOML) whose keys override config/default.toml.
+    #[arg(long, env = "ADAPTERD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:8080.
+    #[arg(long, env = "ADAPTERD_BIND")]
+    pub bind: Option<String>,
+    /// A .gguf file or a Hugging Face model directory (default: SmolLM2-135M-Instruct, fetched once).
+    #[arg(long, env = "ADAPTERD_MODEL")]
+    pub model: Option<String>,
+    /// Where the default model is cached.
+    #[arg(long, env = "ADAPTERD_MODEL_CACHE")]
+    pub model_cache: Option<String>,
+    /// CPU threads for tensor work (0: one per core).
+    #[arg(long, env = "ADAPTERD_THREADS")]
+    pub threads: Option<usize>,
+    /// Adapter store directory.
+    #[arg(long, env = "ADAPTERD_ADAPTERS_DIR")]
+    pub adapters_dir: Option<String>,
+    /// SQLite URL, e.g. sqlite://data/adapterd.db.
+    #[arg(long, env = "ADAPTERD_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+impl Settings {
+    /// The compiled-in defaults alone.
+    pub fn defaults() -> anyhow::Result<Self> {
+        toml::from_str(DEFAULT_TOML).context("config/default.toml")
+    }
+
+    /// Defaults, then the `--config` file, then flags/environment; validated.
+    pub fn load(o: &Overrides) -> anyhow::Result<Self> {
+        let mut base: toml::Value = toml::from_str(DEFAULT_TOML).context("config/default.toml")?;
+        if let Some(path) = &o.config {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            let user: toml::Value =
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            merge(&mut base, user);
+        }
+        let mut s: Settings = base
+            .try_into()
+            .with_context(|| "invalid settings (unknown key or wrong type)".to_string())?;
+        if let Some(v) = &o.bind {
+            s.server.bind = v.clone();
+        }
+        if let Some(v) = &o.model {
+            s.model.path = v.clone();
+        }
+        if let Some(v) = &o.model_cache {
+            s.model.cache_dir = v.clone();
+        }
+        if let Some(v) = o.threads {
+            s.model.threads = v;
+        }
+        if let Some(v) = &o.adapters_dir {
+            s.storage.adapters_dir = v.clone();
+        }
+        if let Some(v) = &o.database_url {
+            s.storage.database_url = v.clone();
+        }
+        s.validate()?;
+        Ok(s)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.bind_addr()?;
+        let e = &self.engine;
+        if e.max_running == 0 || e.max_step_tokens == 0 {
+            bail!("engine.max_running and engine.max_step_tokens must be at least 1");
+        }
+        if e.default_max_new_tokens == 0 || e.default_max_new_tokens > e.max_new_tokens_limit {
+            bail!("engine.default_max_new_tokens must be between 1 and engine.max_new_tokens_limit");
+        }
+        if self.server.max_body_bytes < 1024 {
+            bail!("server.max_body_bytes must be at least 1024");
+        }
+        if !self.storage.database_url.starts_with("sqlite:") {
+            bail!("storage.database_url must be a sqlite: URL");
+        }
+        Ok(())
+    }
+
+    pub fn bind_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.server
+            .bind
+            .parse()
+            .with_context(|| format!("server.bind `{}` is not an address like 127.0.0.1:8080", self.server.bind))
+    }
+
+    /// The model cache directory, if one is configured.
+    pub fn model_cache_dir(&self) -> Option<&Path> {
+        (!self.model.cache_dir.is_empty()).then(|| Path::new(&self.model.cache_dir))
+    }
+}
+
+/// Recursively overlays `over` on `base` (tables merge, other values replace).
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_validate() {
+        let s = Settings::defaults().unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.server.bind, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn a_config_file_overrides_only_the_keys_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[engine]\nmax_running = 3\n").unwrap();
+        let o = Overrides {
+            config: Some(path),
+            bind: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        };
+        let s = Settings::load(&o).unwrap();
+        assert_eq!(s.engine.max_running, 3);
+        assert_eq!(s.engine.max_waiting, 64);
+        assert_eq!(s.server.bind, "127.0.0.1:0");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[engine]\nmax_runing = 3\n").unwrap();
+        let o = Overrides {
+            config: Some(path),
+            ..Default::default()
+        };
+        assert!(Settings::load(&o).is_err());
+        let o = Overrides {
+            bind: Some("not an address".into()),
+            ..Default::default()
+        };
+        let err = Settings::load(&o).unwrap_err().to_string();
+        assert!(err.contains("server.bind"), "{err}");
+    }
+}

@@ -1,1 +1,100 @@
-fn main(){}
+//! The `adapterd` binary: parses the command line, sets up logging, and runs a subcommand
+//! (`serve`, `fetch-model`, `chinchilla`). Everything else lives in the library.
+
+use clap::{Parser, Subcommand};
+
+use adapterd::app::Application;
+use adapterd::config::{Overrides, Settings};
+
+#[derive(Parser)]
+#[command(name = "adapterd", version, about = "Serve one base model to many tenants with per-request LoRA adapters")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API (loads the model first; fetches the default model if needed).
+    Serve(Overrides),
+    /// Download and verify the default model into the cache, then print its path.
+    FetchModel {
+        /// Cache directory (default: $XDG_CACHE_HOME/adapterd/models or ~/.cache/adapterd/models).
+        #[arg(long, env = "ADAPTERD_MODEL_CACHE")]
+        model_cache: Option<std::path::PathBuf>,
+    },
+    /// Chinchilla-style compute planning: model size, tokens and loss for a FLOP budget.
+    Chinchilla(adapterd::scaling::ChinchillaArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_http=info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(o) => {
+            let settings = Settings::load(&o)?;
+            set_threads(settings.model.threads);
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async move {
+                let app = Application::build(settings).await?;
+                app.run(shutdown_signal()).await
+            })
+        }
+        Command::FetchModel { model_cache } => {
+            let path = adapterd::model_fetch::ensure_default_model(model_cache.as_deref())?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Chinchilla(args) => {
+            print!("{}", adapterd::scaling::run_cli(&args)?);
+            Ok(())
+        }
+    }
+}
+
+/// candle sizes its CPU thread pool from these variables when it first runs an op, so they must
+/// be set before the model loads.
+fn set_threads(threads: usize) {
+    if threads > 0 {
+        let n = threads.to_string();
+        std::env::set_var("CANDLE_NUM_THREADS", &n);
+        std::env::set_var("RAYON_NUM_THREADS", &n);
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,2 +1,9 @@
-//! Scaling-law planner: Chinchilla (Hoffmann 2022, Besiroglu 2024 refit), Kaplan 2020 and the
-//! inference-aware optimum (Sardana 2024). Pure functions, no I/O.
+//! TEMPORARY stub (replaced by the real module being written in parallel).
+#[derive(clap::Args, Debug)]
+pub struct ChinchillaArgs {
+    #[arg(long)]
+    pub flops: f64,
+}
+pub fn run_cli(_args: &ChinchillaArgs) -> anyhow::Result<String> {
+    anyhow::bail!("not yet")
+}

@@ -1,1 +1,4 @@
-//! `GET /v1/chinchilla` and the `GET /chinchilla` page.
+//! TEMPORARY stub (replaced by the real module being written in parallel).
+pub fn routes<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
+    axum::Router::new()
+}

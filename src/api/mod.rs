@@ -1,7 +1,93 @@
 //! HTTP surface: one router per resource, composed in [`router`]. Handlers validate input into
-//! engine types and never touch tensors.
+//! engine types (`GenerateRequest`) and never touch tensors; every error is an [`ApiError`].
 
 pub mod chinchilla;
 pub mod error;
+pub mod extract;
+pub mod generate;
+pub mod generation;
+pub mod health;
+pub mod models;
+pub mod openai;
+pub mod tokenize;
 
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::engine::scheduler::EngineHandle;
+use crate::engine::tokenizer::Tokenizer;
 pub use error::ApiError;
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub model: Arc<ServedModel>,
+    pub metrics: PrometheusHandle,
+}
+
+/// Facts about the served base model that requests are validated against.
+#[derive(Clone, Debug)]
+pub struct ServedModel {
+    /// The name clients use in `model` and see in `/v1/models`.
+    pub name: String,
+    /// Context length in tokens (prompt + generated).
+    pub context_len: usize,
+    pub default_max_new_tokens: usize,
+    pub max_new_tokens_limit: usize,
+    /// Unix seconds when the model was loaded (`created` in /v1/models).
+    pub created: u64,
+}
+
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .merge(generate::routes())
+        .merge(openai::routes())
+        .merge(tokenize::routes())
+        .merge(models::routes())
+        .merge(health::routes())
+        .merge(chinchilla::routes())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn(record_http_metrics))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}
+
+/// HTTP metrics labelled by the matched route pattern (never the raw URI, so labels stay bounded).
+async fn record_http_metrics(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().as_str().to_owned();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    ::metrics::counter!(crate::metrics::HTTP_REQUESTS_TOTAL, "route" => route.clone(), "method" => method, "status" => status)
+        .increment(1);
+    ::metrics::histogram!(crate::metrics::HTTP_REQUEST_DURATION_SECONDS, "route" => route)
+        .record(start.elapsed().as_secs_f64());
+    resp
+}
+

@@ -1,0 +1,218 @@
+//! What the native and OpenAI endpoints share: length checks against the context, stop-string
+//! parsing, submission to the engine (429 when the queue is full) and collecting a stream of
+//! engine events into one completion.
+
+use serde::Deserialize;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::{ApiError, AppState};
+use crate::engine::sampling::SamplingError;
+use crate::engine::scheduler::{FinishReason, GenEvent, GenerateRequest, SubmitError, TokenLogprob};
+
+/// Stop strings as clients send them: one string or a list.
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(untagged)]
+pub enum StopSpec {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Longest stop string accepted, in bytes, and how many.
+const MAX_STOP_LEN: usize = 256;
+const MAX_STOPS: usize = 16;
+
+impl StopSpec {
+    pub fn into_vec(self, field: &str) -> Result<Vec<String>, ApiError> {
+        let v = match self {
+            Self::None => Vec::new(),
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        };
+        if v.len() > MAX_STOPS {
+            return Err(ApiError::invalid_field(format!(
+                "`{field}` has {} entries; at most {MAX_STOPS} are allowed",
+                v.len()
+            )));
+        }
+        if v.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
+            return Err(ApiError::invalid_field(format!(
+                "every `{field}` entry must be 1 to {MAX_STOP_LEN} bytes long"
+            )));
+        }
+        Ok(v)
+    }
+}
+
+impl From<SamplingError> for ApiError {
+    fn from(e: SamplingError) -> Self {
+        ApiError::invalid_field(e.to_string())
+    }
+}
+
+/// Resolves `max_new_tokens` and checks that prompt and generation fit the context.
+pub fn check_lengths(
+    state: &AppState,
+    prompt_len: usize,
+    max_new_tokens: Option<i64>,
+    field: &str,
+) -> Result<usize, ApiError> {
+    let m = &state.model;
+    let max_new = match max_new_tokens {
+        None => m.default_max_new_tokens.min(m.context_len.saturating_sub(prompt_len)),
+        Some(n) if n < 0 => {
+            return Err(ApiError::invalid_field(format!("`{field}` must not be negative")));
+        }
+        Some(n) if n as u64 > m.max_new_tokens_limit as u64 => {
+            return Err(ApiError::invalid_field(format!(
+                "`{field}` is {n}; this server allows at most {}",
+                m.max_new_tokens_limit
+            )));
+        }
+        Some(n) => n as usize,
+    };
+    if prompt_len == 0 {
+        return Err(ApiError::invalid_field("the prompt is empty after tokenization"));
+    }
+    if prompt_len + max_new > m.context_len {
+        return Err(ApiError::invalid_field(format!(
+            "the prompt has {prompt_len} tokens and `{field}` is {max_new}: together they exceed \
+             the model's context of {} tokens",
+            m.context_len
+        )));
+    }
+    Ok(max_new)
+}
+
+pub fn submit(state: &AppState, req: GenerateRequest) -> Result<UnboundedReceiver<GenEvent>, ApiError> {
+    state.engine.submit(req).map_err(|e| match e {
+        SubmitError::QueueFull(_) => ApiError::overloaded(e.to_string(), 1),
+        SubmitError::Stopped => ApiError::unavailable(e.to_string()),
+    })
+}
+
+/// A finished generation.
+#[derive(Debug, Default)]
+pub struct Completion {
+    pub text: String,
+    pub tokens: Vec<TokenLogprob>,
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
+    pub finish: Option<FinishReason>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Drains the engine's events for one request.
+pub async fn collect(mut rx: UnboundedReceiver<GenEvent>) -> Result<Completion, ApiError> {
+    let mut c = Completion::default();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenEvent::PromptLogprobs(lp) => c.prompt_logprobs = Some(lp),
+            GenEvent::Token { token, text } => {
+                c.tokens.push(token);
+                c.text.push_str(&text);
+            }
+            GenEvent::Text(text) => c.text.push_str(&text),
+            GenEvent::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                c.finish = Some(finish);
+                c.prompt_tokens = prompt_tokens;
+                c.completion_tokens = completion_tokens;
+                return Ok(c);
+            }
+            GenEvent::Error(e) => return Err(ApiError::internal(e)),
+        }
+    }
+    Err(ApiError::unavailable("the engine stopped before the request finished"))
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A random request id with a prefix (`gen-`, `cmpl-`, `chatcmpl-`).
+pub fn request_id(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A chat message as clients send it: `content` is a string or OpenAI's list of text parts.
+#[derive(Clone, Debug, Deserialize)]
+pub struct MessageIn {
+    pub role: String,
+    pub content: MessageContent,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+/// Renders `messages` with the model's chat template (generation prompt appended) and
+/// tokenizes the result; the template supplies the special tokens.
+pub fn chat_prompt(state: &AppState, messages: Vec<MessageIn>, field: &str) -> Result<Vec<u32>, ApiError> {
+    use crate::engine::tokenizer::ChatMessage;
+    if messages.is_empty() {
+        return Err(ApiError::invalid_field(format!("`{field}` must not be empty")));
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
+            return Err(ApiError::invalid_field(format!(
+                "`{field}[{i}].role` is `{}`; expected system, user, assistant or developer",
+                m.role
+            )));
+        }
+        let content = match m.content {
+            MessageContent::Text(t) => t,
+            MessageContent::Parts(parts) => {
+                let mut text = String::new();
+                for (j, p) in parts.into_iter().enumerate() {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        _ => {
+                            return Err(ApiError::invalid_field(format!(
+                                "`{field}[{i}].content[{j}]`: only parts of type `text` with a `text` field are supported"
+                            )))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        let role = if m.role == "developer" { "system".to_owned() } else { m.role };
+        out.push(ChatMessage { role, content });
+    }
+    let text = state
+        .tokenizer
+        .apply_chat_template(&out, true)
+        .map_err(|e| ApiError::invalid_field(format!("`{field}` could not be rendered with the chat template: {e}")))?;
+    state
+        .tokenizer
+        .encode(&text, false)
+        .map_err(|e| ApiError::invalid_field(format!("`{field}` could not be tokenized: {e}")))
+}
+
+/// Tokenizes a plain prompt (special tokens such as BOS added as the model expects).
+pub fn text_prompt(state: &AppState, prompt: &str, field: &str) -> Result<Vec<u32>, ApiError> {
+    state
+        .tokenizer
+        .encode(prompt, true)
+        .map_err(|e| ApiError::invalid_field(format!("`{field}` could not be tokenized: {e}")))
+}

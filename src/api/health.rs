@@ -1,0 +1,39 @@
+//! Operations: `GET /health` (the process answers), `GET /ready` (the model is loaded and the
+//! engine accepts work) and `GET /metrics` (Prometheus text).
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// The app state exists only once the model has loaded, so reaching this handler means ready,
+/// unless the engine thread has gone.
+async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    if state.engine.is_alive() {
+        Ok(Json(json!({"status": "ready", "model": state.model.name})))
+    } else {
+        Err(ApiError::unavailable("the engine has stopped"))
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}

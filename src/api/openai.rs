@@ -1,0 +1,404 @@
+//! OpenAI-compatible `POST /v1/completions` and `POST /v1/chat/completions`: the request and
+//! response shapes the official client sends and parses, streaming (`data: {...}` chunks, then
+//! `data: [DONE]`), usage, finish_reason, logprobs, echo (prompt scoring), seed and stop.
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use futures::stream::{self, Stream};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::extract::ApiJson;
+use super::generation::{self, chat_prompt, text_prompt, Completion, MessageIn, StopSpec};
+use super::{ApiError, AppState};
+use crate::engine::sampling::SamplingParams;
+use crate::engine::scheduler::{FinishReason, GenEvent, GenerateRequest, TokenLogprob};
+use crate::engine::tokenizer::Tokenizer;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+}
+
+/// Fields of the OpenAI request we accept but ignore (metadata, not behaviour).
+#[derive(Debug, Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionBody {
+    model: String,
+    prompt: PromptIn,
+    max_tokens: Option<i64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    n: Option<i64>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    logprobs: Option<i64>,
+    #[serde(default)]
+    echo: bool,
+    #[serde(default)]
+    stop: StopSpec,
+    seed: Option<u64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    best_of: Option<i64>,
+    suffix: Option<String>,
+    #[serde(rename = "user")]
+    _user: Option<String>,
+    top_k: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PromptIn {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatBody {
+    model: String,
+    messages: Vec<MessageIn>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    n: Option<i64>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<i64>,
+    #[serde(default)]
+    stop: StopSpec,
+    seed: Option<u64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    #[serde(rename = "user")]
+    _user: Option<String>,
+    top_k: Option<i64>,
+}
+
+/// Options this server does not implement are refused by name rather than silently ignored.
+fn refuse_unsupported(n: Option<i64>, presence: Option<f32>, frequency: Option<f32>) -> Result<(), ApiError> {
+    if n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid_field("`n`: only n = 1 is supported"));
+    }
+    if presence.is_some_and(|p| p != 0.0) {
+        return Err(ApiError::invalid_field("`presence_penalty` is not supported (only 0)"));
+    }
+    if frequency.is_some_and(|p| p != 0.0) {
+        return Err(ApiError::invalid_field("`frequency_penalty` is not supported (only 0)"));
+    }
+    Ok(())
+}
+
+fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
+    if model == state.model.name {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("model `{model}` does not exist; GET /v1/models lists what is served"),
+        ))
+    }
+}
+
+fn finish_str(f: Option<FinishReason>) -> &'static str {
+    match f {
+        Some(FinishReason::Length) => "length",
+        _ => "stop",
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<CompletionBody>) -> Result<Response, ApiError> {
+    check_model(&state, &body.model)?;
+    refuse_unsupported(body.n, body.presence_penalty, body.frequency_penalty)?;
+    if body.best_of.is_some_and(|b| b != 1) {
+        return Err(ApiError::invalid_field("`best_of`: only 1 is supported"));
+    }
+    if body.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid_field("`suffix` is not supported"));
+    }
+    let prompt = match body.prompt {
+        PromptIn::Text(t) => text_prompt(&state, &t, "prompt")?,
+        PromptIn::Texts(v) if v.len() == 1 => text_prompt(&state, &v[0], "prompt")?,
+        PromptIn::Texts(_) => {
+            return Err(ApiError::invalid_field("`prompt`: exactly one prompt per request is supported"))
+        }
+        PromptIn::Tokens(ids) => {
+            let vocab = state.tokenizer.vocab_size() as u32;
+            if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
+                return Err(ApiError::invalid_field(format!("`prompt`: token id {bad} is outside the vocabulary of {vocab}")));
+            }
+            ids
+        }
+    };
+    let logprobs = match body.logprobs {
+        None => None,
+        Some(n) if (0..=5).contains(&n) => Some(n),
+        Some(n) => return Err(ApiError::invalid_field(format!("`logprobs` is {n}; allowed 0 to 5"))),
+    };
+    let sampling = SamplingParams::validate(body.temperature, body.top_p, body.top_k, body.seed, logprobs, 1.0)?;
+    // OpenAI's default max_tokens for completions is 16.
+    let max_new = generation::check_lengths(&state, prompt.len(), Some(body.max_tokens.unwrap_or(16)), "max_tokens")?;
+    let echo_ids = body.echo.then(|| prompt.clone());
+    let req = GenerateRequest {
+        prompt,
+        max_new_tokens: max_new,
+        sampling,
+        stop: body.stop.into_vec("stop")?,
+        prompt_logprobs: body.echo && logprobs.is_some(),
+    };
+    let rx = generation::submit(&state, req)?;
+    let id = generation::request_id("cmpl-");
+    let created = generation::unix_now();
+    if body.stream {
+        if body.echo {
+            return Err(ApiError::invalid_field("`echo` is not supported with `stream`"));
+        }
+        let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
+        let s = stream_chunks(state, rx, id, created, Kind::Completion, logprobs.is_some(), include_usage);
+        return Ok(s.into_response());
+    }
+    let c = generation::collect(rx).await?;
+    let mut text = c.text.clone();
+    let mut lp = Value::Null;
+    if logprobs.is_some() {
+        let mut entries = Vec::new();
+        if let Some(ids) = &echo_ids {
+            // The first prompt token has no context, hence no log-probability (null), as OpenAI.
+            if let Some(&first) = ids.first() {
+                entries.push((first, None, Vec::new()));
+            }
+            for t in c.prompt_logprobs.iter().flatten() {
+                entries.push((t.id, Some(t.logprob), t.top.clone()));
+            }
+        }
+        for t in &c.tokens {
+            entries.push((t.id, Some(t.logprob), t.top.clone()));
+        }
+        lp = completion_logprobs(&state.tokenizer, &entries);
+    }
+    if let Some(ids) = &echo_ids {
+        let p = state.tokenizer.decode(ids, false).map_err(ApiError::internal)?;
+        text = format!("{p}{text}");
+    }
+    Ok(Json(json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": state.model.name,
+        "system_fingerprint": null,
+        "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_str(c.finish)}],
+        "usage": usage(c.prompt_tokens, c.completion_tokens),
+    }))
+    .into_response())
+}
+
+/// The legacy completions `logprobs` object: parallel arrays plus character offsets.
+fn completion_logprobs(tok: &Tokenizer, entries: &[(u32, Option<f32>, Vec<(u32, f32)>)]) -> Value {
+    let mut tokens = Vec::new();
+    let mut token_logprobs = Vec::new();
+    let mut top_logprobs = Vec::new();
+    let mut offsets = Vec::new();
+    let mut offset = 0usize;
+    for (id, lp, top) in entries {
+        let text = tok.token_text(*id);
+        offsets.push(offset);
+        offset += text.chars().count();
+        tokens.push(text);
+        token_logprobs.push(*lp);
+        if lp.is_none() {
+            top_logprobs.push(Value::Null);
+        } else {
+            let map: serde_json::Map<String, Value> =
+                top.iter().map(|(t, l)| (tok.token_text(*t), json!(l))).collect();
+            top_logprobs.push(Value::Object(map));
+        }
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets})
+}
+
+async fn chat_completions(State(state): State<AppState>, ApiJson(body): ApiJson<ChatBody>) -> Result<Response, ApiError> {
+    check_model(&state, &body.model)?;
+    refuse_unsupported(body.n, body.presence_penalty, body.frequency_penalty)?;
+    let prompt = chat_prompt(&state, body.messages, "messages")?;
+    if !body.logprobs && body.top_logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::invalid_field("`top_logprobs` needs `logprobs: true`"));
+    }
+    let top = if body.logprobs { Some(body.top_logprobs.unwrap_or(0)) } else { None };
+    let sampling = SamplingParams::validate(body.temperature, body.top_p, body.top_k, body.seed, top, 1.0)?;
+    let (field, max) = match (body.max_completion_tokens, body.max_tokens) {
+        (Some(n), _) => ("max_completion_tokens", Some(n)),
+        (None, n) => ("max_tokens", n),
+    };
+    let max_new = generation::check_lengths(&state, prompt.len(), max, field)?;
+    let req = GenerateRequest {
+        prompt,
+        max_new_tokens: max_new,
+        sampling,
+        stop: body.stop.into_vec("stop")?,
+        prompt_logprobs: false,
+    };
+    let rx = generation::submit(&state, req)?;
+    let id = generation::request_id("chatcmpl-");
+    let created = generation::unix_now();
+    if body.stream {
+        let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
+        let s = stream_chunks(state, rx, id, created, Kind::Chat, body.logprobs, include_usage);
+        return Ok(s.into_response());
+    }
+    let c: Completion = generation::collect(rx).await?;
+    let logprobs = if body.logprobs {
+        json!({"content": c.tokens.iter().map(|t| chat_logprob(&state.tokenizer, t)).collect::<Vec<_>>()})
+    } else {
+        Value::Null
+    };
+    Ok(Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": state.model.name,
+        "system_fingerprint": null,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": logprobs,
+            "finish_reason": finish_str(c.finish),
+        }],
+        "usage": usage(c.prompt_tokens, c.completion_tokens),
+    }))
+    .into_response())
+}
+
+fn chat_logprob(tok: &Tokenizer, t: &TokenLogprob) -> Value {
+    let entry = |id: u32, lp: f32| {
+        let text = tok.token_text(id);
+        let bytes: Vec<u8> = text.as_bytes().to_vec();
+        json!({"token": text, "logprob": lp, "bytes": bytes})
+    };
+    let mut v = entry(t.id, t.logprob);
+    v["top_logprobs"] = Value::Array(t.top.iter().map(|&(id, lp)| entry(id, lp)).collect());
+    v
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// Streams OpenAI chunks: for chat a first chunk with the assistant role, one chunk per
+/// piece of text, a last chunk with `finish_reason`, a usage chunk when asked, then `[DONE]`.
+fn stream_chunks(
+    state: AppState,
+    rx: tokio::sync::mpsc::UnboundedReceiver<GenEvent>,
+    id: String,
+    created: u64,
+    kind: Kind,
+    logprobs: bool,
+    include_usage: bool,
+) -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let model = state.model.name.clone();
+    let chunk = move |choice: Value, usage_v: Option<Value>| -> Event {
+        let object = match kind {
+            Kind::Completion => "text_completion",
+            Kind::Chat => "chat.completion.chunk",
+        };
+        let mut v = json!({"id": id, "object": object, "created": created, "model": model, "system_fingerprint": null,
+            "choices": if choice.is_null() { json!([]) } else { json!([choice]) }});
+        if include_usage {
+            v["usage"] = usage_v.unwrap_or(Value::Null);
+        }
+        Event::default().data(v.to_string())
+    };
+    let tok = state.tokenizer.clone();
+    let piece = move |text: String, token: Option<&TokenLogprob>, finish: Option<&str>| -> Value {
+        match kind {
+            Kind::Completion => {
+                let lp = match (logprobs, token) {
+                    (true, Some(t)) => completion_logprobs(&tok, &[(t.id, Some(t.logprob), t.top.clone())]),
+                    _ => Value::Null,
+                };
+                json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": finish})
+            }
+            Kind::Chat => {
+                let delta = if finish.is_some() && text.is_empty() { json!({}) } else { json!({"content": text}) };
+                let lp = match (logprobs, token) {
+                    (true, Some(t)) => json!({"content": [chat_logprob(&tok, t)]}),
+                    _ => Value::Null,
+                };
+                json!({"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish})
+            }
+        }
+    };
+    // Phases: 0 = role chunk (chat only), 1 = tokens, 2 = usage chunk, 3 = [DONE], 4 = end.
+    let start_phase = match kind {
+        Kind::Chat => 0,
+        Kind::Completion => 1,
+    };
+    let init = (rx, start_phase, None::<(usize, usize)>);
+    let events = stream::unfold(init, move |(mut rx, phase, used)| {
+        let chunk = chunk.clone();
+        let piece = piece.clone();
+        async move {
+            match phase {
+                0 => {
+                    let c = json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+                    Some((Ok(chunk(c, None)), (rx, 1, used)))
+                }
+                1 => loop {
+                    match rx.recv().await {
+                        Some(GenEvent::Token { token, text }) => {
+                            if text.is_empty() && !logprobs {
+                                continue;
+                            }
+                            return Some((Ok(chunk(piece(text, Some(&token), None), None)), (rx, 1, used)));
+                        }
+                        Some(GenEvent::Text(text)) => {
+                            return Some((Ok(chunk(piece(text, None, None), None)), (rx, 1, used)));
+                        }
+                        Some(GenEvent::PromptLogprobs(_)) => continue,
+                        Some(GenEvent::Done { finish, prompt_tokens, completion_tokens }) => {
+                            let next = if include_usage { 2 } else { 3 };
+                            let c = piece(String::new(), None, Some(finish_str(Some(finish))));
+                            return Some((Ok(chunk(c, None)), (rx, next, Some((prompt_tokens, completion_tokens)))));
+                        }
+                        Some(GenEvent::Error(e)) => {
+                            let err = ApiError::internal(e);
+                            return Some((Ok(Event::default().data(err.to_json().to_string())), (rx, 3, used)));
+                        }
+                        None => {
+                            let err = ApiError::unavailable("the engine stopped before the request finished");
+                            return Some((Ok(Event::default().data(err.to_json().to_string())), (rx, 3, used)));
+                        }
+                    }
+                },
+                2 => {
+                    let (p, c) = used.unwrap_or((0, 0));
+                    Some((Ok(chunk(Value::Null, Some(usage(p, c)))), (rx, 3, used)))
+                }
+                3 => Some((Ok(Event::default().data("[DONE]")), (rx, 4, used))),
+                _ => None,
+            }
+        }
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}

@@ -1,0 +1,43 @@
+//! `Linear`: y = x·Wᵀ (+ b) over a frozen weight kept as loaded — quantized GGUF blocks or a
+//! dense tensor. This is the one place the forward multiplies by base weights, so it is where
+//! per-row LoRA deltas attach.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Module, Result, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl Linear {
+    /// `weight` is [out, in] (quantized or dense f32); `bias` is [out].
+    pub fn new(weight: QMatMul, bias: Option<Tensor>, out_features: usize, in_features: usize) -> Self {
+        Self {
+            weight,
+            bias,
+            in_features,
+            out_features,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// `xs`: [rows, in] -> [rows, out].
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = self.weight.forward(xs)?;
+        match &self.bias {
+            Some(b) => ys.broadcast_add(b),
+            None => Ok(ys),
+        }
+    }
+}

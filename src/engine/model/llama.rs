@@ -1,0 +1,235 @@
+//! The llama forward over a ragged batch: the new tokens of every sequence in a step are
+//! stacked into one [tokens, hidden] matrix, so each weight matrix is multiplied once per step
+//! for all sequences; attention then runs per sequence against that sequence's own cache.
+//! Weights use the Hugging Face row layout and half-rotated RoPE (GGUF q/k rows are
+//! un-permuted at load), so PEFT adapters apply to q/k as published.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::cache::SeqCache;
+use super::config::ModelConfig;
+use super::linear::Linear;
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub input_norm: Tensor,
+    pub attn: Attention,
+    pub post_attn_norm: Tensor,
+    pub mlp: Mlp,
+}
+
+/// Frozen weights and the RoPE tables; immutable, shared (`Arc`) by every sequence.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub cfg: ModelConfig,
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// One sequence's part of a forward step.
+pub struct SeqInput<'a> {
+    /// New tokens; their positions continue from `cache.len()`.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache,
+    /// Logits for every new token (prompt scoring) instead of only the last one.
+    pub all_logits: bool,
+}
+
+impl Llama {
+    pub fn new(
+        cfg: ModelConfig,
+        embed: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: Linear,
+        device: &Device,
+    ) -> Result<Self> {
+        let (cos, sin) = rope_tables(&cfg, device)?;
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs one step for every sequence in `batch` and returns logits [rows, vocab] (f32):
+    /// one row per sequence, or one per new token for sequences with `all_logits`, in batch
+    /// order. Every sequence's cache grows by its number of new tokens.
+    pub fn forward(&self, batch: &mut [SeqInput<'_>]) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        for s in batch.iter() {
+            if s.tokens.is_empty() {
+                candle_core::bail!("a sequence in the batch has no new tokens");
+            }
+            let start = s.cache.len();
+            if start + s.tokens.len() > cfg.max_position_embeddings {
+                candle_core::bail!(
+                    "sequence of {} positions exceeds the context of {}",
+                    start + s.tokens.len(),
+                    cfg.max_position_embeddings
+                );
+            }
+            tokens.extend_from_slice(s.tokens);
+            positions.extend((start..start + s.tokens.len()).map(|p| p as u32));
+        }
+        let total = tokens.len();
+        let ids = Tensor::from_vec(tokens, total, &self.device)?;
+        let pos = Tensor::from_vec(positions, total, &self.device)?;
+        let half = cfg.head_dim / 2;
+        // [rows, 1, head_dim/2]: rope() treats every row as its own batch entry, so each row
+        // is rotated by its own position in a single op.
+        let cos = self.cos.index_select(&pos, 0)?.reshape((total, 1, half))?;
+        let sin = self.sin.index_select(&pos, 0)?.reshape((total, 1, half))?;
+
+        let mut xs = self.embed.index_select(&ids, 0)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let residual = &xs;
+            let h = candle_nn::ops::rms_norm(&xs, &layer.input_norm, cfg.rms_norm_eps as f32)?;
+            let h = self.attention(li, &layer.attn, &h, &cos, &sin, batch)?;
+            let xs2 = (residual + h)?;
+            let h = candle_nn::ops::rms_norm(&xs2, &layer.post_attn_norm, cfg.rms_norm_eps as f32)?;
+            let gate = layer.mlp.gate_proj.forward(&h)?;
+            let up = layer.mlp.up_proj.forward(&h)?;
+            let h = layer.mlp.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            xs = (xs2 + h)?;
+        }
+        for s in batch.iter_mut() {
+            s.cache.advance(s.tokens.len());
+        }
+
+        // Only the rows whose logits are wanted go through the (large) output projection.
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut offset = 0u32;
+        for s in batch.iter() {
+            let n = s.tokens.len() as u32;
+            if s.all_logits {
+                rows.extend(offset..offset + n);
+            } else {
+                rows.push(offset + n - 1);
+            }
+            offset += n;
+        }
+        let n_rows = rows.len();
+        let rows = Tensor::from_vec(rows, n_rows, &self.device)?;
+        let xs = xs.index_select(&rows, 0)?;
+        let xs = candle_nn::ops::rms_norm(&xs, &self.norm, cfg.rms_norm_eps as f32)?;
+        self.lm_head.forward(&xs)?.to_dtype(DType::F32)
+    }
+
+    fn attention(
+        &self,
+        layer_idx: usize,
+        attn: &Attention,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        batch: &mut [SeqInput<'_>],
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (rows, _) = xs.dims2()?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let group = nh / nkv;
+        let q = attn.q_proj.forward(xs)?.reshape((rows, nh, 1, hd))?;
+        let k = attn.k_proj.forward(xs)?.reshape((rows, nkv, 1, hd))?;
+        let v = attn.v_proj.forward(xs)?.reshape((rows, nkv, hd))?;
+        let q = candle_nn::rotary_emb::rope(&q.contiguous()?, cos, sin)?.reshape((rows, nh, hd))?;
+        let k = candle_nn::rotary_emb::rope(&k.contiguous()?, cos, sin)?.reshape((rows, nkv, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+
+        let mut outs = Vec::with_capacity(batch.len());
+        let mut offset = 0;
+        for s in batch.iter_mut() {
+            let n = s.tokens.len();
+            let start = s.cache.len();
+            // [n, heads, hd] -> [heads, n, hd]
+            let q_s = q.narrow(0, offset, n)?.transpose(0, 1)?.contiguous()?;
+            let k_s = k.narrow(0, offset, n)?.transpose(0, 1)?.contiguous()?;
+            let v_s = v.narrow(0, offset, n)?.transpose(0, 1)?.contiguous()?;
+            offset += n;
+            let (k_all, v_all) = s.cache.append(layer_idx, &k_s, &v_s)?;
+            let k_all = k_all.contiguous()?;
+            let v_all = v_all.contiguous()?;
+            let len = start + n;
+            // Grouped-query attention without copying keys: the `group` query heads that share
+            // a kv head are stacked along the row axis.
+            let q_g = q_s.reshape((nkv, group * n, hd))?;
+            let scores = (q_g.matmul(&k_all.t()?)? * scale)?;
+            let scores = if n > 1 {
+                let mask = causal_mask(n, start, &self.device)?;
+                scores
+                    .reshape((nkv, group, n, len))?
+                    .broadcast_add(&mask)?
+                    .reshape((nkv, group * n, len))?
+            } else {
+                scores
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let o = probs.matmul(&v_all)?; // [nkv, group*n, hd]
+            let o = o.reshape((nh, n, hd))?.transpose(0, 1)?.reshape((n, nh * hd))?;
+            outs.push(o);
+        }
+        let o = if outs.len() == 1 {
+            outs.pop().ok_or_else(|| candle_core::Error::Msg("empty batch".into()))?
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        attn.o_proj.forward(&o)
+    }
+}
+
+/// [n, start+n] additive mask: query i (at position start+i) sees keys 0..=start+i.
+fn causal_mask(n: usize, start: usize, device: &Device) -> Result<Tensor> {
+    let len = start + n;
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| (0..len).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (n, len), device)
+}
+
+/// cos/sin tables [max_positions, head_dim/2] for half-rotated RoPE.
+fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim;
+    let inv_freq: Vec<f32> = (0..hd)
+        .step_by(2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(i as f32 / hd as f32))
+        .collect();
+    let n = cfg.max_position_embeddings;
+    let inv_freq = Tensor::from_vec(inv_freq, (1, hd / 2), device)?;
+    let t = Tensor::arange(0u32, n as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((n, 1))?;
+    let freqs = t.matmul(&inv_freq)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+

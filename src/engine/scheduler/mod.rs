@@ -1,0 +1,449 @@
+//! The engine thread: owns the running sequences and their KV caches, runs one forward step at
+//! a time over every active sequence (continuous batching), samples, detokenizes, applies stop
+//! strings and streams events back. The HTTP side holds only an [`EngineHandle`].
+
+pub mod state;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc as tokio_mpsc;
+
+use crate::engine::model::{Llama, SeqCache, SeqInput};
+use crate::engine::sampling::{Sampler, SamplingParams};
+use crate::engine::stop::StopMatcher;
+use crate::engine::tokenizer::{IncrementalDecoder, Tokenizer};
+use crate::metrics as m;
+use state::{BatchLimits, Schedulable, State};
+
+/// A request the API has already validated (lengths fit the context, parameters in range).
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Also report the log-probability of every prompt token after the first (scoring).
+    pub prompt_logprobs: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop string matched.
+    Stop,
+    /// max_new_tokens reached.
+    Length,
+    /// The model produced an end-of-sequence token.
+    Eos,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Eos => "eos",
+        }
+    }
+}
+
+/// One token with its log-probability and, if asked, the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Clone, Debug)]
+pub enum GenEvent {
+    /// Log-probabilities of prompt tokens 1.. (token 0 has no context), sent once.
+    PromptLogprobs(Vec<TokenLogprob>),
+    /// One generated token; `text` is what may be shown now (held back while it could be
+    /// the start of a stop string, so it can be empty or cover several tokens).
+    Token { token: TokenLogprob, text: String },
+    /// Text held back (a possible stop-string prefix) released when the sequence ends.
+    Text(String),
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the request queue is full ({0} waiting)")]
+    QueueFull(usize),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub max_running: usize,
+    pub max_waiting: usize,
+    pub max_step_tokens: usize,
+}
+
+/// Cheap to clone; what the HTTP side uses to reach the engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Submission>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+    alive: Arc<AtomicBool>,
+}
+
+struct Submission {
+    req: GenerateRequest,
+    events: tokio_mpsc::UnboundedSender<GenEvent>,
+    enqueued: Instant,
+}
+
+impl EngineHandle {
+    /// Enqueues a request. Fails at once when `max_waiting` requests are already queued.
+    pub fn submit(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<tokio_mpsc::UnboundedReceiver<GenEvent>, SubmitError> {
+        let prev = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if prev >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(prev));
+        }
+        let (events, rx) = tokio_mpsc::unbounded_channel();
+        let sub = Submission {
+            req,
+            events,
+            enqueued: Instant::now(),
+        };
+        if self.tx.send(sub).is_err() {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Stopped);
+        }
+        ::metrics::gauge!(m::REQUESTS_WAITING).set(self.waiting.load(Ordering::SeqCst) as f64);
+        Ok(rx)
+    }
+
+    /// Whether the engine thread is still running.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Requests queued and not yet running.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+/// Starts the engine thread. It stops when every handle is dropped.
+pub fn spawn(
+    model: Arc<Llama>,
+    tokenizer: Arc<Tokenizer>,
+    cfg: EngineConfig,
+) -> std::io::Result<EngineHandle> {
+    let (tx, rx) = mpsc::channel::<Submission>();
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let handle = EngineHandle {
+        tx,
+        waiting: waiting.clone(),
+        max_waiting: cfg.max_waiting,
+        alive: Arc::new(AtomicBool::new(true)),
+    };
+    let alive = handle.alive.clone();
+    let limits = BatchLimits {
+        max_running: cfg.max_running.max(1),
+        max_step_tokens: cfg.max_step_tokens.max(1),
+    };
+    std::thread::Builder::new()
+        .name("adapterd-engine".into())
+        .spawn(move || {
+            let mut engine = Engine {
+                model,
+                tokenizer,
+                state: State::new(limits),
+                waiting,
+            };
+            // Marks the engine dead however the thread ends, a panic included.
+            struct Alive(Arc<AtomicBool>);
+            impl Drop for Alive {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::SeqCst);
+                }
+            }
+            let _alive = Alive(alive);
+            engine.run(rx);
+        })?;
+    Ok(handle)
+}
+
+/// A request being served.
+struct Sequence {
+    req: GenerateRequest,
+    events: tokio_mpsc::UnboundedSender<GenEvent>,
+    cache: SeqCache,
+    /// Prompt tokens already fed to the model.
+    fed: usize,
+    generated: Vec<u32>,
+    /// The last sampled token, fed at the next step.
+    next_input: Option<u32>,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    prompt_logprobs: Vec<TokenLogprob>,
+    enqueued: Instant,
+    last_token_at: Option<Instant>,
+}
+
+impl Schedulable for Sequence {
+    fn prompt_remaining(&self) -> usize {
+        self.req.prompt.len() - self.fed
+    }
+}
+
+struct Engine {
+    model: Arc<Llama>,
+    tokenizer: Arc<Tokenizer>,
+    state: State<Sequence>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Engine {
+    fn run(&mut self, rx: mpsc::Receiver<Submission>) {
+        loop {
+            if self.state.is_idle() {
+                match rx.recv() {
+                    Ok(sub) => self.enqueue(sub),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(sub) = rx.try_recv() {
+                self.enqueue(sub);
+            }
+            self.drop_disconnected();
+            let admitted = self.state.admit();
+            if admitted > 0 {
+                self.waiting.fetch_sub(admitted, Ordering::SeqCst);
+                let now = Instant::now();
+                for s in &self.state.running[self.state.running.len() - admitted..] {
+                    ::metrics::histogram!(m::REQUEST_QUEUE_SECONDS)
+                        .record(now.duration_since(s.enqueued).as_secs_f64());
+                }
+            }
+            ::metrics::gauge!(m::REQUESTS_RUNNING).set(self.state.running.len() as f64);
+            ::metrics::gauge!(m::REQUESTS_WAITING).set(self.state.waiting.len() as f64);
+            if !self.state.running.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    fn enqueue(&mut self, sub: Submission) {
+        let seq = Sequence {
+            sampler: Sampler::new(sub.req.sampling.clone()),
+            decoder: IncrementalDecoder::new(self.tokenizer.clone()),
+            stop: StopMatcher::new(sub.req.stop.clone()),
+            cache: SeqCache::new(self.model.cfg.num_layers),
+            fed: 0,
+            generated: Vec::new(),
+            next_input: None,
+            prompt_logprobs: Vec::new(),
+            enqueued: sub.enqueued,
+            last_token_at: None,
+            events: sub.events,
+            req: sub.req,
+        };
+        ::metrics::counter!(m::PROMPT_TOKENS_TOTAL).increment(seq.req.prompt.len() as u64);
+        self.state.waiting.push_back(seq);
+    }
+
+    /// A client that went away frees its slot (and its queue place) before the next step.
+    fn drop_disconnected(&mut self) {
+        let before = self.state.waiting.len();
+        self.state.waiting.retain(|s| !s.events.is_closed());
+        let gone = before - self.state.waiting.len();
+        if gone > 0 {
+            self.waiting.fetch_sub(gone, Ordering::SeqCst);
+        }
+        self.state.running.retain(|s| !s.events.is_closed());
+    }
+
+    fn step(&mut self) {
+        let plan = self.state.plan();
+        ::metrics::histogram!(m::BATCH_SIZE).record(plan.len() as f64);
+        // Inputs per planned sequence: a prompt chunk, or the last sampled token.
+        let mut inputs: Vec<(usize, Vec<u32>, bool)> = Vec::with_capacity(plan.len());
+        for &(i, n) in &plan {
+            let s = &self.state.running[i];
+            if s.prompt_remaining() > 0 {
+                let chunk = s.req.prompt[s.fed..s.fed + n].to_vec();
+                inputs.push((i, chunk, s.req.prompt_logprobs));
+            } else if let Some(t) = s.next_input {
+                inputs.push((i, vec![t], false));
+            }
+        }
+        let logits = {
+            let planned: Vec<usize> = inputs.iter().map(|(i, _, _)| *i).collect();
+            let mut caches: Vec<Option<&mut SeqCache>> = self
+                .state
+                .running
+                .iter_mut()
+                .map(|s| Some(&mut s.cache))
+                .collect();
+            let mut batch = Vec::with_capacity(inputs.len());
+            for ((i, toks, all), _) in inputs.iter().zip(&planned) {
+                if let Some(cache) = caches[*i].take() {
+                    batch.push(SeqInput {
+                        tokens: toks,
+                        cache,
+                        all_logits: *all,
+                    });
+                }
+            }
+            self.model.forward(&mut batch).and_then(|t| t.to_vec2::<f32>())
+        };
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "forward step failed; failing its sequences");
+                for (i, _, _) in &inputs {
+                    let _ = self.state.running[*i]
+                        .events
+                        .send(GenEvent::Error(format!("model step failed: {e}")));
+                }
+                let failed: Vec<usize> = inputs.iter().map(|(i, _, _)| *i).collect();
+                let mut idx = 0;
+                self.state.running.retain(|_| {
+                    let keep = !failed.contains(&idx);
+                    idx += 1;
+                    keep
+                });
+                return;
+            }
+        };
+
+        let mut row = 0;
+        let mut finished = Vec::new();
+        for (i, toks, all) in &inputs {
+            let s = &mut self.state.running[*i];
+            let rows = if *all { toks.len() } else { 1 };
+            let seq_rows = &logits[row..row + rows];
+            row += rows;
+            if s.prompt_remaining() > 0 {
+                let start = s.fed;
+                s.fed += toks.len();
+                if *all {
+                    // Row r predicts prompt token start+r+1, while that is still in the prompt.
+                    for (r, l) in seq_rows.iter().enumerate() {
+                        let target = start + r + 1;
+                        if target < s.req.prompt.len() {
+                            let id = s.req.prompt[target];
+                            s.prompt_logprobs.push(score(l, id, s.req.sampling.top_logprobs));
+                        }
+                    }
+                }
+                if s.prompt_remaining() > 0 {
+                    continue;
+                }
+                if s.req.prompt_logprobs {
+                    let lp = std::mem::take(&mut s.prompt_logprobs);
+                    let _ = s.events.send(GenEvent::PromptLogprobs(lp));
+                }
+                if s.req.max_new_tokens == 0 {
+                    finished.push((*i, FinishReason::Length));
+                    continue;
+                }
+            }
+            let Some(last) = seq_rows.last() else {
+                continue;
+            };
+            if let Some(reason) = emit_token(s, last, &self.tokenizer) {
+                finished.push((*i, reason));
+            }
+        }
+        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (i, reason) in finished {
+            let mut s = self.state.running.swap_remove(i);
+            finish(&mut s, reason);
+        }
+    }
+}
+
+/// Samples the next token of `s` from `logits`, streams it, and says whether the sequence ends.
+fn emit_token(s: &mut Sequence, logits: &[f32], tokenizer: &Tokenizer) -> Option<FinishReason> {
+    let sampled = s.sampler.sample(logits);
+    let now = Instant::now();
+    match s.last_token_at {
+        None => ::metrics::histogram!(m::TIME_TO_FIRST_TOKEN_SECONDS)
+            .record(now.duration_since(s.enqueued).as_secs_f64()),
+        Some(t) => ::metrics::histogram!(m::INTER_TOKEN_LATENCY_SECONDS)
+            .record(now.duration_since(t).as_secs_f64()),
+    }
+    s.last_token_at = Some(now);
+    ::metrics::counter!(m::GENERATION_TOKENS_TOTAL).increment(1);
+    let token = TokenLogprob {
+        id: sampled.token,
+        logprob: sampled.logprob,
+        top: sampled.top,
+    };
+    s.generated.push(sampled.token);
+    if tokenizer.eos_token_ids().contains(&sampled.token) {
+        let _ = s.events.send(GenEvent::Token {
+            token,
+            text: String::new(),
+        });
+        return Some(FinishReason::Eos);
+    }
+    let piece = s.decoder.push(sampled.token).unwrap_or_default();
+    let out = s.stop.push(&piece);
+    let _ = s.events.send(GenEvent::Token {
+        token,
+        text: out.emit,
+    });
+    if out.stopped {
+        return Some(FinishReason::Stop);
+    }
+    if s.generated.len() >= s.req.max_new_tokens {
+        return Some(FinishReason::Length);
+    }
+    s.next_input = Some(sampled.token);
+    None
+}
+
+fn finish(s: &mut Sequence, reason: FinishReason) {
+    if reason != FinishReason::Stop {
+        let rest = s.stop.flush();
+        if !rest.is_empty() {
+            let _ = s.events.send(GenEvent::Text(rest));
+        }
+    }
+    ::metrics::histogram!(m::E2E_REQUEST_LATENCY_SECONDS)
+        .record(s.enqueued.elapsed().as_secs_f64());
+    let _ = s.events.send(GenEvent::Done {
+        finish: reason,
+        prompt_tokens: s.req.prompt.len(),
+        completion_tokens: s.generated.len(),
+    });
+}
+
+/// Log-probability of `id` under `logits` (log-softmax), with the `top_n` most likely tokens.
+fn score(logits: &[f32], id: u32, top_n: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
+    let logprob = logits.get(id as usize).map_or(f32::NEG_INFINITY, |&v| v - lse);
+    let mut top = Vec::new();
+    if top_n > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let n = top_n.min(idx.len());
+        idx.select_nth_unstable_by(n - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        idx.truncate(n);
+        idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        top = idx.into_iter().map(|t| (t, logits[t as usize] - lse)).collect();
+    }
+    TokenLogprob { id, logprob, top }
+}
+

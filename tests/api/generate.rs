@@ -1,0 +1,154 @@
+//! `POST /v1/generate`, JSON and SSE.
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::helpers::spawn_app;
+
+#[tokio::test]
+async fn greedy_generation_is_deterministic_and_reports_usage() {
+    let app = spawn_app().await;
+    let body = json!({"prompt": "the cat", "max_new_tokens": 8, "temperature": 0});
+    let a: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
+    let b: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
+    assert_eq!(a["text"], b["text"]);
+    assert_eq!(a["model"], "tiny");
+    assert!(a["id"].as_str().unwrap().starts_with("gen-"));
+    assert_eq!(a["usage"]["prompt_tokens"], 6, "{a}"); // "the cat" -> t, he, Ġ, c, a, t
+    let completion = a["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..=8).contains(&completion));
+    let finish = a["finish_reason"].as_str().unwrap();
+    assert!(finish == "length" || finish == "eos", "{finish}");
+    if finish == "length" {
+        assert_eq!(completion, 8);
+    }
+}
+
+#[tokio::test]
+async fn same_seed_gives_same_text_and_logprobs_are_reported() {
+    let app = spawn_app().await;
+    let body = json!({"prompt": "in an", "max_new_tokens": 12, "temperature": 1.0, "seed": 42,
+                      "logprobs": true, "top_logprobs": 3});
+    let a: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
+    let b: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
+    assert_eq!(a["text"], b["text"]);
+    let tokens = a["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len() as u64, a["usage"]["completion_tokens"].as_u64().unwrap());
+    for t in tokens {
+        let lp = t["logprob"].as_f64().unwrap();
+        assert!(lp <= 0.0);
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert!(top[0]["logprob"].as_f64().unwrap() >= top[1]["logprob"].as_f64().unwrap());
+        // The chosen token is at most as likely as the most likely one.
+        assert!(lp <= top[0]["logprob"].as_f64().unwrap() + 1e-5);
+    }
+}
+
+#[tokio::test]
+async fn chat_messages_use_the_chat_template() {
+    let app = spawn_app().await;
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 4, "temperature": 0});
+    let v: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
+    // <|im_start|> u s e r \n h i <|im_end|> \n <|im_start|> a s s i s t a n t \n
+    assert_eq!(v["usage"]["prompt_tokens"], 21, "{v}");
+}
+
+#[tokio::test]
+async fn streaming_sends_one_event_per_token_then_a_final_event() {
+    let app = spawn_app().await;
+    let body = json!({"prompt": "the", "max_new_tokens": 6, "temperature": 0, "stream": true});
+    let plain: Value = app
+        .post("/v1/generate", &json!({"prompt": "the", "max_new_tokens": 6, "temperature": 0}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let resp = app.post("/v1/generate", &body).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let raw = resp.text().await.unwrap();
+    let events: Vec<Value> = raw
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let last = events.last().unwrap();
+    assert_eq!(last["text"], plain["text"]);
+    assert_eq!(last["finish_reason"], plain["finish_reason"]);
+    let token_events = events.iter().filter(|e| e.get("finish_reason").is_none()).count() as u64;
+    assert_eq!(token_events, last["usage"]["completion_tokens"].as_u64().unwrap());
+    let streamed: String = events[..events.len() - 1].iter().map(|e| e["text"].as_str().unwrap()).collect();
+    assert_eq!(streamed, plain["text"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn stop_strings_end_generation_and_are_excluded() {
+    let app = spawn_app().await;
+    let base = json!({"prompt": "the", "max_new_tokens": 24, "temperature": 0});
+    let full: Value = app.post("/v1/generate", &base).await.json().await.unwrap();
+    let text = full["text"].as_str().unwrap().to_owned();
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() < 4 {
+        return; // the seeded model hit EOS at once; nothing to cut
+    }
+    let stop: String = chars[2..4].iter().collect();
+    let cut_at = text.find(&stop).unwrap();
+    let mut body = base.clone();
+    body["stop"] = json!([stop]);
+    let v: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
+    assert_eq!(v["text"].as_str().unwrap(), &text[..cut_at]);
+    assert_eq!(v["finish_reason"], "stop");
+}
+
+#[tokio::test]
+async fn concurrent_requests_are_all_served_and_match_serial_results() {
+    let app = spawn_app().await;
+    let prompts = ["the", "in", "an the", "hello there", "t", "abc", "xyz", "the the the"];
+    let mut serial = Vec::new();
+    for p in prompts {
+        let v: Value = app
+            .post("/v1/generate", &json!({"prompt": p, "max_new_tokens": 10, "temperature": 0}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        serial.push(v["text"].clone());
+    }
+    let futs = prompts.iter().map(|p| {
+        let app = &app;
+        async move {
+            let v: Value = app
+                .post("/v1/generate", &json!({"prompt": p, "max_new_tokens": 10, "temperature": 0}))
+                .await
+                .json()
+                .await
+                .unwrap();
+            v["text"].clone()
+        }
+    });
+    let batched: Vec<Value> = futures::future::join_all(futs).await;
+    assert_eq!(batched, serial, "batched decoding must give the same greedy text");
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_frees_its_slot() {
+    let app = spawn_app_one_slot().await;
+    let body = json!({"prompt": "the", "max_new_tokens": 200, "temperature": 1.0, "stream": true});
+    let resp = app.post("/v1/generate", &body).await;
+    let mut stream = resp.bytes_stream();
+    let _ = stream.next().await; // one event arrives, then the client goes away
+    drop(stream);
+    // With a single running slot, this only completes if the dropped stream's slot was freed.
+    let v: Value = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        async { app.post("/v1/generate", &json!({"prompt": "a", "max_new_tokens": 2})).await.json().await.unwrap() },
+    )
+    .await
+    .expect("the slot was not freed");
+    assert!(v["text"].is_string());
+}
+
+async fn spawn_app_one_slot() -> crate::helpers::TestApp {
+    crate::helpers::spawn_app_with(|s| s.engine.max_running = 1).await
+}

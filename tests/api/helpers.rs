@@ -1,0 +1,185 @@
+//! Test helpers: a tiny seeded llama model written as a Hugging Face directory (config.json,
+//! model.safetensors, byte-level BPE tokenizer.json, tokenizer_config.json with a chat
+//! template), and `spawn_app()` that serves it on 127.0.0.1:0 with a temp database.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use adapterd::app::Application;
+use adapterd::config::Settings;
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+pub const TINY_MODEL_NAME: &str = "tiny";
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .expect("request failed")
+    }
+
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request failed")
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request failed")
+    }
+}
+
+/// Checks the error envelope and returns its code.
+pub async fn error_code(resp: reqwest::Response, status: u16) -> (String, String) {
+    assert_eq!(resp.status().as_u16(), status, "unexpected status");
+    let v: Value = resp.json().await.expect("error body is JSON");
+    let code = v["error"]["code"].as_str().expect("error.code").to_owned();
+    let msg = v["error"]["message"].as_str().expect("error.message").to_owned();
+    (code, msg)
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model_dir = dir.path().join(TINY_MODEL_NAME);
+    write_tiny_model(&model_dir, 7);
+    let mut s = Settings::defaults().expect("defaults");
+    s.server.bind = "127.0.0.1:0".into();
+    s.model.path = model_dir.display().to_string();
+    s.storage.adapters_dir = dir.path().join("adapters").display().to_string();
+    s.storage.database_url = format!("sqlite://{}", dir.path().join("test.db").display());
+    tweak(&mut s);
+    let app = Application::build(s).await.expect("app builds");
+    let base = format!("http://{}", app.addr());
+    tokio::spawn(app.run(std::future::pending()));
+    TestApp {
+        base,
+        client: reqwest::Client::new(),
+        _dir: dir,
+    }
+}
+
+/// The tiny model's shape; small enough that a forward takes well under a millisecond.
+pub fn tiny_config(vocab: usize) -> Value {
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": true
+    })
+}
+
+const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Writes a complete Hugging Face model directory with weights drawn from a seeded RNG.
+pub fn write_tiny_model(dir: &Path, seed: u64) {
+    std::fs::create_dir_all(dir).expect("model dir");
+    let vocab = write_tiny_tokenizer(dir);
+    let cfg = tiny_config(vocab);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).expect("config.json");
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        json!({
+            "chat_template": CHAT_TEMPLATE,
+            "bos_token": null,
+            "eos_token": "<|im_end|>",
+        })
+        .to_string(),
+    )
+    .expect("tokenizer_config.json");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut t = |shape: &[usize], scale: f32| -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+    };
+    let ones = |n: usize| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).expect("ones");
+    let (h, ffn, hd, nh, nkv) = (64, 128, 16, 4, 2);
+    let mut w: HashMap<String, Tensor> = HashMap::new();
+    w.insert("model.embed_tokens.weight".into(), t(&[vocab, h], 1.0));
+    w.insert("model.norm.weight".into(), ones(h));
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        w.insert(format!("{p}.input_layernorm.weight"), ones(h));
+        w.insert(format!("{p}.post_attention_layernorm.weight"), ones(h));
+        w.insert(format!("{p}.self_attn.q_proj.weight"), t(&[nh * hd, h], 0.3));
+        w.insert(format!("{p}.self_attn.k_proj.weight"), t(&[nkv * hd, h], 0.3));
+        w.insert(format!("{p}.self_attn.v_proj.weight"), t(&[nkv * hd, h], 0.3));
+        w.insert(format!("{p}.self_attn.o_proj.weight"), t(&[h, nh * hd], 0.3));
+        w.insert(format!("{p}.mlp.gate_proj.weight"), t(&[ffn, h], 0.3));
+        w.insert(format!("{p}.mlp.up_proj.weight"), t(&[ffn, h], 0.3));
+        w.insert(format!("{p}.mlp.down_proj.weight"), t(&[h, ffn], 0.3));
+    }
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).expect("safetensors");
+}
+
+/// A byte-level BPE tokenizer: the 256 byte symbols, a few merges, three special tokens,
+/// written as tokenizer.json. Returns the vocabulary size.
+fn write_tiny_tokenizer(dir: &Path) -> usize {
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+    let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort_unstable();
+    let mut vocab = serde_json::Map::new();
+    for c in &alphabet {
+        let n = vocab.len();
+        vocab.insert(c.to_string(), json!(n));
+    }
+    let merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("a", "n")];
+    for (a, b) in merges {
+        let n = vocab.len();
+        vocab.insert(format!("{a}{b}"), json!(n));
+    }
+    let mut added = Vec::new();
+    for special in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
+        let n = vocab.len();
+        vocab.insert(special.to_owned(), json!(n));
+        added.push(json!({"id": n, "content": special, "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}));
+    }
+    let size = vocab.len();
+    let tok = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "vocab": vocab,
+                  "merges": merges.iter().map(|(a, b)| format!("{a} {b}")).collect::<Vec<_>>()},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).expect("tokenizer.json");
+    size
+}

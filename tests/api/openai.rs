@@ -1,0 +1,120 @@
+//! The OpenAI wire format: the exact fields the official client reads, SSE chunks and `[DONE]`.
+
+use serde_json::{json, Value};
+
+use crate::helpers::{error_code, spawn_app};
+
+fn sse_data(raw: &str) -> Vec<String> {
+    raw.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn chat_completion_has_the_openai_shape() {
+    let app = spawn_app().await;
+    let body = json!({"model": "tiny", "messages": [{"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 5, "temperature": 0,
+        "logprobs": true, "top_logprobs": 2});
+    let v: Value = app.post("/v1/chat/completions", &body).await.json().await.unwrap();
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["created"].is_u64());
+    assert_eq!(v["model"], "tiny");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert!(choice["message"]["content"].is_string());
+    assert!(["stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()));
+    let content = choice["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len() as u64, v["usage"]["completion_tokens"].as_u64().unwrap());
+    assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    assert!(content[0]["bytes"].is_array());
+    let u = &v["usage"];
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn chat_streaming_sends_role_deltas_finish_usage_and_done() {
+    let app = spawn_app().await;
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+        "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let plain: Value = app
+        .post("/v1/chat/completions", &json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let raw = app.post("/v1/chat/completions", &body).await.text().await.unwrap();
+    let data = sse_data(&raw);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage_chunk = chunks.last().unwrap();
+    assert_eq!(usage_chunk["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(usage_chunk["usage"], plain["usage"]);
+    let finish_chunk = &chunks[chunks.len() - 2];
+    assert_eq!(finish_chunk["choices"][0]["finish_reason"], plain["choices"][0]["finish_reason"]);
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, plain["choices"][0]["message"]["content"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn completions_stream_and_plain_agree() {
+    let app = spawn_app().await;
+    let body = json!({"model": "tiny", "prompt": "the", "max_tokens": 7, "temperature": 0});
+    let plain: Value = app.post("/v1/completions", &body).await.json().await.unwrap();
+    assert_eq!(plain["object"], "text_completion");
+    assert!(plain["id"].as_str().unwrap().starts_with("cmpl-"));
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let raw = app.post("/v1/completions", &sb).await.text().await.unwrap();
+    let data = sse_data(&raw);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let text: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .map(|c| c["choices"][0]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(text, plain["choices"][0]["text"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn echo_with_logprobs_scores_the_prompt() {
+    let app = spawn_app().await;
+    let body = json!({"model": "tiny", "prompt": "the cat", "max_tokens": 0, "echo": true, "logprobs": 1});
+    let v: Value = app.post("/v1/completions", &body).await.json().await.unwrap();
+    let c = &v["choices"][0];
+    assert_eq!(c["text"], "the cat");
+    let lp = &c["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 6); // t, he, Ġ, c, a, t
+    assert_eq!(lp["token_logprobs"][0], Value::Null);
+    for i in 1..6 {
+        assert!(lp["token_logprobs"][i].as_f64().unwrap() <= 0.0);
+        assert_eq!(lp["top_logprobs"][i].as_object().unwrap().len(), 1);
+    }
+    assert_eq!(lp["text_offset"][0], 0);
+    assert_eq!(v["usage"]["completion_tokens"], 0);
+}
+
+#[tokio::test]
+async fn models_lists_the_base_model_and_an_unknown_model_is_404() {
+    let app = spawn_app().await;
+    let v: Value = app.get("/v1/models").await.json().await.unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "tiny");
+    assert_eq!(v["data"][0]["object"], "model");
+    let (code, msg) = error_code(
+        app.post("/v1/chat/completions", &json!({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})).await,
+        404,
+    )
+    .await;
+    assert_eq!(code, "model_not_found");
+    assert!(msg.contains("gpt-4"));
+}

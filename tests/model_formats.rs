@@ -1,0 +1,170 @@
+//! The two weight formats agree: a tiny llama written as a Hugging Face directory and as a GGUF
+//! file (q/k rows permuted the way llama.cpp's converter does) produce the same logits.
+
+use std::collections::HashMap;
+
+use adapterd::engine::model::load::{load_gguf, load_hf_dir, read_gguf_header};
+use adapterd::engine::model::{Llama, SeqCache, SeqInput};
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+const H: usize = 64;
+const FFN: usize = 128;
+const HD: usize = 16;
+const NH: usize = 4;
+const NKV: usize = 2;
+const VOCAB: usize = 96;
+const LAYERS: usize = 2;
+
+fn random_weights(seed: u64) -> HashMap<String, Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut t = |shape: &[usize], scale: f32| -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let mut w = HashMap::new();
+    w.insert("model.embed_tokens.weight".to_string(), t(&[VOCAB, H], 1.0));
+    w.insert("model.norm.weight".to_string(), (t(&[H], 0.2) + 1.0).unwrap());
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        w.insert(format!("{p}.input_layernorm.weight"), (t(&[H], 0.2) + 1.0).unwrap());
+        w.insert(format!("{p}.post_attention_layernorm.weight"), (t(&[H], 0.2) + 1.0).unwrap());
+        w.insert(format!("{p}.self_attn.q_proj.weight"), t(&[NH * HD, H], 0.4));
+        w.insert(format!("{p}.self_attn.k_proj.weight"), t(&[NKV * HD, H], 0.4));
+        w.insert(format!("{p}.self_attn.v_proj.weight"), t(&[NKV * HD, H], 0.4));
+        w.insert(format!("{p}.self_attn.o_proj.weight"), t(&[H, NH * HD], 0.3));
+        w.insert(format!("{p}.mlp.gate_proj.weight"), t(&[FFN, H], 0.3));
+        w.insert(format!("{p}.mlp.up_proj.weight"), t(&[FFN, H], 0.3));
+        w.insert(format!("{p}.mlp.down_proj.weight"), t(&[H, FFN], 0.3));
+    }
+    w
+}
+
+/// llama.cpp's convert_hf_to_gguf `permute`: reshape (heads, 2, hd/2, in), swap axes 1 and 2.
+fn permute_for_gguf(w: &Tensor, heads: usize) -> Tensor {
+    let (rows, cols) = w.dims2().unwrap();
+    w.reshape((heads, 2, rows / heads / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+        .contiguous()
+        .unwrap()
+}
+
+fn write_pair(w: &HashMap<String, Tensor>, dtype: GgmlDType, dir: &std::path::Path) -> std::path::PathBuf {
+    // Hugging Face directory.
+    let cfg = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": H, "intermediate_size": FFN,
+        "num_hidden_layers": LAYERS, "num_attention_heads": NH, "num_key_value_heads": NKV,
+        "vocab_size": VOCAB, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 128, "tie_word_embeddings": true
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    candle_core::safetensors::save(w, dir.join("model.safetensors")).unwrap();
+
+    // GGUF file with the same weights; norms stay f32 as llama.cpp writes them.
+    let q = |t: &Tensor, dt: GgmlDType| QTensor::quantize(t, dt).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = vec![
+        ("token_embd.weight".into(), q(&w["model.embed_tokens.weight"], dtype)),
+        ("output_norm.weight".into(), q(&w["model.norm.weight"], GgmlDType::F32)),
+    ];
+    for l in 0..LAYERS {
+        let (p, g) = (format!("model.layers.{l}"), format!("blk.{l}"));
+        let get = |n: &str| &w[&format!("{p}.{n}.weight")];
+        tensors.push((format!("{g}.attn_norm.weight"), q(get("input_layernorm"), GgmlDType::F32)));
+        tensors.push((format!("{g}.ffn_norm.weight"), q(get("post_attention_layernorm"), GgmlDType::F32)));
+        tensors.push((format!("{g}.attn_q.weight"), q(&permute_for_gguf(get("self_attn.q_proj"), NH), dtype)));
+        tensors.push((format!("{g}.attn_k.weight"), q(&permute_for_gguf(get("self_attn.k_proj"), NKV), dtype)));
+        tensors.push((format!("{g}.attn_v.weight"), q(get("self_attn.v_proj"), dtype)));
+        tensors.push((format!("{g}.attn_output.weight"), q(get("self_attn.o_proj"), dtype)));
+        tensors.push((format!("{g}.ffn_gate.weight"), q(get("mlp.gate_proj"), dtype)));
+        tensors.push((format!("{g}.ffn_up.weight"), q(get("mlp.up_proj"), dtype)));
+        tensors.push((format!("{g}.ffn_down.weight"), q(get("mlp.down_proj"), dtype)));
+    }
+    let md: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.embedding_length", Value::U32(H as u32)),
+        ("llama.feed_forward_length", Value::U32(FFN as u32)),
+        ("llama.block_count", Value::U32(LAYERS as u32)),
+        ("llama.attention.head_count", Value::U32(NH as u32)),
+        ("llama.attention.head_count_kv", Value::U32(NKV as u32)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("llama.rope.freq_base", Value::F32(10000.0)),
+        ("llama.context_length", Value::U32(128)),
+    ];
+    let path = dir.join("tiny.gguf");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
+    path
+}
+
+/// Logits of every position of `tokens` fed in two chunks (exercising the cache), flattened.
+fn logits(model: &Llama, tokens: &[u32]) -> Vec<f32> {
+    let mut cache = SeqCache::new(model.cfg.num_layers);
+    let (a, b) = tokens.split_at(tokens.len() / 2);
+    let mut out = Vec::new();
+    for chunk in [a, b] {
+        let l = model
+            .forward(&mut [SeqInput { tokens: chunk, cache: &mut cache, all_logits: true }])
+            .unwrap();
+        out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    out
+}
+
+fn load_pair(dtype: GgmlDType) -> (Llama, Llama) {
+    let dir = tempfile::tempdir().unwrap();
+    let w = random_weights(11);
+    let gguf = write_pair(&w, dtype, dir.path());
+    let (ct, mut f) = read_gguf_header(&gguf).unwrap();
+    let q = load_gguf(&gguf, &ct, &mut f, &Device::Cpu).unwrap();
+    let hf = load_hf_dir(dir.path(), &Device::Cpu).unwrap();
+    (q, hf)
+}
+
+const TOKENS: [u32; 10] = [1, 17, 42, 5, 88, 3, 3, 60, 91, 12];
+
+#[test]
+fn an_f32_gguf_with_permuted_qk_matches_the_safetensors_model_exactly() {
+    let (q, hf) = load_pair(GgmlDType::F32);
+    let (a, b) = (logits(&q, &TOKENS), logits(&hf, &TOKENS));
+    let max_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(max_diff < 1e-4, "max logit difference {max_diff}");
+}
+
+#[test]
+fn a_q8_0_gguf_stays_close_to_the_safetensors_model() {
+    let (q, hf) = load_pair(GgmlDType::Q8_0);
+    let (a, b) = (logits(&q, &TOKENS), logits(&hf, &TOKENS));
+    let max_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let scale = b.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+    assert!(max_diff < 0.05 * scale, "max logit difference {max_diff} (scale {scale})");
+}
+
+#[test]
+fn without_unpermuting_the_models_would_differ() {
+    // Guards the test itself: permuted q/k must matter, or the checks above prove nothing.
+    let w = random_weights(11);
+    let q = &w["model.layers.0.self_attn.q_proj.weight"];
+    let diff = (permute_for_gguf(q, NH) - q).unwrap().abs().unwrap().sum_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() > 1.0);
+}
+
+#[test]
+fn an_unsupported_architecture_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"architectures":["GPT2LMHeadModel"],"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":1,"vocab_size":8}"#,
+    )
+    .unwrap();
+    let err = load_hf_dir(dir.path(), &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("GPT2LMHeadModel") || err.contains("gpt2lmheadmodel"), "{err}");
+}
