@@ -39,7 +39,10 @@ impl Application {
         settings.validate()?;
         let db = crate::store::connect(&settings.storage.database_url).await?;
         std::fs::create_dir_all(&settings.storage.adapters_dir).with_context(|| {
-            format!("creating adapters directory {}", settings.storage.adapters_dir)
+            format!(
+                "creating adapters directory {}",
+                settings.storage.adapters_dir
+            )
         })?;
 
         let s = settings.clone();
@@ -113,7 +116,10 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests end.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.addr, "listening");
         axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)

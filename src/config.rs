@@ -127,7 +127,9 @@ impl Settings {
             bail!("engine.max_running and engine.max_step_tokens must be at least 1");
         }
         if e.default_max_new_tokens == 0 || e.default_max_new_tokens > e.max_new_tokens_limit {
-            bail!("engine.default_max_new_tokens must be between 1 and engine.max_new_tokens_limit");
+            bail!(
+                "engine.default_max_new_tokens must be between 1 and engine.max_new_tokens_limit"
+            );
         }
         if self.server.max_body_bytes < 1024 {
             bail!("server.max_body_bytes must be at least 1024");
@@ -139,10 +141,12 @@ impl Settings {
     }
 
     pub fn bind_addr(&self) -> anyhow::Result<SocketAddr> {
-        self.server
-            .bind
-            .parse()
-            .with_context(|| format!("server.bind `{}` is not an address like 127.0.0.1:8080", self.server.bind))
+        self.server.bind.parse().with_context(|| {
+            format!(
+                "server.bind `{}` is not an address like 127.0.0.1:8080",
+                self.server.bind
+            )
+        })
     }
 
     /// The model cache directory, if one is configured.

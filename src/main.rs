@@ -7,7 +7,11 @@ use adapterd::app::Application;
 use adapterd::config::{Overrides, Settings};
 
 #[derive(Parser)]
-#[command(name = "adapterd", version, about = "Serve one base model to many tenants with per-request LoRA adapters")]
+#[command(
+    name = "adapterd",
+    version,
+    about = "Serve one base model to many tenants with per-request LoRA adapters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

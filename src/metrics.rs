@@ -51,12 +51,35 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests by matched route, method and status");
-    describe_histogram!(HTTP_REQUEST_DURATION_SECONDS, Unit::Seconds, "HTTP request duration by route");
-    describe_histogram!(TIME_TO_FIRST_TOKEN_SECONDS, Unit::Seconds, "Enqueue to first generated token");
-    describe_histogram!(INTER_TOKEN_LATENCY_SECONDS, Unit::Seconds, "Time between generated tokens of a sequence");
-    describe_histogram!(E2E_REQUEST_LATENCY_SECONDS, Unit::Seconds, "Enqueue to last token");
-    describe_histogram!(REQUEST_QUEUE_SECONDS, Unit::Seconds, "Time a request waited before running");
+    describe_counter!(
+        HTTP_REQUESTS_TOTAL,
+        "HTTP requests by matched route, method and status"
+    );
+    describe_histogram!(
+        HTTP_REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "HTTP request duration by route"
+    );
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Enqueue to first generated token"
+    );
+    describe_histogram!(
+        INTER_TOKEN_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Time between generated tokens of a sequence"
+    );
+    describe_histogram!(
+        E2E_REQUEST_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Enqueue to last token"
+    );
+    describe_histogram!(
+        REQUEST_QUEUE_SECONDS,
+        Unit::Seconds,
+        "Time a request waited before running"
+    );
     describe_counter!(PROMPT_TOKENS_TOTAL, "Prompt tokens accepted by the engine");
     describe_counter!(GENERATION_TOKENS_TOTAL, "Tokens generated");
     describe_gauge!(REQUESTS_RUNNING, "Sequences in the running batch");

@@ -27,15 +27,36 @@ fn random_weights(seed: u64) -> HashMap<String, Tensor> {
     };
     let mut w = HashMap::new();
     w.insert("model.embed_tokens.weight".to_string(), t(&[VOCAB, H], 1.0));
-    w.insert("model.norm.weight".to_string(), (t(&[H], 0.2) + 1.0).unwrap());
+    w.insert(
+        "model.norm.weight".to_string(),
+        (t(&[H], 0.2) + 1.0).unwrap(),
+    );
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
-        w.insert(format!("{p}.input_layernorm.weight"), (t(&[H], 0.2) + 1.0).unwrap());
-        w.insert(format!("{p}.post_attention_layernorm.weight"), (t(&[H], 0.2) + 1.0).unwrap());
-        w.insert(format!("{p}.self_attn.q_proj.weight"), t(&[NH * HD, H], 0.4));
-        w.insert(format!("{p}.self_attn.k_proj.weight"), t(&[NKV * HD, H], 0.4));
-        w.insert(format!("{p}.self_attn.v_proj.weight"), t(&[NKV * HD, H], 0.4));
-        w.insert(format!("{p}.self_attn.o_proj.weight"), t(&[H, NH * HD], 0.3));
+        w.insert(
+            format!("{p}.input_layernorm.weight"),
+            (t(&[H], 0.2) + 1.0).unwrap(),
+        );
+        w.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            (t(&[H], 0.2) + 1.0).unwrap(),
+        );
+        w.insert(
+            format!("{p}.self_attn.q_proj.weight"),
+            t(&[NH * HD, H], 0.4),
+        );
+        w.insert(
+            format!("{p}.self_attn.k_proj.weight"),
+            t(&[NKV * HD, H], 0.4),
+        );
+        w.insert(
+            format!("{p}.self_attn.v_proj.weight"),
+            t(&[NKV * HD, H], 0.4),
+        );
+        w.insert(
+            format!("{p}.self_attn.o_proj.weight"),
+            t(&[H, NH * HD], 0.3),
+        );
         w.insert(format!("{p}.mlp.gate_proj.weight"), t(&[FFN, H], 0.3));
         w.insert(format!("{p}.mlp.up_proj.weight"), t(&[FFN, H], 0.3));
         w.insert(format!("{p}.mlp.down_proj.weight"), t(&[H, FFN], 0.3));
@@ -56,7 +77,11 @@ fn permute_for_gguf(w: &Tensor, heads: usize) -> Tensor {
         .unwrap()
 }
 
-fn write_pair(w: &HashMap<String, Tensor>, dtype: GgmlDType, dir: &std::path::Path) -> std::path::PathBuf {
+fn write_pair(
+    w: &HashMap<String, Tensor>,
+    dtype: GgmlDType,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
     // Hugging Face directory.
     let cfg = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "hidden_size": H, "intermediate_size": FFN,
@@ -70,21 +95,51 @@ fn write_pair(w: &HashMap<String, Tensor>, dtype: GgmlDType, dir: &std::path::Pa
     // GGUF file with the same weights; norms stay f32 as llama.cpp writes them.
     let q = |t: &Tensor, dt: GgmlDType| QTensor::quantize(t, dt).unwrap();
     let mut tensors: Vec<(String, QTensor)> = vec![
-        ("token_embd.weight".into(), q(&w["model.embed_tokens.weight"], dtype)),
-        ("output_norm.weight".into(), q(&w["model.norm.weight"], GgmlDType::F32)),
+        (
+            "token_embd.weight".into(),
+            q(&w["model.embed_tokens.weight"], dtype),
+        ),
+        (
+            "output_norm.weight".into(),
+            q(&w["model.norm.weight"], GgmlDType::F32),
+        ),
     ];
     for l in 0..LAYERS {
         let (p, g) = (format!("model.layers.{l}"), format!("blk.{l}"));
         let get = |n: &str| &w[&format!("{p}.{n}.weight")];
-        tensors.push((format!("{g}.attn_norm.weight"), q(get("input_layernorm"), GgmlDType::F32)));
-        tensors.push((format!("{g}.ffn_norm.weight"), q(get("post_attention_layernorm"), GgmlDType::F32)));
-        tensors.push((format!("{g}.attn_q.weight"), q(&permute_for_gguf(get("self_attn.q_proj"), NH), dtype)));
-        tensors.push((format!("{g}.attn_k.weight"), q(&permute_for_gguf(get("self_attn.k_proj"), NKV), dtype)));
-        tensors.push((format!("{g}.attn_v.weight"), q(get("self_attn.v_proj"), dtype)));
-        tensors.push((format!("{g}.attn_output.weight"), q(get("self_attn.o_proj"), dtype)));
-        tensors.push((format!("{g}.ffn_gate.weight"), q(get("mlp.gate_proj"), dtype)));
+        tensors.push((
+            format!("{g}.attn_norm.weight"),
+            q(get("input_layernorm"), GgmlDType::F32),
+        ));
+        tensors.push((
+            format!("{g}.ffn_norm.weight"),
+            q(get("post_attention_layernorm"), GgmlDType::F32),
+        ));
+        tensors.push((
+            format!("{g}.attn_q.weight"),
+            q(&permute_for_gguf(get("self_attn.q_proj"), NH), dtype),
+        ));
+        tensors.push((
+            format!("{g}.attn_k.weight"),
+            q(&permute_for_gguf(get("self_attn.k_proj"), NKV), dtype),
+        ));
+        tensors.push((
+            format!("{g}.attn_v.weight"),
+            q(get("self_attn.v_proj"), dtype),
+        ));
+        tensors.push((
+            format!("{g}.attn_output.weight"),
+            q(get("self_attn.o_proj"), dtype),
+        ));
+        tensors.push((
+            format!("{g}.ffn_gate.weight"),
+            q(get("mlp.gate_proj"), dtype),
+        ));
         tensors.push((format!("{g}.ffn_up.weight"), q(get("mlp.up_proj"), dtype)));
-        tensors.push((format!("{g}.ffn_down.weight"), q(get("mlp.down_proj"), dtype)));
+        tensors.push((
+            format!("{g}.ffn_down.weight"),
+            q(get("mlp.down_proj"), dtype),
+        ));
     }
     let md: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
@@ -112,7 +167,11 @@ fn logits(model: &Llama, tokens: &[u32]) -> Vec<f32> {
     let mut out = Vec::new();
     for chunk in [a, b] {
         let l = model
-            .forward(&mut [SeqInput { tokens: chunk, cache: &mut cache, all_logits: true }])
+            .forward(&mut [SeqInput {
+                tokens: chunk,
+                cache: &mut cache,
+                all_logits: true,
+            }])
             .unwrap();
         out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
@@ -135,7 +194,11 @@ const TOKENS: [u32; 10] = [1, 17, 42, 5, 88, 3, 3, 60, 91, 12];
 fn an_f32_gguf_with_permuted_qk_matches_the_safetensors_model_exactly() {
     let (q, hf) = load_pair(GgmlDType::F32);
     let (a, b) = (logits(&q, &TOKENS), logits(&hf, &TOKENS));
-    let max_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let max_diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
     assert!(max_diff < 1e-4, "max logit difference {max_diff}");
 }
 
@@ -143,9 +206,16 @@ fn an_f32_gguf_with_permuted_qk_matches_the_safetensors_model_exactly() {
 fn a_q8_0_gguf_stays_close_to_the_safetensors_model() {
     let (q, hf) = load_pair(GgmlDType::Q8_0);
     let (a, b) = (logits(&q, &TOKENS), logits(&hf, &TOKENS));
-    let max_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let max_diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
     let scale = b.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
-    assert!(max_diff < 0.05 * scale, "max logit difference {max_diff} (scale {scale})");
+    assert!(
+        max_diff < 0.05 * scale,
+        "max logit difference {max_diff} (scale {scale})"
+    );
 }
 
 #[test]
@@ -153,7 +223,12 @@ fn without_unpermuting_the_models_would_differ() {
     // Guards the test itself: permuted q/k must matter, or the checks above prove nothing.
     let w = random_weights(11);
     let q = &w["model.layers.0.self_attn.q_proj.weight"];
-    let diff = (permute_for_gguf(q, NH) - q).unwrap().abs().unwrap().sum_all().unwrap();
+    let diff = (permute_for_gguf(q, NH) - q)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap();
     assert!(diff.to_scalar::<f32>().unwrap() > 1.0);
 }
 
@@ -165,6 +240,11 @@ fn an_unsupported_architecture_is_refused_by_name() {
         r#"{"architectures":["GPT2LMHeadModel"],"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":1,"vocab_size":8}"#,
     )
     .unwrap();
-    let err = load_hf_dir(dir.path(), &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("GPT2LMHeadModel") || err.contains("gpt2lmheadmodel"), "{err}");
+    let err = load_hf_dir(dir.path(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("GPT2LMHeadModel") || err.contains("gpt2lmheadmodel"),
+        "{err}"
+    );
 }

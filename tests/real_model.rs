@@ -27,8 +27,10 @@ async fn the_default_model_knows_the_capital_of_france() {
     tokio::spawn(app.run(std::future::pending()));
     let v: Value = reqwest::Client::new()
         .post(format!("{base}/v1/generate"))
-        .json(&json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
-                      "temperature": 0, "max_new_tokens": 24}))
+        .json(
+            &json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                      "temperature": 0, "max_new_tokens": 24}),
+        )
         .send()
         .await
         .unwrap()
@@ -46,16 +48,24 @@ fn greedy(model: &Llama, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
     let (mut toks, mut lps) = (Vec::new(), Vec::new());
     for _ in 0..n {
         let logits = model
-            .forward(&mut [SeqInput { tokens: &input, cache: &mut cache, all_logits: false }])
+            .forward(&mut [SeqInput {
+                tokens: &input,
+                cache: &mut cache,
+                all_logits: false,
+            }])
             .unwrap()
             .to_vec2::<f32>()
             .unwrap()
             .remove(0);
-        let (best, max) = logits
-            .iter()
-            .copied()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |a, (i, v)| if v > a.1 { (i, v) } else { a });
+        let (best, max) =
+            logits
+                .iter()
+                .copied()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |a, (i, v)| if v > a.1 { (i, v) } else { a },
+                );
         let lse = max + logits.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
         toks.push(best as u32);
         lps.push(max - lse);
@@ -72,7 +82,12 @@ fn export_hf_copy(gguf: &Path, out: &Path) {
     let ct = gguf_file::Content::read(&mut f).unwrap();
     let cfg = adapterd::engine::model::ModelConfig::from_gguf(&ct).unwrap();
     let dev = Device::Cpu;
-    let mut get = |n: &str| ct.tensor(&mut f, n, &dev).unwrap().dequantize(&dev).unwrap();
+    let mut get = |n: &str| {
+        ct.tensor(&mut f, n, &dev)
+            .unwrap()
+            .dequantize(&dev)
+            .unwrap()
+    };
     let unpermute = |w: Tensor, heads: usize| {
         let (rows, cols) = w.dims2().unwrap();
         w.reshape((heads, rows / heads / 2, 2, cols))
@@ -89,17 +104,44 @@ fn export_hf_copy(gguf: &Path, out: &Path) {
     w.insert("model.norm.weight".into(), get("output_norm.weight"));
     for i in 0..cfg.num_layers {
         let (g, h) = (format!("blk.{i}"), format!("model.layers.{i}"));
-        w.insert(format!("{h}.input_layernorm.weight"), get(&format!("{g}.attn_norm.weight")));
-        w.insert(format!("{h}.post_attention_layernorm.weight"), get(&format!("{g}.ffn_norm.weight")));
+        w.insert(
+            format!("{h}.input_layernorm.weight"),
+            get(&format!("{g}.attn_norm.weight")),
+        );
+        w.insert(
+            format!("{h}.post_attention_layernorm.weight"),
+            get(&format!("{g}.ffn_norm.weight")),
+        );
         let q = get(&format!("{g}.attn_q.weight"));
         let k = get(&format!("{g}.attn_k.weight"));
-        w.insert(format!("{h}.self_attn.q_proj.weight"), unpermute(q, cfg.num_heads));
-        w.insert(format!("{h}.self_attn.k_proj.weight"), unpermute(k, cfg.num_kv_heads));
-        w.insert(format!("{h}.self_attn.v_proj.weight"), get(&format!("{g}.attn_v.weight")));
-        w.insert(format!("{h}.self_attn.o_proj.weight"), get(&format!("{g}.attn_output.weight")));
-        w.insert(format!("{h}.mlp.gate_proj.weight"), get(&format!("{g}.ffn_gate.weight")));
-        w.insert(format!("{h}.mlp.up_proj.weight"), get(&format!("{g}.ffn_up.weight")));
-        w.insert(format!("{h}.mlp.down_proj.weight"), get(&format!("{g}.ffn_down.weight")));
+        w.insert(
+            format!("{h}.self_attn.q_proj.weight"),
+            unpermute(q, cfg.num_heads),
+        );
+        w.insert(
+            format!("{h}.self_attn.k_proj.weight"),
+            unpermute(k, cfg.num_kv_heads),
+        );
+        w.insert(
+            format!("{h}.self_attn.v_proj.weight"),
+            get(&format!("{g}.attn_v.weight")),
+        );
+        w.insert(
+            format!("{h}.self_attn.o_proj.weight"),
+            get(&format!("{g}.attn_output.weight")),
+        );
+        w.insert(
+            format!("{h}.mlp.gate_proj.weight"),
+            get(&format!("{g}.ffn_gate.weight")),
+        );
+        w.insert(
+            format!("{h}.mlp.up_proj.weight"),
+            get(&format!("{g}.ffn_up.weight")),
+        );
+        w.insert(
+            format!("{h}.mlp.down_proj.weight"),
+            get(&format!("{g}.ffn_down.weight")),
+        );
     }
     std::fs::create_dir_all(out).unwrap();
     candle_core::safetensors::save(&w, out.join("model.safetensors")).unwrap();

@@ -75,7 +75,10 @@ fn token_out(tok: &Tokenizer, t: &TokenLogprob, with_top: bool) -> TokenOut {
     }
 }
 
-async fn generate(State(state): State<AppState>, ApiJson(body): ApiJson<GenerateBody>) -> Result<Response, ApiError> {
+async fn generate(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<GenerateBody>,
+) -> Result<Response, ApiError> {
     if let Some(a) = &body.adapter_id {
         // Adapters are not servable yet; an unknown adapter is a 404 like any unknown name.
         return Err(ApiError::not_found(format!("adapter `{a}` not found")));
@@ -89,9 +92,15 @@ async fn generate(State(state): State<AppState>, ApiJson(body): ApiJson<Generate
             ))
         }
     };
-    let top_logprobs = if body.logprobs { body.top_logprobs } else { None };
+    let top_logprobs = if body.logprobs {
+        body.top_logprobs
+    } else {
+        None
+    };
     if !body.logprobs && body.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::invalid_field("`top_logprobs` needs `logprobs: true`"));
+        return Err(ApiError::invalid_field(
+            "`top_logprobs` needs `logprobs: true`",
+        ));
     }
     let sampling = SamplingParams::validate(
         body.temperature,
@@ -101,7 +110,8 @@ async fn generate(State(state): State<AppState>, ApiJson(body): ApiJson<Generate
         top_logprobs,
         1.0,
     )?;
-    let max_new_tokens = generation::check_lengths(&state, prompt.len(), body.max_new_tokens, "max_new_tokens")?;
+    let max_new_tokens =
+        generation::check_lengths(&state, prompt.len(), body.max_new_tokens, "max_new_tokens")?;
     let req = GenerateRequest {
         prompt,
         max_new_tokens,
@@ -158,8 +168,11 @@ fn sse(
                 let ev = match rx.recv().await {
                     Some(ev) => ev,
                     None => {
-                        let err = ApiError::unavailable("the engine stopped before the request finished");
-                        let e = Event::default().event("error").data(err.to_json().to_string());
+                        let err =
+                            ApiError::unavailable("the engine stopped before the request finished");
+                        let e = Event::default()
+                            .event("error")
+                            .data(err.to_json().to_string());
                         return Some((Ok(e), (rx, text, true)));
                     }
                 };
@@ -177,7 +190,11 @@ fn sse(
                         text.push_str(&piece);
                         json!({"id": id, "text": piece, "token": null})
                     }
-                    GenEvent::Done { finish, prompt_tokens, completion_tokens } => {
+                    GenEvent::Done {
+                        finish,
+                        prompt_tokens,
+                        completion_tokens,
+                    } => {
                         let d = json!({
                             "id": id,
                             "model": state.model.name,
@@ -187,15 +204,23 @@ fn sse(
                             "finish_reason": finish.as_str(),
                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
                         });
-                        return Some((Ok(Event::default().data(d.to_string())), (rx, String::new(), true)));
+                        return Some((
+                            Ok(Event::default().data(d.to_string())),
+                            (rx, String::new(), true),
+                        ));
                     }
                     GenEvent::Error(e) => {
                         let err = ApiError::internal(e);
-                        let ev = Event::default().event("error").data(err.to_json().to_string());
+                        let ev = Event::default()
+                            .event("error")
+                            .data(err.to_json().to_string());
                         return Some((Ok(ev), (rx, text, true)));
                     }
                 };
-                return Some((Ok(Event::default().data(data.to_string())), (rx, text, false)));
+                return Some((
+                    Ok(Event::default().data(data.to_string())),
+                    (rx, text, false),
+                ));
             }
         }
     });

@@ -7,7 +7,9 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::{ApiError, AppState};
 use crate::engine::sampling::SamplingError;
-use crate::engine::scheduler::{FinishReason, GenEvent, GenerateRequest, SubmitError, TokenLogprob};
+use crate::engine::scheduler::{
+    FinishReason, GenEvent, GenerateRequest, SubmitError, TokenLogprob,
+};
 
 /// Stop strings as clients send them: one string or a list.
 #[derive(Clone, Debug, Deserialize, Default)]
@@ -60,9 +62,13 @@ pub fn check_lengths(
 ) -> Result<usize, ApiError> {
     let m = &state.model;
     let max_new = match max_new_tokens {
-        None => m.default_max_new_tokens.min(m.context_len.saturating_sub(prompt_len)),
+        None => m
+            .default_max_new_tokens
+            .min(m.context_len.saturating_sub(prompt_len)),
         Some(n) if n < 0 => {
-            return Err(ApiError::invalid_field(format!("`{field}` must not be negative")));
+            return Err(ApiError::invalid_field(format!(
+                "`{field}` must not be negative"
+            )));
         }
         Some(n) if n as u64 > m.max_new_tokens_limit as u64 => {
             return Err(ApiError::invalid_field(format!(
@@ -73,7 +79,9 @@ pub fn check_lengths(
         Some(n) => n as usize,
     };
     if prompt_len == 0 {
-        return Err(ApiError::invalid_field("the prompt is empty after tokenization"));
+        return Err(ApiError::invalid_field(
+            "the prompt is empty after tokenization",
+        ));
     }
     if prompt_len + max_new > m.context_len {
         return Err(ApiError::invalid_field(format!(
@@ -85,7 +93,10 @@ pub fn check_lengths(
     Ok(max_new)
 }
 
-pub fn submit(state: &AppState, req: GenerateRequest) -> Result<UnboundedReceiver<GenEvent>, ApiError> {
+pub fn submit(
+    state: &AppState,
+    req: GenerateRequest,
+) -> Result<UnboundedReceiver<GenEvent>, ApiError> {
     state.engine.submit(req).map_err(|e| match e {
         SubmitError::QueueFull(_) => ApiError::overloaded(e.to_string(), 1),
         SubmitError::Stopped => ApiError::unavailable(e.to_string()),
@@ -127,7 +138,9 @@ pub async fn collect(mut rx: UnboundedReceiver<GenEvent>) -> Result<Completion, 
             GenEvent::Error(e) => return Err(ApiError::internal(e)),
         }
     }
-    Err(ApiError::unavailable("the engine stopped before the request finished"))
+    Err(ApiError::unavailable(
+        "the engine stopped before the request finished",
+    ))
 }
 
 /// Unix seconds now.
@@ -166,14 +179,23 @@ pub struct ContentPart {
 
 /// Renders `messages` with the model's chat template (generation prompt appended) and
 /// tokenizes the result; the template supplies the special tokens.
-pub fn chat_prompt(state: &AppState, messages: Vec<MessageIn>, field: &str) -> Result<Vec<u32>, ApiError> {
+pub fn chat_prompt(
+    state: &AppState,
+    messages: Vec<MessageIn>,
+    field: &str,
+) -> Result<Vec<u32>, ApiError> {
     use crate::engine::tokenizer::ChatMessage;
     if messages.is_empty() {
-        return Err(ApiError::invalid_field(format!("`{field}` must not be empty")));
+        return Err(ApiError::invalid_field(format!(
+            "`{field}` must not be empty"
+        )));
     }
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.into_iter().enumerate() {
-        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "user" | "assistant" | "developer"
+        ) {
             return Err(ApiError::invalid_field(format!(
                 "`{field}[{i}].role` is `{}`; expected system, user, assistant or developer",
                 m.role
@@ -196,13 +218,21 @@ pub fn chat_prompt(state: &AppState, messages: Vec<MessageIn>, field: &str) -> R
                 text
             }
         };
-        let role = if m.role == "developer" { "system".to_owned() } else { m.role };
+        let role = if m.role == "developer" {
+            "system".to_owned()
+        } else {
+            m.role
+        };
         out.push(ChatMessage { role, content });
     }
     let text = state
         .tokenizer
         .apply_chat_template(&out, true)
-        .map_err(|e| ApiError::invalid_field(format!("`{field}` could not be rendered with the chat template: {e}")))?;
+        .map_err(|e| {
+            ApiError::invalid_field(format!(
+                "`{field}` could not be rendered with the chat template: {e}"
+            ))
+        })?;
     state
         .tokenizer
         .encode(&text, false)

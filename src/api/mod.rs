@@ -90,4 +90,3 @@ async fn record_http_metrics(req: Request, next: Next) -> Response {
         .record(start.elapsed().as_secs_f64());
     resp
 }
-

@@ -91,15 +91,23 @@ struct ChatBody {
 }
 
 /// Options this server does not implement are refused by name rather than silently ignored.
-fn refuse_unsupported(n: Option<i64>, presence: Option<f32>, frequency: Option<f32>) -> Result<(), ApiError> {
+fn refuse_unsupported(
+    n: Option<i64>,
+    presence: Option<f32>,
+    frequency: Option<f32>,
+) -> Result<(), ApiError> {
     if n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid_field("`n`: only n = 1 is supported"));
     }
     if presence.is_some_and(|p| p != 0.0) {
-        return Err(ApiError::invalid_field("`presence_penalty` is not supported (only 0)"));
+        return Err(ApiError::invalid_field(
+            "`presence_penalty` is not supported (only 0)",
+        ));
     }
     if frequency.is_some_and(|p| p != 0.0) {
-        return Err(ApiError::invalid_field("`frequency_penalty` is not supported (only 0)"));
+        return Err(ApiError::invalid_field(
+            "`frequency_penalty` is not supported (only 0)",
+        ));
     }
     Ok(())
 }
@@ -127,7 +135,10 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<CompletionBody>) -> Result<Response, ApiError> {
+async fn completions(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<CompletionBody>,
+) -> Result<Response, ApiError> {
     check_model(&state, &body.model)?;
     refuse_unsupported(body.n, body.presence_penalty, body.frequency_penalty)?;
     if body.best_of.is_some_and(|b| b != 1) {
@@ -140,12 +151,16 @@ async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<Compl
         PromptIn::Text(t) => text_prompt(&state, &t, "prompt")?,
         PromptIn::Texts(v) if v.len() == 1 => text_prompt(&state, &v[0], "prompt")?,
         PromptIn::Texts(_) => {
-            return Err(ApiError::invalid_field("`prompt`: exactly one prompt per request is supported"))
+            return Err(ApiError::invalid_field(
+                "`prompt`: exactly one prompt per request is supported",
+            ))
         }
         PromptIn::Tokens(ids) => {
             let vocab = state.tokenizer.vocab_size() as u32;
             if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
-                return Err(ApiError::invalid_field(format!("`prompt`: token id {bad} is outside the vocabulary of {vocab}")));
+                return Err(ApiError::invalid_field(format!(
+                    "`prompt`: token id {bad} is outside the vocabulary of {vocab}"
+                )));
             }
             ids
         }
@@ -153,11 +168,27 @@ async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<Compl
     let logprobs = match body.logprobs {
         None => None,
         Some(n) if (0..=5).contains(&n) => Some(n),
-        Some(n) => return Err(ApiError::invalid_field(format!("`logprobs` is {n}; allowed 0 to 5"))),
+        Some(n) => {
+            return Err(ApiError::invalid_field(format!(
+                "`logprobs` is {n}; allowed 0 to 5"
+            )))
+        }
     };
-    let sampling = SamplingParams::validate(body.temperature, body.top_p, body.top_k, body.seed, logprobs, 1.0)?;
+    let sampling = SamplingParams::validate(
+        body.temperature,
+        body.top_p,
+        body.top_k,
+        body.seed,
+        logprobs,
+        1.0,
+    )?;
     // OpenAI's default max_tokens for completions is 16.
-    let max_new = generation::check_lengths(&state, prompt.len(), Some(body.max_tokens.unwrap_or(16)), "max_tokens")?;
+    let max_new = generation::check_lengths(
+        &state,
+        prompt.len(),
+        Some(body.max_tokens.unwrap_or(16)),
+        "max_tokens",
+    )?;
     let echo_ids = body.echo.then(|| prompt.clone());
     let req = GenerateRequest {
         prompt,
@@ -171,10 +202,20 @@ async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<Compl
     let created = generation::unix_now();
     if body.stream {
         if body.echo {
-            return Err(ApiError::invalid_field("`echo` is not supported with `stream`"));
+            return Err(ApiError::invalid_field(
+                "`echo` is not supported with `stream`",
+            ));
         }
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
-        let s = stream_chunks(state, rx, id, created, Kind::Completion, logprobs.is_some(), include_usage);
+        let s = stream_chunks(
+            state,
+            rx,
+            id,
+            created,
+            Kind::Completion,
+            logprobs.is_some(),
+            include_usage,
+        );
         return Ok(s.into_response());
     }
     let c = generation::collect(rx).await?;
@@ -197,7 +238,10 @@ async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<Compl
         lp = completion_logprobs(&state.tokenizer, &entries);
     }
     if let Some(ids) = &echo_ids {
-        let p = state.tokenizer.decode(ids, false).map_err(ApiError::internal)?;
+        let p = state
+            .tokenizer
+            .decode(ids, false)
+            .map_err(ApiError::internal)?;
         text = format!("{p}{text}");
     }
     Ok(Json(json!({
@@ -228,23 +272,41 @@ fn completion_logprobs(tok: &Tokenizer, entries: &[(u32, Option<f32>, Vec<(u32, 
         if lp.is_none() {
             top_logprobs.push(Value::Null);
         } else {
-            let map: serde_json::Map<String, Value> =
-                top.iter().map(|(t, l)| (tok.token_text(*t), json!(l))).collect();
+            let map: serde_json::Map<String, Value> = top
+                .iter()
+                .map(|(t, l)| (tok.token_text(*t), json!(l)))
+                .collect();
             top_logprobs.push(Value::Object(map));
         }
     }
     json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets})
 }
 
-async fn chat_completions(State(state): State<AppState>, ApiJson(body): ApiJson<ChatBody>) -> Result<Response, ApiError> {
+async fn chat_completions(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<ChatBody>,
+) -> Result<Response, ApiError> {
     check_model(&state, &body.model)?;
     refuse_unsupported(body.n, body.presence_penalty, body.frequency_penalty)?;
     let prompt = chat_prompt(&state, body.messages, "messages")?;
     if !body.logprobs && body.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::invalid_field("`top_logprobs` needs `logprobs: true`"));
+        return Err(ApiError::invalid_field(
+            "`top_logprobs` needs `logprobs: true`",
+        ));
     }
-    let top = if body.logprobs { Some(body.top_logprobs.unwrap_or(0)) } else { None };
-    let sampling = SamplingParams::validate(body.temperature, body.top_p, body.top_k, body.seed, top, 1.0)?;
+    let top = if body.logprobs {
+        Some(body.top_logprobs.unwrap_or(0))
+    } else {
+        None
+    };
+    let sampling = SamplingParams::validate(
+        body.temperature,
+        body.top_p,
+        body.top_k,
+        body.seed,
+        top,
+        1.0,
+    )?;
     let (field, max) = match (body.max_completion_tokens, body.max_tokens) {
         (Some(n), _) => ("max_completion_tokens", Some(n)),
         (None, n) => ("max_tokens", n),
@@ -262,7 +324,15 @@ async fn chat_completions(State(state): State<AppState>, ApiJson(body): ApiJson<
     let created = generation::unix_now();
     if body.stream {
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
-        let s = stream_chunks(state, rx, id, created, Kind::Chat, body.logprobs, include_usage);
+        let s = stream_chunks(
+            state,
+            rx,
+            id,
+            created,
+            Kind::Chat,
+            body.logprobs,
+            include_usage,
+        );
         return Ok(s.into_response());
     }
     let c: Completion = generation::collect(rx).await?;
@@ -334,13 +404,19 @@ fn stream_chunks(
         match kind {
             Kind::Completion => {
                 let lp = match (logprobs, token) {
-                    (true, Some(t)) => completion_logprobs(&tok, &[(t.id, Some(t.logprob), t.top.clone())]),
+                    (true, Some(t)) => {
+                        completion_logprobs(&tok, &[(t.id, Some(t.logprob), t.top.clone())])
+                    }
                     _ => Value::Null,
                 };
                 json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": finish})
             }
             Kind::Chat => {
-                let delta = if finish.is_some() && text.is_empty() { json!({}) } else { json!({"content": text}) };
+                let delta = if finish.is_some() && text.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
                 let lp = match (logprobs, token) {
                     (true, Some(t)) => json!({"content": [chat_logprob(&tok, t)]}),
                     _ => Value::Null,
@@ -370,24 +446,42 @@ fn stream_chunks(
                             if text.is_empty() && !logprobs {
                                 continue;
                             }
-                            return Some((Ok(chunk(piece(text, Some(&token), None), None)), (rx, 1, used)));
+                            return Some((
+                                Ok(chunk(piece(text, Some(&token), None), None)),
+                                (rx, 1, used),
+                            ));
                         }
                         Some(GenEvent::Text(text)) => {
                             return Some((Ok(chunk(piece(text, None, None), None)), (rx, 1, used)));
                         }
                         Some(GenEvent::PromptLogprobs(_)) => continue,
-                        Some(GenEvent::Done { finish, prompt_tokens, completion_tokens }) => {
+                        Some(GenEvent::Done {
+                            finish,
+                            prompt_tokens,
+                            completion_tokens,
+                        }) => {
                             let next = if include_usage { 2 } else { 3 };
                             let c = piece(String::new(), None, Some(finish_str(Some(finish))));
-                            return Some((Ok(chunk(c, None)), (rx, next, Some((prompt_tokens, completion_tokens)))));
+                            return Some((
+                                Ok(chunk(c, None)),
+                                (rx, next, Some((prompt_tokens, completion_tokens))),
+                            ));
                         }
                         Some(GenEvent::Error(e)) => {
                             let err = ApiError::internal(e);
-                            return Some((Ok(Event::default().data(err.to_json().to_string())), (rx, 3, used)));
+                            return Some((
+                                Ok(Event::default().data(err.to_json().to_string())),
+                                (rx, 3, used),
+                            ));
                         }
                         None => {
-                            let err = ApiError::unavailable("the engine stopped before the request finished");
-                            return Some((Ok(Event::default().data(err.to_json().to_string())), (rx, 3, used)));
+                            let err = ApiError::unavailable(
+                                "the engine stopped before the request finished",
+                            );
+                            return Some((
+                                Ok(Event::default().data(err.to_json().to_string())),
+                                (rx, 3, used),
+                            ));
                         }
                     }
                 },

@@ -35,7 +35,10 @@ struct DetokenizeBody {
     skip_special_tokens: bool,
 }
 
-async fn tokenize(State(state): State<AppState>, ApiJson(body): ApiJson<TokenizeBody>) -> Result<Json<Value>, ApiError> {
+async fn tokenize(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<TokenizeBody>,
+) -> Result<Json<Value>, ApiError> {
     let ids = state
         .tokenizer
         .encode(&body.text, body.add_special_tokens)
@@ -43,7 +46,10 @@ async fn tokenize(State(state): State<AppState>, ApiJson(body): ApiJson<Tokenize
     Ok(Json(json!({"tokens": ids, "count": ids.len()})))
 }
 
-async fn detokenize(State(state): State<AppState>, ApiJson(body): ApiJson<DetokenizeBody>) -> Result<Json<Value>, ApiError> {
+async fn detokenize(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<DetokenizeBody>,
+) -> Result<Json<Value>, ApiError> {
     let vocab = state.tokenizer.vocab_size() as u32;
     if let Some(bad) = body.tokens.iter().find(|&&id| id >= vocab) {
         return Err(ApiError::invalid_field(format!(

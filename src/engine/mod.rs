@@ -1,11 +1,11 @@
 //! The engine: model weights, tokenizer, sampling and the scheduler thread. Nothing here knows
 //! HTTP or SQL; the API talks to it through an `EngineHandle`.
 
-pub mod sampling;
-pub mod tokenizer;
 pub mod model;
-pub mod stop;
+pub mod sampling;
 pub mod scheduler;
+pub mod stop;
+pub mod tokenizer;
 
 use std::path::Path;
 
@@ -35,11 +35,19 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, ModelErro
     if path.is_dir() {
         let model = load::load_hf_dir(path, device)?;
         let tokenizer = Tokenizer::from_hf_dir(path).map_err(tok_err)?;
-        Ok(LoadedModel { model, tokenizer, name })
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            name,
+        })
     } else {
         let (content, mut file) = load::read_gguf_header(path)?;
         let tokenizer = Tokenizer::from_gguf(&content).map_err(tok_err)?;
         let model = load::load_gguf(path, &content, &mut file, device)?;
-        Ok(LoadedModel { model, tokenizer, name })
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            name,
+        })
     }
 }

@@ -1,25 +1,1040 @@
-//! TEMPORARY stub (replaced by the real module being written in parallel).
+//! Validated sampling parameters and the next-token choice (greedy, temperature, top-k, top-p,
+//! seed), with log-probabilities.
+//!
+//! The API layer turns raw client values into a [`SamplingParams`] with
+//! [`SamplingParams::validate`]; from then on the engine trusts them. Each sequence owns one
+//! [`Sampler`], which owns that sequence's random generator, so a seeded request draws the same
+//! tokens no matter what else is in the batch.
+//!
+//! For one position, [`Sampler::sample`] processes the raw logits in this order:
+//!
+//! 1. **Sanitise.** NaN counts as `-inf` (the token can never be chosen) and `+inf` as
+//!    `f32::MAX`, so a broken logit cannot poison the arithmetic or panic. If every logit is
+//!    `-inf`/NaN there is no distribution at all: the result is token 0 with logprob `-inf` and
+//!    an empty `top` list (the caller should treat that as a model failure).
+//! 2. **Report logprobs.** Branch-free, vectorisable passes find the maximum, the argmax and
+//!    the log-sum-exp of the raw logits; that is all greedy decoding costs, plus the top-n scan
+//!    when alternatives are asked for. The reported logprobs are the log-softmax of the *raw*
+//!    logits at temperature 1, whatever the sampling settings, as OpenAI and vLLM report them.
+//! 3. **Temperature.** `0` (anything below 1e-5, as in vLLM) means greedy: the argmax, ties
+//!    going to the lowest token id, with no random draw. Otherwise the weights are
+//!    `exp((x - max) / T)`.
+//! 4. **Top-k.** Keep the `k` largest logits (ties to the lower id), found with a small sorted
+//!    buffer for `k <= 256` and a partial selection above that, never a sort. Scaling by a
+//!    positive temperature never changes the order, so selecting on raw logits is the same as
+//!    selecting after scaling.
+//! 5. **Top-p.** Over the survivors, renormalised, keep the smallest prefix in descending
+//!    probability whose mass reaches `top_p`; the token that crosses the threshold is kept, so
+//!    at least one token always survives. Tokens too light to matter are dropped first, and the
+//!    prefix is then found by bisecting with partial selections, never a sort of the vocabulary.
+//! 6. **Draw.** One uniform number from the sequence's generator picks a token from the kept
+//!    weights (categorical draw by cumulative sum).
+//!
+//! The same seed gives the same tokens for the same logits with the same build; the generator is
+//! `rand`'s `StdRng`, which does not promise the same stream across `rand` versions.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::cmp::Ordering;
+
+/// Largest `top_logprobs` a client may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Largest temperature a client may ask for (OpenAI's limit).
+pub const MAX_TEMPERATURE: f32 = 2.0;
+
+/// Already-validated parameters; the engine never re-checks them.
 #[derive(Clone, Debug, PartialEq)]
-pub struct SamplingParams { pub temperature: f32, pub top_k: Option<usize>, pub top_p: Option<f32>, pub seed: Option<u64>, pub top_logprobs: usize }
-impl SamplingParams {
-  pub fn greedy() -> Self { Self { temperature: 0.0, top_k: None, top_p: None, seed: None, top_logprobs: 0 } }
-  pub fn validate(temperature: Option<f32>, top_p: Option<f32>, top_k: Option<i64>, seed: Option<u64>, top_logprobs: Option<i64>, default_temperature: f32) -> Result<Self, SamplingError> {
-    let _ = (top_p, top_k, top_logprobs);
-    Ok(Self { temperature: temperature.unwrap_or(default_temperature), top_k: None, top_p: None, seed, top_logprobs: 0 })
-  }
+pub struct SamplingParams {
+    /// `0` = greedy; otherwise in `(0, 2]`.
+    pub temperature: f32,
+    /// `None` = off; otherwise `>= 1`.
+    pub top_k: Option<usize>,
+    /// `None` = off (also what `1.0` becomes); otherwise in `(0, 1)`.
+    pub top_p: Option<f32>,
+    /// `None` = seeded from OS entropy.
+    pub seed: Option<u64>,
+    /// How many most-likely alternatives to report per position, `0..=20`.
+    pub top_logprobs: usize,
 }
+
+/// A client value outside its allowed range; the API maps it to 422.
 #[derive(Debug, thiserror::Error)]
-pub enum SamplingError { #[error("{field}: {message}")] OutOfRange { field: &'static str, message: String } }
-pub struct Sampler { params: SamplingParams }
-impl Sampler {
-  pub fn new(params: SamplingParams) -> Self { Self { params } }
-  pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-    let _ = &self.params;
-    let (mut best, mut bv) = (0usize, f32::NEG_INFINITY);
-    for (i, &v) in logits.iter().enumerate() { if v > bv { bv = v; best = i; } }
-    let lse = bv + logits.iter().map(|v| (v - bv).exp()).sum::<f32>().ln();
-    Sampled { token: best as u32, logprob: bv - lse, top: vec![] }
-  }
+pub enum SamplingError {
+    #[error("{message}")]
+    OutOfRange {
+        field: &'static str,
+        message: String,
+    },
 }
+
+impl SamplingError {
+    /// The request field at fault, for the error envelope.
+    pub fn field(&self) -> &'static str {
+        match self {
+            SamplingError::OutOfRange { field, .. } => field,
+        }
+    }
+
+    fn out_of_range(field: &'static str, rule: &str, got: impl std::fmt::Display) -> Self {
+        SamplingError::OutOfRange {
+            field,
+            message: format!("{field} must be {rule}, got {got}"),
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Deterministic argmax decoding, no logprob alternatives.
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: None,
+            top_logprobs: 0,
+        }
+    }
+
+    /// Validates raw client values and returns an error naming the field and the allowed range.
+    ///
+    /// - `temperature`: finite, in `[0, 2]`, `0` = greedy; `None` takes `default_temperature`
+    ///   (OpenAI routes pass 1.0, the native API its own default), which is validated too.
+    /// - `top_p`: in `(0, 1]`; `1` and `None` both mean off.
+    /// - `top_k`: `>= 1`; `0`, `-1` (vLLM's spelling of "off") and `None` mean off.
+    /// - `top_logprobs`: `0..=20`; `None` = 0.
+    pub fn validate(
+        temperature: Option<f32>,
+        top_p: Option<f32>,
+        top_k: Option<i64>,
+        seed: Option<u64>,
+        top_logprobs: Option<i64>,
+        default_temperature: f32,
+    ) -> Result<Self, SamplingError> {
+        let temperature = temperature.unwrap_or(default_temperature);
+        if !(temperature.is_finite() && (0.0..=MAX_TEMPERATURE).contains(&temperature)) {
+            return Err(SamplingError::out_of_range(
+                "temperature",
+                "a finite number between 0 and 2",
+                temperature,
+            ));
+        }
+
+        let top_p = match top_p {
+            None => None,
+            Some(p) if p.is_finite() && p > 0.0 && p <= 1.0 => (p < 1.0).then_some(p),
+            Some(p) => {
+                return Err(SamplingError::out_of_range(
+                    "top_p",
+                    "a number greater than 0 and at most 1",
+                    p,
+                ))
+            }
+        };
+
+        let top_k = match top_k {
+            None | Some(0) | Some(-1) => None,
+            Some(k) => match usize::try_from(k) {
+                Ok(k) => Some(k),
+                Err(_) => {
+                    return Err(SamplingError::out_of_range(
+                        "top_k",
+                        "a positive integer (0 or -1 to disable)",
+                        k,
+                    ))
+                }
+            },
+        };
+
+        let top_logprobs = match top_logprobs {
+            None => 0,
+            Some(n) => match usize::try_from(n) {
+                Ok(n) if n <= MAX_TOP_LOGPROBS => n,
+                _ => {
+                    return Err(SamplingError::out_of_range(
+                        "top_logprobs",
+                        "an integer between 0 and 20",
+                        n,
+                    ))
+                }
+            },
+        };
+
+        Ok(SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            top_logprobs,
+        })
+    }
+
+    fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_BELOW
+    }
+}
+
+/// Temperatures below this are treated as 0 (greedy), as vLLM does: `1 / T` would overflow
+/// long before, and the distribution is a point mass in all but exact ties anyway.
+const GREEDY_BELOW: f32 = 1e-5;
+/// `top_k` up to this size is found with a small sorted buffer (one comparison for most
+/// logits); larger ones with a partial selection over the whole vocabulary.
+const SMALL_K: usize = 256;
+/// Independent accumulators per reduction, so the compiler can keep them in SIMD lanes.
+const LANES: usize = 8;
+/// Partial sums are carried in f32 within a block and in f64 across blocks, for accuracy.
+const BLOCK: usize = 256;
+
+/// The token chosen for one position.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Sampled { pub token: u32, pub logprob: f32, pub top: Vec<(u32, f32)> }
+pub struct Sampled {
+    pub token: u32,
+    /// Log-softmax of the raw logits (temperature 1) at `token`.
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens under the raw distribution, most likely first
+    /// (ties to the lower id). Tokens with probability zero are left out, so it can be shorter.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Per-sequence sampler: parameters, random generator and reusable scratch space.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    /// `(logit, token)` candidates for top-k/top-p; kept between calls so a vocab-sized buffer
+    /// is allocated once per sequence, not once per token.
+    pairs: Vec<(f32, u32)>,
+    /// Per-token weights for plain temperature sampling, reused for the same reason.
+    weights: Vec<f32>,
+}
+
+/// Which tokens survived temperature/top-k/top-p, and their total unnormalised weight.
+enum Kept {
+    /// Every token; weights in `Sampler::weights`, indexed by token id.
+    All { total: f64 },
+    /// `Sampler::pairs[..len]`; weights recomputed from the logits (the set is small), summed
+    /// into `total` in this same order.
+    Pairs { len: usize, total: f64 },
+}
+
+/// NaN → `-inf` (never chosen), `+inf` → `f32::MAX` (so `x - max` stays finite). Written as
+/// selects so loops over it still vectorise.
+#[inline(always)]
+fn clean(x: f32) -> f32 {
+    if x.is_nan() {
+        f32::NEG_INFINITY
+    } else if x > f32::MAX {
+        f32::MAX
+    } else {
+        x
+    }
+}
+
+/// `exp(x)` for `x <= 0` (weights relative to the maximum), accurate to a couple of ulp
+/// (Cephes' `expf` polynomial). Exactly 0 below -87 and for NaN, so `-inf` and NaN logits
+/// have no weight at all; 1 for `x >= 0`, which is what `+inf` (clamped to the maximum)
+/// should get. No libm call and no branch, so loops over it vectorise: `f32::exp` is an
+/// opaque call and was most of the cost of a step over a 49k vocabulary.
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
+    const ROUND: f32 = 12_582_912.0;
+    // `max`/`min` rather than `clamp`, which would keep a NaN.
+    #[allow(clippy::manual_clamp)]
+    let xc = x.max(-87.0).min(0.0);
+    let shifted = xc * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    // 2^n by building the exponent bits. `shifted`'s low mantissa bits hold n (two's
+    // complement, n in [-126, 0] after the clamp), which avoids a float-to-int cast: Rust's
+    // saturating cast keeps the loop from vectorising.
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
+    // All ones if x >= -87 (false for NaN), else zero: a mask rather than an `if`, which the
+    // compiler turns into a branch around the whole computation and then cannot vectorise.
+    let keep = 0u32.wrapping_sub(u32::from(x >= -87.0));
+    f32::from_bits((y * scale).to_bits() & keep)
+}
+
+/// Sum of `f` over `xs` in a fixed order: `LANES` running sums per block, blocks added in f64.
+fn blocked_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    xs.chunks(BLOCK)
+        .map(|block| f64::from(lane_sum(block, &f)))
+        .sum()
+}
+
+fn lane_sum(xs: &[f32], f: &impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += f(x);
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += f(x);
+    }
+    acc.iter().sum()
+}
+
+/// Maximum of the sanitised logits (`-inf` if none is above it).
+fn lane_max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            // NaN compares false, so it never becomes the maximum.
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a = if x > *a { x } else { *a };
+    }
+    clean(acc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)))
+}
+
+/// Max, argmax (lowest id among ties) and log-sum-exp of the sanitised logits: a max pass, an
+/// early-exit scan for its first position and an exp-sum pass, all cheap and vectorisable.
+/// Returns `None` when no logit is above `-inf`.
+fn max_argmax_lse(logits: &[f32]) -> Option<(f32, u32, f32)> {
+    let max = lane_max(logits);
+    if max == f32::NEG_INFINITY {
+        return None;
+    }
+    // `>=` rather than `==` so a `+inf` logit matches when the maximum is its stand-in
+    // `f32::MAX`; nothing else can exceed the maximum, and NaN never matches.
+    let arg = logits.iter().position(|&x| x >= max).unwrap_or(0);
+    // NaN and -inf give exactly 0 and +inf gives 1 (see `exp_neg`), so no sanitising here.
+    let sum = blocked_sum(logits, |x| exp_neg(x - max));
+    // The maximum contributes exactly 1, so the sum is >= 1 and the log is finite.
+    Some((max, arg as u32, max + (sum as f32).ln()))
+}
+
+/// Descending by logit, then ascending by id: a total order, so selections are deterministic.
+#[inline(always)]
+fn by_logit_desc(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// The `n` largest sanitised logits as `(logit, token)`, descending, ties to the lower id,
+/// `-inf` excluded, written into `out`. Keeps a small sorted buffer instead of sorting the
+/// vocabulary, and skips whole blocks whose maximum cannot enter it.
+fn top_n_into(logits: &[f32], n: usize, out: &mut Vec<(f32, u32)>) {
+    out.clear();
+    if n == 0 {
+        return;
+    }
+    const SKIP: usize = 64;
+    for (b, block) in logits.chunks(SKIP).enumerate() {
+        if out.len() == n && lane_max(block) <= out[n - 1].0 {
+            continue;
+        }
+        for (j, &x) in block.iter().enumerate() {
+            let x = clean(x);
+            if x == f32::NEG_INFINITY || (out.len() == n && x <= out[n - 1].0) {
+                continue;
+            }
+            // Ids arrive in increasing order, so equal values go after the ones already there.
+            let pos = out.partition_point(|&(v, _)| v >= x);
+            out.insert(pos, (x, (b * SKIP + j) as u32));
+            out.truncate(n);
+        }
+    }
+}
+
+/// The reported alternatives: top `n` raw logprobs.
+fn top_logprobs(logits: &[f32], n: usize, lse: f32) -> Vec<(u32, f32)> {
+    let mut top = Vec::with_capacity(n + 1);
+    top_n_into(logits, n, &mut top);
+    top.into_iter().map(|(x, id)| (id, x - lse)).collect()
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Sampler {
+            params,
+            rng,
+            pairs: Vec::new(),
+            weights: Vec::new(),
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// `logits`: raw model logits for one position (vocab-sized). Returns the chosen token with
+    /// its logprob under the model's raw distribution and, if `top_logprobs > 0`, the top-n
+    /// `(token, logprob)` pairs sorted descending. See the module docs for the order of steps.
+    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        let Some((max, argmax, lse)) = max_argmax_lse(logits) else {
+            return Sampled {
+                token: 0,
+                logprob: f32::NEG_INFINITY,
+                top: Vec::new(),
+            };
+        };
+        let top = top_logprobs(logits, self.params.top_logprobs, lse);
+        let token = if self.params.is_greedy() {
+            argmax
+        } else {
+            let kept = self.filter(logits, max);
+            self.draw(max, &kept).unwrap_or(argmax)
+        };
+        let logprob = logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&x| clean(x) - lse);
+        Sampled {
+            token,
+            logprob,
+            top,
+        }
+    }
+
+    /// Steps 3–5: decide which tokens stay in the running and their total weight.
+    fn filter(&mut self, logits: &[f32], max: f32) -> Kept {
+        let temperature = self.params.temperature;
+        let inv_t = 1.0 / temperature;
+        let weight = move |x: f32| exp_neg((x - max) * inv_t);
+        let top_k = self.params.top_k.filter(|&k| k < logits.len());
+        let top_p = self.params.top_p.filter(|&p| p < 1.0);
+        let pairs = &mut self.pairs;
+
+        match (top_k, top_p) {
+            (None, None) => {
+                self.weights.clear();
+                self.weights.extend(logits.iter().map(|&x| weight(x)));
+                let total = blocked_sum(&self.weights, |w| w);
+                return Kept::All { total };
+            }
+            (Some(k), _) if k <= SMALL_K => top_n_into(logits, k, pairs),
+            (Some(k), _) => {
+                pairs.clear();
+                pairs.extend(finite_pairs(logits, f32::NEG_INFINITY));
+                if k < pairs.len() {
+                    pairs.select_nth_unstable_by(k - 1, by_logit_desc);
+                    pairs.truncate(k);
+                }
+            }
+            (None, Some(p)) => {
+                // Any token lighter than tau = (1-p) Z / (2V) is outside the nucleus: all of
+                // them together weigh under (1-p) Z / 2, so the heavier ones alone already
+                // reach p Z. Dropping them first makes the nucleus search small whenever the
+                // distribution is peaked (the margin of 2 absorbs rounding).
+                let z = blocked_sum(logits, weight);
+                let tau = (1.0 - f64::from(p)) * z / (2.0 * logits.len() as f64);
+                let threshold = max + temperature * (tau as f32).ln();
+                pairs.clear();
+                pairs.extend(finite_pairs(logits, threshold));
+                let target = f64::from(p) * z;
+                return nucleus(pairs, target, weight);
+            }
+        }
+
+        match top_p {
+            Some(p) => {
+                let total: f64 = pairs.iter().map(|&(x, _)| f64::from(weight(x))).sum();
+                nucleus(pairs, f64::from(p) * total, weight)
+            }
+            None => {
+                let total = pairs.iter().map(|&(x, _)| f64::from(weight(x))).sum();
+                Kept::Pairs {
+                    len: pairs.len(),
+                    total,
+                }
+            }
+        }
+    }
+
+    /// Step 6: one uniform draw over the kept weights. `None` only if nothing has weight
+    /// (cannot happen while the maximum is kept, as it has weight 1); the caller falls back to
+    /// the argmax.
+    fn draw(&mut self, max: f32, kept: &Kept) -> Option<u32> {
+        let u: f64 = self.rng.random();
+        match *kept {
+            Kept::All { total } => draw_blocked(&self.weights, u * total),
+            Kept::Pairs { len, total } => {
+                let inv_t = 1.0 / self.params.temperature;
+                let weights = self.pairs[..len]
+                    .iter()
+                    .map(|&(x, id)| (id, f64::from(exp_neg((x - max) * inv_t))));
+                draw_linear(weights, u * total)
+            }
+        }
+    }
+
+    /// The normalised distribution the draw would use, sorted by token id (tests only).
+    #[cfg(test)]
+    fn distribution(&mut self, logits: &[f32]) -> Vec<(u32, f64)> {
+        let Some((max, _, _)) = max_argmax_lse(logits) else {
+            return Vec::new();
+        };
+        let inv_t = 1.0 / self.params.temperature;
+        let mut out: Vec<(u32, f64)> = match self.filter(logits, max) {
+            Kept::All { total } => self
+                .weights
+                .iter()
+                .enumerate()
+                .filter(|(_, &w)| w > 0.0)
+                .map(|(i, &w)| (i as u32, f64::from(w) / total))
+                .collect(),
+            Kept::Pairs { len, total } => self.pairs[..len]
+                .iter()
+                .map(|&(x, i)| (i, f64::from(exp_neg((x - max) * inv_t)) / total))
+                .collect(),
+        };
+        out.sort_by_key(|&(i, _)| i);
+        out
+    }
+}
+
+/// `(logit, token)` for every token at or above `threshold` that can be drawn at all.
+fn finite_pairs(logits: &[f32], threshold: f32) -> impl Iterator<Item = (f32, u32)> + '_ {
+    logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (clean(x), i as u32))
+        .filter(move |&(x, _)| x > f32::NEG_INFINITY && x >= threshold)
+}
+
+/// Step 5 over `pairs`: keep the best tokens up to and including the one whose cumulative
+/// weight, in descending order, first reaches `target`. Bisects with partial selections
+/// (each halves the range that holds that boundary token, so the work is linear) and sorts
+/// only the last small range; the kept tokens need no order for the draw.
+fn nucleus(pairs: &mut [(f32, u32)], target: f64, weight: impl Fn(f32) -> f32) -> Kept {
+    let mass = |s: &[(f32, u32)]| s.iter().map(|&(x, _)| f64::from(weight(x))).sum::<f64>();
+    // Invariant: pairs[..lo] are the best `lo` tokens and weigh `below` < target; the
+    // boundary token is in pairs[lo..hi], and everything from `hi` on is worse than it.
+    let (mut lo, mut hi) = (0, pairs.len());
+    let mut below = 0.0f64;
+    while hi - lo > 64 {
+        let mid = lo + (hi - lo) / 2;
+        pairs[lo..hi].select_nth_unstable_by(mid - lo, by_logit_desc);
+        let upper = mass(&pairs[lo..mid]);
+        if below + upper >= target {
+            hi = mid;
+        } else {
+            below += upper;
+            lo = mid;
+        }
+    }
+    pairs[lo..hi].sort_unstable_by(by_logit_desc);
+    // If rounding keeps the running sum just under the target, the whole range stays.
+    let mut len = hi;
+    for (i, &(x, _)) in pairs.iter().enumerate().take(hi).skip(lo) {
+        below += f64::from(weight(x));
+        if below >= target {
+            len = i + 1;
+            break;
+        }
+    }
+    // Totalled in the order the draw walks, so the draw's target always falls inside.
+    let total = mass(&pairs[..len]);
+    Kept::Pairs { len, total }
+}
+
+/// Categorical draw: the first token whose running weight exceeds `target`, skipping
+/// weightless ones; the last token with weight if rounding leaves `target` unreached.
+fn draw_linear(weights: impl Iterator<Item = (u32, f64)>, target: f64) -> Option<u32> {
+    let mut acc = 0.0f64;
+    let mut last = None;
+    for (id, w) in weights {
+        if w <= 0.0 {
+            continue;
+        }
+        acc += w;
+        last = Some(id);
+        if target < acc {
+            return Some(id);
+        }
+    }
+    last
+}
+
+/// Categorical draw over per-token weights whose total was taken by `blocked_sum`: skip whole
+/// blocks by their sums (in the same order, so `target` falls in the block it should), then
+/// walk the one block it falls in.
+fn draw_blocked(weights: &[f32], target: f64) -> Option<u32> {
+    let mut acc = 0.0f64;
+    let mut last = None;
+    for (b, block) in weights.chunks(BLOCK).enumerate() {
+        let sum = f64::from(lane_sum(block, &|w| w));
+        if sum <= 0.0 {
+            continue;
+        }
+        if target < acc + sum {
+            let ids = (b * BLOCK) as u32..;
+            let found = draw_linear(
+                ids.zip(block).map(|(id, &w)| (id, f64::from(w))),
+                target - acc,
+            );
+            // Within the block, sequential rounding may differ from the lane sum.
+            return found;
+        }
+        acc += sum;
+        last = Some(b);
+    }
+    // Rounding at the very end: the last token with weight.
+    let b = last?;
+    let block = weights.chunks(BLOCK).nth(b)?;
+    let j = block.iter().rposition(|&w| w > 0.0)?;
+    Some((b * BLOCK + j) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(
+        temperature: f32,
+        top_k: Option<usize>,
+        top_p: Option<f32>,
+        seed: u64,
+    ) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: Some(seed),
+            top_logprobs: 0,
+        }
+    }
+
+    fn assert_close(a: f64, b: f64, tol: f64) {
+        assert!((a - b).abs() <= tol, "{a} vs {b} (tol {tol})");
+    }
+
+    fn assert_dist(got: &[(u32, f64)], want: &[(u32, f64)]) {
+        assert_eq!(
+            got.iter().map(|&(i, _)| i).collect::<Vec<_>>(),
+            want.iter().map(|&(i, _)| i).collect::<Vec<_>>(),
+            "kept tokens"
+        );
+        for (&(_, g), &(_, w)) in got.iter().zip(want) {
+            assert_close(g, w, 1e-6);
+        }
+    }
+
+    /// Probabilities 0.1, 0.4, 0.2, 0.3 as logits, so masks are easy to read.
+    fn four() -> Vec<f32> {
+        [0.1f32, 0.4, 0.2, 0.3].iter().map(|p| p.ln()).collect()
+    }
+
+    // Reference (python3, no numpy):
+    //   import math
+    //   x = [1.0, 2.0, 3.0, 0.5]
+    //   lse = math.log(sum(math.exp(v) for v in x))       # 3.460773489156851
+    //   [v - lse for v in x]
+    //   # [-2.460773489156851, -1.4607734891568511, -0.4607734891568511, -2.960773489156851]
+    #[test]
+    fn greedy_reports_raw_log_softmax_and_top() {
+        let mut s = Sampler::new(SamplingParams {
+            top_logprobs: 3,
+            ..SamplingParams::greedy()
+        });
+        let out = s.sample(&[1.0, 2.0, 3.0, 0.5]);
+        assert_eq!(out.token, 2);
+        assert_close(f64::from(out.logprob), -0.460_773_489_156_851_1, 1e-6);
+        let want = [
+            (2, -0.460_773_489_156_851_1),
+            (1, -1.460_773_489_156_851_1),
+            (0, -2.460_773_489_156_851),
+        ];
+        assert_eq!(out.top.len(), 3);
+        for (&(gi, gv), &(wi, wv)) in out.top.iter().zip(&want) {
+            assert_eq!(gi, wi);
+            assert_close(f64::from(gv), wv, 1e-6);
+        }
+    }
+
+    #[test]
+    fn logprob_is_raw_even_when_temperature_differs() {
+        // Only one token can be drawn under top_k = 1, whatever the temperature.
+        let mut s = Sampler::new(SamplingParams {
+            top_logprobs: 1,
+            ..params(0.3, Some(1), None, 7)
+        });
+        let out = s.sample(&[1.0, 2.0, 3.0, 0.5]);
+        assert_eq!(out.token, 2);
+        assert_close(f64::from(out.logprob), -0.460_773_489_156_851_1, 1e-6);
+        assert_eq!(out.top.len(), 1);
+    }
+
+    #[test]
+    fn greedy_ties_go_to_lowest_id() {
+        let mut s = Sampler::new(SamplingParams {
+            top_logprobs: 4,
+            ..SamplingParams::greedy()
+        });
+        let out = s.sample(&[1.0, 3.0, 3.0, 2.0, 3.0]);
+        assert_eq!(out.token, 1);
+        let ids: Vec<u32> = out.top.iter().map(|&(i, _)| i).collect();
+        assert_eq!(ids, vec![1, 2, 4, 3]);
+    }
+
+    #[test]
+    fn nan_is_never_chosen_and_all_nan_is_token_zero() {
+        let mut s = Sampler::new(SamplingParams {
+            top_logprobs: 5,
+            ..SamplingParams::greedy()
+        });
+        let out = s.sample(&[f32::NAN, 1.0, f32::NAN]);
+        assert_eq!(out.token, 1);
+        assert_eq!(out.logprob, 0.0);
+        assert_eq!(out.top, vec![(1, 0.0)]);
+
+        let out = s.sample(&[f32::NAN, f32::NEG_INFINITY, f32::NAN]);
+        assert_eq!(out.token, 0);
+        assert_eq!(out.logprob, f32::NEG_INFINITY);
+        assert!(out.top.is_empty());
+        assert_eq!(s.sample(&[]).token, 0);
+
+        // The sampling paths must not pick a NaN either, nor panic on +inf.
+        for p in [
+            params(1.0, None, None, 1),
+            params(1.0, Some(2), None, 1),
+            params(1.0, None, Some(0.9), 1),
+        ] {
+            let mut s = Sampler::new(p);
+            for _ in 0..200 {
+                let t = s.sample(&[f32::NAN, 0.0, f32::NAN, 0.5, f32::NAN]).token;
+                assert!(t == 1 || t == 3, "drew {t}");
+            }
+            let out = s.sample(&[0.0, f32::INFINITY, f32::NAN]);
+            assert_eq!(out.token, 1);
+            assert_eq!(out.logprob, 0.0);
+        }
+    }
+
+    #[test]
+    fn top_k_mask() {
+        // python3: p = [.1,.4,.2,.3]; k=2 keeps ids 1,3 -> [.4/.7, .3/.7] = [0.5714285714, 0.4285714286]
+        let mut s = Sampler::new(params(1.0, Some(2), None, 0));
+        assert_dist(
+            &s.distribution(&four()),
+            &[(1, 0.571_428_571_4), (3, 0.428_571_428_6)],
+        );
+        // k >= vocab is the plain softmax.
+        let mut s = Sampler::new(params(1.0, Some(10), None, 0));
+        assert_dist(
+            &s.distribution(&four()),
+            &[(0, 0.1), (1, 0.4), (2, 0.2), (3, 0.3)],
+        );
+    }
+
+    #[test]
+    fn top_k_ties_keep_lower_ids() {
+        let mut s = Sampler::new(params(1.0, Some(2), None, 0));
+        let d = s.distribution(&[0.0, 1.0, 0.0, 1.0, 1.0]);
+        assert_dist(&d, &[(1, 0.5), (3, 0.5)]);
+    }
+
+    #[test]
+    fn top_p_mask() {
+        // Sorted .4, .3, .2, .1: cumulative .4, .7 -> top_p .65 keeps ids 1,3, renormalised
+        // to [.4/.7, .3/.7]; top_p .75 also keeps id 2 -> [.4/.9, .2/.9, .3/.9].
+        let mut s = Sampler::new(params(1.0, None, Some(0.65), 0));
+        assert_dist(
+            &s.distribution(&four()),
+            &[(1, 0.571_428_571_4), (3, 0.428_571_428_6)],
+        );
+        let mut s = Sampler::new(params(1.0, None, Some(0.75), 0));
+        assert_dist(
+            &s.distribution(&four()),
+            &[
+                (1, 0.444_444_444_4),
+                (2, 0.222_222_222_2),
+                (3, 0.333_333_333_3),
+            ],
+        );
+        // Below the largest probability: just the top token.
+        let mut s = Sampler::new(params(1.0, None, Some(0.3), 0));
+        assert_dist(&s.distribution(&four()), &[(1, 1.0)]);
+    }
+
+    // python3:
+    //   p = [.1,.4,.2,.3]
+    //   # top_k=3 then top_p=.5: renormalised [.4,.3,.2]/.9 = [.444,.333,.222]; cum .444, .778
+    //   # -> keeps ids 1,3 with [.4/.7, .3/.7]
+    //   # temperature 2 then top_p .5: q = [math.sqrt(v) for v in p]; q = [v/sum(q) for v in q]
+    //   # -> [0.16270, 0.32540, 0.23009, 0.28181]; sorted cum .3254, .6072 -> ids 1,3,
+    //   # renormalised [0.32540/0.60721, 0.28181/0.60721] = [0.535898, 0.464102]
+    #[test]
+    fn processing_order_temperature_then_top_k_then_top_p() {
+        let mut s = Sampler::new(params(1.0, Some(3), Some(0.5), 0));
+        assert_dist(
+            &s.distribution(&four()),
+            &[(1, 0.571_428_571_4), (3, 0.428_571_428_6)],
+        );
+        let mut s = Sampler::new(params(2.0, None, Some(0.5), 0));
+        assert_dist(&s.distribution(&four()), &[(1, 0.535_898), (3, 0.464_102)]);
+        // Temperature alone: [0.162700, 0.325401, 0.230093, 0.281805] (as above).
+        let mut s = Sampler::new(params(2.0, None, None, 0));
+        let d = s.distribution(&four());
+        for (&(_, g), w) in d.iter().zip([0.162_700, 0.325_401, 0.230_093, 0.281_805]) {
+            assert_close(g, w, 1e-5);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_draws_different_seed_differs() {
+        let logits = vec![0.0f32; 64];
+        let draws = |seed: u64, top_p: Option<f32>| {
+            let mut s = Sampler::new(params(1.0, None, top_p, seed));
+            (0..100)
+                .map(|_| s.sample(&logits).token)
+                .collect::<Vec<_>>()
+        };
+        for top_p in [None, Some(0.9)] {
+            assert_eq!(draws(42, top_p), draws(42, top_p));
+            assert_ne!(draws(42, top_p), draws(43, top_p));
+        }
+    }
+
+    #[test]
+    fn empirical_distribution_matches_softmax() {
+        // softmax([0, 1, 2, 0.5]) (python3: e = [math.exp(v) for v in x]; [v/sum(e) for v in e])
+        // = [0.0783941, 0.2130973, 0.5792585, 0.1292500]. With 20k draws one standard deviation
+        // of a frequency is at most 0.0035, so 0.015 is over 4 sigma (and the seed is fixed).
+        let want = [0.078_394_1, 0.213_097_3, 0.579_258_5, 0.129_250_0];
+        let logits = [0.0f32, 1.0, 2.0, 0.5];
+        for p in [
+            params(1.0, None, None, 11),
+            params(1.0, Some(4), None, 11),
+            params(1.0, None, Some(1.0), 11),
+        ] {
+            let mut s = Sampler::new(p);
+            let mut counts = [0usize; 4];
+            let n = 20_000;
+            for _ in 0..n {
+                counts[s.sample(&logits).token as usize] += 1;
+            }
+            for (c, w) in counts.iter().zip(want) {
+                assert_close(*c as f64 / n as f64, w, 0.015);
+            }
+        }
+    }
+
+    #[test]
+    fn tiny_top_p_is_greedy() {
+        let logits = [0.3f32, 1.2, 1.1, -0.5, 1.19];
+        for seed in 0..200 {
+            let mut s = Sampler::new(params(1.5, None, Some(1e-6), seed));
+            assert_eq!(s.sample(&logits).token, 1);
+        }
+    }
+
+    /// Reference for the big-vocab paths: full sort, then the same rules, written naively.
+    fn reference_kept(logits: &[f32], t: f32, k: Option<usize>, p: Option<f32>) -> Vec<u32> {
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        ids.sort_by(|&a, &b| {
+            let (x, y) = (logits[a as usize], logits[b as usize]);
+            y.total_cmp(&x).then(a.cmp(&b))
+        });
+        if let Some(k) = k {
+            ids.truncate(k);
+        }
+        let max = logits[ids[0] as usize];
+        let w: Vec<f64> = ids
+            .iter()
+            .map(|&i| f64::from(((logits[i as usize] - max) / t).exp()))
+            .collect();
+        let total: f64 = w.iter().sum();
+        if let Some(p) = p {
+            let mut mass = 0.0;
+            for (n, wi) in w.iter().enumerate() {
+                mass += wi;
+                if mass >= f64::from(p) * total {
+                    ids.truncate(n + 1);
+                    break;
+                }
+            }
+        }
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn vocab_sized_selection_matches_full_sort() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let logits: Vec<f32> = (0..49_152)
+            .map(|_| rng.random::<f32>() * 12.0 - 6.0)
+            .collect();
+        for (t, k, p) in [
+            (1.0, Some(50), None),
+            (1.0, Some(5000), None),
+            (0.9, Some(300), Some(0.8)),
+            (0.9, Some(30), Some(0.8)),
+            (0.7, None, Some(0.9)),
+            (1.0, None, Some(0.5)),
+            (1.3, Some(1000), Some(0.95)),
+            (0.1, None, Some(0.99)),
+        ] {
+            let mut s = Sampler::new(params(t, k, p, 3));
+            let got: Vec<u32> = s.distribution(&logits).iter().map(|&(i, _)| i).collect();
+            assert_eq!(
+                got,
+                reference_kept(&logits, t, k, p),
+                "t={t} k={k:?} p={p:?}"
+            );
+            let want = reference_kept(&logits, t, k, p);
+            for _ in 0..20 {
+                let tok = s.sample(&logits).token;
+                assert!(want.binary_search(&tok).is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn exp_neg_matches_std_exp() {
+        let mut x = 0.0f32;
+        while x > -87.0 {
+            let (got, want) = (exp_neg(x), x.exp());
+            assert!(
+                (got - want).abs() <= want * 4.0 * f32::EPSILON + f32::MIN_POSITIVE,
+                "exp({x}) = {got}, want {want}"
+            );
+            x -= 0.001_37;
+        }
+        assert_eq!(exp_neg(0.0), 1.0);
+        assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_neg(-100.0), 0.0);
+    }
+
+    #[test]
+    fn blocked_draw_finds_every_block() {
+        // Weight only in a few tokens spread over many blocks: each is drawn, nothing else is.
+        let mut logits = vec![f32::NEG_INFINITY; 5000];
+        for &i in &[3usize, 700, 2600, 4999] {
+            logits[i] = 0.0;
+        }
+        let mut s = Sampler::new(params(1.0, None, None, 9));
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..400 {
+            seen.insert(s.sample(&logits).token);
+        }
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            vec![3, 700, 2600, 4999]
+        );
+    }
+
+    #[test]
+    fn tiny_temperature_is_greedy() {
+        let mut s = Sampler::new(params(1e-6, None, None, 1));
+        for _ in 0..50 {
+            assert_eq!(s.sample(&[0.0, 5.0, 5.0, 1.0]).token, 1);
+        }
+        // Small but above the cutoff: still sampled, and never a NaN weight.
+        let mut s = Sampler::new(params(1e-4, None, None, 1));
+        assert_eq!(s.sample(&[0.0, 5.0, 4.0, 1.0]).token, 1);
+    }
+
+    #[test]
+    fn random_inputs_never_panic_or_pick_masked_tokens() {
+        let mut rng = StdRng::seed_from_u64(77);
+        for _ in 0..3000 {
+            let len = rng.random_range(1..700);
+            let logits: Vec<f32> = (0..len)
+                .map(|_| match rng.random_range(0..20) {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    2 if rng.random_bool(0.05) => f32::INFINITY,
+                    _ => rng.random::<f32>() * 40.0 - 20.0,
+                })
+                .collect();
+            let p = SamplingParams {
+                temperature: [0.0, 0.05, 0.7, 1.0, 2.0][rng.random_range(0..5)],
+                top_k: [None, Some(1), Some(3), Some(300), Some(5000)][rng.random_range(0..5)],
+                top_p: [None, Some(1e-6), Some(0.5), Some(0.95)][rng.random_range(0..4)],
+                seed: Some(rng.random()),
+                top_logprobs: rng.random_range(0..=20),
+            };
+            let out = Sampler::new(p.clone()).sample(&logits);
+            let drawable = logits.iter().any(|&x| clean(x) > f32::NEG_INFINITY);
+            if drawable {
+                let chosen = clean(logits[out.token as usize]);
+                assert!(chosen > f32::NEG_INFINITY, "{p:?} chose a masked token");
+                assert!(out.logprob <= 1e-5 && !out.logprob.is_nan(), "{p:?}");
+            } else {
+                assert_eq!((out.token, out.top.len()), (0, 0));
+            }
+            assert!(out.top.len() <= p.top_logprobs);
+            assert!(out.top.windows(2).all(|w| w[0].1 >= w[1].1));
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let v = |t, p, k, n| SamplingParams::validate(t, p, k, None, n, 1.0);
+        let field = |r: Result<SamplingParams, SamplingError>| r.map(|_| ()).unwrap_err().field();
+
+        assert_eq!(field(v(Some(2.5), None, None, None)), "temperature");
+        assert_eq!(field(v(Some(-0.1), None, None, None)), "temperature");
+        assert_eq!(field(v(Some(f32::NAN), None, None, None)), "temperature");
+        assert_eq!(
+            field(v(Some(f32::INFINITY), None, None, None)),
+            "temperature"
+        );
+        assert_eq!(field(v(None, Some(0.0), None, None)), "top_p");
+        assert_eq!(field(v(None, Some(1.01), None, None)), "top_p");
+        assert_eq!(field(v(None, Some(f32::NAN), None, None)), "top_p");
+        assert_eq!(field(v(None, None, Some(-2), None)), "top_k");
+        assert_eq!(field(v(None, None, None, Some(21))), "top_logprobs");
+        assert_eq!(field(v(None, None, None, Some(-1))), "top_logprobs");
+        assert_eq!(
+            field(SamplingParams::validate(None, None, None, None, None, 3.0)),
+            "temperature"
+        );
+
+        let err = v(Some(2.5), None, None, None).map(|_| ()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "temperature must be a finite number between 0 and 2, got 2.5"
+        );
+    }
+
+    #[test]
+    fn validation_defaults_and_normalisation() {
+        let ok = SamplingParams::validate(None, None, None, None, None, 0.7).unwrap();
+        assert_eq!(
+            ok,
+            SamplingParams {
+                temperature: 0.7,
+                top_k: None,
+                top_p: None,
+                seed: None,
+                top_logprobs: 0
+            }
+        );
+        let ok = SamplingParams::validate(Some(0.0), Some(1.0), Some(0), Some(9), Some(20), 1.0)
+            .unwrap();
+        assert_eq!(
+            ok,
+            SamplingParams {
+                temperature: 0.0,
+                top_k: None,
+                top_p: None,
+                seed: Some(9),
+                top_logprobs: 20
+            }
+        );
+        let ok =
+            SamplingParams::validate(Some(2.0), Some(0.5), Some(40), None, Some(0), 1.0).unwrap();
+        assert_eq!((ok.top_k, ok.top_p), (Some(40), Some(0.5)));
+        let ok = SamplingParams::validate(None, None, Some(-1), None, None, 1.0).unwrap();
+        assert_eq!(ok.top_k, None);
+    }
+}

@@ -33,7 +33,10 @@ async fn same_seed_gives_same_text_and_logprobs_are_reported() {
     let b: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
     assert_eq!(a["text"], b["text"]);
     let tokens = a["tokens"].as_array().unwrap();
-    assert_eq!(tokens.len() as u64, a["usage"]["completion_tokens"].as_u64().unwrap());
+    assert_eq!(
+        tokens.len() as u64,
+        a["usage"]["completion_tokens"].as_u64().unwrap()
+    );
     for t in tokens {
         let lp = t["logprob"].as_f64().unwrap();
         assert!(lp <= 0.0);
@@ -50,8 +53,8 @@ async fn chat_messages_use_the_chat_template() {
     let app = spawn_app().await;
     let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 4, "temperature": 0});
     let v: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
-    // <|im_start|> u s e r \n h i <|im_end|> \n <|im_start|> a s s i s t a n t \n
-    assert_eq!(v["usage"]["prompt_tokens"], 21, "{v}");
+    // <|im_start|> u s e r \n h i <|im_end|> \n <|im_start|> a s s i s t an t \n
+    assert_eq!(v["usage"]["prompt_tokens"], 20, "{v}");
 }
 
 #[tokio::test]
@@ -59,14 +62,20 @@ async fn streaming_sends_one_event_per_token_then_a_final_event() {
     let app = spawn_app().await;
     let body = json!({"prompt": "the", "max_new_tokens": 6, "temperature": 0, "stream": true});
     let plain: Value = app
-        .post("/v1/generate", &json!({"prompt": "the", "max_new_tokens": 6, "temperature": 0}))
+        .post(
+            "/v1/generate",
+            &json!({"prompt": "the", "max_new_tokens": 6, "temperature": 0}),
+        )
         .await
         .json()
         .await
         .unwrap();
     let resp = app.post("/v1/generate", &body).await;
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let raw = resp.text().await.unwrap();
     let events: Vec<Value> = raw
         .lines()
@@ -76,9 +85,16 @@ async fn streaming_sends_one_event_per_token_then_a_final_event() {
     let last = events.last().unwrap();
     assert_eq!(last["text"], plain["text"]);
     assert_eq!(last["finish_reason"], plain["finish_reason"]);
-    let token_events = events.iter().filter(|e| e.get("finish_reason").is_none()).count() as u64;
-    assert_eq!(token_events, last["usage"]["completion_tokens"].as_u64().unwrap());
-    let streamed: String = events[..events.len() - 1].iter().map(|e| e["text"].as_str().unwrap()).collect();
+    // Text held back to the end (an incomplete character) comes in an event with a null token.
+    let token_events = events.iter().filter(|e| e["token"].is_object()).count() as u64;
+    assert_eq!(
+        token_events,
+        last["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
     assert_eq!(streamed, plain["text"].as_str().unwrap());
 }
 
@@ -104,11 +120,23 @@ async fn stop_strings_end_generation_and_are_excluded() {
 #[tokio::test]
 async fn concurrent_requests_are_all_served_and_match_serial_results() {
     let app = spawn_app().await;
-    let prompts = ["the", "in", "an the", "hello there", "t", "abc", "xyz", "the the the"];
+    let prompts = [
+        "the",
+        "in",
+        "an the",
+        "hello there",
+        "t",
+        "abc",
+        "xyz",
+        "the the the",
+    ];
     let mut serial = Vec::new();
     for p in prompts {
         let v: Value = app
-            .post("/v1/generate", &json!({"prompt": p, "max_new_tokens": 10, "temperature": 0}))
+            .post(
+                "/v1/generate",
+                &json!({"prompt": p, "max_new_tokens": 10, "temperature": 0}),
+            )
             .await
             .json()
             .await
@@ -119,7 +147,10 @@ async fn concurrent_requests_are_all_served_and_match_serial_results() {
         let app = &app;
         async move {
             let v: Value = app
-                .post("/v1/generate", &json!({"prompt": p, "max_new_tokens": 10, "temperature": 0}))
+                .post(
+                    "/v1/generate",
+                    &json!({"prompt": p, "max_new_tokens": 10, "temperature": 0}),
+                )
                 .await
                 .json()
                 .await
@@ -128,7 +159,10 @@ async fn concurrent_requests_are_all_served_and_match_serial_results() {
         }
     });
     let batched: Vec<Value> = futures::future::join_all(futs).await;
-    assert_eq!(batched, serial, "batched decoding must give the same greedy text");
+    assert_eq!(
+        batched, serial,
+        "batched decoding must give the same greedy text"
+    );
 }
 
 #[tokio::test]
@@ -140,10 +174,13 @@ async fn a_client_that_disconnects_frees_its_slot() {
     let _ = stream.next().await; // one event arrives, then the client goes away
     drop(stream);
     // With a single running slot, this only completes if the dropped stream's slot was freed.
-    let v: Value = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        async { app.post("/v1/generate", &json!({"prompt": "a", "max_new_tokens": 2})).await.json().await.unwrap() },
-    )
+    let v: Value = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        app.post("/v1/generate", &json!({"prompt": "a", "max_new_tokens": 2}))
+            .await
+            .json()
+            .await
+            .unwrap()
+    })
     .await
     .expect("the slot was not freed");
     assert!(v["text"].is_string());

@@ -53,7 +53,10 @@ pub async fn error_code(resp: reqwest::Response, status: u16) -> (String, String
     assert_eq!(resp.status().as_u16(), status, "unexpected status");
     let v: Value = resp.json().await.expect("error body is JSON");
     let code = v["error"]["code"].as_str().expect("error.code").to_owned();
-    let msg = v["error"]["message"].as_str().expect("error.message").to_owned();
+    let msg = v["error"]["message"]
+        .as_str()
+        .expect("error.message")
+        .to_owned();
     (code, msg)
 }
 
@@ -132,10 +135,22 @@ pub fn write_tiny_model(dir: &Path, seed: u64) {
         let p = format!("model.layers.{l}");
         w.insert(format!("{p}.input_layernorm.weight"), ones(h));
         w.insert(format!("{p}.post_attention_layernorm.weight"), ones(h));
-        w.insert(format!("{p}.self_attn.q_proj.weight"), t(&[nh * hd, h], 0.3));
-        w.insert(format!("{p}.self_attn.k_proj.weight"), t(&[nkv * hd, h], 0.3));
-        w.insert(format!("{p}.self_attn.v_proj.weight"), t(&[nkv * hd, h], 0.3));
-        w.insert(format!("{p}.self_attn.o_proj.weight"), t(&[h, nh * hd], 0.3));
+        w.insert(
+            format!("{p}.self_attn.q_proj.weight"),
+            t(&[nh * hd, h], 0.3),
+        );
+        w.insert(
+            format!("{p}.self_attn.k_proj.weight"),
+            t(&[nkv * hd, h], 0.3),
+        );
+        w.insert(
+            format!("{p}.self_attn.v_proj.weight"),
+            t(&[nkv * hd, h], 0.3),
+        );
+        w.insert(
+            format!("{p}.self_attn.o_proj.weight"),
+            t(&[h, nh * hd], 0.3),
+        );
         w.insert(format!("{p}.mlp.gate_proj.weight"), t(&[ffn, h], 0.3));
         w.insert(format!("{p}.mlp.up_proj.weight"), t(&[ffn, h], 0.3));
         w.insert(format!("{p}.mlp.down_proj.weight"), t(&[h, ffn], 0.3));
@@ -164,8 +179,10 @@ fn write_tiny_tokenizer(dir: &Path) -> usize {
     for special in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
         let n = vocab.len();
         vocab.insert(special.to_owned(), json!(n));
-        added.push(json!({"id": n, "content": special, "single_word": false, "lstrip": false,
-                          "rstrip": false, "normalized": false, "special": true}));
+        added.push(
+            json!({"id": n, "content": special, "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}),
+        );
     }
     let size = vocab.len();
     let tok = json!({

@@ -5,7 +5,10 @@ use serde_json::{json, Value};
 use crate::helpers::{error_code, spawn_app};
 
 fn sse_data(raw: &str) -> Vec<String> {
-    raw.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_owned).collect()
+    raw.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[tokio::test]
@@ -14,7 +17,12 @@ async fn chat_completion_has_the_openai_shape() {
     let body = json!({"model": "tiny", "messages": [{"role": "system", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 5, "temperature": 0,
         "logprobs": true, "top_logprobs": 2});
-    let v: Value = app.post("/v1/chat/completions", &body).await.json().await.unwrap();
+    let v: Value = app
+        .post("/v1/chat/completions", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
     assert_eq!(v["object"], "chat.completion");
     assert!(v["created"].is_u64());
@@ -25,7 +33,10 @@ async fn chat_completion_has_the_openai_shape() {
     assert!(choice["message"]["content"].is_string());
     assert!(["stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()));
     let content = choice["logprobs"]["content"].as_array().unwrap();
-    assert_eq!(content.len() as u64, v["usage"]["completion_tokens"].as_u64().unwrap());
+    assert_eq!(
+        content.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
     assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
     assert!(content[0]["bytes"].is_array());
     let u = &v["usage"];
@@ -46,29 +57,50 @@ async fn chat_streaming_sends_role_deltas_finish_usage_and_done() {
         .json()
         .await
         .unwrap();
-    let raw = app.post("/v1/chat/completions", &body).await.text().await.unwrap();
+    let raw = app
+        .post("/v1/chat/completions", &body)
+        .await
+        .text()
+        .await
+        .unwrap();
     let data = sse_data(&raw);
     assert_eq!(data.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let usage_chunk = chunks.last().unwrap();
     assert_eq!(usage_chunk["choices"].as_array().unwrap().len(), 0);
     assert_eq!(usage_chunk["usage"], plain["usage"]);
     let finish_chunk = &chunks[chunks.len() - 2];
-    assert_eq!(finish_chunk["choices"][0]["finish_reason"], plain["choices"][0]["finish_reason"]);
+    assert_eq!(
+        finish_chunk["choices"][0]["finish_reason"],
+        plain["choices"][0]["finish_reason"]
+    );
     let text: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
-    assert_eq!(text, plain["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(
+        text,
+        plain["choices"][0]["message"]["content"].as_str().unwrap()
+    );
 }
 
 #[tokio::test]
 async fn completions_stream_and_plain_agree() {
     let app = spawn_app().await;
     let body = json!({"model": "tiny", "prompt": "the", "max_tokens": 7, "temperature": 0});
-    let plain: Value = app.post("/v1/completions", &body).await.json().await.unwrap();
+    let plain: Value = app
+        .post("/v1/completions", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(plain["object"], "text_completion");
     assert!(plain["id"].as_str().unwrap().starts_with("cmpl-"));
     let mut sb = body.clone();
@@ -87,8 +119,14 @@ async fn completions_stream_and_plain_agree() {
 #[tokio::test]
 async fn echo_with_logprobs_scores_the_prompt() {
     let app = spawn_app().await;
-    let body = json!({"model": "tiny", "prompt": "the cat", "max_tokens": 0, "echo": true, "logprobs": 1});
-    let v: Value = app.post("/v1/completions", &body).await.json().await.unwrap();
+    let body =
+        json!({"model": "tiny", "prompt": "the cat", "max_tokens": 0, "echo": true, "logprobs": 1});
+    let v: Value = app
+        .post("/v1/completions", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
     let c = &v["choices"][0];
     assert_eq!(c["text"], "the cat");
     let lp = &c["logprobs"];
@@ -111,7 +149,11 @@ async fn models_lists_the_base_model_and_an_unknown_model_is_404() {
     assert_eq!(v["data"][0]["id"], "tiny");
     assert_eq!(v["data"][0]["object"], "model");
     let (code, msg) = error_code(
-        app.post("/v1/chat/completions", &json!({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})).await,
+        app.post(
+            "/v1/chat/completions",
+            &json!({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await,
         404,
     )
     .await;

@@ -10,7 +10,12 @@ async fn health_ready_and_metrics_answer() {
     assert_eq!(app.get("/health").await.status(), 200);
     let r: Value = app.get("/ready").await.json().await.unwrap();
     assert_eq!(r["status"], "ready");
-    let _ = app.post("/v1/generate", &json!({"prompt": "the", "max_new_tokens": 3})).await;
+    let _ = app
+        .post(
+            "/v1/generate",
+            &json!({"prompt": "the", "max_new_tokens": 3}),
+        )
+        .await;
     let text = app.get("/metrics").await.text().await.unwrap();
     for name in [
         "adapterd_http_requests_total",
@@ -30,9 +35,19 @@ async fn health_ready_and_metrics_answer() {
 #[tokio::test]
 async fn tokenize_and_detokenize_round_trip() {
     let app = spawn_app().await;
-    let v: Value = app.post("/v1/tokenize", &json!({"text": "the cat"})).await.json().await.unwrap();
+    let v: Value = app
+        .post("/v1/tokenize", &json!({"text": "the cat"}))
+        .await
+        .json()
+        .await
+        .unwrap();
     let ids = v["tokens"].as_array().unwrap().clone();
     assert_eq!(ids.len(), 6); // t, he, Ġ, c, a, t
-    let d: Value = app.post("/v1/detokenize", &json!({"tokens": ids})).await.json().await.unwrap();
+    let d: Value = app
+        .post("/v1/detokenize", &json!({"tokens": ids}))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(d["text"], "the cat");
 }

@@ -33,7 +33,12 @@ impl SeqCache {
     }
 
     /// Appends `k`, `v` ([kv_heads, n, head_dim]) to `layer` and returns all keys and values so far.
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let cache = self
             .layers
             .get_mut(layer)

@@ -70,7 +70,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad(format!("head_dim {} must be even and positive", self.head_dim));
+            return bad(format!(
+                "head_dim {} must be even and positive",
+                self.head_dim
+            ));
         }
         if self.hidden_size == 0 || self.vocab_size == 0 || self.intermediate_size == 0 {
             return bad("hidden_size, intermediate_size and vocab_size must be positive".into());
@@ -148,9 +151,7 @@ impl ModelConfig {
             .as_ref()
             .and_then(|a| a.first().cloned())
             .or(raw.model_type.clone())
-            .ok_or_else(|| {
-                ModelError::InvalidConfig("config.json names no architecture".into())
-            })?;
+            .ok_or_else(|| ModelError::InvalidConfig("config.json names no architecture".into()))?;
         let arch = Arch::parse(&arch_name)?;
         if raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(ModelError::Unsupported(

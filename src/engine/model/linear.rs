@@ -15,7 +15,12 @@ pub struct Linear {
 
 impl Linear {
     /// `weight` is [out, in] (quantized or dense f32); `bias` is [out].
-    pub fn new(weight: QMatMul, bias: Option<Tensor>, out_features: usize, in_features: usize) -> Self {
+    pub fn new(
+        weight: QMatMul,
+        bias: Option<Tensor>,
+        out_features: usize,
+        in_features: usize,
+    ) -> Self {
         Self {
             weight,
             bias,

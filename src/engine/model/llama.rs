@@ -121,7 +121,10 @@ impl Llama {
             let h = candle_nn::ops::rms_norm(&xs2, &layer.post_attn_norm, cfg.rms_norm_eps as f32)?;
             let gate = layer.mlp.gate_proj.forward(&h)?;
             let up = layer.mlp.up_proj.forward(&h)?;
-            let h = layer.mlp.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            let h = layer
+                .mlp
+                .down_proj
+                .forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
             xs = (xs2 + h)?;
         }
         for s in batch.iter_mut() {
@@ -164,7 +167,8 @@ impl Llama {
         let k = attn.k_proj.forward(xs)?.reshape((rows, nkv, 1, hd))?;
         let v = attn.v_proj.forward(xs)?.reshape((rows, nkv, hd))?;
         let q = candle_nn::rotary_emb::rope(&q.contiguous()?, cos, sin)?.reshape((rows, nh, hd))?;
-        let k = candle_nn::rotary_emb::rope(&k.contiguous()?, cos, sin)?.reshape((rows, nkv, hd))?;
+        let k =
+            candle_nn::rotary_emb::rope(&k.contiguous()?, cos, sin)?.reshape((rows, nkv, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
 
         let mut outs = Vec::with_capacity(batch.len());
@@ -196,11 +200,15 @@ impl Llama {
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let o = probs.matmul(&v_all)?; // [nkv, group*n, hd]
-            let o = o.reshape((nh, n, hd))?.transpose(0, 1)?.reshape((n, nh * hd))?;
+            let o = o
+                .reshape((nh, n, hd))?
+                .transpose(0, 1)?
+                .reshape((n, nh * hd))?;
             outs.push(o);
         }
         let o = if outs.len() == 1 {
-            outs.pop().ok_or_else(|| candle_core::Error::Msg("empty batch".into()))?
+            outs.pop()
+                .ok_or_else(|| candle_core::Error::Msg("empty batch".into()))?
         } else {
             Tensor::cat(&outs, 0)?
         };
@@ -212,7 +220,15 @@ impl Llama {
 fn causal_mask(n: usize, start: usize, device: &Device) -> Result<Tensor> {
     let len = start + n;
     let mask: Vec<f32> = (0..n)
-        .flat_map(|i| (0..len).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..len).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (n, len), device)
 }
@@ -232,4 +248,3 @@ fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let freqs = t.matmul(&inv_freq)?;
     Ok((freqs.cos()?, freqs.sin()?))
 }
-

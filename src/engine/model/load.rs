@@ -93,6 +93,10 @@ pub fn load_gguf(
 
 fn qlinear(w: QTensor, bias: Option<Tensor>) -> Result<Linear, ModelError> {
     let (out, inp) = w.shape().dims2()?;
+    if std::env::var("ADAPTERD_DEQUANTIZE").is_ok() {
+        let d = w.dequantize(&Device::Cpu)?;
+        return Ok(Linear::new(QMatMul::Tensor(d), bias, out, inp));
+    }
     Ok(Linear::new(QMatMul::from_qtensor(w)?, bias, out, inp))
 }
 
@@ -111,7 +115,9 @@ fn unpermute_rows(w: &QTensor, n_heads: usize, device: &Device) -> Result<QTenso
     let row_bytes = cols / dtype.block_size() * dtype.type_size();
     let data = w.data()?;
     if data.len() != rows * row_bytes {
-        return Err(ModelError::InvalidConfig("q/k weight has an unexpected byte size".into()));
+        return Err(ModelError::InvalidConfig(
+            "q/k weight has an unexpected byte size".into(),
+        ));
     }
     let mut out = vec![0u8; data.len()];
     for h in 0..n_heads {
@@ -124,7 +130,12 @@ fn unpermute_rows(w: &QTensor, n_heads: usize, device: &Device) -> Result<QTenso
             }
         }
     }
-    Ok(ggml_file::qtensor_from_ggml(dtype, &out, vec![rows, cols], device)?)
+    Ok(ggml_file::qtensor_from_ggml(
+        dtype,
+        &out,
+        vec![rows, cols],
+        device,
+    )?)
 }
 
 /// The safetensors files of a Hugging Face directory: those named by
@@ -146,7 +157,10 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
                 .ok_or_else(|| file_err(&index, "weight_map values must be file names"))?;
             // A shard name is a plain file name inside the model directory, nothing else.
             if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-                return Err(file_err(&index, format!("shard name `{name}` is not a plain file name")));
+                return Err(file_err(
+                    &index,
+                    format!("shard name `{name}` is not a plain file name"),
+                ));
             }
             files.insert(dir.join(name));
         }
@@ -174,7 +188,11 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Llama, ModelError> {
     // nobody truncates them while the process runs.
     let st = unsafe { MmapedSafetensors::multi(&files) }
         .map_err(|e| file_err(dir, format!("safetensors: {e}")))?;
-    let dtype = if device.is_cpu() { DType::F32 } else { DType::F16 };
+    let dtype = if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::F16
+    };
     let get = |name: &str| -> Result<Tensor, ModelError> {
         st.load(name, device)
             .and_then(|t| t.to_dtype(dtype))
@@ -220,7 +238,14 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Llama, ModelError> {
     }
     check_shapes(&cfg, &embed, &layers)?;
     let embed = embed.to_dtype(DType::F32)?;
-    Ok(Llama::new(cfg, embed, layers, norm.to_dtype(DType::F32)?, lm_head, device)?)
+    Ok(Llama::new(
+        cfg,
+        embed,
+        layers,
+        norm.to_dtype(DType::F32)?,
+        lm_head,
+        device,
+    )?)
 }
 
 /// Every matrix must have the shape the config implies; a mismatch would otherwise surface as
@@ -239,14 +264,38 @@ fn check_shapes(cfg: &ModelConfig, embed: &Tensor, layers: &[Layer]) -> Result<(
     expect("embeddings".into(), embed.dims2()?, (cfg.vocab_size, h))?;
     for (i, l) in layers.iter().enumerate() {
         let dims = |lin: &Linear| (lin.out_features(), lin.in_features());
-        expect(format!("layer {i} q_proj"), dims(&l.attn.q_proj), (cfg.num_heads * hd, h))?;
-        expect(format!("layer {i} k_proj"), dims(&l.attn.k_proj), (cfg.num_kv_heads * hd, h))?;
-        expect(format!("layer {i} v_proj"), dims(&l.attn.v_proj), (cfg.num_kv_heads * hd, h))?;
-        expect(format!("layer {i} o_proj"), dims(&l.attn.o_proj), (h, cfg.num_heads * hd))?;
+        expect(
+            format!("layer {i} q_proj"),
+            dims(&l.attn.q_proj),
+            (cfg.num_heads * hd, h),
+        )?;
+        expect(
+            format!("layer {i} k_proj"),
+            dims(&l.attn.k_proj),
+            (cfg.num_kv_heads * hd, h),
+        )?;
+        expect(
+            format!("layer {i} v_proj"),
+            dims(&l.attn.v_proj),
+            (cfg.num_kv_heads * hd, h),
+        )?;
+        expect(
+            format!("layer {i} o_proj"),
+            dims(&l.attn.o_proj),
+            (h, cfg.num_heads * hd),
+        )?;
         let ffn = cfg.intermediate_size;
-        expect(format!("layer {i} gate_proj"), dims(&l.mlp.gate_proj), (ffn, h))?;
+        expect(
+            format!("layer {i} gate_proj"),
+            dims(&l.mlp.gate_proj),
+            (ffn, h),
+        )?;
         expect(format!("layer {i} up_proj"), dims(&l.mlp.up_proj), (ffn, h))?;
-        expect(format!("layer {i} down_proj"), dims(&l.mlp.down_proj), (h, ffn))?;
+        expect(
+            format!("layer {i} down_proj"),
+            dims(&l.mlp.down_proj),
+            (h, ffn),
+        )?;
     }
     Ok(())
 }

@@ -63,7 +63,10 @@ pub enum GenEvent {
     PromptLogprobs(Vec<TokenLogprob>),
     /// One generated token; `text` is what may be shown now (held back while it could be
     /// the start of a stop string, so it can be empty or cover several tokens).
-    Token { token: TokenLogprob, text: String },
+    Token {
+        token: TokenLogprob,
+        text: String,
+    },
     /// Text held back (a possible stop-string prefix) released when the sequence ends.
     Text(String),
     Done {
@@ -245,7 +248,7 @@ impl Engine {
     fn enqueue(&mut self, sub: Submission) {
         let seq = Sequence {
             sampler: Sampler::new(sub.req.sampling.clone()),
-            decoder: IncrementalDecoder::new(self.tokenizer.clone()),
+            decoder: IncrementalDecoder::new(self.tokenizer.clone(), true),
             stop: StopMatcher::new(sub.req.stop.clone()),
             cache: SeqCache::new(self.model.cfg.num_layers),
             fed: 0,
@@ -304,7 +307,9 @@ impl Engine {
                     });
                 }
             }
-            self.model.forward(&mut batch).and_then(|t| t.to_vec2::<f32>())
+            self.model
+                .forward(&mut batch)
+                .and_then(|t| t.to_vec2::<f32>())
         };
         let logits = match logits {
             Ok(l) => l,
@@ -342,7 +347,8 @@ impl Engine {
                         let target = start + r + 1;
                         if target < s.req.prompt.len() {
                             let id = s.req.prompt[target];
-                            s.prompt_logprobs.push(score(l, id, s.req.sampling.top_logprobs));
+                            s.prompt_logprobs
+                                .push(score(l, id, s.req.sampling.top_logprobs));
                         }
                     }
                 }
@@ -416,7 +422,16 @@ fn emit_token(s: &mut Sequence, logits: &[f32], tokenizer: &Tokenizer) -> Option
 
 fn finish(s: &mut Sequence, reason: FinishReason) {
     if reason != FinishReason::Stop {
-        let rest = s.stop.flush();
+        // An incomplete UTF-8 tail still in the decoder goes through the stop matcher first.
+        let tail = s.decoder.finish().unwrap_or_default();
+        let mut rest = if tail.is_empty() {
+            String::new()
+        } else {
+            s.stop.push(&tail).emit
+        };
+        if !s.stop.is_stopped() {
+            rest.push_str(&s.stop.flush());
+        }
         if !rest.is_empty() {
             let _ = s.events.send(GenEvent::Text(rest));
         }
@@ -434,16 +449,22 @@ fn finish(s: &mut Sequence, reason: FinishReason) {
 fn score(logits: &[f32], id: u32, top_n: usize) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = max + logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
-    let logprob = logits.get(id as usize).map_or(f32::NEG_INFINITY, |&v| v - lse);
+    let logprob = logits
+        .get(id as usize)
+        .map_or(f32::NEG_INFINITY, |&v| v - lse);
     let mut top = Vec::new();
     if top_n > 0 {
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         let n = top_n.min(idx.len());
-        idx.select_nth_unstable_by(n - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        idx.select_nth_unstable_by(n - 1, |&a, &b| {
+            logits[b as usize].total_cmp(&logits[a as usize])
+        });
         idx.truncate(n);
         idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-        top = idx.into_iter().map(|t| (t, logits[t as usize] - lse)).collect();
+        top = idx
+            .into_iter()
+            .map(|t| (t, logits[t as usize] - lse))
+            .collect();
     }
     TokenLogprob { id, logprob, top }
 }
-

@@ -80,7 +80,10 @@ impl<S: Schedulable> State<S> {
         }
         // With a budget smaller than the decode count, prefills would starve forever; the
         // oldest prefill always gets at least one token.
-        if plan.iter().all(|&(i, _)| self.running[i].prompt_remaining() == 0) {
+        if plan
+            .iter()
+            .all(|&(i, _)| self.running[i].prompt_remaining() == 0)
+        {
             if let Some(i) = self.running.iter().position(|s| s.prompt_remaining() > 0) {
                 plan.push((i, 1));
                 plan.sort_unstable();
@@ -113,7 +116,10 @@ mod tests {
         let mut s = state(2, 64);
         s.waiting.extend([Fake(3), Fake(4), Fake(5)]);
         assert_eq!(s.admit(), 2);
-        assert_eq!(s.running.iter().map(|f| f.0).collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!(
+            s.running.iter().map(|f| f.0).collect::<Vec<_>>(),
+            vec![3, 4]
+        );
         assert_eq!(s.waiting.len(), 1);
     }
 
