@@ -39,6 +39,9 @@ pub struct GenerateBody {
     #[serde(default)]
     logprobs: bool,
     top_logprobs: Option<i64>,
+    /// Generate exactly max_new_tokens, ignoring end-of-sequence (for benchmarks).
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 #[derive(Serialize)]
@@ -118,6 +121,7 @@ async fn generate(
         sampling,
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: false,
+        ignore_eos: body.ignore_eos,
     };
     let with_top = top_logprobs.is_some_and(|n| n > 0);
     let rx = generation::submit(&state, req)?;

@@ -196,6 +196,7 @@ async fn completions(
         sampling,
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: body.echo && logprobs.is_some(),
+        ignore_eos: false,
     };
     let rx = generation::submit(&state, req)?;
     let id = generation::request_id("cmpl-");
@@ -318,6 +319,7 @@ async fn chat_completions(
         sampling,
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: false,
+        ignore_eos: false,
     };
     let rx = generation::submit(&state, req)?;
     let id = generation::request_id("chatcmpl-");

@@ -27,6 +27,8 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Also report the log-probability of every prompt token after the first (scoring).
     pub prompt_logprobs: bool,
+    /// Keep generating past end-of-sequence tokens (benchmarks: fixed output lengths).
+    pub ignore_eos: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -397,7 +399,7 @@ fn emit_token(s: &mut Sequence, logits: &[f32], tokenizer: &Tokenizer) -> Option
         top: sampled.top,
     };
     s.generated.push(sampled.token);
-    if tokenizer.eos_token_ids().contains(&sampled.token) {
+    if !s.req.ignore_eos && tokenizer.eos_token_ids().contains(&sampled.token) {
         let _ = s.events.send(GenEvent::Token {
             token,
             text: String::new(),
