@@ -55,6 +55,7 @@ struct CompletionBody {
     #[serde(rename = "user")]
     _user: Option<String>,
     top_k: Option<i64>,
+    logit_bias: Option<serde_json::Map<String, Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +89,44 @@ struct ChatBody {
     #[serde(rename = "user")]
     _user: Option<String>,
     top_k: Option<i64>,
+    logit_bias: Option<serde_json::Map<String, Value>>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    response_format: Option<Value>,
+}
+
+/// Refuses chat features this server does not implement, naming the field, rather than
+/// answering as if they had been honoured.
+fn refuse_unsupported_chat(body: &ChatBody) -> Result<(), ApiError> {
+    if body.tools.as_ref().is_some_and(|t| !t.is_null())
+        || body.functions.as_ref().is_some_and(|t| !t.is_null())
+        || body
+            .tool_choice
+            .as_ref()
+            .is_some_and(|t| !t.is_null() && t != "none")
+    {
+        return Err(ApiError::invalid_field(
+            "`tools`/`functions`: tool calling is not supported",
+        ));
+    }
+    let text_format = body
+        .response_format
+        .as_ref()
+        .is_none_or(|f| f.is_null() || f.get("type").and_then(Value::as_str) == Some("text"));
+    if !text_format {
+        return Err(ApiError::invalid_field(
+            "`response_format`: only {\"type\": \"text\"} is supported",
+        ));
+    }
+    refuse_logit_bias(&body.logit_bias)
+}
+
+fn refuse_logit_bias(bias: &Option<serde_json::Map<String, Value>>) -> Result<(), ApiError> {
+    if bias.as_ref().is_some_and(|b| !b.is_empty()) {
+        return Err(ApiError::invalid_field("`logit_bias` is not supported"));
+    }
+    Ok(())
 }
 
 /// Options this server does not implement are refused by name rather than silently ignored.
@@ -144,6 +183,7 @@ async fn completions(
     if body.best_of.is_some_and(|b| b != 1) {
         return Err(ApiError::invalid_field("`best_of`: only 1 is supported"));
     }
+    refuse_logit_bias(&body.logit_bias)?;
     if body.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_field("`suffix` is not supported"));
     }
@@ -257,25 +297,49 @@ async fn completions(
     .into_response())
 }
 
-/// The legacy completions `logprobs` object: parallel arrays plus character offsets.
-fn completion_logprobs(tok: &Tokenizer, entries: &[(u32, Option<f32>, Vec<(u32, f32)>)]) -> Value {
+/// One entry of the legacy completions logprobs: token id, its logprob (None for the first
+/// prompt token, which has no context) and the top alternatives.
+type LegacyEntry = (u32, Option<f32>, Vec<(u32, f32)>);
+
+/// A token as the legacy completions format shows it: its text, or `bytes:\xNN…` when the
+/// token is only part of a UTF-8 character (as OpenAI does).
+fn legacy_token(tok: &Tokenizer, id: u32) -> String {
+    let bytes = tok.token_bytes(id);
+    match String::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            let hex: String = e.as_bytes().iter().map(|b| format!("\\x{b:02x}")).collect();
+            format!("bytes:{hex}")
+        }
+    }
+}
+
+/// The legacy completions `logprobs` object: parallel arrays plus character offsets into the
+/// returned text.
+fn completion_logprobs(tok: &Tokenizer, entries: &[LegacyEntry]) -> Value {
     let mut tokens = Vec::new();
     let mut token_logprobs = Vec::new();
     let mut top_logprobs = Vec::new();
     let mut offsets = Vec::new();
-    let mut offset = 0usize;
+    let mut text_bytes: Vec<u8> = Vec::new();
     for (id, lp, top) in entries {
-        let text = tok.token_text(*id);
-        offsets.push(offset);
-        offset += text.chars().count();
-        tokens.push(text);
+        // Offset in characters of the complete characters before this token.
+        let valid = match std::str::from_utf8(&text_bytes) {
+            Ok(s) => s.chars().count(),
+            Err(e) => String::from_utf8_lossy(&text_bytes[..e.valid_up_to()])
+                .chars()
+                .count(),
+        };
+        offsets.push(valid);
+        text_bytes.extend(tok.token_bytes(*id));
+        tokens.push(legacy_token(tok, *id));
         token_logprobs.push(*lp);
         if lp.is_none() {
             top_logprobs.push(Value::Null);
         } else {
             let map: serde_json::Map<String, Value> = top
                 .iter()
-                .map(|(t, l)| (tok.token_text(*t), json!(l)))
+                .map(|(t, l)| (legacy_token(tok, *t), json!(l)))
                 .collect();
             top_logprobs.push(Value::Object(map));
         }
@@ -289,6 +353,7 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     check_model(&state, &body.model)?;
     refuse_unsupported(body.n, body.presence_penalty, body.frequency_penalty)?;
+    refuse_unsupported_chat(&body)?;
     let prompt = chat_prompt(&state, body.messages, "messages")?;
     if !body.logprobs && body.top_logprobs.is_some_and(|n| n > 0) {
         return Err(ApiError::invalid_field(
@@ -362,9 +427,8 @@ async fn chat_completions(
 
 fn chat_logprob(tok: &Tokenizer, t: &TokenLogprob) -> Value {
     let entry = |id: u32, lp: f32| {
-        let text = tok.token_text(id);
-        let bytes: Vec<u8> = text.as_bytes().to_vec();
-        json!({"token": text, "logprob": lp, "bytes": bytes})
+        let bytes = tok.token_bytes(id);
+        json!({"token": String::from_utf8_lossy(&bytes), "logprob": lp, "bytes": bytes})
     };
     let mut v = entry(t.id, t.logprob);
     v["top_logprobs"] = Value::Array(t.top.iter().map(|&(id, lp)| entry(id, lp)).collect());

@@ -160,3 +160,59 @@ async fn models_lists_the_base_model_and_an_unknown_model_is_404() {
     assert_eq!(code, "model_not_found");
     assert!(msg.contains("gpt-4"));
 }
+
+#[tokio::test]
+async fn a_single_model_can_be_retrieved_by_id() {
+    let app = spawn_app().await;
+    let v: Value = app.get("/v1/models/tiny").await.json().await.unwrap();
+    assert_eq!(v["id"], "tiny");
+    assert_eq!(v["object"], "model");
+    let (code, _) = error_code(app.get("/v1/models/other").await, 404).await;
+    assert_eq!(code, "model_not_found");
+}
+
+#[tokio::test]
+async fn tokens_that_split_a_character_report_their_raw_bytes() {
+    let app = spawn_app().await;
+    // The tiny byte-level vocabulary has no merges for "é" (0xC3 0xA9): two byte tokens.
+    let body = json!({"model": "tiny", "prompt": "é", "max_tokens": 0, "echo": true, "logprobs": 0});
+    let v: Value = app.post("/v1/completions", &body).await.json().await.unwrap();
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"], json!(["bytes:\\xc3", "bytes:\\xa9"]));
+    assert_eq!(lp["text_offset"], json!([0, 0]));
+    assert_eq!(v["choices"][0]["text"], "é");
+}
+
+#[tokio::test]
+async fn chat_logprob_bytes_join_back_into_the_text() {
+    let app = spawn_app().await;
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
+        "temperature": 0, "logprobs": true});
+    let v: Value = app.post("/v1/chat/completions", &body).await.json().await.unwrap();
+    let bytes: Vec<u8> = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8))
+        .collect();
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    // Special tokens (EOS) are not part of the content; everything else is, byte for byte.
+    assert!(String::from_utf8_lossy(&bytes).starts_with(content), "{bytes:?} vs {content:?}");
+}
+
+#[tokio::test]
+async fn features_we_do_not_implement_are_refused_by_name() {
+    let app = spawn_app().await;
+    let msgs = json!([{"role": "user", "content": "x"}]);
+    for (field, value) in [
+        ("tools", json!([{"type": "function", "function": {"name": "f"}}])),
+        ("response_format", json!({"type": "json_object"})),
+        ("logit_bias", json!({"5": 10})),
+        ("n", json!(2)),
+    ] {
+        let mut body = json!({"model": "tiny", "messages": msgs});
+        body[field] = value;
+        let (_, msg) = error_code(app.post("/v1/chat/completions", &body).await, 422).await;
+        assert!(msg.contains(field), "{field}: {msg}");
+    }
+}

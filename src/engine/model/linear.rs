@@ -2,12 +2,25 @@
 //! dense tensor. This is the one place the forward multiplies by base weights, so it is where
 //! per-row LoRA deltas attach.
 
+use std::sync::Arc;
+
 use candle_core::quantized::QMatMul;
 use candle_core::{Module, Result, Tensor};
 
+use super::qmatmul::QWeight;
+
+/// How the frozen weight is stored and multiplied.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// Q4_0/Q4_1/Q8_0 blocks through our f32-activation kernel.
+    Blocks(Arc<QWeight>),
+    /// Anything else: candle's quantized matmul, or a dense tensor (`QMatMul::Tensor`).
+    Candle(QMatMul),
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
     in_features: usize,
     out_features: usize,
@@ -16,7 +29,7 @@ pub struct Linear {
 impl Linear {
     /// `weight` is [out, in] (quantized or dense f32); `bias` is [out].
     pub fn new(
-        weight: QMatMul,
+        weight: Weight,
         bias: Option<Tensor>,
         out_features: usize,
         in_features: usize,
@@ -39,7 +52,10 @@ impl Linear {
 
     /// `xs`: [rows, in] -> [rows, out].
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = self.weight.forward(xs)?;
+        let ys = match &self.weight {
+            Weight::Blocks(w) => w.forward(&xs.contiguous()?)?,
+            Weight::Candle(w) => w.forward(xs)?,
+        };
         match &self.bias {
             Some(b) => ys.broadcast_add(b),
             None => Ok(ys),

@@ -5,14 +5,16 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::{ggml_file, gguf_file, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{Arch, ModelConfig};
-use super::linear::Linear;
+use super::linear::{Linear, Weight};
 use super::llama::{Attention, Layer, Llama, Mlp};
+use super::qmatmul::QWeight;
 use super::ModelError;
 
 fn file_err(path: &Path, message: impl std::fmt::Display) -> ModelError {
@@ -93,11 +95,18 @@ pub fn load_gguf(
 
 fn qlinear(w: QTensor, bias: Option<Tensor>) -> Result<Linear, ModelError> {
     let (out, inp) = w.shape().dims2()?;
-    if std::env::var("ADAPTERD_DEQUANTIZE").is_ok() {
-        let d = w.dequantize(&Device::Cpu)?;
-        return Ok(Linear::new(QMatMul::Tensor(d), bias, out, inp));
+    // The block kernel is CPU code; on a GPU candle's own quantized matmul runs instead.
+    if w.device().is_cpu() {
+        if let Some(k) = QWeight::from_qtensor(&w)? {
+            return Ok(Linear::new(Weight::Blocks(Arc::new(k)), bias, out, inp));
+        }
     }
-    Ok(Linear::new(QMatMul::from_qtensor(w)?, bias, out, inp))
+    Ok(Linear::new(
+        Weight::Candle(QMatMul::from_qtensor(w)?),
+        bias,
+        out,
+        inp,
+    ))
 }
 
 /// Undoes the GGUF converter's q/k permutation: within each head, row `2i + j` of the file is
@@ -106,7 +115,10 @@ fn qlinear(w: QTensor, bias: Option<Tensor>) -> Result<Linear, ModelError> {
 fn unpermute_rows(w: &QTensor, n_heads: usize, device: &Device) -> Result<QTensor, ModelError> {
     let (rows, cols) = w.shape().dims2()?;
     let dtype = w.dtype();
-    if rows % n_heads != 0 || (rows / n_heads) % 2 != 0 || cols % dtype.block_size() != 0 {
+    if !rows.is_multiple_of(n_heads)
+        || !(rows / n_heads).is_multiple_of(2)
+        || !cols.is_multiple_of(dtype.block_size())
+    {
         return Err(ModelError::InvalidConfig(format!(
             "q/k weight [{rows}, {cols}] does not split into {n_heads} heads"
         )));
@@ -200,7 +212,7 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Llama, ModelError> {
     };
     let dense = |w: Tensor, b: Option<Tensor>| -> Result<Linear, ModelError> {
         let (out, inp) = w.dims2()?;
-        Ok(Linear::new(QMatMul::Tensor(w), b, out, inp))
+        Ok(Linear::new(Weight::Candle(QMatMul::Tensor(w)), b, out, inp))
     };
     let embed = get("model.embed_tokens.weight")?;
     let norm = get("model.norm.weight")?;

@@ -6,6 +6,7 @@ pub mod config;
 pub mod linear;
 pub mod llama;
 pub mod load;
+pub mod qmatmul;
 
 pub use cache::SeqCache;
 pub use config::{Arch, ModelConfig};

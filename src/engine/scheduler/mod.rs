@@ -373,7 +373,7 @@ impl Engine {
                 finished.push((*i, reason));
             }
         }
-        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
             let mut s = self.state.running.swap_remove(i);
             finish(&mut s, reason);

@@ -248,28 +248,32 @@ impl Tokenizer {
     /// One token's text as a client should see it (logprobs, streamed tokens): bytes decoded,
     /// an incomplete UTF-8 sequence shown as U+FFFD. Unknown ids give an empty string.
     pub fn token_text(&self, id: u32) -> String {
+        String::from_utf8_lossy(&self.token_bytes(id)).into_owned()
+    }
+
+    /// The raw bytes one token stands for. A token holding part of a multi-byte character has
+    /// no text of its own; its bytes are what OpenAI's `bytes` field and byte-exact clients need.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
         let Some(piece) = self.inner.id_to_token(id) else {
-            return String::new();
+            return Vec::new();
         };
         if self.is_added(id) {
-            return piece;
+            return piece.into_bytes();
         }
         match self.text_mode {
-            TokenTextMode::ByteLevel => {
-                let bytes: Vec<u8> = piece
-                    .chars()
-                    .map(|c| byte_level_byte(c).unwrap_or(b'?'))
-                    .collect();
-                String::from_utf8_lossy(&bytes).into_owned()
-            }
-            TokenTextMode::Metaspace => {
-                if let Some(b) = sp_byte(&piece) {
-                    String::from_utf8_lossy(&[b]).into_owned()
-                } else {
-                    piece.replace('\u{2581}', " ")
-                }
-            }
-            TokenTextMode::Decoder => self.inner.decode(&[id], false).unwrap_or_default(),
+            TokenTextMode::ByteLevel => piece
+                .chars()
+                .map(|c| byte_level_byte(c).unwrap_or(b'?'))
+                .collect(),
+            TokenTextMode::Metaspace => match sp_byte(&piece) {
+                Some(b) => vec![b],
+                None => piece.replace('\u{2581}', " ").into_bytes(),
+            },
+            TokenTextMode::Decoder => self
+                .inner
+                .decode(&[id], false)
+                .unwrap_or_default()
+                .into_bytes(),
         }
     }
 
