@@ -175,8 +175,14 @@ async fn a_single_model_can_be_retrieved_by_id() {
 async fn tokens_that_split_a_character_report_their_raw_bytes() {
     let app = spawn_app().await;
     // The tiny byte-level vocabulary has no merges for "é" (0xC3 0xA9): two byte tokens.
-    let body = json!({"model": "tiny", "prompt": "é", "max_tokens": 0, "echo": true, "logprobs": 0});
-    let v: Value = app.post("/v1/completions", &body).await.json().await.unwrap();
+    let body =
+        json!({"model": "tiny", "prompt": "é", "max_tokens": 0, "echo": true, "logprobs": 0});
+    let v: Value = app
+        .post("/v1/completions", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
     let lp = &v["choices"][0]["logprobs"];
     assert_eq!(lp["tokens"], json!(["bytes:\\xc3", "bytes:\\xa9"]));
     assert_eq!(lp["text_offset"], json!([0, 0]));
@@ -188,16 +194,30 @@ async fn chat_logprob_bytes_join_back_into_the_text() {
     let app = spawn_app().await;
     let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
         "temperature": 0, "logprobs": true});
-    let v: Value = app.post("/v1/chat/completions", &body).await.json().await.unwrap();
+    let v: Value = app
+        .post("/v1/chat/completions", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
     let bytes: Vec<u8> = v["choices"][0]["logprobs"]["content"]
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|t| t["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8))
+        .flat_map(|t| {
+            t["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+        })
         .collect();
     let content = v["choices"][0]["message"]["content"].as_str().unwrap();
     // Special tokens (EOS) are not part of the content; everything else is, byte for byte.
-    assert!(String::from_utf8_lossy(&bytes).starts_with(content), "{bytes:?} vs {content:?}");
+    assert!(
+        String::from_utf8_lossy(&bytes).starts_with(content),
+        "{bytes:?} vs {content:?}"
+    );
 }
 
 #[tokio::test]
@@ -205,7 +225,10 @@ async fn features_we_do_not_implement_are_refused_by_name() {
     let app = spawn_app().await;
     let msgs = json!([{"role": "user", "content": "x"}]);
     for (field, value) in [
-        ("tools", json!([{"type": "function", "function": {"name": "f"}}])),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
         ("response_format", json!({"type": "json_object"})),
         ("logit_bias", json!({"5": 10})),
         ("n", json!(2)),

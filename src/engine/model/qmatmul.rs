@@ -163,7 +163,9 @@ fn use_avx2() -> bool {
     *AVX2.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -176,7 +178,7 @@ fn use_avx2() -> bool {
 fn dot_rows(format: BlockFormat, w: &[u8], x: &[f32], cols: usize, dst: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: AVX2 and FMA were detected at run time.
+        // SAFETY: AVX2, FMA and F16C were detected at run time.
         unsafe { avx2::dot_rows(format, w, x, cols, dst) };
         return;
     }
@@ -231,8 +233,16 @@ fn scalar_dot_rows(format: BlockFormat, w: &[u8], x: &[f32], cols: usize, dst: &
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{f16_at, BlockFormat, QK};
+    use super::{BlockFormat, QK};
     use std::arch::x86_64::*;
+
+    /// f16 scale at byte `i` of a block, converted inline with F16C: a call into a generic
+    /// conversion routine here would force every accumulator register to be spilled.
+    #[inline(always)]
+    unsafe fn f16_at(b: &[u8], i: usize) -> f32 {
+        let bits = u16::from_le_bytes([*b.get_unchecked(i), *b.get_unchecked(i + 1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
 
     /// Unpacks one block into four vectors of 8 floats (values 0-7, 8-15, 16-23, 24-31).
     #[inline(always)]
@@ -311,7 +321,7 @@ mod avx2 {
         out
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_rows(
         format: BlockFormat,
         w: &[u8],
