@@ -51,3 +51,4 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, ModelErro
         })
     }
 }
+pub mod lora;

@@ -1,0 +1,1 @@
+//! PEFT adapter parsing and validation (being written).
