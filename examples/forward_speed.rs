@@ -26,6 +26,7 @@ fn main() -> anyhow::Result<()> {
         tokens: &prompt,
         cache: &mut cache,
         all_logits: false,
+        adapter: None,
     }])?;
     println!(
         "prefill 128 tokens: {:.1} tok/s",
@@ -39,6 +40,7 @@ fn main() -> anyhow::Result<()> {
                 tokens: &prompt[..16],
                 cache: c,
                 all_logits: false,
+                adapter: None,
             }])?;
         }
         let steps = 32;
@@ -51,6 +53,7 @@ fn main() -> anyhow::Result<()> {
                     tokens: &tok,
                     cache: c,
                     all_logits: false,
+                    adapter: None,
                 })
                 .collect();
             model.forward(&mut inputs)?;

@@ -171,6 +171,7 @@ fn logits(model: &Llama, tokens: &[u32]) -> Vec<f32> {
                 tokens: chunk,
                 cache: &mut cache,
                 all_logits: true,
+                adapter: None,
             }])
             .unwrap();
         out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
@@ -247,4 +248,142 @@ fn an_unsupported_architecture_is_refused_by_name() {
         err.contains("GPT2LMHeadModel") || err.contains("gpt2lmheadmodel"),
         "{err}"
     );
+}
+
+mod lora {
+    //! LoRA applied at request time equals the merged weights W + scale·B·A, and rows with
+    //! different adapters (or none) in one batch each get exactly their own delta.
+
+    use super::*;
+    use adapterd::engine::lora::{LayerLora, LoraAdapter, LoraPair, Module};
+    use std::sync::Arc;
+
+    fn rand_t(rng: &mut rand::rngs::StdRng, shape: &[usize], scale: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// An adapter on layer 1's q_proj and down_proj only, rank 4.
+    fn adapter(seed: u64) -> LoraAdapter {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let r = 4;
+        let mut layers = vec![LayerLora::default(), LayerLora::default()];
+        layers[1].modules[Module::Q.index()] = Some(LoraPair {
+            a: rand_t(&mut rng, &[r, H], 0.3),
+            b: rand_t(&mut rng, &[NH * HD, r], 0.3),
+            scale: 2.0,
+        });
+        layers[1].modules[Module::Down.index()] = Some(LoraPair {
+            a: rand_t(&mut rng, &[r, FFN], 0.3),
+            b: rand_t(&mut rng, &[H, r], 0.3),
+            scale: 2.0,
+        });
+        LoraAdapter {
+            layers,
+            rank: r,
+            alpha: 8.0,
+            use_rslora: false,
+            target_modules: vec!["down_proj".into(), "q_proj".into()],
+            size_bytes: 0,
+        }
+    }
+
+    fn merged(w: &HashMap<String, Tensor>, a: &LoraAdapter) -> HashMap<String, Tensor> {
+        let mut m = w.clone();
+        for (li, layer) in a.layers.iter().enumerate() {
+            for module in Module::ALL {
+                if let Some(p) = layer.get(module) {
+                    let key = format!(
+                        "model.layers.{li}.{}.{}.weight",
+                        module.hf_parent(),
+                        module.hf_name()
+                    );
+                    let delta = (p.b.matmul(&p.a).unwrap() * p.scale).unwrap();
+                    let merged = (&m[&key] + delta).unwrap();
+                    m.insert(key, merged);
+                }
+            }
+        }
+        m
+    }
+
+    fn last_logits(model: &Llama, tokens: &[u32], adapter: Option<Arc<LoraAdapter>>) -> Vec<f32> {
+        let mut cache = SeqCache::new(model.cfg.num_layers);
+        model
+            .forward(&mut [SeqInput {
+                tokens,
+                cache: &mut cache,
+                all_logits: false,
+                adapter,
+            }])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn an_adapter_applied_per_request_equals_the_merged_model() {
+        let w = random_weights(11);
+        let a = adapter(5);
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        write_pair(&w, GgmlDType::F32, d1.path());
+        write_pair(&merged(&w, &a), GgmlDType::F32, d2.path());
+        let base = load_hf_dir(d1.path(), &Device::Cpu).unwrap();
+        let merged = load_hf_dir(d2.path(), &Device::Cpu).unwrap();
+        let with = last_logits(&base, &TOKENS, Some(Arc::new(a)));
+        let want = last_logits(&merged, &TOKENS, None);
+        let without = last_logits(&base, &TOKENS, None);
+        assert!(
+            max_diff(&with, &want) < 1e-3,
+            "adapter vs merged: {}",
+            max_diff(&with, &want)
+        );
+        assert!(
+            max_diff(&with, &without) > 1e-2,
+            "the adapter must change the output"
+        );
+    }
+
+    #[test]
+    fn rows_with_different_adapters_in_one_batch_each_get_their_own_delta() {
+        let w = random_weights(11);
+        let d = tempfile::tempdir().unwrap();
+        write_pair(&w, GgmlDType::Q8_0, d.path());
+        let gguf = d.path().join("tiny.gguf");
+        let (ct, mut f) = read_gguf_header(&gguf).unwrap();
+        let model = load_gguf(&gguf, &ct, &mut f, &Device::Cpu).unwrap();
+        let (a1, a2) = (Arc::new(adapter(5)), Arc::new(adapter(6)));
+        let prompts: [&[u32]; 4] = [&TOKENS[..4], &TOKENS[2..9], &TOKENS[..6], &TOKENS[5..]];
+        let adapters = [Some(a1.clone()), None, Some(a2.clone()), Some(a1.clone())];
+        let alone: Vec<Vec<f32>> = prompts
+            .iter()
+            .zip(&adapters)
+            .map(|(p, a)| last_logits(&model, p, a.clone()))
+            .collect();
+        let mut caches: Vec<SeqCache> = (0..4).map(|_| SeqCache::new(LAYERS)).collect();
+        let mut batch: Vec<SeqInput> = caches
+            .iter_mut()
+            .zip(prompts.iter().zip(&adapters))
+            .map(|(cache, (p, a))| SeqInput {
+                tokens: p,
+                cache,
+                all_logits: false,
+                adapter: a.clone(),
+            })
+            .collect();
+        let together = model.forward(&mut batch).unwrap().to_vec2::<f32>().unwrap();
+        for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
+            assert!(max_diff(t, a) < 1e-3, "row {i}: {}", max_diff(t, a));
+        }
+    }
 }

@@ -52,6 +52,7 @@ fn greedy(model: &Llama, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
                 tokens: &input,
                 cache: &mut cache,
                 all_logits: false,
+                adapter: None,
             }])
             .unwrap()
             .to_vec2::<f32>()

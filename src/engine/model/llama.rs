@@ -4,11 +4,14 @@
 //! Weights use the Hugging Face row layout and half-rotated RoPE (GGUF q/k rows are
 //! un-permuted at load), so PEFT adapters apply to q/k as published.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::cache::SeqCache;
 use super::config::ModelConfig;
 use super::linear::Linear;
+use crate::engine::lora::{LoraAdapter, Module};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -53,6 +56,62 @@ pub struct SeqInput<'a> {
     pub cache: &'a mut SeqCache,
     /// Logits for every new token (prompt scoring) instead of only the last one.
     pub all_logits: bool,
+    /// The LoRA adapter this sequence runs with, if any.
+    pub adapter: Option<Arc<LoraAdapter>>,
+}
+
+/// The rows of one step that share an adapter (S-LoRA/Punica style: the base matmul runs once
+/// for all rows, then each group adds its own low-rank delta).
+struct AdapterGroup {
+    adapter: Arc<LoraAdapter>,
+    rows: Tensor,
+}
+
+/// Groups the rows of `batch` by adapter (pointer identity: one resident copy per version).
+fn adapter_groups(batch: &[SeqInput<'_>], device: &Device) -> Result<Vec<AdapterGroup>> {
+    let mut groups: Vec<(Arc<LoraAdapter>, Vec<u32>)> = Vec::new();
+    let mut offset = 0u32;
+    for s in batch {
+        let n = s.tokens.len() as u32;
+        if let Some(a) = &s.adapter {
+            match groups.iter_mut().find(|(g, _)| Arc::ptr_eq(g, a)) {
+                Some((_, rows)) => rows.extend(offset..offset + n),
+                None => groups.push((a.clone(), (offset..offset + n).collect())),
+            }
+        }
+        offset += n;
+    }
+    groups
+        .into_iter()
+        .map(|(adapter, rows)| {
+            let n = rows.len();
+            Ok(AdapterGroup {
+                adapter,
+                rows: Tensor::from_vec(rows, n, device)?,
+            })
+        })
+        .collect()
+}
+
+/// `base(xs)` plus, for every adapter group that adapts this projection, scale·B(A·x) on the
+/// group's rows.
+fn project(
+    lin: &Linear,
+    xs: &Tensor,
+    layer: usize,
+    module: Module,
+    groups: &[AdapterGroup],
+) -> Result<Tensor> {
+    let mut ys = lin.forward(xs)?;
+    for g in groups {
+        let Some(pair) = g.adapter.layers.get(layer).and_then(|l| l.get(module)) else {
+            continue;
+        };
+        let x = xs.index_select(&g.rows, 0)?;
+        let delta = (x.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * pair.scale)?;
+        ys = ys.index_add(&g.rows, &delta, 0)?;
+    }
+    Ok(ys)
 }
 
 impl Llama {
@@ -112,19 +171,18 @@ impl Llama {
         let cos = self.cos.index_select(&pos, 0)?.reshape((total, 1, half))?;
         let sin = self.sin.index_select(&pos, 0)?.reshape((total, 1, half))?;
 
+        let groups = adapter_groups(batch, &self.device)?;
         let mut xs = self.embed.index_select(&ids, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &xs;
             let h = candle_nn::ops::rms_norm(&xs, &layer.input_norm, cfg.rms_norm_eps as f32)?;
-            let h = self.attention(li, &layer.attn, &h, &cos, &sin, batch)?;
+            let h = self.attention(li, &layer.attn, &h, &cos, &sin, batch, &groups)?;
             let xs2 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&xs2, &layer.post_attn_norm, cfg.rms_norm_eps as f32)?;
-            let gate = layer.mlp.gate_proj.forward(&h)?;
-            let up = layer.mlp.up_proj.forward(&h)?;
-            let h = layer
-                .mlp
-                .down_proj
-                .forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            let gate = project(&layer.mlp.gate_proj, &h, li, Module::Gate, &groups)?;
+            let up = project(&layer.mlp.up_proj, &h, li, Module::Up, &groups)?;
+            let act = (candle_nn::ops::silu(&gate)? * up)?;
+            let h = project(&layer.mlp.down_proj, &act, li, Module::Down, &groups)?;
             xs = (xs2 + h)?;
         }
         for s in batch.iter_mut() {
@@ -150,6 +208,7 @@ impl Llama {
         self.lm_head.forward(&xs)?.to_dtype(DType::F32)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer_idx: usize,
@@ -158,14 +217,18 @@ impl Llama {
         cos: &Tensor,
         sin: &Tensor,
         batch: &mut [SeqInput<'_>],
+        groups: &[AdapterGroup],
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (rows, _) = xs.dims2()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let group = nh / nkv;
-        let q = attn.q_proj.forward(xs)?.reshape((rows, nh, 1, hd))?;
-        let k = attn.k_proj.forward(xs)?.reshape((rows, nkv, 1, hd))?;
-        let v = attn.v_proj.forward(xs)?.reshape((rows, nkv, hd))?;
+        let q =
+            project(&attn.q_proj, xs, layer_idx, Module::Q, groups)?.reshape((rows, nh, 1, hd))?;
+        let k =
+            project(&attn.k_proj, xs, layer_idx, Module::K, groups)?.reshape((rows, nkv, 1, hd))?;
+        let v =
+            project(&attn.v_proj, xs, layer_idx, Module::V, groups)?.reshape((rows, nkv, hd))?;
         let q = candle_nn::rotary_emb::rope(&q.contiguous()?, cos, sin)?.reshape((rows, nh, hd))?;
         let k =
             candle_nn::rotary_emb::rope(&k.contiguous()?, cos, sin)?.reshape((rows, nkv, hd))?;
@@ -212,7 +275,7 @@ impl Llama {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        attn.o_proj.forward(&o)
+        project(&attn.o_proj, &o, layer_idx, Module::O, groups)
     }
 }
 

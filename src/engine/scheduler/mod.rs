@@ -306,6 +306,7 @@ impl Engine {
                         tokens: toks,
                         cache,
                         all_logits: *all,
+                        adapter: None,
                     });
                 }
             }
