@@ -122,6 +122,7 @@ async fn generate(
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: false,
         ignore_eos: body.ignore_eos,
+        adapter: None,
     };
     let with_top = top_logprobs.is_some_and(|n| n > 0);
     let rx = generation::submit(&state, req)?;

@@ -237,6 +237,7 @@ async fn completions(
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: body.echo && logprobs.is_some(),
         ignore_eos: false,
+        adapter: None,
     };
     let rx = generation::submit(&state, req)?;
     let id = generation::request_id("cmpl-");
@@ -385,6 +386,7 @@ async fn chat_completions(
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: false,
         ignore_eos: false,
+        adapter: None,
     };
     let rx = generation::submit(&state, req)?;
     let id = generation::request_id("chatcmpl-");

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc as tokio_mpsc;
 
+use crate::engine::lora::LoraAdapter;
 use crate::engine::model::{Llama, SeqCache, SeqInput};
 use crate::engine::sampling::{Sampler, SamplingParams};
 use crate::engine::stop::StopMatcher;
@@ -29,6 +30,9 @@ pub struct GenerateRequest {
     pub prompt_logprobs: bool,
     /// Keep generating past end-of-sequence tokens (benchmarks: fixed output lengths).
     pub ignore_eos: bool,
+    /// The adapter version this request was pinned to when it was accepted; a later upload
+    /// of the same name does not change it.
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -292,21 +296,17 @@ impl Engine {
             }
         }
         let logits = {
-            let planned: Vec<usize> = inputs.iter().map(|(i, _, _)| *i).collect();
-            let mut caches: Vec<Option<&mut SeqCache>> = self
-                .state
-                .running
-                .iter_mut()
-                .map(|s| Some(&mut s.cache))
-                .collect();
+            // Each planned sequence lends its cache (mutably) and adapter to the step.
+            let mut slots: Vec<Option<&mut Sequence>> =
+                self.state.running.iter_mut().map(Some).collect();
             let mut batch = Vec::with_capacity(inputs.len());
-            for ((i, toks, all), _) in inputs.iter().zip(&planned) {
-                if let Some(cache) = caches[*i].take() {
+            for (i, toks, all) in &inputs {
+                if let Some(s) = slots[*i].take() {
                     batch.push(SeqInput {
                         tokens: toks,
-                        cache,
+                        cache: &mut s.cache,
                         all_logits: *all,
-                        adapter: None,
+                        adapter: s.req.adapter.clone(),
                     });
                 }
             }
