@@ -383,10 +383,10 @@ fn row(label: &str, r: &Value) -> String {
 
 fn read_json(path: &str) -> Result<Value> {
     let s = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    Ok(serde_json::from_str(&s).with_context(|| format!("parsing {path}"))?)
+    serde_json::from_str(&s).with_context(|| format!("parsing {path}"))
 }
 
-fn level<'a>(results: &'a Value, n: u64) -> Option<&'a Value> {
+fn level(results: &Value, n: u64) -> Option<&Value> {
     results["levels"]
         .as_array()?
         .iter()
