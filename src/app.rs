@@ -12,8 +12,10 @@ use axum::Router;
 use candle_core::Device;
 use tokio::net::TcpListener;
 
+use crate::adapters::AdapterRegistry;
 use crate::api::{self, AppState, ServedModel};
 use crate::config::Settings;
+use crate::engine::lora::peft::LoraLimits;
 use crate::engine::{self, scheduler};
 
 pub struct Application {
@@ -64,6 +66,17 @@ impl Application {
         .context("model loading task")??;
 
         let context_len = loaded.model.cfg.max_position_embeddings;
+        let a = &settings.adapters;
+        let adapters = Arc::new(AdapterRegistry::new(
+            db.clone(),
+            PathBuf::from(&settings.storage.adapters_dir),
+            loaded.model.cfg.clone(),
+            LoraLimits {
+                max_rank: a.max_rank,
+                max_bytes: a.max_upload_bytes,
+            },
+            a.cache_bytes,
+        ));
         let name = if settings.model.name.is_empty() {
             loaded.name.clone()
         } else {
@@ -92,8 +105,9 @@ impl Application {
                 created: api::generation::unix_now(),
             }),
             metrics: crate::metrics::install(),
+            adapters,
         };
-        let router = api::router(state, settings.server.max_body_bytes);
+        let router = api::router(state, settings.server.max_body_bytes, a.max_upload_bytes);
         let addr = settings.bind_addr()?;
         let listener = TcpListener::bind(addr)
             .await

@@ -17,7 +17,16 @@ pub struct Settings {
     pub server: ServerSettings,
     pub model: ModelSettings,
     pub engine: EngineSettings,
+    pub adapters: AdapterSettings,
     pub storage: StorageSettings,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSettings {
+    pub max_rank: usize,
+    pub max_upload_bytes: usize,
+    pub cache_bytes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -129,6 +138,11 @@ impl Settings {
         if e.default_max_new_tokens == 0 || e.default_max_new_tokens > e.max_new_tokens_limit {
             bail!(
                 "engine.default_max_new_tokens must be between 1 and engine.max_new_tokens_limit"
+            );
+        }
+        if self.adapters.max_rank == 0 || self.adapters.max_upload_bytes < 1024 {
+            bail!(
+                "adapters.max_rank must be at least 1 and adapters.max_upload_bytes at least 1024"
             );
         }
         if self.server.max_body_bytes < 1024 {

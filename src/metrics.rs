@@ -16,6 +16,13 @@ pub const GENERATION_TOKENS_TOTAL: &str = "adapterd_generation_tokens_total";
 pub const REQUESTS_RUNNING: &str = "adapterd_requests_running";
 pub const REQUESTS_WAITING: &str = "adapterd_requests_waiting";
 pub const BATCH_SIZE: &str = "adapterd_batch_size";
+pub const ADAPTER_LOADS_TOTAL: &str = "adapterd_adapter_loads_total";
+pub const ADAPTER_LOAD_SECONDS: &str = "adapterd_adapter_load_seconds";
+pub const ADAPTER_CACHE_HITS_TOTAL: &str = "adapterd_adapter_cache_hits_total";
+pub const ADAPTER_CACHE_MISSES_TOTAL: &str = "adapterd_adapter_cache_misses_total";
+pub const ADAPTER_CACHE_EVICTIONS_TOTAL: &str = "adapterd_adapter_cache_evictions_total";
+pub const ADAPTER_CACHE_BYTES: &str = "adapterd_adapter_cache_bytes";
+pub const ADAPTERS_RESIDENT: &str = "adapterd_adapters_resident";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -85,4 +92,28 @@ fn describe() {
     describe_gauge!(REQUESTS_RUNNING, "Sequences in the running batch");
     describe_gauge!(REQUESTS_WAITING, "Requests queued for the engine");
     describe_histogram!(BATCH_SIZE, "Sequences per forward step");
+    describe_counter!(ADAPTER_LOADS_TOTAL, "Adapter loads from disk by result");
+    describe_histogram!(
+        ADAPTER_LOAD_SECONDS,
+        Unit::Seconds,
+        "Time to load and validate an adapter from disk"
+    );
+    describe_counter!(
+        ADAPTER_CACHE_HITS_TOTAL,
+        "Adapter resolutions served from the resident cache"
+    );
+    describe_counter!(
+        ADAPTER_CACHE_MISSES_TOTAL,
+        "Adapter resolutions that loaded from disk"
+    );
+    describe_counter!(
+        ADAPTER_CACHE_EVICTIONS_TOTAL,
+        "Adapters evicted from the resident cache"
+    );
+    describe_gauge!(
+        ADAPTER_CACHE_BYTES,
+        Unit::Bytes,
+        "Bytes of resident adapters"
+    );
+    describe_gauge!(ADAPTERS_RESIDENT, "Adapters resident in memory");
 }

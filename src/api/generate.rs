@@ -8,7 +8,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use futures::stream::{self, Stream};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::extract::ApiJson;
 use super::generation::{self, chat_prompt, text_prompt, MessageIn, StopSpec};
@@ -82,10 +82,10 @@ async fn generate(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<GenerateBody>,
 ) -> Result<Response, ApiError> {
-    if let Some(a) = &body.adapter_id {
-        // Adapters are not servable yet; an unknown adapter is a 404 like any unknown name.
-        return Err(ApiError::not_found(format!("adapter `{a}` not found")));
-    }
+    let pinned = match &body.adapter_id {
+        Some(r) => Some(state.adapters.resolve(super::adapters::tenant(), r).await?),
+        None => None,
+    };
     let prompt = match (body.prompt, body.messages) {
         (Some(p), None) => text_prompt(&state, &p, "prompt")?,
         (None, Some(m)) => chat_prompt(&state, m, "messages")?,
@@ -122,13 +122,17 @@ async fn generate(
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: false,
         ignore_eos: body.ignore_eos,
-        adapter: None,
+        adapter: pinned.as_ref().map(|p| p.adapter.clone()),
     };
     let with_top = top_logprobs.is_some_and(|n| n > 0);
+    let adapter_fields = match &pinned {
+        Some(p) => (json!(p.row.name), json!(p.row.version)),
+        None => (Value::Null, Value::Null),
+    };
     let rx = generation::submit(&state, req)?;
     let id = generation::request_id("gen-");
     if body.stream {
-        return Ok(sse(state, id, rx, body.logprobs, with_top).into_response());
+        return Ok(sse(state, id, rx, body.logprobs, with_top, adapter_fields).into_response());
     }
     let c = generation::collect(rx).await?;
     let tokens = body.logprobs.then(|| {
@@ -140,8 +144,8 @@ async fn generate(
     let mut out = json!({
         "id": id,
         "model": state.model.name,
-        "adapter_id": null,
-        "adapter_version": null,
+        "adapter_id": adapter_fields.0,
+        "adapter_version": adapter_fields.1,
         "text": c.text,
         "finish_reason": c.finish.map(|f| f.as_str()),
         "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
@@ -160,11 +164,13 @@ fn sse(
     rx: tokio::sync::mpsc::UnboundedReceiver<GenEvent>,
     logprobs: bool,
     with_top: bool,
+    adapter_fields: (Value, Value),
 ) -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {
     let init = (rx, String::new(), false);
     let events = stream::unfold(init, move |(mut rx, mut text, done)| {
         let state = state.clone();
         let id = id.clone();
+        let adapter_fields = adapter_fields.clone();
         async move {
             if done {
                 return None;
@@ -203,8 +209,8 @@ fn sse(
                         let d = json!({
                             "id": id,
                             "model": state.model.name,
-                            "adapter_id": null,
-                            "adapter_version": null,
+                            "adapter_id": adapter_fields.0,
+                            "adapter_version": adapter_fields.1,
                             "text": text,
                             "finish_reason": finish.as_str(),
                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},

@@ -1,6 +1,7 @@
 //! HTTP surface: one router per resource, composed in [`router`]. Handlers validate input into
 //! engine types (`GenerateRequest`) and never touch tensors; every error is an [`ApiError`].
 
+pub mod adapters;
 pub mod chinchilla;
 pub mod error;
 pub mod extract;
@@ -20,6 +21,7 @@ use axum::response::Response;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::adapters::AdapterRegistry;
 use crate::engine::scheduler::EngineHandle;
 use crate::engine::tokenizer::Tokenizer;
 pub use error::ApiError;
@@ -31,6 +33,7 @@ pub struct AppState {
     pub tokenizer: Arc<Tokenizer>,
     pub model: Arc<ServedModel>,
     pub metrics: PrometheusHandle,
+    pub adapters: Arc<AdapterRegistry>,
 }
 
 /// Facts about the served base model that requests are validated against.
@@ -46,8 +49,9 @@ pub struct ServedModel {
     pub created: u64,
 }
 
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+pub fn router(state: AppState, max_body_bytes: usize, max_upload_bytes: usize) -> Router {
     Router::new()
+        .merge(adapters::routes(max_upload_bytes))
         .merge(generate::routes())
         .merge(openai::routes())
         .merge(tokenize::routes())

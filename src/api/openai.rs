@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use super::extract::ApiJson;
 use super::generation::{self, chat_prompt, text_prompt, Completion, MessageIn, StopSpec};
 use super::{ApiError, AppState};
+use crate::adapters::{AdapterError, Resolved};
 use crate::engine::sampling::SamplingParams;
 use crate::engine::scheduler::{FinishReason, GenEvent, GenerateRequest, TokenLogprob};
 use crate::engine::tokenizer::Tokenizer;
@@ -151,15 +152,32 @@ fn refuse_unsupported(
     Ok(())
 }
 
-fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
+/// `model` is the base model's name or one of the caller's adapters (`name` or
+/// `name@version`); returns the pinned adapter, if any. Unknown names are 404 model_not_found.
+async fn resolve_model(state: &AppState, model: &str) -> Result<Option<Resolved>, ApiError> {
     if model == state.model.name {
-        Ok(())
-    } else {
-        Err(ApiError::new(
+        return Ok(None);
+    }
+    match state
+        .adapters
+        .resolve(super::adapters::tenant(), model)
+        .await
+    {
+        Ok(r) => Ok(Some(r)),
+        Err(AdapterError::NotFound(_)) | Err(AdapterError::InvalidName(_)) => Err(ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
             "model_not_found",
             format!("model `{model}` does not exist; GET /v1/models lists what is served"),
-        ))
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The `model` field of responses: the adapter reference when one is used.
+fn model_name(state: &AppState, pinned: &Option<Resolved>) -> String {
+    match pinned {
+        Some(p) => format!("{}@{}", p.row.name, p.row.version),
+        None => state.model.name.clone(),
     }
 }
 
@@ -178,7 +196,7 @@ async fn completions(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<CompletionBody>,
 ) -> Result<Response, ApiError> {
-    check_model(&state, &body.model)?;
+    let pinned = resolve_model(&state, &body.model).await?;
     refuse_unsupported(body.n, body.presence_penalty, body.frequency_penalty)?;
     if body.best_of.is_some_and(|b| b != 1) {
         return Err(ApiError::invalid_field("`best_of`: only 1 is supported"));
@@ -237,7 +255,7 @@ async fn completions(
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: body.echo && logprobs.is_some(),
         ignore_eos: false,
-        adapter: None,
+        adapter: pinned.as_ref().map(|p| p.adapter.clone()),
     };
     let rx = generation::submit(&state, req)?;
     let id = generation::request_id("cmpl-");
@@ -250,7 +268,8 @@ async fn completions(
         }
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
         let s = stream_chunks(
-            state,
+            state.clone(),
+            model_name(&state, &pinned),
             rx,
             id,
             created,
@@ -290,7 +309,7 @@ async fn completions(
         "id": id,
         "object": "text_completion",
         "created": created,
-        "model": state.model.name,
+        "model": model_name(&state, &pinned),
         "system_fingerprint": null,
         "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_str(c.finish)}],
         "usage": usage(c.prompt_tokens, c.completion_tokens),
@@ -352,7 +371,7 @@ async fn chat_completions(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<ChatBody>,
 ) -> Result<Response, ApiError> {
-    check_model(&state, &body.model)?;
+    let pinned = resolve_model(&state, &body.model).await?;
     refuse_unsupported(body.n, body.presence_penalty, body.frequency_penalty)?;
     refuse_unsupported_chat(&body)?;
     let prompt = chat_prompt(&state, body.messages, "messages")?;
@@ -386,7 +405,7 @@ async fn chat_completions(
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: false,
         ignore_eos: false,
-        adapter: None,
+        adapter: pinned.as_ref().map(|p| p.adapter.clone()),
     };
     let rx = generation::submit(&state, req)?;
     let id = generation::request_id("chatcmpl-");
@@ -394,7 +413,8 @@ async fn chat_completions(
     if body.stream {
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
         let s = stream_chunks(
-            state,
+            state.clone(),
+            model_name(&state, &pinned),
             rx,
             id,
             created,
@@ -414,7 +434,7 @@ async fn chat_completions(
         "id": id,
         "object": "chat.completion",
         "created": created,
-        "model": state.model.name,
+        "model": model_name(&state, &pinned),
         "system_fingerprint": null,
         "choices": [{
             "index": 0,
@@ -445,8 +465,10 @@ enum Kind {
 
 /// Streams OpenAI chunks: for chat a first chunk with the assistant role, one chunk per
 /// piece of text, a last chunk with `finish_reason`, a usage chunk when asked, then `[DONE]`.
+#[allow(clippy::too_many_arguments)]
 fn stream_chunks(
     state: AppState,
+    model: String,
     rx: tokio::sync::mpsc::UnboundedReceiver<GenEvent>,
     id: String,
     created: u64,
@@ -454,7 +476,6 @@ fn stream_chunks(
     logprobs: bool,
     include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {
-    let model = state.model.name.clone();
     let chunk = move |choice: Value, usage_v: Option<Value>| -> Event {
         let object = match kind {
             Kind::Completion => "text_completion",

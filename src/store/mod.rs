@@ -1,6 +1,8 @@
 //! The SQLite pool (WAL journal, foreign keys on) and the migrations in migrations/, run at
 //! start. Queries per table live in submodules as the tables gain users.
 
+pub mod adapters;
+
 use std::str::FromStr;
 
 use anyhow::Context;

@@ -200,3 +200,81 @@ fn write_tiny_tokenizer(dir: &Path) -> usize {
     std::fs::write(dir.join("tokenizer.json"), tok.to_string()).expect("tokenizer.json");
     size
 }
+
+/// A PEFT adapter for the tiny model (q_proj and v_proj of both layers, rank 4), written with
+/// the project's own PEFT writer; returns (adapter_config.json, adapter_model.safetensors).
+pub fn tiny_adapter_files(seed: u64, scale: f64) -> (Vec<u8>, Vec<u8>) {
+    use adapterd::engine::lora::{LayerLora, LoraAdapter, LoraPair, Module};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut t = |shape: &[usize]| -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+    };
+    let r = 4;
+    let mut layers = Vec::new();
+    for _ in 0..2 {
+        let mut l = LayerLora::default();
+        l.modules[Module::Q.index()] = Some(LoraPair {
+            a: t(&[r, 64]),
+            b: t(&[64, r]),
+            scale,
+        });
+        l.modules[Module::V.index()] = Some(LoraPair {
+            a: t(&[r, 64]),
+            b: t(&[32, r]),
+            scale,
+        });
+        layers.push(l);
+    }
+    let adapter = LoraAdapter {
+        layers,
+        rank: r,
+        alpha: scale * r as f64,
+        use_rslora: false,
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        size_bytes: 0,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    adapterd::engine::lora::peft::save_peft(&adapter, TINY_MODEL_NAME, dir.path())
+        .expect("save_peft");
+    (
+        std::fs::read(dir.path().join("adapter_config.json")).expect("config"),
+        std::fs::read(dir.path().join("adapter_model.safetensors")).expect("weights"),
+    )
+}
+
+impl TestApp {
+    /// Uploads an adapter through the multipart endpoint.
+    pub async fn post_adapter(
+        &self,
+        name: &str,
+        config: Vec<u8>,
+        weights: Vec<u8>,
+    ) -> reqwest::Response {
+        let form = reqwest::multipart::Form::new()
+            .text("name", name.to_owned())
+            .part(
+                "adapter_config.json",
+                reqwest::multipart::Part::bytes(config).file_name("adapter_config.json"),
+            )
+            .part(
+                "adapter_model.safetensors",
+                reqwest::multipart::Part::bytes(weights).file_name("adapter_model.safetensors"),
+            );
+        self.client
+            .post(format!("{}/v1/adapters", self.base))
+            .multipart(form)
+            .send()
+            .await
+            .expect("request failed")
+    }
+
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client
+            .delete(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request failed")
+    }
+}

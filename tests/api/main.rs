@@ -1,5 +1,6 @@
 //! Integration tests: the real app on 127.0.0.1:0 serving a tiny seeded model.
 
+mod adapters;
 mod errors;
 mod generate;
 mod helpers;

@@ -1,0 +1,357 @@
+//! The adapter registry: stores uploaded (or trained) PEFT adapters as immutable versions on
+//! disk and in the database, and resolves `name` / `name@version` to a resident, pinned
+//! [`LoraAdapter`]. Write order is files first (temp dir, fsync, atomic rename), then the row:
+//! a crash leaves at worst an unlisted directory, never a listed adapter without files.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+use sha2::{Digest, Sha256};
+use sqlx::SqlitePool;
+
+use crate::engine::lora::cache::AdapterCache;
+use crate::engine::lora::peft::{parse_peft, LoraError, LoraLimits};
+use crate::engine::lora::LoraAdapter;
+use crate::engine::model::ModelConfig;
+use crate::store::adapters::{self as q, AdapterRow};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("{0}")]
+    InvalidName(String),
+    #[error("{0}")]
+    Invalid(#[from] LoraError),
+    #[error("adapter `{0}` not found")]
+    NotFound(String),
+    #[error("adapter storage: {0}")]
+    Storage(String),
+}
+
+impl From<sqlx::Error> for AdapterError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Storage(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for AdapterError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Storage(e.to_string())
+    }
+}
+
+/// Checks a tenant or adapter name: `[a-z0-9][a-z0-9._-]{0,63}`. Only names that pass ever
+/// become path components.
+pub fn validate_name(field: &str, name: &str) -> Result<(), AdapterError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || (i > 0 && matches!(b, b'.' | b'_' | b'-'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(AdapterError::InvalidName(format!(
+            "`{field}` must match [a-z0-9][a-z0-9._-]{{0,63}} (got {:?})",
+            name.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+/// Splits `name@version`.
+pub fn parse_ref(r: &str) -> Result<(String, Option<i64>), AdapterError> {
+    match r.split_once('@') {
+        None => {
+            validate_name("adapter", r)?;
+            Ok((r.to_owned(), None))
+        }
+        Some((name, v)) => {
+            validate_name("adapter", name)?;
+            let v: i64 = v.parse().ok().filter(|v| *v >= 1).ok_or_else(|| {
+                AdapterError::InvalidName(format!(
+                    "adapter version in `{r}` must be a positive integer"
+                ))
+            })?;
+            Ok((name.to_owned(), Some(v)))
+        }
+    }
+}
+
+/// A resolved adapter: the version row and the weights a request pins.
+#[derive(Clone)]
+pub struct Resolved {
+    pub row: AdapterRow,
+    pub adapter: Arc<LoraAdapter>,
+}
+
+pub struct AdapterRegistry {
+    db: SqlitePool,
+    root: PathBuf,
+    base: ModelConfig,
+    limits: LoraLimits,
+    cache: AdapterCache,
+    /// Serialises version allocation + rename per process (SQLite serialises the rest).
+    write_lock: tokio::sync::Mutex<()>,
+}
+
+fn now_rfc3339() -> String {
+    // Seconds precision in UTC, e.g. 2026-11-27T04:30:00Z, without a date-time dependency.
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl AdapterRegistry {
+    pub fn new(
+        db: SqlitePool,
+        root: PathBuf,
+        base: ModelConfig,
+        limits: LoraLimits,
+        cache_bytes: usize,
+    ) -> Self {
+        Self {
+            db,
+            root,
+            base,
+            limits,
+            cache: AdapterCache::new(cache_bytes),
+            write_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn dir(&self, tenant: &str, name: &str, version: i64) -> PathBuf {
+        self.root.join(tenant).join(name).join(version.to_string())
+    }
+
+    /// Validates and stores a new version of `name`; returns its row. Nothing is written when
+    /// validation fails.
+    pub async fn create(
+        &self,
+        tenant: &str,
+        name: &str,
+        config: Vec<u8>,
+        weights: Vec<u8>,
+        source: &str,
+        job_id: Option<String>,
+    ) -> Result<Resolved, AdapterError> {
+        validate_name("tenant", tenant)?;
+        validate_name("name", name)?;
+        let (base, limits) = (self.base.clone(), self.limits);
+        let (adapter, config, weights) = tokio::task::spawn_blocking(move || {
+            parse_peft(&config, &weights, &base, &limits, &Device::Cpu)
+                .map(|a| (a, config, weights))
+        })
+        .await
+        .map_err(|e| AdapterError::Storage(e.to_string()))??;
+        let sha = {
+            let mut h = Sha256::new();
+            h.update(&config);
+            h.update(&weights);
+            hex::encode(h.finalize())
+        };
+
+        let _guard = self.write_lock.lock().await;
+        let version = q::next_version(&self.db, tenant, name).await?;
+        let parent = self.root.join(tenant).join(name);
+        let final_dir = self.dir(tenant, name, version);
+        let tmp = parent.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+        let write = {
+            let (tmp, final_dir, parent) = (tmp.clone(), final_dir.clone(), parent.clone());
+            let (config, weights) = (config.clone(), weights.clone());
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                std::fs::create_dir_all(&tmp)?;
+                for (file, bytes) in [(CONFIG_FILE, &config), (WEIGHTS_FILE, &weights)] {
+                    let path = tmp.join(file);
+                    std::fs::write(&path, bytes)?;
+                    std::fs::File::open(&path)?.sync_all()?;
+                }
+                fsync_dir(&tmp)?;
+                if final_dir.exists() {
+                    // Left by a crash between rename and insert: that version was never listed.
+                    std::fs::remove_dir_all(&final_dir)?;
+                }
+                std::fs::rename(&tmp, &final_dir)?;
+                fsync_dir(&parent)
+            })
+        };
+        if let Err(e) = write
+            .await
+            .map_err(|e| AdapterError::Storage(e.to_string()))?
+        {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e.into());
+        }
+        let row = AdapterRow {
+            tenant: tenant.to_owned(),
+            name: name.to_owned(),
+            version,
+            rank: adapter.rank as i64,
+            alpha: adapter.alpha,
+            target_modules: serde_json::to_string(&adapter.target_modules)
+                .unwrap_or_else(|_| "[]".into()),
+            size_bytes: weights.len() as i64,
+            sha256: sha,
+            source: source.to_owned(),
+            job_id,
+            created_at: now_rfc3339(),
+        };
+        if let Err(e) = q::insert(&self.db, &row).await {
+            let _ = std::fs::remove_dir_all(&final_dir);
+            return Err(e.into());
+        }
+        let adapter = Arc::new(adapter);
+        self.cache.insert(
+            (tenant.to_owned(), name.to_owned(), version),
+            adapter.clone(),
+        );
+        self.record_cache_gauges();
+        Ok(Resolved { row, adapter })
+    }
+
+    /// Resolves `name` (newest version) or `name@version` for `tenant` and pins its weights.
+    /// Another tenant's adapter is `NotFound`, exactly like a missing one.
+    pub async fn resolve(&self, tenant: &str, reference: &str) -> Result<Resolved, AdapterError> {
+        let (name, version) = parse_ref(reference)?;
+        let row = q::find(&self.db, tenant, &name, version)
+            .await?
+            .ok_or_else(|| AdapterError::NotFound(reference.to_owned()))?;
+        let key = (tenant.to_owned(), name.clone(), row.version);
+        if let Some(adapter) = self.cache.get(&key) {
+            metrics::counter!(crate::metrics::ADAPTER_CACHE_HITS_TOTAL).increment(1);
+            return Ok(Resolved { row, adapter });
+        }
+        metrics::counter!(crate::metrics::ADAPTER_CACHE_MISSES_TOTAL).increment(1);
+        let dir = self.dir(tenant, &name, row.version);
+        let (base, limits) = (self.base.clone(), self.limits);
+        let started = std::time::Instant::now();
+        let loaded = tokio::task::spawn_blocking(move || -> Result<LoraAdapter, AdapterError> {
+            let config = std::fs::read(dir.join(CONFIG_FILE))?;
+            let weights = std::fs::read(dir.join(WEIGHTS_FILE))?;
+            Ok(parse_peft(&config, &weights, &base, &limits, &Device::Cpu)?)
+        })
+        .await
+        .map_err(|e| AdapterError::Storage(e.to_string()))?;
+        let result = if loaded.is_ok() { "ok" } else { "error" };
+        metrics::counter!(crate::metrics::ADAPTER_LOADS_TOTAL, "result" => result).increment(1);
+        metrics::histogram!(crate::metrics::ADAPTER_LOAD_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        // A stored adapter that no longer parses is damaged on disk: a storage error for this
+        // adapter, not a client error and not a crash.
+        let adapter = Arc::new(loaded.map_err(|e| {
+            AdapterError::Storage(format!("adapter `{reference}` is damaged on disk: {e}"))
+        })?);
+        let evicted = self.cache.insert(key, adapter.clone());
+        metrics::counter!(crate::metrics::ADAPTER_CACHE_EVICTIONS_TOTAL).increment(evicted as u64);
+        self.record_cache_gauges();
+        Ok(Resolved { row, adapter })
+    }
+
+    pub async fn list(&self, tenant: &str) -> Result<Vec<AdapterRow>, AdapterError> {
+        Ok(q::list_latest(&self.db, tenant).await?)
+    }
+
+    pub async fn versions(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Vec<AdapterRow>, AdapterError> {
+        validate_name("name", name)?;
+        let v = q::versions(&self.db, tenant, name).await?;
+        if v.is_empty() {
+            return Err(AdapterError::NotFound(name.to_owned()));
+        }
+        Ok(v)
+    }
+
+    /// Deletes every version of `name`. Requests already running keep their pinned weights.
+    pub async fn delete(&self, tenant: &str, name: &str) -> Result<(), AdapterError> {
+        validate_name("name", name)?;
+        let _guard = self.write_lock.lock().await;
+        if q::delete(&self.db, tenant, name, &now_rfc3339()).await? == 0 {
+            return Err(AdapterError::NotFound(name.to_owned()));
+        }
+        self.cache.remove_all(tenant, name);
+        self.record_cache_gauges();
+        // The rows are gone from every listing first; the files are then removed. A crash in
+        // between leaves only unlisted files.
+        let dir = self.root.join(tenant).join(name);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        Ok(())
+    }
+
+    fn record_cache_gauges(&self) {
+        let (n, bytes) = self.cache.usage();
+        metrics::gauge!(crate::metrics::ADAPTERS_RESIDENT).set(n as f64);
+        metrics::gauge!(crate::metrics::ADAPTER_CACHE_BYTES).set(bytes as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_documented_pattern() {
+        for ok in ["a", "support", "v1.2_x-y", &"a".repeat(64)] {
+            validate_name("name", ok).unwrap();
+        }
+        for bad in [
+            "",
+            "A",
+            "-a",
+            ".a",
+            "..",
+            "a/b",
+            "a\0",
+            "é",
+            "ѕupport",
+            &"a".repeat(65),
+            "a b",
+        ] {
+            assert!(validate_name("name", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn references_split_name_and_version() {
+        assert_eq!(parse_ref("x").unwrap(), ("x".into(), None));
+        assert_eq!(parse_ref("x@3").unwrap(), ("x".into(), Some(3)));
+        for bad in ["x@0", "x@-1", "x@a", "@1", "X@1"] {
+            assert!(parse_ref(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(t.starts_with("20") && t.ends_with('Z'));
+    }
+}

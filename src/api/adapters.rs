@@ -1,0 +1,139 @@
+//! `/v1/adapters`: upload (multipart; the same name again makes a new version), list, show and
+//! delete the caller's LoRA adapters. Validation happens before anything is stored.
+
+use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState};
+use crate::adapters::{AdapterError, CONFIG_FILE, WEIGHTS_FILE};
+use crate::store::adapters::AdapterRow;
+
+pub fn routes(max_upload_bytes: usize) -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/adapters",
+            get(list)
+                .post(upload)
+                .layer(DefaultBodyLimit::max(max_upload_bytes)),
+        )
+        .route("/v1/adapters/{name}", get(show).delete(remove))
+}
+
+/// The tenant of the caller. Auth is not built yet: every caller is `default` (design §4).
+pub(crate) fn tenant() -> &'static str {
+    crate::DEFAULT_TENANT
+}
+
+impl From<AdapterError> for ApiError {
+    fn from(e: AdapterError) -> Self {
+        match e {
+            AdapterError::InvalidName(m) => ApiError::invalid_field(m),
+            AdapterError::Invalid(e) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_adapter",
+                e.to_string(),
+            ),
+            AdapterError::NotFound(n) => ApiError::not_found(format!("adapter `{n}` not found")),
+            AdapterError::Storage(m) => ApiError::internal(m),
+        }
+    }
+}
+
+/// The adapter object of the API contract.
+pub fn adapter_json(row: &AdapterRow) -> Value {
+    let modules: Value =
+        serde_json::from_str(&row.target_modules).unwrap_or(Value::Array(Vec::new()));
+    json!({
+        "name": row.name,
+        "version": row.version,
+        "tenant": row.tenant,
+        "rank": row.rank,
+        "alpha": row.alpha,
+        "target_modules": modules,
+        "size_bytes": row.size_bytes,
+        "sha256": row.sha256,
+        "created_at": row.created_at,
+        "source": row.source,
+        "job_id": row.job_id,
+    })
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the upload exceeds adapters.max_upload_bytes",
+        )
+    } else {
+        ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
+    }
+}
+
+async fn upload(State(state): State<AppState>, mut form: Multipart) -> Result<Response, ApiError> {
+    let (mut name, mut config, mut weights) = (None, None, None);
+    while let Some(field) = form.next_field().await.map_err(multipart_error)? {
+        // A part is named by its field name or, for files, its file name.
+        let key = field.name().unwrap_or_default().to_owned();
+        let file = field.file_name().unwrap_or_default().to_owned();
+        let is = |n: &str| key == n || file == n;
+        if key == "name" {
+            name = Some(field.text().await.map_err(multipart_error)?);
+        } else if is(CONFIG_FILE) {
+            config = Some(field.bytes().await.map_err(multipart_error)?.to_vec());
+        } else if is(WEIGHTS_FILE) {
+            weights = Some(field.bytes().await.map_err(multipart_error)?.to_vec());
+        } else if file.ends_with(".bin") || file.ends_with(".pt") || file.ends_with(".pth") {
+            return Err(ApiError::invalid_field(format!(
+                "`{file}`: pickle weight files are not accepted; upload {WEIGHTS_FILE} (safetensors)"
+            )));
+        } else {
+            return Err(ApiError::invalid_field(format!(
+                "unexpected part `{key}`; send `name`, `{CONFIG_FILE}` and `{WEIGHTS_FILE}`"
+            )));
+        }
+    }
+    let name = name.ok_or_else(|| ApiError::invalid_field("the `name` part is missing"))?;
+    let config = config
+        .ok_or_else(|| ApiError::invalid_field(format!("the `{CONFIG_FILE}` part is missing")))?;
+    let weights = weights
+        .ok_or_else(|| ApiError::invalid_field(format!("the `{WEIGHTS_FILE}` part is missing")))?;
+    let created = state
+        .adapters
+        .create(tenant(), &name, config, weights, "upload", None)
+        .await?;
+    Ok((StatusCode::CREATED, Json(adapter_json(&created.row))).into_response())
+}
+
+async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let rows = state.adapters.list(tenant()).await?;
+    Ok(Json(
+        json!({"object": "list", "data": rows.iter().map(adapter_json).collect::<Vec<_>>()}),
+    ))
+}
+
+/// The newest version, with every live version listed under `versions`.
+async fn show(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let versions = state.adapters.versions(tenant(), &name).await?;
+    let newest = versions
+        .last()
+        .ok_or_else(|| ApiError::not_found(format!("adapter `{name}` not found")))?;
+    let mut v = adapter_json(newest);
+    v["versions"] = versions.iter().map(adapter_json).collect();
+    Ok(Json(v))
+}
+
+async fn remove(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.adapters.delete(tenant(), &name).await?;
+    Ok(Json(json!({"name": name, "deleted": true})))
+}

@@ -1,0 +1,181 @@
+//! `/v1/adapters`: upload, versions (hot-swap), use in generation, listing, deletion, and
+//! refusal of bad uploads before anything is stored.
+
+use serde_json::{json, Value};
+
+use crate::helpers::{error_code, spawn_app, tiny_adapter_files};
+
+/// The first generated token's logprob and the text, greedy, for a given adapter (or none).
+async fn first_logprob(app: &crate::helpers::TestApp, adapter: Option<&str>) -> (f64, Value) {
+    let mut body =
+        json!({"prompt": "the cat", "max_new_tokens": 6, "temperature": 0, "logprobs": true});
+    if let Some(a) = adapter {
+        body["adapter_id"] = json!(a);
+    }
+    let v: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
+    (v["tokens"][0]["logprob"].as_f64().unwrap(), v)
+}
+
+#[tokio::test]
+async fn an_uploaded_adapter_is_listed_and_changes_generation() {
+    let app = spawn_app().await;
+    let (config, weights) = tiny_adapter_files(1, 4.0);
+    let resp = app.post_adapter("support", config, weights.clone()).await;
+    assert_eq!(resp.status(), 201);
+    let a: Value = resp.json().await.unwrap();
+    assert_eq!(a["name"], "support");
+    assert_eq!(a["version"], 1);
+    assert_eq!(a["tenant"], "default");
+    assert_eq!(a["rank"], 4);
+    assert_eq!(a["source"], "upload");
+    assert_eq!(a["target_modules"], json!(["q_proj", "v_proj"]));
+    assert_eq!(a["size_bytes"].as_u64().unwrap(), weights.len() as u64);
+    assert_eq!(a["sha256"].as_str().unwrap().len(), 64);
+
+    let list: Value = app.get("/v1/adapters").await.json().await.unwrap();
+    assert_eq!(list["data"][0]["name"], "support");
+    let models: Value = app.get("/v1/models").await.json().await.unwrap();
+    let m = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "support")
+        .unwrap();
+    assert_eq!(m["parent"], "tiny");
+
+    let (base_lp, _) = first_logprob(&app, None).await;
+    let (lp, v) = first_logprob(&app, Some("support")).await;
+    assert_eq!(v["adapter_id"], "support");
+    assert_eq!(v["adapter_version"], 1);
+    assert!(
+        (lp - base_lp).abs() > 1e-4,
+        "the adapter must change the model: {lp} vs {base_lp}"
+    );
+
+    // The OpenAI endpoints take the adapter as `model`.
+    let c: Value = app
+        .post("/v1/chat/completions", &json!({"model": "support", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(c["model"], "support@1");
+}
+
+#[tokio::test]
+async fn uploading_the_same_name_makes_a_new_version_and_old_versions_stay_addressable() {
+    let app = spawn_app().await;
+    let (c1, w1) = tiny_adapter_files(1, 4.0);
+    let (c2, w2) = tiny_adapter_files(2, 4.0);
+    assert_eq!(app.post_adapter("x", c1, w1).await.status(), 201);
+    let (lp1, _) = first_logprob(&app, Some("x")).await;
+    let v2: Value = app.post_adapter("x", c2, w2).await.json().await.unwrap();
+    assert_eq!(v2["version"], 2);
+    let (lp_new, v) = first_logprob(&app, Some("x")).await;
+    assert_eq!(v["adapter_version"], 2);
+    let (lp_old, v) = first_logprob(&app, Some("x@1")).await;
+    assert_eq!(v["adapter_version"], 1);
+    assert_eq!(lp_old, lp1, "a version is immutable");
+    assert_ne!(lp_new, lp1);
+    let shown: Value = app.get("/v1/adapters/x").await.json().await.unwrap();
+    assert_eq!(shown["version"], 2);
+    assert_eq!(shown["versions"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_deleted_adapter_is_gone_everywhere() {
+    let app = spawn_app().await;
+    let (c, w) = tiny_adapter_files(1, 4.0);
+    assert_eq!(app.post_adapter("gone", c, w).await.status(), 201);
+    assert_eq!(app.delete("/v1/adapters/gone").await.status(), 200);
+    error_code(app.get("/v1/adapters/gone").await, 404).await;
+    error_code(app.delete("/v1/adapters/gone").await, 404).await;
+    error_code(
+        app.post(
+            "/v1/generate",
+            &json!({"prompt": "a", "adapter_id": "gone"}),
+        )
+        .await,
+        404,
+    )
+    .await;
+    let (code, _) = error_code(
+        app.post("/v1/completions", &json!({"model": "gone", "prompt": "a"}))
+            .await,
+        404,
+    )
+    .await;
+    assert_eq!(code, "model_not_found");
+    let list: Value = app.get("/v1/adapters").await.json().await.unwrap();
+    assert!(list["data"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn bad_uploads_are_refused_with_a_message_naming_the_problem_and_nothing_is_stored() {
+    let app = spawn_app().await;
+    let (c, w) = tiny_adapter_files(1, 4.0);
+    let (_, msg) = error_code(
+        app.post_adapter("Bad/Name", c.clone(), w.clone()).await,
+        422,
+    )
+    .await;
+    assert!(msg.contains("name"), "{msg}");
+    let (_, msg) = error_code(app.post_adapter("../etc", c.clone(), w.clone()).await, 422).await;
+    assert!(msg.contains("name"), "{msg}");
+    let (code, msg) = error_code(
+        app.post_adapter("ok", c.clone(), b"not safetensors".to_vec())
+            .await,
+        422,
+    )
+    .await;
+    assert_eq!(code, "invalid_adapter");
+    assert!(msg.contains("safetensors"), "{msg}");
+    let mut cfg: Value = serde_json::from_slice(&c).unwrap();
+    cfg["use_dora"] = json!(true);
+    let (_, msg) = error_code(
+        app.post_adapter("ok", cfg.to_string().into_bytes(), w.clone())
+            .await,
+        422,
+    )
+    .await;
+    assert!(msg.contains("use_dora"), "{msg}");
+    // An adapter for another model's shapes: every tensor is checked against the base.
+    let mut cfg: Value = serde_json::from_slice(&c).unwrap();
+    cfg["r"] = json!(8);
+    cfg["lora_alpha"] = json!(16);
+    let (_, msg) = error_code(
+        app.post_adapter("ok", cfg.to_string().into_bytes(), w.clone())
+            .await,
+        422,
+    )
+    .await;
+    assert!(
+        msg.contains("lora_A") || msg.contains("shape") || msg.contains("expected"),
+        "{msg}"
+    );
+    let form = reqwest::multipart::Form::new().text("name", "ok");
+    let resp = app
+        .client
+        .post(format!("{}/v1/adapters", app.base))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let (_, msg) = error_code(resp, 422).await;
+    assert!(msg.contains("adapter_config.json"), "{msg}");
+    let list: Value = app.get("/v1/adapters").await.json().await.unwrap();
+    assert!(
+        list["data"].as_array().unwrap().is_empty(),
+        "nothing may be stored: {list}"
+    );
+    let (code, _) = error_code(
+        app.post(
+            "/v1/generate",
+            &json!({"prompt": "a", "adapter_id": "Bad@x"}),
+        )
+        .await,
+        422,
+    )
+    .await;
+    assert_eq!(code, "invalid_value");
+}
