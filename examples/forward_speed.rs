@@ -7,6 +7,11 @@ use candle_core::Device;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
+    // Run inside the rayon pool, as the engine thread does, so this thread works instead of waiting.
+    rayon::ThreadPoolBuilder::new().build()?.install(run)
+}
+
+fn run() -> anyhow::Result<()> {
     let path = std::env::args()
         .nth(1)
         .ok_or_else(|| anyhow::anyhow!("usage: forward_speed MODEL"))?;

@@ -105,7 +105,8 @@ impl QWeight {
         let row_bytes = self.cols / QK * self.format.block_bytes();
         // Output rows are split across threads; each task writes W rows [j0, j0+chunk) for all
         // inputs into a transposed buffer, so tasks own disjoint memory.
-        let chunk = 16usize;
+        // A few tasks per thread: enough to balance, few enough that scheduling stays cheap.
+        let chunk = self.rows.div_ceil(4 * rayon::current_num_threads()).max(16);
         let mut out_t = vec![0f32; self.rows * n];
         let simd = use_avx2();
         out_t
