@@ -247,6 +247,11 @@ async fn completions(
         Some(body.max_tokens.unwrap_or(16)),
         "max_tokens",
     )?;
+    if body.stream && body.echo {
+        return Err(ApiError::invalid_field(
+            "`echo` is not supported with `stream`",
+        ));
+    }
     let echo_ids = body.echo.then(|| prompt.clone());
     let req = GenerateRequest {
         prompt,
@@ -261,11 +266,6 @@ async fn completions(
     let id = generation::request_id("cmpl-");
     let created = generation::unix_now();
     if body.stream {
-        if body.echo {
-            return Err(ApiError::invalid_field(
-                "`echo` is not supported with `stream`",
-            ));
-        }
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
         let s = stream_chunks(
             state.clone(),
