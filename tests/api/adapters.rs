@@ -179,3 +179,61 @@ async fn bad_uploads_are_refused_with_a_message_naming_the_problem_and_nothing_i
     .await;
     assert_eq!(code, "invalid_value");
 }
+
+#[tokio::test]
+async fn a_stream_that_started_before_an_upload_finishes_on_its_version() {
+    use futures::StreamExt;
+    let app = spawn_app().await;
+    let (c1, w1) = tiny_adapter_files(1, 4.0);
+    let (c2, w2) = tiny_adapter_files(2, 4.0);
+    assert_eq!(app.post_adapter("hot", c1, w1).await.status(), 201);
+    let body = json!({"prompt": "a", "adapter_id": "hot", "max_new_tokens": 250, "ignore_eos": true,
+                      "temperature": 0, "stream": true});
+    let resp = app.post("/v1/generate", &body).await;
+    let mut stream = resp.bytes_stream();
+    let mut raw = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
+    // The stream is running on version 1; version 2 arrives now.
+    let v2: Value = app.post_adapter("hot", c2, w2).await.json().await.unwrap();
+    assert_eq!(v2["version"], 2);
+    while let Some(chunk) = stream.next().await {
+        raw.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    let last: Value = raw
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .last()
+        .unwrap();
+    assert_eq!(last["usage"]["completion_tokens"], 250);
+    assert_eq!(
+        last["adapter_version"], 1,
+        "a running request keeps its version"
+    );
+    let (_, after) = first_logprob(&app, Some("hot")).await;
+    assert_eq!(
+        after["adapter_version"], 2,
+        "requests after the upload get the new version"
+    );
+}
+
+#[tokio::test]
+async fn adapters_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    let (c, w) = tiny_adapter_files(1, 4.0);
+    assert_eq!(first.post_adapter("kept", c, w).await.status(), 201);
+    let (lp_before, _) = first_logprob(&first, Some("kept")).await;
+    // A second process on the same database and store (the first is still serving, which
+    // SQLite's WAL mode allows) sees the adapter and loads it from disk.
+    let second = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    let list: Value = second.get("/v1/adapters").await.json().await.unwrap();
+    assert_eq!(list["data"][0]["name"], "kept");
+    let (lp_after, v) = first_logprob(&second, Some("kept")).await;
+    assert_eq!(v["adapter_version"], 1);
+    assert_eq!(lp_after, lp_before);
+    let metrics = second.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("adapterd_adapter_loads_total"),
+        "a cold load is counted"
+    );
+}

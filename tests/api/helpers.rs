@@ -16,7 +16,7 @@ pub const TINY_MODEL_NAME: &str = "tiny";
 pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl TestApp {
@@ -66,13 +66,23 @@ pub async fn spawn_app() -> TestApp {
 
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let dir = tempfile::tempdir().expect("tempdir");
-    let model_dir = dir.path().join(TINY_MODEL_NAME);
-    write_tiny_model(&model_dir, 7);
+    let mut app = spawn_app_in(dir.path(), tweak).await;
+    app._dir = Some(dir);
+    app
+}
+
+/// Serves the tiny model with its database and adapter store under `dir` (which the caller
+/// keeps), so a second app on the same `dir` sees what the first stored: a restart.
+pub async fn spawn_app_in(dir: &Path, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    let model_dir = dir.join(TINY_MODEL_NAME);
+    if !model_dir.join("model.safetensors").exists() {
+        write_tiny_model(&model_dir, 7);
+    }
     let mut s = Settings::defaults().expect("defaults");
     s.server.bind = "127.0.0.1:0".into();
     s.model.path = model_dir.display().to_string();
-    s.storage.adapters_dir = dir.path().join("adapters").display().to_string();
-    s.storage.database_url = format!("sqlite://{}", dir.path().join("test.db").display());
+    s.storage.adapters_dir = dir.join("adapters").display().to_string();
+    s.storage.database_url = format!("sqlite://{}", dir.join("test.db").display());
     tweak(&mut s);
     let app = Application::build(s).await.expect("app builds");
     let base = format!("http://{}", app.addr());
@@ -80,7 +90,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     TestApp {
         base,
         client: reqwest::Client::new(),
-        _dir: dir,
+        _dir: None,
     }
 }
 
