@@ -273,6 +273,55 @@ impl AdapterRegistry {
         Ok(Resolved { row, adapter })
     }
 
+    /// Start-up check: removes version directories no live row points at (a crash between
+    /// rename and insert, or a delete interrupted before its files went) and temp dirs of
+    /// interrupted uploads. Returns how many were removed. Only names that pass
+    /// [`validate_name`] are looked at; anything else in the store is left alone.
+    pub async fn reconcile(&self) -> Result<usize, AdapterError> {
+        let mut removed = 0;
+        let Ok(tenants) = std::fs::read_dir(&self.root) else {
+            return Ok(0);
+        };
+        for t in tenants.flatten() {
+            let tenant = t.file_name().to_string_lossy().into_owned();
+            if validate_name("tenant", &tenant).is_err() || !t.path().is_dir() {
+                continue;
+            }
+            for n in std::fs::read_dir(t.path())?.flatten() {
+                let name = n.file_name().to_string_lossy().into_owned();
+                if validate_name("name", &name).is_err() || !n.path().is_dir() {
+                    continue;
+                }
+                let live: Vec<i64> = q::versions(&self.db, &tenant, &name)
+                    .await?
+                    .iter()
+                    .map(|r| r.version)
+                    .collect();
+                for v in std::fs::read_dir(n.path())?.flatten() {
+                    let entry = v.file_name().to_string_lossy().into_owned();
+                    let orphan = if entry.starts_with(".tmp-") {
+                        true
+                    } else {
+                        match entry.parse::<i64>() {
+                            Ok(version) => !live.contains(&version),
+                            Err(_) => false,
+                        }
+                    };
+                    if orphan && std::fs::remove_dir_all(v.path()).is_ok() {
+                        tracing::warn!(
+                            tenant,
+                            name,
+                            entry,
+                            "removed an adapter directory no live version points at"
+                        );
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     pub async fn list(&self, tenant: &str) -> Result<Vec<AdapterRow>, AdapterError> {
         Ok(q::list_latest(&self.db, tenant).await?)
     }

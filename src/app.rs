@@ -77,6 +77,10 @@ impl Application {
             },
             a.cache_bytes,
         ));
+        adapters
+            .reconcile()
+            .await
+            .context("reconciling the adapter store with the database")?;
         let name = if settings.model.name.is_empty() {
             loaded.name.clone()
         } else {

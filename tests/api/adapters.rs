@@ -237,3 +237,89 @@ async fn adapters_survive_a_restart() {
         "a cold load is counted"
     );
 }
+
+#[tokio::test]
+async fn a_hundred_adapters_round_robin_through_a_cache_that_holds_ten() {
+    // Each tiny adapter holds 2 layers × (q: 4×64 + 64×4, v: 4×64 + 32×4) f32 = 7168 bytes.
+    let app = crate::helpers::spawn_app_with(|s| s.adapters.cache_bytes = 10 * 7168).await;
+    let mut expected = Vec::new();
+    for i in 0..100u64 {
+        let (c, w) = tiny_adapter_files(100 + i, 4.0);
+        let resp = app.post_adapter(&format!("a{i}"), c, w).await;
+        assert_eq!(resp.status(), 201);
+    }
+    for round in 0..2 {
+        for i in 0..100u64 {
+            let (lp, v) = first_logprob(&app, Some(&format!("a{i}"))).await;
+            assert_eq!(v["adapter_id"], format!("a{i}"));
+            if round == 0 {
+                expected.push(lp);
+            } else {
+                assert_eq!(
+                    lp, expected[i as usize],
+                    "adapter a{i} reloaded from disk must be the same"
+                );
+            }
+        }
+    }
+    // The recorder is shared by every app in this test process; the budget of the others is
+    // large, so these bounds are this app's.
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert!(value("adapterd_adapters_resident") <= 10.0);
+    assert!(value("adapterd_adapter_cache_bytes") <= 71680.0);
+    assert!(
+        value("adapterd_adapter_cache_evictions_total") >= 180.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn start_up_removes_adapter_directories_no_version_points_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    let (c, w) = tiny_adapter_files(1, 4.0);
+    assert_eq!(
+        first
+            .post_adapter("real", c.clone(), w.clone())
+            .await
+            .status(),
+        201
+    );
+    // What a crash could leave: a renamed version whose row was never written, and a temp dir.
+    let store = dir.path().join("adapters").join("default");
+    std::fs::create_dir_all(store.join("ghost").join("1")).unwrap();
+    std::fs::write(
+        store.join("ghost").join("1").join("adapter_config.json"),
+        &c,
+    )
+    .unwrap();
+    std::fs::create_dir_all(store.join("real").join(".tmp-abc")).unwrap();
+    let second = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    assert!(!store.join("ghost").join("1").exists());
+    assert!(!store.join("real").join(".tmp-abc").exists());
+    assert!(store
+        .join("real")
+        .join("1")
+        .join("adapter_model.safetensors")
+        .exists());
+    error_code(
+        second
+            .post(
+                "/v1/generate",
+                &json!({"prompt": "a", "adapter_id": "ghost"}),
+            )
+            .await,
+        404,
+    )
+    .await;
+    let (_, v) = first_logprob(&second, Some("real")).await;
+    assert_eq!(v["adapter_version"], 1);
+}
