@@ -202,7 +202,7 @@ async fn a_stream_that_started_before_an_upload_finishes_on_its_version() {
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .last()
+        .next_back()
         .unwrap();
     assert_eq!(last["usage"]["completion_tokens"], 250);
     assert_eq!(
