@@ -60,6 +60,9 @@ struct Args {
     /// Hard timeout per request, seconds.
     #[arg(long, default_value_t = 300)]
     timeout_s: u64,
+    /// Native API only: adapters to use, request i taking the (i mod n)-th (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    adapters: Vec<String>,
     /// Label printed in the table's first column.
     #[arg(long, default_value = "")]
     label: String,
@@ -111,16 +114,19 @@ fn request_body(a: &Args, id: usize) -> (String, Value) {
     let prompt = build_prompt(a.prompt_tokens, id);
     let base = a.url.trim_end_matches('/');
     match a.api {
-        Api::Native => (
-            format!("{base}/v1/generate"),
-            json!({
+        Api::Native => {
+            let mut b = json!({
                 "prompt": prompt,
                 "max_new_tokens": a.max_tokens,
                 "temperature": 0.0,
                 "stream": true,
                 "ignore_eos": true,
-            }),
-        ),
+            });
+            if !a.adapters.is_empty() {
+                b["adapter_id"] = json!(a.adapters[id % a.adapters.len()]);
+            }
+            (format!("{base}/v1/generate"), b)
+        }
         Api::Openai => {
             let mut b = json!({
                 "prompt": prompt,
@@ -350,6 +356,7 @@ fn clone_args(a: &Args) -> Args {
         max_tokens: a.max_tokens,
         warmup: a.warmup,
         timeout_s: a.timeout_s,
+        adapters: a.adapters.clone(),
         label: a.label.clone(),
         json: None,
         compare: None,
