@@ -357,6 +357,26 @@ fn top_logprobs(logits: &[f32], n: usize, lse: f32) -> Vec<(u32, f32)> {
     top.into_iter().map(|(x, id)| (id, x - lse)).collect()
 }
 
+/// The raw logprob of a given token (prompt scoring) and the `top_n` most likely tokens, with
+/// the same sanitising as [`Sampler::sample`].
+pub fn score(logits: &[f32], token: u32, top_n: usize) -> Sampled {
+    let Some((_, _, lse)) = max_argmax_lse(logits) else {
+        return Sampled {
+            token,
+            logprob: f32::NEG_INFINITY,
+            top: Vec::new(),
+        };
+    };
+    let logprob = logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&x| clean(x) - lse);
+    Sampled {
+        token,
+        logprob,
+        top: top_logprobs(logits, top_n, lse),
+    }
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = match params.seed {
@@ -657,6 +677,17 @@ mod tests {
             assert_eq!(gi, wi);
             assert_close(f64::from(gv), wv, 1e-6);
         }
+    }
+
+    // Same reference as above: log_softmax([1, 2, 3, 0.5])[3] = -2.960773489156851.
+    #[test]
+    fn score_reports_any_tokens_raw_logprob_and_top() {
+        let out = score(&[1.0, 2.0, 3.0, 0.5], 3, 2);
+        assert_eq!(out.token, 3);
+        assert_close(f64::from(out.logprob), -2.960_773_489_156_851, 1e-6);
+        assert_eq!(out.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
+        assert_eq!(score(&[f32::NAN; 4], 1, 2).logprob, f32::NEG_INFINITY);
+        assert_eq!(score(&[0.0; 4], 9, 0).logprob, f32::NEG_INFINITY);
     }
 
     #[test]

@@ -107,26 +107,29 @@ impl QWeight {
         // inputs into a transposed buffer, so tasks own disjoint memory.
         // A few tasks per thread: enough to balance, few enough that scheduling stays cheap.
         let chunk = self.rows.div_ceil(4 * rayon::current_num_threads()).max(16);
-        let mut out_t = vec![0f32; self.rows * n];
         let simd = use_avx2();
-        out_t
-            .par_chunks_mut(chunk * n)
-            .enumerate()
-            .for_each(|(ci, dst)| {
-                let j0 = ci * chunk;
-                for (jj, dst_row) in dst.chunks_mut(n).enumerate() {
-                    let j = j0 + jj;
-                    let w = &self.data[j * row_bytes..(j + 1) * row_bytes];
-                    dot_rows(self.format, w, x, self.cols, dst_row, simd);
-                }
-            });
+        let compute = |dst: &mut [f32]| {
+            dst.par_chunks_mut(chunk * n)
+                .enumerate()
+                .for_each(|(ci, dst)| {
+                    let j0 = ci * chunk;
+                    for (jj, dst_row) in dst.chunks_mut(n).enumerate() {
+                        let j = j0 + jj;
+                        let w = &self.data[j * row_bytes..(j + 1) * row_bytes];
+                        dot_rows(self.format, w, x, self.cols, dst_row, simd);
+                    }
+                })
+        };
         if n == 1 {
-            out.copy_from_slice(&out_t);
-        } else {
-            for j in 0..self.rows {
-                for r in 0..n {
-                    out[r * self.rows + j] = out_t[j * n + r];
-                }
+            // One row (a single decode): the transposed layout is the output layout.
+            compute(out);
+            return;
+        }
+        let mut out_t = vec![0f32; self.rows * n];
+        compute(&mut out_t);
+        for j in 0..self.rows {
+            for r in 0..n {
+                out[r * self.rows + j] = out_t[j * n + r];
             }
         }
     }

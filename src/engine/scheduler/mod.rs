@@ -461,26 +461,12 @@ fn finish(s: &mut Sequence, reason: FinishReason) {
     });
 }
 
-/// Log-probability of `id` under `logits` (log-softmax), with the `top_n` most likely tokens.
+/// Log-probability of prompt token `id` under `logits`, with the `top_n` most likely tokens.
 fn score(logits: &[f32], id: u32, top_n: usize) -> TokenLogprob {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
-    let logprob = logits
-        .get(id as usize)
-        .map_or(f32::NEG_INFINITY, |&v| v - lse);
-    let mut top = Vec::new();
-    if top_n > 0 {
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let n = top_n.min(idx.len());
-        idx.select_nth_unstable_by(n - 1, |&a, &b| {
-            logits[b as usize].total_cmp(&logits[a as usize])
-        });
-        idx.truncate(n);
-        idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-        top = idx
-            .into_iter()
-            .map(|t| (t, logits[t as usize] - lse))
-            .collect();
+    let s = crate::engine::sampling::score(logits, id, top_n);
+    TokenLogprob {
+        id,
+        logprob: s.logprob,
+        top: s.top,
     }
-    TokenLogprob { id, logprob, top }
 }
