@@ -27,6 +27,9 @@ pub enum AdapterError {
     Invalid(#[from] LoraError),
     #[error("adapter `{0}` not found")]
     NotFound(String),
+    /// A stored version no longer loads (its files were changed or truncated on disk).
+    #[error("adapter `{0}` is damaged on disk and cannot be loaded; upload it again")]
+    Damaged(String),
     #[error("adapter storage: {0}")]
     Storage(String),
 }
@@ -265,7 +268,8 @@ impl AdapterRegistry {
         // A stored adapter that no longer parses is damaged on disk: a storage error for this
         // adapter, not a client error and not a crash.
         let adapter = Arc::new(loaded.map_err(|e| {
-            AdapterError::Storage(format!("adapter `{reference}` is damaged on disk: {e}"))
+            tracing::error!(adapter = reference, error = %e, "stored adapter failed to load");
+            AdapterError::Damaged(reference.to_owned())
         })?);
         let evicted = self.cache.insert(key, adapter.clone());
         metrics::counter!(crate::metrics::ADAPTER_CACHE_EVICTIONS_TOTAL).increment(evicted as u64);

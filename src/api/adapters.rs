@@ -30,7 +30,7 @@ pub(crate) fn tenant() -> &'static str {
 
 impl From<AdapterError> for ApiError {
     fn from(e: AdapterError) -> Self {
-        match e {
+        match &e {
             AdapterError::InvalidName(m) => ApiError::invalid_field(m),
             AdapterError::Invalid(e) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -38,6 +38,11 @@ impl From<AdapterError> for ApiError {
                 e.to_string(),
             ),
             AdapterError::NotFound(n) => ApiError::not_found(format!("adapter `{n}` not found")),
+            AdapterError::Damaged(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "adapter_damaged",
+                e.to_string(),
+            ),
             AdapterError::Storage(m) => ApiError::internal(m),
         }
     }

@@ -323,3 +323,33 @@ async fn start_up_removes_adapter_directories_no_version_points_at() {
     let (_, v) = first_logprob(&second, Some("real")).await;
     assert_eq!(v["adapter_version"], 1);
 }
+
+#[tokio::test]
+async fn a_corrupted_adapter_file_fails_that_adapter_with_a_clear_error_not_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    let (c, w) = tiny_adapter_files(1, 4.0);
+    assert_eq!(first.post_adapter("broken", c, w).await.status(), 201);
+    let weights = dir
+        .path()
+        .join("adapters/default/broken/1/adapter_model.safetensors");
+    std::fs::write(&weights, b"truncated").unwrap();
+    // A fresh process has nothing cached, so it must read the damaged file.
+    let second = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    let (code, msg) = error_code(
+        second
+            .post(
+                "/v1/generate",
+                &json!({"prompt": "a", "adapter_id": "broken"}),
+            )
+            .await,
+        500,
+    )
+    .await;
+    assert_eq!(code, "adapter_damaged");
+    assert!(msg.contains("broken"), "{msg}");
+    let ok = second
+        .post("/v1/generate", &json!({"prompt": "a", "max_new_tokens": 2}))
+        .await;
+    assert_eq!(ok.status(), 200);
+}
