@@ -6,6 +6,7 @@ pub mod sampling;
 pub mod scheduler;
 pub mod stop;
 pub mod tokenizer;
+pub mod train;
 
 use std::path::Path;
 
