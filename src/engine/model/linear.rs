@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 
 use super::qmatmul::QWeight;
 
@@ -48,6 +48,25 @@ impl Linear {
 
     pub fn out_features(&self) -> usize {
         self.out_features
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The weight as a dense f32 tensor [out, in]: a temporary, dequantized copy for quantized
+    /// weights (training multiplies by it and drops it), the tensor itself for dense ones.
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Blocks(w) => Tensor::from_vec(
+                w.dequantize(),
+                (w.rows(), w.cols()),
+                &candle_core::Device::Cpu,
+            ),
+            Weight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device()),
+            Weight::Candle(QMatMul::Tensor(t)) => t.to_dtype(DType::F32),
+            Weight::Candle(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32),
+        }
     }
 
     /// `xs`: [rows, in] -> [rows, out].

@@ -140,6 +140,11 @@ impl Llama {
         &self.device
     }
 
+    /// The RoPE tables, cos and sin, each [max_positions, head_dim/2] (half-rotated layout).
+    pub fn rope_tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Runs one step for every sequence in `batch` and returns logits [rows, vocab] (f32):
     /// one row per sequence, or one per new token for sequences with `all_logits`, in batch
     /// order. Every sequence's cache grows by its number of new tokens.

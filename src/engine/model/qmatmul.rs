@@ -135,6 +135,29 @@ impl QWeight {
     }
 }
 
+impl QWeight {
+    /// The weight as dense f32 rows [rows, cols] (row-major), unpacked in parallel. Training
+    /// multiplies many rows at once, where a dense GEMM on a temporary copy beats the block kernel.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let row_bytes = self.cols / QK * self.format.block_bytes();
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(j, dst)| {
+                let w = &self.data[j * row_bytes..(j + 1) * row_bytes];
+                let mut block = [0f32; QK];
+                for (b, d) in w
+                    .chunks_exact(self.format.block_bytes())
+                    .zip(dst.chunks_exact_mut(QK))
+                {
+                    dequant_block(self.format, b, &mut block);
+                    d.copy_from_slice(&block);
+                }
+            });
+        out
+    }
+}
+
 impl CustomOp1 for QWeight {
     fn name(&self) -> &'static str {
         "adapterd-qmatmul"

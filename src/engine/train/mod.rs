@@ -4,4 +4,18 @@
 //! and the step loop with checkpoints. Nothing here knows HTTP or SQL; the job runner
 //! (`crate::jobs`) drives it.
 
+pub mod checkpoint;
 pub mod data;
+pub mod forward;
+pub mod frozen;
+pub mod hyper;
+pub mod loss;
+pub mod optim;
+pub mod params;
+pub mod trainer;
+
+pub use hyper::{Hyper, HyperRequest};
+pub use trainer::{StepReport, Trainer};
+
+#[cfg(test)]
+mod tests;
