@@ -71,13 +71,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// candle sizes its CPU thread pool from these variables when it first runs an op, so they must
-/// be set before the model loads.
+/// Thread budgets must be set before the first tensor op. Parallel work runs on our own rayon
+/// pools (the engine's and the trainer's), whose sizes come from `RAYON_NUM_THREADS`/settings.
+/// candle's separate spin-waiting pool for element-wise ops is kept at one thread (the caller):
+/// with serving and training in one process its spinning workers stole the cores doing real
+/// work — measured, a training step spent 38% of its time spinning in it.
 fn set_threads(threads: usize) {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     if threads > 0 {
-        let n = threads.to_string();
-        std::env::set_var("CANDLE_NUM_THREADS", &n);
-        std::env::set_var("RAYON_NUM_THREADS", &n);
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
 }
 

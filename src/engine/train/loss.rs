@@ -126,7 +126,13 @@ mod tests {
         let y = log_sigmoid(x.as_tensor()).unwrap();
         let v = y.to_vec1::<f32>().unwrap();
         // log σ(x) for the inputs above, from Python: -80, -1.3132617, -0.6931472, -0.1269280, ~-1.8e-35
-        let want = [-80.0, -1.313_261_7, -std::f32::consts::LN_2, -0.126_928, 0.0];
+        let want = [
+            -80.0,
+            -1.313_261_7,
+            -std::f32::consts::LN_2,
+            -0.126_928,
+            0.0,
+        ];
         for (a, b) in v.iter().zip(want) {
             assert!((a - b).abs() < 1e-5, "{v:?}");
         }
