@@ -166,6 +166,19 @@ async fn files_past_the_size_or_record_limits_are_refused_naming_the_limit() {
 }
 
 #[tokio::test]
+async fn the_upload_limit_follows_max_file_bytes_not_the_json_body_limit() {
+    let app = spawn_app_with(|s| {
+        s.server.max_body_bytes = 2048;
+        s.datasets.max_file_bytes = 100_000;
+    })
+    .await;
+    let data = "{\"text\": \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"}\n".repeat(200);
+    assert!(data.len() > 2048 && data.len() < 100_000);
+    let resp = upload(&app, form("fine-tune", data)).await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
 async fn missing_or_unexpected_parts_are_refused() {
     let app = spawn_app().await;
     let no_file = Form::new().text("purpose", "fine-tune");
