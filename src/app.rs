@@ -110,6 +110,8 @@ impl Application {
             }),
             metrics: crate::metrics::install(),
             adapters,
+            db: db.clone(),
+            datasets: settings.datasets.clone(),
         };
         let router = api::router(state, settings.server.max_body_bytes, a.max_upload_bytes);
         let addr = settings.bind_addr()?;

@@ -19,6 +19,14 @@ pub struct Settings {
     pub engine: EngineSettings,
     pub adapters: AdapterSettings,
     pub storage: StorageSettings,
+    pub datasets: DatasetSettings,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSettings {
+    pub max_file_bytes: usize,
+    pub max_records: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -144,6 +152,9 @@ impl Settings {
             bail!(
                 "adapters.max_rank must be at least 1 and adapters.max_upload_bytes at least 1024"
             );
+        }
+        if self.datasets.max_file_bytes == 0 || self.datasets.max_records == 0 {
+            bail!("datasets.max_file_bytes and datasets.max_records must be at least 1");
         }
         if self.server.max_body_bytes < 1024 {
             bail!("server.max_body_bytes must be at least 1024");

@@ -5,6 +5,7 @@ pub mod adapters;
 pub mod chinchilla;
 pub mod error;
 pub mod extract;
+pub mod files;
 pub mod generate;
 pub mod generation;
 pub mod health;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub model: Arc<ServedModel>,
     pub metrics: PrometheusHandle,
     pub adapters: Arc<AdapterRegistry>,
+    pub db: sqlx::SqlitePool,
+    pub datasets: crate::config::DatasetSettings,
 }
 
 /// Facts about the served base model that requests are validated against.
@@ -52,6 +55,7 @@ pub struct ServedModel {
 pub fn router(state: AppState, max_body_bytes: usize, max_upload_bytes: usize) -> Router {
     Router::new()
         .merge(adapters::routes(max_upload_bytes))
+        .merge(files::routes(state.datasets.max_file_bytes))
         .merge(generate::routes())
         .merge(openai::routes())
         .merge(tokenize::routes())

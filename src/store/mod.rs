@@ -2,6 +2,7 @@
 //! start. Queries per table live in submodules as the tables gain users.
 
 pub mod adapters;
+pub mod files;
 
 use std::str::FromStr;
 

@@ -2,6 +2,7 @@
 
 mod adapters;
 mod errors;
+mod files;
 mod generate;
 mod helpers;
 mod openai;
