@@ -2,6 +2,8 @@
 //! start. Queries per table live in submodules as the tables gain users.
 
 pub mod adapters;
+pub mod keys;
+pub mod tenants;
 
 use std::str::FromStr;
 
