@@ -105,10 +105,10 @@ pub struct Overrides {
     #[arg(long, env = "ADAPTERD_DATABASE_URL")]
     pub database_url: Option<String>,
     /// Require an API key (`Authorization: Bearer <key>`) on every /v1 route.
-    #[arg(long)]
+    #[arg(long, env = "ADAPTERD_AUTH")]
     pub auth: bool,
     /// Allow listening on a non-loopback address with auth off (every caller is `default`).
-    #[arg(long)]
+    #[arg(long, env = "ADAPTERD_INSECURE")]
     pub insecure: bool,
 }
 
