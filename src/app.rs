@@ -1,5 +1,5 @@
-//! `Application::build(settings)`: resolves and loads the model, opens the database, starts the
-//! engine thread and binds the listener (port 0 works; `port()` tells which). `run` serves until
+//! `Application::build(settings)`: refuses a non-loopback bind with auth off (unless insecure),
+//! resolves and loads the model, opens the database, starts the engine thread and binds the listener (port 0 works; `port()` tells which). `run` serves until
 //! the shutdown future resolves. `main` and the integration tests share this path.
 
 use std::future::Future;
@@ -22,6 +22,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     addr: SocketAddr,
+    auth: bool,
     pub db: sqlx::SqlitePool,
 }
 
@@ -39,7 +40,14 @@ pub fn resolve_model_path(settings: &Settings) -> anyhow::Result<PathBuf> {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.validate()?;
+        settings.check_exposure()?;
         let db = crate::store::connect(&settings.storage.database_url).await?;
+        if settings.auth.enabled && crate::store::keys::count_active(&db).await? == 0 {
+            tracing::warn!(
+                "auth is on but no API key exists: every /v1 request will get 401; \
+                 create one with `adapterd keys create --tenant NAME`"
+            );
+        }
         std::fs::create_dir_all(&settings.storage.adapters_dir).with_context(|| {
             format!(
                 "creating adapters directory {}",
@@ -112,6 +120,10 @@ impl Application {
             adapters,
             db: db.clone(),
             datasets: settings.datasets.clone(),
+            auth: Arc::new(api::auth::Auth::new(settings.auth.enabled, db.clone())),
+            limits: Arc::new(api::limits::TenantLimits::new(
+                settings.limits.max_concurrent_per_tenant,
+            )),
         };
         let router = api::router(state, settings.server.max_body_bytes, a.max_upload_bytes);
         let addr = settings.bind_addr()?;
@@ -123,6 +135,7 @@ impl Application {
             listener,
             router,
             addr,
+            auth: settings.auth.enabled,
             db,
         })
     }
@@ -140,7 +153,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        tracing::info!(addr = %self.addr, "listening");
+        tracing::info!(addr = %self.addr, auth = self.auth, "listening");
         axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await

@@ -20,6 +20,8 @@ pub struct Settings {
     pub adapters: AdapterSettings,
     pub storage: StorageSettings,
     pub datasets: DatasetSettings,
+    pub auth: AuthSettings,
+    pub limits: LimitSettings,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -27,6 +29,22 @@ pub struct Settings {
 pub struct DatasetSettings {
     pub max_file_bytes: usize,
     pub max_records: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Require `Authorization: Bearer <key>` on /v1 routes; off means every caller is `default`.
+    pub enabled: bool,
+    /// Allow a non-loopback bind with auth off.
+    pub insecure: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Generation requests one tenant may have in progress (streams included) at once.
+    pub max_concurrent_per_tenant: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -94,6 +112,12 @@ pub struct Overrides {
     /// SQLite URL, e.g. sqlite://data/adapterd.db.
     #[arg(long, env = "ADAPTERD_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Require an API key (`Authorization: Bearer <key>`) on every /v1 route.
+    #[arg(long, env = "ADAPTERD_AUTH")]
+    pub auth: bool,
+    /// Allow listening on a non-loopback address with auth off (every caller is `default`).
+    #[arg(long, env = "ADAPTERD_INSECURE")]
+    pub insecure: bool,
 }
 
 impl Settings {
@@ -133,6 +157,8 @@ impl Settings {
         if let Some(v) = &o.database_url {
             s.storage.database_url = v.clone();
         }
+        s.auth.enabled |= o.auth;
+        s.auth.insecure |= o.insecure;
         s.validate()?;
         Ok(s)
     }
@@ -161,6 +187,25 @@ impl Settings {
         }
         if !self.storage.database_url.starts_with("sqlite:") {
             bail!("storage.database_url must be a sqlite: URL");
+        }
+        if !(1..=1_000_000).contains(&self.limits.max_concurrent_per_tenant) {
+            bail!("limits.max_concurrent_per_tenant must be between 1 and 1000000");
+        }
+        Ok(())
+    }
+
+    /// Refuses to serve every caller as tenant `default` on an address other machines can
+    /// reach, unless the operator said so (`--insecure` / `auth.insecure`). Checked by
+    /// `Application::build`, not by `validate`, so `adapterd keys` works with any bind.
+    pub fn check_exposure(&self) -> anyhow::Result<()> {
+        let addr = self.bind_addr()?;
+        if !addr.ip().is_loopback() && !self.auth.enabled && !self.auth.insecure {
+            bail!(
+                "refusing to listen on {addr} with authentication off: anyone who can reach it \
+                 would act as tenant `default`. Turn auth on (--auth or auth.enabled = true, \
+                 keys from `adapterd keys create`), bind a loopback address, or pass --insecure \
+                 (auth.insecure = true) to accept the risk"
+            );
         }
         Ok(())
     }
@@ -240,5 +285,41 @@ mod tests {
         };
         let err = Settings::load(&o).unwrap_err().to_string();
         assert!(err.contains("server.bind"), "{err}");
+    }
+
+    #[test]
+    fn flags_turn_auth_on_and_limits_are_validated() {
+        let o = Overrides {
+            auth: true,
+            ..Default::default()
+        };
+        let s = Settings::load(&o).unwrap();
+        assert!(s.auth.enabled && !s.auth.insecure);
+        assert_eq!(s.limits.max_concurrent_per_tenant, 32);
+        let mut s = Settings::defaults().unwrap();
+        s.limits.max_concurrent_per_tenant = 0;
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn a_public_bind_needs_auth_or_insecure() {
+        let mut s = Settings::defaults().unwrap();
+        s.check_exposure().unwrap();
+        for bind in ["0.0.0.0:8080", "[::]:8080", "192.0.2.1:80"] {
+            s.server.bind = bind.into();
+            let err = s.check_exposure().unwrap_err().to_string();
+            assert!(
+                err.contains("--insecure") && err.contains("--auth"),
+                "{err}"
+            );
+        }
+        s.auth.insecure = true;
+        s.check_exposure().unwrap();
+        s.auth.insecure = false;
+        s.auth.enabled = true;
+        s.check_exposure().unwrap();
+        s.server.bind = "[::1]:8080".into();
+        s.auth.enabled = false;
+        s.check_exposure().unwrap();
     }
 }

@@ -8,7 +8,8 @@
 //!   Knows nothing of HTTP or SQL.
 //! - [`adapters`]: the adapter registry — versions on disk and in SQLite, resolve and pin.
 //! - [`api`]: axum routers, one file per resource; `ApiError` is the only place with status codes.
-//! - [`store`]: the SQLite pool and migrations.
+//! - [`store`]: the SQLite pool and migrations; queries per table.
+//! - [`keys`]: API keys — minting, hashing, the `adapterd keys` subcommands.
 //! - [`scaling`]: Chinchilla / Kaplan / inference-aware formulas, pure functions.
 //! - [`metrics`]: metric names as consts, described once; the Prometheus recorder.
 //! - [`app`]: `Application::build(settings)` binds, loads, and runs the server.
@@ -18,6 +19,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod engine;
+pub mod keys;
 pub mod metrics;
 pub mod model_fetch;
 pub mod scaling;

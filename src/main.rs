@@ -1,5 +1,5 @@
 //! The `adapterd` binary: parses the command line, sets up logging, and runs a subcommand
-//! (`serve`, `fetch-model`, `chinchilla`). Everything else lives in the library.
+//! (`serve`, `keys`, `fetch-model`, `chinchilla`). Everything else lives in the library.
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API (loads the model first; fetches the default model if needed).
     Serve(Overrides),
+    /// Manage API keys (create, list, revoke) in the configured database; loads no model.
+    Keys(adapterd::keys::KeysArgs),
     /// Download and verify the default model into the cache, then print its path.
     FetchModel {
         /// Cache directory (default: $XDG_CACHE_HOME/adapterd/models or ~/.cache/adapterd/models).
@@ -58,6 +60,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let app = Application::build(settings).await?;
                 app.run(shutdown_signal()).await
             })
+        }
+        Command::Keys(args) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            print!("{}", rt.block_on(adapterd::keys::run_cli(&args))?);
+            Ok(())
         }
         Command::FetchModel { model_cache } => {
             let path = adapterd::model_fetch::ensure_default_model(model_cache.as_deref())?;

@@ -1,5 +1,7 @@
 //! `/v1/adapters`: upload (multipart; the same name again makes a new version), list, show and
-//! delete the caller's LoRA adapters. Validation happens before anything is stored.
+//! delete the caller's LoRA adapters. Validation happens before anything is stored. Every call
+//! is scoped to the caller's [`Tenant`]: another tenant's adapter answers the same 404 as a
+//! missing one.
 
 use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
 use axum::http::StatusCode;
@@ -8,6 +10,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use super::auth::Tenant;
 use super::{ApiError, AppState};
 use crate::adapters::{AdapterError, CONFIG_FILE, WEIGHTS_FILE};
 use crate::store::adapters::AdapterRow;
@@ -21,11 +24,6 @@ pub fn routes(max_upload_bytes: usize) -> Router<AppState> {
                 .layer(DefaultBodyLimit::max(max_upload_bytes)),
         )
         .route("/v1/adapters/{name}", get(show).delete(remove))
-}
-
-/// The tenant of the caller. Auth is not built yet: every caller is `default` (design §4).
-pub(crate) fn tenant() -> &'static str {
-    crate::DEFAULT_TENANT
 }
 
 impl From<AdapterError> for ApiError {
@@ -79,7 +77,11 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     }
 }
 
-async fn upload(State(state): State<AppState>, mut form: Multipart) -> Result<Response, ApiError> {
+async fn upload(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    mut form: Multipart,
+) -> Result<Response, ApiError> {
     let (mut name, mut config, mut weights) = (None, None, None);
     while let Some(field) = form.next_field().await.map_err(multipart_error)? {
         // A part is named by its field name or, for files, its file name.
@@ -109,13 +111,16 @@ async fn upload(State(state): State<AppState>, mut form: Multipart) -> Result<Re
         .ok_or_else(|| ApiError::invalid_field(format!("the `{WEIGHTS_FILE}` part is missing")))?;
     let created = state
         .adapters
-        .create(tenant(), &name, config, weights, "upload", None)
+        .create(&tenant, &name, config, weights, "upload", None)
         .await?;
     Ok((StatusCode::CREATED, Json(adapter_json(&created.row))).into_response())
 }
 
-async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let rows = state.adapters.list(tenant()).await?;
+async fn list(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+) -> Result<Json<Value>, ApiError> {
+    let rows = state.adapters.list(&tenant).await?;
     Ok(Json(
         json!({"object": "list", "data": rows.iter().map(adapter_json).collect::<Vec<_>>()}),
     ))
@@ -124,9 +129,10 @@ async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
 /// The newest version, with every live version listed under `versions`.
 async fn show(
     State(state): State<AppState>,
+    Tenant(tenant): Tenant,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let versions = state.adapters.versions(tenant(), &name).await?;
+    let versions = state.adapters.versions(&tenant, &name).await?;
     let newest = versions
         .last()
         .ok_or_else(|| ApiError::not_found(format!("adapter `{name}` not found")))?;
@@ -137,8 +143,9 @@ async fn show(
 
 async fn remove(
     State(state): State<AppState>,
+    Tenant(tenant): Tenant,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    state.adapters.delete(tenant(), &name).await?;
+    state.adapters.delete(&tenant, &name).await?;
     Ok(Json(json!({"name": name, "deleted": true})))
 }

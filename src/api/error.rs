@@ -44,6 +44,10 @@ impl ApiError {
     pub fn invalid_field(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_value", message)
     }
+    /// 401: no usable API key. The response carries `WWW-Authenticate: Bearer`.
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code, message)
+    }
     /// 404: unknown model, adapter, job, file, route — or another tenant's.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
@@ -51,6 +55,12 @@ impl ApiError {
     /// 429: the queue is full; come back after `retry_after` seconds.
     pub fn overloaded(message: impl Into<String>, retry_after: u64) -> Self {
         let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message);
+        e.retry_after = Some(retry_after);
+        e
+    }
+    /// 429: one of the caller's own limits is reached; the message names the setting.
+    pub fn limit_exceeded(message: impl Into<String>, retry_after: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "limit_exceeded", message);
         e.retry_after = Some(retry_after);
         e
     }
@@ -103,6 +113,12 @@ impl IntoResponse for ApiError {
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"adapterd\""),
+            );
         }
         resp
     }

@@ -11,7 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::adapters::tenant;
+use super::auth::Tenant;
 use super::{ApiError, AppState};
 use crate::engine::train::data::{validate_jsonl, DatasetError, DatasetLimits};
 use crate::store::files::{self as q, FileRow};
@@ -96,6 +96,7 @@ async fn read_capped(mut field: Field<'_>, max: usize) -> Result<Vec<u8>, ApiErr
 
 async fn upload(
     State(state): State<AppState>,
+    Tenant(tenant): Tenant,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
     let mut form = form.map_err(|e| {
@@ -164,7 +165,7 @@ async fn upload(
     let records = validate_jsonl(&bytes, &limits)?;
     let row = FileRow {
         id: format!("file-{}", uuid::Uuid::new_v4().simple()),
-        tenant: tenant().to_owned(),
+        tenant: tenant.clone(),
         filename,
         purpose: PURPOSE.to_owned(),
         bytes: i64::try_from(bytes.len()).map_err(ApiError::internal)?,
@@ -177,8 +178,11 @@ async fn upload(
     Ok((StatusCode::OK, Json(file_json(&row))).into_response())
 }
 
-async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let rows = q::list(&state.db, tenant())
+async fn list(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+) -> Result<Json<Value>, ApiError> {
+    let rows = q::list(&state.db, &tenant)
         .await
         .map_err(ApiError::internal)?;
     Ok(Json(
@@ -188,9 +192,10 @@ async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
 
 async fn show(
     State(state): State<AppState>,
+    Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let row = q::get(&state.db, tenant(), &id)
+    let row = q::get(&state.db, &tenant, &id)
         .await
         .map_err(ApiError::internal)?
         .ok_or_else(|| not_found(&id))?;
@@ -199,9 +204,10 @@ async fn show(
 
 async fn content(
     State(state): State<AppState>,
+    Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let bytes = q::content(&state.db, tenant(), &id)
+    let bytes = q::content(&state.db, &tenant, &id)
         .await
         .map_err(ApiError::internal)?
         .ok_or_else(|| not_found(&id))?;
@@ -210,9 +216,10 @@ async fn content(
 
 async fn remove(
     State(state): State<AppState>,
+    Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if !q::delete(&state.db, tenant(), &id)
+    if !q::delete(&state.db, &tenant, &id)
         .await
         .map_err(ApiError::internal)?
     {

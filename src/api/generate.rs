@@ -10,6 +10,7 @@ use futures::stream::{self, Stream};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::auth::Tenant;
 use super::extract::ApiJson;
 use super::generation::{self, chat_prompt, text_prompt, MessageIn, StopSpec};
 use super::{ApiError, AppState};
@@ -80,10 +81,11 @@ fn token_out(tok: &Tokenizer, t: &TokenLogprob, with_top: bool) -> TokenOut {
 
 async fn generate(
     State(state): State<AppState>,
+    Tenant(tenant): Tenant,
     ApiJson(body): ApiJson<GenerateBody>,
 ) -> Result<Response, ApiError> {
     let pinned = match &body.adapter_id {
-        Some(r) => Some(state.adapters.resolve(super::adapters::tenant(), r).await?),
+        Some(r) => Some(state.adapters.resolve(&tenant, r).await?),
         None => None,
     };
     let prompt = match (body.prompt, body.messages) {

@@ -1,7 +1,10 @@
 //! HTTP surface: one router per resource, composed in [`router`]. Handlers validate input into
 //! engine types (`GenerateRequest`) and never touch tensors; every error is an [`ApiError`].
+//! Every request passes [`auth::authenticate`], which attaches the caller's [`auth::Tenant`];
+//! generation routes also pass the per-tenant concurrency cap in [`limits`].
 
 pub mod adapters;
+pub mod auth;
 pub mod chinchilla;
 pub mod error;
 pub mod extract;
@@ -9,6 +12,7 @@ pub mod files;
 pub mod generate;
 pub mod generation;
 pub mod health;
+pub mod limits;
 pub mod models;
 pub mod openai;
 pub mod tokenize;
@@ -37,6 +41,8 @@ pub struct AppState {
     pub adapters: Arc<AdapterRegistry>,
     pub db: sqlx::SqlitePool,
     pub datasets: crate::config::DatasetSettings,
+    pub auth: Arc<auth::Auth>,
+    pub limits: Arc<limits::TenantLimits>,
 }
 
 /// Facts about the served base model that requests are validated against.
@@ -53,11 +59,17 @@ pub struct ServedModel {
 }
 
 pub fn router(state: AppState, max_body_bytes: usize, max_upload_bytes: usize) -> Router {
+    let generation = Router::new()
+        .merge(generate::routes())
+        .merge(openai::routes())
+        .route_layer(middleware::from_fn_with_state(
+            state.limits.clone(),
+            limits::concurrency,
+        ));
     Router::new()
         .merge(adapters::routes(max_upload_bytes))
         .merge(files::routes(state.datasets.max_file_bytes))
-        .merge(generate::routes())
-        .merge(openai::routes())
+        .merge(generation)
         .merge(tokenize::routes())
         .merge(models::routes())
         .merge(health::routes())
@@ -65,6 +77,10 @@ pub fn router(state: AppState, max_body_bytes: usize, max_upload_bytes: usize) -
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.auth.clone(),
+            auth::authenticate,
+        ))
         .layer(middleware::from_fn(record_http_metrics))
         .with_state(state)
 }

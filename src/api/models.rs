@@ -1,11 +1,15 @@
-//! `GET /v1/models`: the served base model, in OpenAI's list shape.
+//! `GET /v1/models` and `GET /v1/models/{id}`: the served base model and the caller's adapters
+//! (never another tenant's), in OpenAI's shapes.
 
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use super::auth::Tenant;
 use super::{ApiError, AppState};
+use crate::adapters::AdapterError;
+use crate::store::adapters::AdapterRow;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -27,19 +31,26 @@ fn base_model(state: &AppState) -> Value {
 
 /// The base model, then the caller's adapters (newest version of each) with `parent` set to
 /// the base; `model` in a request may name either.
-async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+async fn list(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+) -> Result<Json<Value>, ApiError> {
     let mut data = vec![base_model(&state)];
-    for row in state.adapters.list(super::adapters::tenant()).await? {
-        data.push(json!({
-            "id": row.name,
-            "object": "model",
-            "created": created_unix(&row.created_at),
-            "owned_by": row.tenant,
-            "parent": state.model.name,
-            "version": row.version,
-        }));
+    for row in state.adapters.list(&tenant).await? {
+        data.push(adapter_model(&state, &row.name, &row));
     }
     Ok(Json(json!({"object": "list", "data": data})))
+}
+
+fn adapter_model(state: &AppState, id: &str, row: &AdapterRow) -> Value {
+    json!({
+        "id": id,
+        "object": "model",
+        "created": created_unix(&row.created_at),
+        "owned_by": row.tenant,
+        "parent": state.model.name,
+        "version": row.version,
+    })
 }
 
 /// Unix seconds of an RFC 3339 UTC timestamp written by the registry (0 if unparsable).
@@ -61,18 +72,23 @@ fn created_unix(ts: &str) -> i64 {
     days * 86_400 + hh * 3600 + mm * 60 + ss
 }
 
+/// The base model, or one of the caller's adapters by `name` or `name@version`.
 async fn retrieve(
     State(state): State<AppState>,
+    Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     if id == state.model.name {
-        Ok(Json(base_model(&state)))
-    } else {
-        Err(ApiError::new(
+        return Ok(Json(base_model(&state)));
+    }
+    match state.adapters.find(&tenant, &id).await {
+        Ok(row) => Ok(Json(adapter_model(&state, &id, &row))),
+        Err(AdapterError::NotFound(_) | AdapterError::InvalidName(_)) => Err(ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
             "model_not_found",
             format!("model `{id}` does not exist"),
-        ))
+        )),
+        Err(e) => Err(e.into()),
     }
 }
 

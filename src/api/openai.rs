@@ -11,6 +11,7 @@ use futures::stream::{self, Stream};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::auth::Tenant;
 use super::extract::ApiJson;
 use super::generation::{self, chat_prompt, text_prompt, Completion, MessageIn, StopSpec};
 use super::{ApiError, AppState};
@@ -153,16 +154,17 @@ fn refuse_unsupported(
 }
 
 /// `model` is the base model's name or one of the caller's adapters (`name` or
-/// `name@version`); returns the pinned adapter, if any. Unknown names are 404 model_not_found.
-async fn resolve_model(state: &AppState, model: &str) -> Result<Option<Resolved>, ApiError> {
+/// `name@version`); returns the pinned adapter, if any. Unknown names (another tenant's
+/// included) are 404 model_not_found.
+async fn resolve_model(
+    state: &AppState,
+    tenant: &str,
+    model: &str,
+) -> Result<Option<Resolved>, ApiError> {
     if model == state.model.name {
         return Ok(None);
     }
-    match state
-        .adapters
-        .resolve(super::adapters::tenant(), model)
-        .await
-    {
+    match state.adapters.resolve(tenant, model).await {
         Ok(r) => Ok(Some(r)),
         Err(AdapterError::NotFound(_)) | Err(AdapterError::InvalidName(_)) => Err(ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
@@ -194,9 +196,10 @@ fn usage(prompt: usize, completion: usize) -> Value {
 
 async fn completions(
     State(state): State<AppState>,
+    Tenant(tenant): Tenant,
     ApiJson(body): ApiJson<CompletionBody>,
 ) -> Result<Response, ApiError> {
-    let pinned = resolve_model(&state, &body.model).await?;
+    let pinned = resolve_model(&state, &tenant, &body.model).await?;
     refuse_unsupported(body.n, body.presence_penalty, body.frequency_penalty)?;
     if body.best_of.is_some_and(|b| b != 1) {
         return Err(ApiError::invalid_field("`best_of`: only 1 is supported"));
@@ -369,9 +372,10 @@ fn completion_logprobs(tok: &Tokenizer, entries: &[LegacyEntry]) -> Value {
 
 async fn chat_completions(
     State(state): State<AppState>,
+    Tenant(tenant): Tenant,
     ApiJson(body): ApiJson<ChatBody>,
 ) -> Result<Response, ApiError> {
-    let pinned = resolve_model(&state, &body.model).await?;
+    let pinned = resolve_model(&state, &tenant, &body.model).await?;
     refuse_unsupported(body.n, body.presence_penalty, body.frequency_penalty)?;
     refuse_unsupported_chat(&body)?;
     let prompt = chat_prompt(&state, body.messages, "messages")?;

@@ -3,6 +3,8 @@
 
 pub mod adapters;
 pub mod files;
+pub mod keys;
+pub mod tenants;
 
 use std::str::FromStr;
 

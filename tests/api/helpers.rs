@@ -1,6 +1,7 @@
 //! Test helpers: a tiny seeded llama model written as a Hugging Face directory (config.json,
 //! model.safetensors, byte-level BPE tokenizer.json, tokenizer_config.json with a chat
-//! template), and `spawn_app()` that serves it on 127.0.0.1:0 with a temp database.
+//! template), and `spawn_app()` that serves it on 127.0.0.1:0 with a temp database;
+//! `spawn_app_with_auth()` serves it with auth on and keys for two tenants.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -74,6 +75,21 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
 /// Serves the tiny model with its database and adapter store under `dir` (which the caller
 /// keeps), so a second app on the same `dir` sees what the first stored: a restart.
 pub async fn spawn_app_in(dir: &Path, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    let mut s = test_settings(dir);
+    tweak(&mut s);
+    let app = Application::build(s).await.expect("app builds");
+    let base = format!("http://{}", app.addr());
+    tokio::spawn(app.run(std::future::pending()));
+    TestApp {
+        base,
+        client: reqwest::Client::new(),
+        _dir: None,
+    }
+}
+
+/// Settings serving the tiny model (written under `dir` if missing) on 127.0.0.1:0, with the
+/// database and adapter store under `dir`.
+pub fn test_settings(dir: &Path) -> Settings {
     let model_dir = dir.join(TINY_MODEL_NAME);
     if !model_dir.join("model.safetensors").exists() {
         write_tiny_model(&model_dir, 7);
@@ -83,14 +99,70 @@ pub async fn spawn_app_in(dir: &Path, tweak: impl FnOnce(&mut Settings)) -> Test
     s.model.path = model_dir.display().to_string();
     s.storage.adapters_dir = dir.join("adapters").display().to_string();
     s.storage.database_url = format!("sqlite://{}", dir.join("test.db").display());
+    s
+}
+
+/// One app with auth on, seen by two tenants and by a caller without a key.
+pub struct AuthApp {
+    /// Sends no Authorization header; owns the temp directory.
+    pub anon: TestApp,
+    /// Sends tenant `tenant-a`'s key on every request.
+    pub a: TestApp,
+    /// Sends tenant `tenant-b`'s key on every request.
+    pub b: TestApp,
+    pub a_key: adapterd::keys::NewKey,
+    pub b_key: adapterd::keys::NewKey,
+    pub db: sqlx::SqlitePool,
+    /// The adapter store.
+    pub adapters_dir: std::path::PathBuf,
+}
+
+pub async fn spawn_app_with_auth() -> AuthApp {
+    spawn_app_with_auth_and(|_| {}).await
+}
+
+/// Auth on, keys for `tenant-a` and `tenant-b` created through the library's key API.
+pub async fn spawn_app_with_auth_and(tweak: impl FnOnce(&mut Settings)) -> AuthApp {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = test_settings(dir.path());
+    s.auth.enabled = true;
     tweak(&mut s);
+    let adapters_dir = std::path::PathBuf::from(&s.storage.adapters_dir);
     let app = Application::build(s).await.expect("app builds");
+    let db = app.db.clone();
+    let a_key = adapterd::keys::create(&db, "tenant-a")
+        .await
+        .expect("key a");
+    let b_key = adapterd::keys::create(&db, "tenant-b")
+        .await
+        .expect("key b");
     let base = format!("http://{}", app.addr());
     tokio::spawn(app.run(std::future::pending()));
-    TestApp {
-        base,
-        client: reqwest::Client::new(),
-        _dir: None,
+    let as_tenant = |key: &str| {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let value = format!("Bearer {key}").parse().expect("header value");
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        TestApp {
+            base: base.clone(),
+            client: reqwest::Client::builder()
+                .default_headers(headers)
+                .build()
+                .expect("client"),
+            _dir: None,
+        }
+    };
+    AuthApp {
+        a: as_tenant(&a_key.key),
+        b: as_tenant(&b_key.key),
+        anon: TestApp {
+            base: base.clone(),
+            client: reqwest::Client::new(),
+            _dir: Some(dir),
+        },
+        a_key,
+        b_key,
+        db,
+        adapters_dir,
     }
 }
 

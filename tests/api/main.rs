@@ -1,6 +1,7 @@
 //! Integration tests: the real app on 127.0.0.1:0 serving a tiny seeded model.
 
 mod adapters;
+mod auth;
 mod errors;
 mod files;
 mod generate;
