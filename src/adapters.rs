@@ -150,6 +150,11 @@ impl AdapterRegistry {
         }
     }
 
+    /// The limits uploads (and trained adapters) are validated against.
+    pub fn limits(&self) -> LoraLimits {
+        self.limits
+    }
+
     fn dir(&self, tenant: &str, name: &str, version: i64) -> PathBuf {
         self.root.join(tenant).join(name).join(version.to_string())
     }

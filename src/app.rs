@@ -16,7 +16,9 @@ use crate::adapters::AdapterRegistry;
 use crate::api::{self, AppState, ServedModel};
 use crate::config::Settings;
 use crate::engine::lora::peft::LoraLimits;
+use crate::engine::train::data::DatasetLimits;
 use crate::engine::{self, scheduler};
+use crate::jobs::JobRunner;
 
 pub struct Application {
     listener: TcpListener,
@@ -24,6 +26,8 @@ pub struct Application {
     addr: SocketAddr,
     auth: bool,
     pub db: sqlx::SqlitePool,
+    /// The fine-tuning job runner (tests call `run_pending_jobs` on it).
+    pub jobs: Arc<JobRunner>,
 }
 
 /// The model path to serve: the configured one, or the default model (fetched if missing).
@@ -95,9 +99,29 @@ impl Application {
             settings.model.name.clone()
         };
         let tokenizer = Arc::new(loaded.tokenizer);
+        let model = Arc::new(loaded.model);
+        let jobs = Arc::new(JobRunner::new(
+            db.clone(),
+            model.clone(),
+            tokenizer.clone(),
+            adapters.clone(),
+            name.clone(),
+            PathBuf::from(&settings.storage.jobs_dir),
+            settings.finetune.threads,
+            DatasetLimits {
+                max_records: settings.datasets.max_records,
+                max_bytes: settings.datasets.max_file_bytes,
+            },
+        )?);
+        jobs.recover()
+            .await
+            .context("recovering fine-tuning jobs interrupted by a restart")?;
+        if settings.finetune.autostart {
+            jobs.start();
+        }
         let e = &settings.engine;
         let engine = scheduler::spawn(
-            Arc::new(loaded.model),
+            model,
             tokenizer.clone(),
             scheduler::EngineConfig {
                 max_running: e.max_running,
@@ -120,6 +144,8 @@ impl Application {
             adapters,
             db: db.clone(),
             datasets: settings.datasets.clone(),
+            finetune: settings.finetune.clone(),
+            jobs: jobs.clone(),
             auth: Arc::new(api::auth::Auth::new(settings.auth.enabled, db.clone())),
             limits: Arc::new(api::limits::TenantLimits::new(
                 settings.limits.max_concurrent_per_tenant,
@@ -137,6 +163,7 @@ impl Application {
             addr,
             auth: settings.auth.enabled,
             db,
+            jobs,
         })
     }
 

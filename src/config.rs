@@ -20,6 +20,7 @@ pub struct Settings {
     pub adapters: AdapterSettings,
     pub storage: StorageSettings,
     pub datasets: DatasetSettings,
+    pub finetune: FinetuneSettings,
     pub auth: AuthSettings,
     pub limits: LimitSettings,
 }
@@ -86,6 +87,21 @@ pub struct EngineSettings {
 pub struct StorageSettings {
     pub adapters_dir: String,
     pub database_url: String,
+    /// Working files of running fine-tuning jobs (checkpoints).
+    pub jobs_dir: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneSettings {
+    /// Run queued jobs in the background (tests turn it off and call `run_pending_jobs`).
+    pub autostart: bool,
+    /// Threads training may use; the rest of the machine stays with serving.
+    pub threads: usize,
+    /// Queued plus running jobs one tenant may have.
+    pub max_active_per_tenant: usize,
+    /// Largest `max_steps` (and computed step count) a job may have.
+    pub max_steps: usize,
 }
 
 /// Overrides from flags or environment; `None` keeps the file's value.
@@ -173,6 +189,10 @@ impl Settings {
             bail!(
                 "engine.default_max_new_tokens must be between 1 and engine.max_new_tokens_limit"
             );
+        }
+        let f = &self.finetune;
+        if f.threads == 0 || f.max_active_per_tenant == 0 || f.max_steps == 0 {
+            bail!("finetune.threads, finetune.max_active_per_tenant and finetune.max_steps must be at least 1");
         }
         if self.adapters.max_rank == 0 || self.adapters.max_upload_bytes < 1024 {
             bail!(

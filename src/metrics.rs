@@ -23,6 +23,10 @@ pub const ADAPTER_CACHE_MISSES_TOTAL: &str = "adapterd_adapter_cache_misses_tota
 pub const ADAPTER_CACHE_EVICTIONS_TOTAL: &str = "adapterd_adapter_cache_evictions_total";
 pub const ADAPTER_CACHE_BYTES: &str = "adapterd_adapter_cache_bytes";
 pub const ADAPTERS_RESIDENT: &str = "adapterd_adapters_resident";
+pub const FINETUNE_JOBS: &str = "adapterd_finetune_jobs";
+pub const FINETUNE_STEPS_TOTAL: &str = "adapterd_finetune_steps_total";
+pub const FINETUNE_STEP_SECONDS: &str = "adapterd_finetune_step_seconds";
+pub const FINETUNE_TOKENS_TOTAL: &str = "adapterd_finetune_tokens_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -58,6 +62,14 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(FINETUNE_JOBS, "Fine-tuning jobs by status");
+    describe_counter!(FINETUNE_STEPS_TOTAL, "Optimizer steps done, by method");
+    describe_histogram!(
+        FINETUNE_STEP_SECONDS,
+        Unit::Seconds,
+        "Wall time of one optimizer step"
+    );
+    describe_counter!(FINETUNE_TOKENS_TOTAL, "Tokens through the training forward");
     describe_counter!(
         HTTP_REQUESTS_TOTAL,
         "HTTP requests by matched route, method and status"

@@ -9,6 +9,7 @@ pub mod chinchilla;
 pub mod error;
 pub mod extract;
 pub mod files;
+pub mod finetune;
 pub mod generate;
 pub mod generation;
 pub mod health;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub adapters: Arc<AdapterRegistry>,
     pub db: sqlx::SqlitePool,
     pub datasets: crate::config::DatasetSettings,
+    pub finetune: crate::config::FinetuneSettings,
+    pub jobs: Arc<crate::jobs::JobRunner>,
     pub auth: Arc<auth::Auth>,
     pub limits: Arc<limits::TenantLimits>,
 }
@@ -69,6 +72,7 @@ pub fn router(state: AppState, max_body_bytes: usize, max_upload_bytes: usize) -
     Router::new()
         .merge(adapters::routes(max_upload_bytes))
         .merge(files::routes(state.datasets.max_file_bytes))
+        .merge(finetune::routes(state.datasets.max_file_bytes))
         .merge(generation)
         .merge(tokenize::routes())
         .merge(models::routes())

@@ -3,6 +3,7 @@
 
 pub mod adapters;
 pub mod files;
+pub mod jobs;
 pub mod keys;
 pub mod tenants;
 
