@@ -2,12 +2,10 @@
 //! the cache by the project's own fetcher): a factual answer over HTTP, and agreement between
 //! the GGUF file and a Hugging Face f32 safetensors copy of the same weights.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use adapterd::engine::model::{Llama, SeqCache, SeqInput};
-use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde_json::{json, Value};
 
 fn default_model() -> PathBuf {
@@ -75,85 +73,13 @@ fn greedy(model: &Llama, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
     (toks, lps)
 }
 
-/// Writes a Hugging Face directory holding the GGUF's weights dequantized to f32, with q/k rows
-/// put back in Hugging Face order. The un-permutation here is written independently of the
-/// loader's (tensor reshapes instead of byte moves), so the test checks one against the other.
-fn export_hf_copy(gguf: &Path, out: &Path) {
-    let mut f = std::fs::File::open(gguf).unwrap();
-    let ct = gguf_file::Content::read(&mut f).unwrap();
-    let cfg = adapterd::engine::model::ModelConfig::from_gguf(&ct).unwrap();
-    let dev = Device::Cpu;
-    let mut get = |n: &str| {
-        ct.tensor(&mut f, n, &dev)
-            .unwrap()
-            .dequantize(&dev)
-            .unwrap()
-    };
-    let unpermute = |w: Tensor, heads: usize| {
-        let (rows, cols) = w.dims2().unwrap();
-        w.reshape((heads, rows / heads / 2, 2, cols))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .reshape((rows, cols))
-            .unwrap()
-            .contiguous()
-            .unwrap()
-    };
-    let mut w: HashMap<String, Tensor> = HashMap::new();
-    w.insert("model.embed_tokens.weight".into(), get("token_embd.weight"));
-    w.insert("model.norm.weight".into(), get("output_norm.weight"));
-    for i in 0..cfg.num_layers {
-        let (g, h) = (format!("blk.{i}"), format!("model.layers.{i}"));
-        w.insert(
-            format!("{h}.input_layernorm.weight"),
-            get(&format!("{g}.attn_norm.weight")),
-        );
-        w.insert(
-            format!("{h}.post_attention_layernorm.weight"),
-            get(&format!("{g}.ffn_norm.weight")),
-        );
-        let q = get(&format!("{g}.attn_q.weight"));
-        let k = get(&format!("{g}.attn_k.weight"));
-        w.insert(
-            format!("{h}.self_attn.q_proj.weight"),
-            unpermute(q, cfg.num_heads),
-        );
-        w.insert(
-            format!("{h}.self_attn.k_proj.weight"),
-            unpermute(k, cfg.num_kv_heads),
-        );
-        w.insert(
-            format!("{h}.self_attn.v_proj.weight"),
-            get(&format!("{g}.attn_v.weight")),
-        );
-        w.insert(
-            format!("{h}.self_attn.o_proj.weight"),
-            get(&format!("{g}.attn_output.weight")),
-        );
-        w.insert(
-            format!("{h}.mlp.gate_proj.weight"),
-            get(&format!("{g}.ffn_gate.weight")),
-        );
-        w.insert(
-            format!("{h}.mlp.up_proj.weight"),
-            get(&format!("{g}.ffn_up.weight")),
-        );
-        w.insert(
-            format!("{h}.mlp.down_proj.weight"),
-            get(&format!("{g}.ffn_down.weight")),
-        );
-    }
-    std::fs::create_dir_all(out).unwrap();
-    candle_core::safetensors::save(&w, out.join("model.safetensors")).unwrap();
-    std::fs::write(out.join("config.json"), cfg.to_hf_json().to_string()).unwrap();
-}
-
 #[test]
 fn gguf_and_an_f32_safetensors_copy_agree_on_greedy_tokens() {
     let gguf = default_model();
     let dir = tempfile::tempdir().unwrap();
-    export_hf_copy(&gguf, dir.path());
+    // The exporter un-permutes q/k with tensor reshapes, independently of the loader's byte
+    // moves, so this also checks one against the other.
+    adapterd::engine::model::export::export_hf_dir(&gguf, dir.path()).unwrap();
     let dev = Device::Cpu;
     let (ct, mut f) = adapterd::engine::model::load::read_gguf_header(&gguf).unwrap();
     let q = adapterd::engine::model::load::load_gguf(&gguf, &ct, &mut f, &dev).unwrap();

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod export;
 pub mod linear;
 pub mod llama;
 pub mod load;
