@@ -68,7 +68,7 @@ pub struct JobRunner {
 
 /// How a job's training loop ended.
 enum Outcome {
-    Finished(Trainer),
+    Finished(Box<Trainer>),
     Cancelled(usize),
 }
 
@@ -217,10 +217,9 @@ impl JobRunner {
         let mut trainer = Trainer::new(self.model.clone(), spec.hyperparameters.clone(), examples)?;
         let ck_path = self.checkpoint_path(&row.id);
         if row.checkpoint_path.is_some() && ck_path.exists() {
-            let ck = Checkpoint::load(&ck_path)
+            Checkpoint::load(&ck_path)
                 .and_then(|ck| trainer.restore(&ck))
                 .context("cannot resume from the last checkpoint")?;
-            let _ = ck;
             self.event(
                 &row.id,
                 "info",
@@ -412,7 +411,7 @@ impl JobRunner {
                     })?;
                 }
             }
-            Ok(Outcome::Finished(trainer))
+            Ok(Outcome::Finished(Box::new(trainer)))
         };
         tokio::task::spawn_blocking(job)
             .await

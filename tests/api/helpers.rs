@@ -17,6 +17,8 @@ pub const TINY_MODEL_NAME: &str = "tiny";
 pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
+    /// The job runner (the background loop is off in tests: run jobs with `run_jobs`).
+    pub jobs: Option<std::sync::Arc<adapterd::jobs::JobRunner>>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -38,6 +40,16 @@ impl TestApp {
             .send()
             .await
             .expect("request failed")
+    }
+
+    /// Runs every queued fine-tuning job to its end; returns how many ran.
+    pub async fn run_jobs(&self) -> usize {
+        self.jobs
+            .as_ref()
+            .expect("app has a job runner")
+            .run_pending_jobs()
+            .await
+            .expect("jobs run")
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
@@ -79,10 +91,12 @@ pub async fn spawn_app_in(dir: &Path, tweak: impl FnOnce(&mut Settings)) -> Test
     tweak(&mut s);
     let app = Application::build(s).await.expect("app builds");
     let base = format!("http://{}", app.addr());
+    let jobs = Some(app.jobs.clone());
     tokio::spawn(app.run(std::future::pending()));
     TestApp {
         base,
         client: reqwest::Client::new(),
+        jobs,
         _dir: None,
     }
 }
@@ -99,6 +113,9 @@ pub fn test_settings(dir: &Path) -> Settings {
     s.model.path = model_dir.display().to_string();
     s.storage.adapters_dir = dir.join("adapters").display().to_string();
     s.storage.database_url = format!("sqlite://{}", dir.join("test.db").display());
+    s.storage.jobs_dir = dir.join("jobs").display().to_string();
+    // Tests run jobs deterministically with `TestApp::run_jobs`.
+    s.finetune.autostart = false;
     s
 }
 
@@ -137,6 +154,7 @@ pub async fn spawn_app_with_auth_and(tweak: impl FnOnce(&mut Settings)) -> AuthA
         .await
         .expect("key b");
     let base = format!("http://{}", app.addr());
+    let jobs = app.jobs.clone();
     tokio::spawn(app.run(std::future::pending()));
     let as_tenant = |key: &str| {
         let mut headers = reqwest::header::HeaderMap::new();
@@ -148,6 +166,7 @@ pub async fn spawn_app_with_auth_and(tweak: impl FnOnce(&mut Settings)) -> AuthA
                 .default_headers(headers)
                 .build()
                 .expect("client"),
+            jobs: Some(jobs.clone()),
             _dir: None,
         }
     };
@@ -157,6 +176,7 @@ pub async fn spawn_app_with_auth_and(tweak: impl FnOnce(&mut Settings)) -> AuthA
         anon: TestApp {
             base: base.clone(),
             client: reqwest::Client::new(),
+            jobs: Some(jobs.clone()),
             _dir: Some(dir),
         },
         a_key,

@@ -4,6 +4,7 @@ mod adapters;
 mod auth;
 mod errors;
 mod files;
+mod finetune;
 mod generate;
 mod helpers;
 mod openai;
