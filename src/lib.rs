@@ -19,6 +19,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod engine;
+pub mod finetune_cli;
 pub mod jobs;
 pub mod keys;
 pub mod metrics;

@@ -1,5 +1,5 @@
 //! The `adapterd` binary: parses the command line, sets up logging, and runs a subcommand
-//! (`serve`, `keys`, `fetch-model`, `chinchilla`). Everything else lives in the library.
+//! (`serve`, `keys`, `finetune`, `fetch-model`, `chinchilla`). Everything else lives in the library.
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +29,9 @@ enum Command {
         #[arg(long, env = "ADAPTERD_MODEL_CACHE")]
         model_cache: Option<std::path::PathBuf>,
     },
+    /// Train a LoRA adapter (SFT or DPO) from a JSONL file offline, with a progress bar; writes
+    /// PEFT files to --out.
+    Finetune(adapterd::finetune_cli::FinetuneArgs),
     /// Chinchilla-style compute planning: model size, tokens and loss for a FLOP budget.
     Chinchilla(adapterd::scaling::ChinchillaArgs),
 }
@@ -70,6 +73,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let path = adapterd::model_fetch::ensure_default_model(model_cache.as_deref())?;
             println!("{}", path.display());
             Ok(())
+        }
+        Command::Finetune(args) => {
+            set_threads(args.overrides.threads.unwrap_or(0));
+            adapterd::finetune_cli::run(args)
         }
         Command::Chinchilla(args) => {
             print!("{}", adapterd::scaling::run_cli(&args)?);
