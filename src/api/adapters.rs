@@ -138,6 +138,19 @@ async fn show(
         .ok_or_else(|| ApiError::not_found(format!("adapter `{name}` not found")))?;
     let mut v = adapter_json(newest);
     v["versions"] = versions.iter().map(adapter_json).collect();
+    // A trained adapter's lineage: the job's method, hyperparameters and dataset hash.
+    if let Some(job_id) = &newest.job_id {
+        if let Ok(Some(job)) = crate::store::jobs::get(&state.db, &tenant, job_id).await {
+            let spec: Option<crate::jobs::JobSpec> = serde_json::from_str(&job.request).ok();
+            v["lineage"] = json!({
+                "job_id": job.id,
+                "method": job.method,
+                "hyperparameters": spec.map(|s| s.hyperparameters),
+                "dataset_sha256": job.dataset_sha256,
+                "training_file": job.training_file,
+            });
+        }
+    }
     Ok(Json(v))
 }
 

@@ -69,6 +69,8 @@ async fn an_sft_job_trains_and_its_adapter_serves_immediately() {
     let a: Value = app.get("/v1/adapters/learned").await.json().await.unwrap();
     assert_eq!(a["source"], "finetune", "{a}");
     assert_eq!(a["job_id"], id.as_str());
+    assert_eq!(a["lineage"]["dataset_sha256"], done["dataset_sha256"]);
+    assert_eq!(a["lineage"]["hyperparameters"]["rank"], 8);
     assert_eq!(generate(&app, "ab", Some("learned")).await, "xyz");
     assert_eq!(generate(&app, "cd", Some("learned")).await, "uvw");
     assert_eq!(
