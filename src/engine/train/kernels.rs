@@ -626,7 +626,8 @@ impl candle_core::CustomOp3 for Attention {
         if nh != self.nh
             || hd != self.hd
             || rows != rows_total
-            || self.nh % self.nkv != 0
+            || self.nkv == 0
+            || !self.nh.is_multiple_of(self.nkv)
             || l2.shape().dims3()? != (rows, self.nkv, hd)
             || l3.shape().dims3()? != (rows, self.nkv, hd)
         {
