@@ -10,6 +10,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
+use super::kernels::{gemm_into, with_f32};
 use crate::engine::model::linear::Linear;
 
 /// A frozen weight [out, in] as a differentiable-in-x operation.
@@ -27,6 +28,36 @@ impl Frozen {
             Frozen::Linear(l) => l.dense_weight(),
             Frozen::Dense(t) => Ok(t.clone()),
         }
+    }
+
+    /// x·Wᵀ for `x` [rows, inp] (row-major) -> [rows, out], without bias.
+    pub fn matmul_t(&self, x: &[f32], rows: usize, inp: usize) -> Result<Vec<f32>> {
+        let w = self.weight()?;
+        let (out, cols) = w.dims2()?;
+        if cols != inp || x.len() != rows * inp {
+            candle_core::bail!("frozen matmul: input has {inp} columns, weight has {cols}");
+        }
+        let mut y = vec![0f32; rows * out];
+        with_f32(&w, |w| {
+            gemm_into(&mut y, rows, out, inp, false, x, inp, 1, w, 1, inp, 1.0);
+            Ok(())
+        })?;
+        Ok(y)
+    }
+
+    /// g·W for `g` [rows, out] -> [rows, in].
+    pub fn matmul(&self, g: &[f32], rows: usize, out: usize) -> Result<Vec<f32>> {
+        let w = self.weight()?;
+        let (wo, inp) = w.dims2()?;
+        if wo != out || g.len() != rows * out {
+            candle_core::bail!("frozen matmul backward: gradient has {out} columns, weight {wo}");
+        }
+        let mut dx = vec![0f32; rows * inp];
+        with_f32(&w, |w| {
+            gemm_into(&mut dx, rows, inp, out, false, g, out, 1, w, inp, 1, 1.0);
+            Ok(())
+        })?;
+        Ok(dx)
     }
 
     /// `x` [rows, in] -> [rows, out] (+ bias for linear layers that have one).
@@ -48,28 +79,16 @@ impl CustomOp1 for Frozen {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = match storage {
-            CpuStorage::F32(v) => v,
-            _ => candle_core::bail!("frozen matmul expects f32 activations"),
-        };
+        let x = super::kernels::f32_slice(storage, layout)?;
         let (rows, cols) = layout.shape().dims2()?;
-        let x = match layout.contiguous_offsets() {
-            Some((a, b)) => &x[a..b],
-            None => candle_core::bail!("frozen matmul expects a contiguous input"),
-        };
-        let w = self.weight()?;
-        let (out, inp) = w.dims2()?;
-        if inp != cols {
-            candle_core::bail!("frozen matmul: input has {cols} columns, weight has {inp}");
-        }
-        let x = Tensor::from_slice(x, (rows, cols), &candle_core::Device::Cpu)?;
-        let y = x.matmul(&w.t()?)?;
-        let y = y.flatten_all()?.to_vec1::<f32>()?;
+        let y = self.matmul_t(x, rows, cols)?;
+        let out = y.len() / rows.max(1);
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let w = self.weight()?;
-        Ok(Some(grad_res.matmul(&w)?))
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (rows, out) = grad_res.dims2()?;
+        let dx = with_f32(grad_res, |g| self.matmul(g, rows, out))?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }

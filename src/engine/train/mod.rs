@@ -9,6 +9,7 @@ pub mod data;
 pub mod forward;
 pub mod frozen;
 pub mod hyper;
+pub mod kernels;
 pub mod loss;
 pub mod optim;
 pub mod params;
