@@ -27,7 +27,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 #[derive(Parser, Debug)]
-#[command(about = "Loopback load test for adapterd: mixed traffic, then integrity and memory checks")]
+#[command(
+    about = "Loopback load test for adapterd: mixed traffic, then integrity and memory checks"
+)]
 struct Args {
     /// The adapterd binary to start.
     #[arg(long, default_value = "target/debug/adapterd")]
@@ -77,8 +79,10 @@ fn record(t: &Shared, op: &str, status: u16, body: &str) {
     let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
     *t.by_class.entry((op.to_owned(), class)).or_default() += 1;
     if status >= 500 {
-        t.server_errors
-            .push(format!("{op}: {status} {}", body.chars().take(200).collect::<String>()));
+        t.server_errors.push(format!(
+            "{op}: {status} {}",
+            body.chars().take(200).collect::<String>()
+        ));
     }
 }
 
@@ -96,7 +100,12 @@ struct Client {
 
 impl Client {
     /// Sends, reads the whole body (a stream to its end), tallies; returns status and body.
-    async fn send(&self, t: &Shared, op: &str, req: reqwest::RequestBuilder) -> Option<(u16, String)> {
+    async fn send(
+        &self,
+        t: &Shared,
+        op: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Option<(u16, String)> {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
@@ -111,14 +120,24 @@ impl Client {
             match chunk {
                 Ok(c) => body.extend_from_slice(&c),
                 Err(e) => {
-                    transport(t, op, format!("body broken after {} bytes: {e}", body.len()));
+                    transport(
+                        t,
+                        op,
+                        format!("body broken after {} bytes: {e}", body.len()),
+                    );
                     return None;
                 }
             }
         }
         let body = String::from_utf8_lossy(&body).into_owned();
-        if status >= 400 && status < 500 && serde_json::from_str::<Value>(&body).map_or(true, |v| v["error"]["code"].is_null()) {
-            transport(t, op, format!("{status} without the error envelope: {body}"));
+        if (400..500).contains(&status)
+            && serde_json::from_str::<Value>(&body).map_or(true, |v| v["error"]["code"].is_null())
+        {
+            transport(
+                t,
+                op,
+                format!("{status} without the error envelope: {body}"),
+            );
         }
         record(t, op, status, &body);
         Some((status, body))
@@ -131,52 +150,117 @@ impl Client {
         match pick {
             0..=24 => {
                 let body = json!({"prompt": format!("request {n} of client {}", self.id), "max_new_tokens": rng.random_range(1..24), "temperature": 0.7, "seed": n});
-                self.send(t, "generate", self.http.post(format!("{base}/v1/generate")).json(&body)).await;
+                self.send(
+                    t,
+                    "generate",
+                    self.http.post(format!("{base}/v1/generate")).json(&body),
+                )
+                .await;
             }
             25..=39 => {
                 let body = json!({"prompt": "the cat", "max_new_tokens": rng.random_range(1..48), "stream": true});
-                self.send(t, "generate_stream", self.http.post(format!("{base}/v1/generate")).json(&body)).await;
+                self.send(
+                    t,
+                    "generate_stream",
+                    self.http.post(format!("{base}/v1/generate")).json(&body),
+                )
+                .await;
             }
             40..=54 => {
                 let stream = rng.random_bool(0.5);
                 let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": rng.random_range(1..24), "stream": stream});
-                self.send(t, "chat", self.http.post(format!("{base}/v1/chat/completions")).json(&body)).await;
+                self.send(
+                    t,
+                    "chat",
+                    self.http
+                        .post(format!("{base}/v1/chat/completions"))
+                        .json(&body),
+                )
+                .await;
             }
             55..=64 => {
                 // An adapter of the caller's (maybe not uploaded yet: 404 is deliberate).
                 let body = json!({"prompt": "hi", "adapter_id": adapter, "max_new_tokens": 4});
-                self.send(t, "generate_adapter", self.http.post(format!("{base}/v1/generate")).json(&body)).await;
+                self.send(
+                    t,
+                    "generate_adapter",
+                    self.http.post(format!("{base}/v1/generate")).json(&body),
+                )
+                .await;
             }
             65..=76 => {
-                let (config, weights) = helpers::tiny_adapter_files(self.id as u64 * 1_000_000 + n, 2.0);
+                let (config, weights) =
+                    helpers::tiny_adapter_files(self.id as u64 * 1_000_000 + n, 2.0);
                 let sha = sha256(&[&config, &weights]);
                 let form = reqwest::multipart::Form::new()
                     .text("name", adapter.clone())
-                    .part("adapter_config.json", reqwest::multipart::Part::bytes(config).file_name("adapter_config.json"))
-                    .part("adapter_model.safetensors", reqwest::multipart::Part::bytes(weights).file_name("adapter_model.safetensors"));
-                if let Some((201, body)) = self.send(t, "adapter_upload", self.http.post(format!("{base}/v1/adapters")).multipart(form)).await {
+                    .part(
+                        "adapter_config.json",
+                        reqwest::multipart::Part::bytes(config).file_name("adapter_config.json"),
+                    )
+                    .part(
+                        "adapter_model.safetensors",
+                        reqwest::multipart::Part::bytes(weights)
+                            .file_name("adapter_model.safetensors"),
+                    );
+                if let Some((201, body)) = self
+                    .send(
+                        t,
+                        "adapter_upload",
+                        self.http
+                            .post(format!("{base}/v1/adapters"))
+                            .multipart(form),
+                    )
+                    .await
+                {
                     let v: Value = serde_json::from_str(&body).unwrap_or_default();
                     let version = v["version"].as_i64().unwrap_or(-1);
                     let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
                     if v["sha256"] != sha.as_str() {
-                        t.transport_errors.push(format!("upload {adapter}: acknowledged sha256 {} is not the upload's", v["sha256"]));
+                        t.transport_errors.push(format!(
+                            "upload {adapter}: acknowledged sha256 {} is not the upload's",
+                            v["sha256"]
+                        ));
                     }
                     t.adapters.insert((self.tenant, adapter, version), sha);
                 }
             }
             77..=88 => {
-                self.send(t, "adapter_list", self.http.get(format!("{base}/v1/adapters"))).await;
+                self.send(
+                    t,
+                    "adapter_list",
+                    self.http.get(format!("{base}/v1/adapters")),
+                )
+                .await;
             }
             _ => {
-                let content = format!("{{\"prompt\": \"q{n}\", \"completion\": \"a{}\"}}\n", self.id).repeat(rng.random_range(1..20));
+                let content = format!(
+                    "{{\"prompt\": \"q{n}\", \"completion\": \"a{}\"}}\n",
+                    self.id
+                )
+                .repeat(rng.random_range(1..20));
                 let sha = sha256(&[content.as_bytes()]);
                 let form = reqwest::multipart::Form::new()
                     .text("purpose", "fine-tune")
-                    .part("file", reqwest::multipart::Part::bytes(content.into_bytes()).file_name("train.jsonl"));
-                if let Some((200, body)) = self.send(t, "file_upload", self.http.post(format!("{base}/v1/files")).multipart(form)).await {
+                    .part(
+                        "file",
+                        reqwest::multipart::Part::bytes(content.into_bytes())
+                            .file_name("train.jsonl"),
+                    );
+                if let Some((200, body)) = self
+                    .send(
+                        t,
+                        "file_upload",
+                        self.http.post(format!("{base}/v1/files")).multipart(form),
+                    )
+                    .await
+                {
                     let v: Value = serde_json::from_str(&body).unwrap_or_default();
                     let id = v["id"].as_str().unwrap_or_default().to_owned();
-                    t.lock().unwrap_or_else(|e| e.into_inner()).files.insert((self.tenant, id), sha);
+                    t.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .files
+                        .insert((self.tenant, id), sha);
                 }
             }
         }
@@ -185,7 +269,10 @@ impl Client {
 
 fn client_for(key: &str) -> Result<reqwest::Client> {
     let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {key}").parse()?);
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse()?,
+    );
     Ok(reqwest::Client::builder()
         .default_headers(headers)
         .timeout(Duration::from_secs(120))
@@ -194,7 +281,14 @@ fn client_for(key: &str) -> Result<reqwest::Client> {
 
 fn create_key(bin: &Path, db_url: &str, tenant: &str) -> Result<String> {
     let out = Command::new(bin)
-        .args(["keys", "create", "--tenant", tenant, "--database-url", db_url])
+        .args([
+            "keys",
+            "create",
+            "--tenant",
+            tenant,
+            "--database-url",
+            db_url,
+        ])
         .output()
         .context("running adapterd keys create")?;
     if !out.status.success() {
@@ -238,7 +332,9 @@ async fn main() -> Result<()> {
         .iter()
         .map(|t| create_key(&args.bin, &db_url, t))
         .collect::<Result<_>>()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let config = dir.path().join("config.toml");
     std::fs::write(
         &config,
@@ -263,9 +359,17 @@ async fn main() -> Result<()> {
     let base = format!("http://127.0.0.1:{port}");
     let probe = reqwest::Client::new();
     let started = Instant::now();
-    while !probe.get(format!("{base}/ready")).send().await.is_ok_and(|r| r.status() == 200) {
+    while !probe
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
         if started.elapsed() > Duration::from_secs(120) {
-            bail!("server not ready in 120 s: {}", std::fs::read_to_string(&log_path)?);
+            bail!(
+                "server not ready in 120 s: {}",
+                std::fs::read_to_string(&log_path)?
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -315,7 +419,8 @@ async fn main() -> Result<()> {
         let t = tally.lock().unwrap_or_else(|e| e.into_inner());
         (t.adapters.clone(), t.files.clone())
     };
-    let clients: Vec<reqwest::Client> = keys.iter().map(|k| client_for(k)).collect::<Result<_>>()?;
+    let clients: Vec<reqwest::Client> =
+        keys.iter().map(|k| client_for(k)).collect::<Result<_>>()?;
     let mut problems = Vec::new();
     let mut listed: BTreeMap<(usize, String), Value> = BTreeMap::new();
     for (tenant, name, _) in adapters.keys() {
@@ -336,25 +441,38 @@ async fn main() -> Result<()> {
             .and_then(|vs| vs.iter().find(|v| v["version"] == *version))
             .map(|v| v["sha256"].clone());
         if found != Some(Value::from(sha.as_str())) {
-            problems.push(format!("adapter {name}@{version} of {}: {found:?}, expected {sha}", TENANTS[*tenant]));
+            problems.push(format!(
+                "adapter {name}@{version} of {}: {found:?}, expected {sha}",
+                TENANTS[*tenant]
+            ));
         }
     }
-    for ((tenant, name), _) in &listed {
+    for (tenant, name) in listed.keys() {
         let r = clients[*tenant]
             .post(format!("{base}/v1/generate"))
             .json(&json!({"prompt": "hi", "adapter_id": name, "max_new_tokens": 2}))
             .send()
             .await?;
         if r.status() != 200 {
-            problems.push(format!("adapter {name} of {} does not generate: {}", TENANTS[*tenant], r.status()));
+            problems.push(format!(
+                "adapter {name} of {} does not generate: {}",
+                TENANTS[*tenant],
+                r.status()
+            ));
         }
     }
     for ((tenant, id), sha) in &files {
-        let r = clients[*tenant].get(format!("{base}/v1/files/{id}/content")).send().await?;
+        let r = clients[*tenant]
+            .get(format!("{base}/v1/files/{id}/content"))
+            .send()
+            .await?;
         let status = r.status();
         let body = r.bytes().await?;
         if status != 200 || sha256(&[&body]) != *sha {
-            problems.push(format!("file {id} of {}: {status}, content changed or missing", TENANTS[*tenant]));
+            problems.push(format!(
+                "file {id} of {}: {status}, content changed or missing",
+                TENANTS[*tenant]
+            ));
         }
     }
     let hwm_kib = vm_kib(pid, "VmHWM:").unwrap_or(0);
@@ -367,7 +485,12 @@ async fn main() -> Result<()> {
     for ((_, class), n) in &t.by_class {
         *classes.entry(class.clone()).or_default() += n;
     }
-    println!("== load test: {} clients over {} tenants, {} s", args.clients, TENANTS.len(), args.seconds);
+    println!(
+        "== load test: {} clients over {} tenants, {} s",
+        args.clients,
+        TENANTS.len(),
+        args.seconds
+    );
     for ((op, class), n) in &t.by_class {
         println!("  {op:<18} {class}  {n}");
     }
@@ -390,16 +513,29 @@ async fn main() -> Result<()> {
         args.max_rss_mib
     );
     let mut failed = false;
-    for e in t.transport_errors.iter().chain(&t.server_errors).chain(&problems).take(20) {
+    for e in t
+        .transport_errors
+        .iter()
+        .chain(&t.server_errors)
+        .chain(&problems)
+        .take(20)
+    {
         eprintln!("  FAIL: {e}");
         failed = true;
     }
     if hwm_kib == 0 || hwm_kib / 1024 > args.max_rss_mib {
-        eprintln!("  FAIL: peak RSS {hwm_kib} KiB (bound {} MiB)", args.max_rss_mib);
+        eprintln!(
+            "  FAIL: peak RSS {hwm_kib} KiB (bound {} MiB)",
+            args.max_rss_mib
+        );
         failed = true;
     }
     if total == 0 || adapters.is_empty() || files.is_empty() {
-        eprintln!("  FAIL: the mix did not run (requests {total}, adapters {}, files {})", adapters.len(), files.len());
+        eprintln!(
+            "  FAIL: the mix did not run (requests {total}, adapters {}, files {})",
+            adapters.len(),
+            files.len()
+        );
         failed = true;
     }
     if failed {

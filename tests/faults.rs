@@ -75,7 +75,10 @@ impl Server {
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 let log = std::fs::read_to_string(dir.join(format!("server-{port}.log")));
-                panic!("adapterd exited at start ({status}): {}", log.unwrap_or_default());
+                panic!(
+                    "adapterd exited at start ({status}): {}",
+                    log.unwrap_or_default()
+                );
             }
             if let Ok(r) = client.get(format!("{base}/ready")).send().await {
                 if r.status() == 200 {
@@ -101,7 +104,12 @@ impl Server {
         let _ = self.child.wait();
     }
 
-    async fn upload(&self, name: &str, config: Vec<u8>, weights: Vec<u8>) -> reqwest::Result<reqwest::Response> {
+    async fn upload(
+        &self,
+        name: &str,
+        config: Vec<u8>,
+        weights: Vec<u8>,
+    ) -> reqwest::Result<reqwest::Response> {
         let form = reqwest::multipart::Form::new()
             .text("name", name.to_owned())
             .part(
@@ -164,7 +172,11 @@ async fn upload_loop(server: Arc<Server>, acked: Acked, worker: u64) {
         let Ok(v) = resp.json::<Value>().await else {
             return;
         };
-        assert_eq!(v["sha256"], sha.as_str(), "the acknowledged sha256 is the upload's");
+        assert_eq!(
+            v["sha256"],
+            sha.as_str(),
+            "the acknowledged sha256 is the upload's"
+        );
         let version = v["version"].as_i64().expect("version");
         acked
             .lock()
@@ -207,7 +219,10 @@ async fn check_after_restart(server: &Server, dir: &Path, acked: &BTreeMap<(Stri
         let (status, v) = server
             .generate(json!({"prompt": "the cat", "adapter_id": format!("{name}@{version}"), "max_new_tokens": 2}))
             .await;
-        assert_eq!(status, 200, "{name}@{version} is listed but does not load: {v}");
+        assert_eq!(
+            status, 200,
+            "{name}@{version} is listed but does not load: {v}"
+        );
     }
     let tenant_dir = dir.join("adapters").join("default");
     for name in ["alpha", "beta", "gamma"] {
@@ -264,9 +279,12 @@ async fn kill_9_during_uploads_loses_nothing_acknowledged() {
     drop(server);
 
     // The database opens, is in WAL mode and passes SQLite's integrity check.
-    let db = adapterd::store::connect(&format!("sqlite://{}", dir.path().join("adapterd.db").display()))
-        .await
-        .expect("the database opens");
+    let db = adapterd::store::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("adapterd.db").display()
+    ))
+    .await
+    .expect("the database opens");
     let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
         .fetch_one(&db)
         .await
@@ -286,11 +304,16 @@ async fn a_truncated_adapter_file_fails_only_that_adapter() {
     let server = Server::start(dir.path(), "").await;
     for (name, seed) in [("good", 1), ("bad", 2)] {
         let (c, w) = tiny_adapter_files(seed, 2.0);
-        assert_eq!(server.upload(name, c, w).await.expect("upload").status(), 201);
+        assert_eq!(
+            server.upload(name, c, w).await.expect("upload").status(),
+            201
+        );
     }
     server.kill9();
     // Damage the stored weights while the server is down (the cache is gone with it).
-    let weights = dir.path().join("adapters/default/bad/1/adapter_model.safetensors");
+    let weights = dir
+        .path()
+        .join("adapters/default/bad/1/adapter_model.safetensors");
     let len = std::fs::metadata(&weights).expect("stored weights").len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -304,7 +327,10 @@ async fn a_truncated_adapter_file_fails_only_that_adapter() {
         .await;
     assert_eq!(status, 500, "{v}");
     assert_eq!(v["error"]["code"], "adapter_damaged", "{v}");
-    assert!(v["error"]["message"].as_str().unwrap_or("").contains("bad"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap_or("").contains("bad"),
+        "{v}"
+    );
     for body in [
         json!({"prompt": "hi", "adapter_id": "good", "max_new_tokens": 2}),
         json!({"prompt": "hi", "max_new_tokens": 2}),
@@ -316,8 +342,15 @@ async fn a_truncated_adapter_file_fails_only_that_adapter() {
     let (status, v) = server
         .generate(json!({"prompt": "hi", "adapter_id": "bad@1", "max_new_tokens": 2}))
         .await;
-    assert_eq!((status, v["error"]["code"].as_str()), (500, Some("adapter_damaged")));
-    let r = server.client.get(format!("{}/health", server.base)).send().await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (500, Some("adapter_damaged"))
+    );
+    let r = server
+        .client
+        .get(format!("{}/health", server.base))
+        .send()
+        .await;
     assert_eq!(r.expect("health").status(), 200);
 }
 
@@ -350,11 +383,19 @@ async fn sigterm_ends_a_stream_in_flight_cleanly_and_exits_0() {
     assert_eq!(resp.status(), 200);
     let mut body = resp.bytes_stream();
     let first = body.next().await.expect("a first event").expect("bytes");
-    assert!(first.starts_with(b"data:"), "{:?}", String::from_utf8_lossy(&first));
+    assert!(
+        first.starts_with(b"data:"),
+        "{:?}",
+        String::from_utf8_lossy(&first)
+    );
 
     let pid = server.child.id().to_string();
     let sent = Instant::now();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
 
     // The stream ends — finished, or cut with a last error event — without a broken body.
     let mut rest = Vec::new();
@@ -368,16 +409,24 @@ async fn sigterm_ends_a_stream_in_flight_cleanly_and_exits_0() {
     let last = text.trim_end().rsplit("\n\n").next().unwrap_or_default();
     eprintln!("last event after SIGTERM: {last}");
     assert!(
-        last.contains("finish_reason") || (last.contains("event: error") && last.contains("shutting_down")),
+        last.contains("finish_reason")
+            || (last.contains("event: error") && last.contains("shutting_down")),
         "the stream's last event: {last}"
     );
     let status = loop {
         if let Some(s) = server.child.try_wait().expect("wait") {
             break s;
         }
-        assert!(sent.elapsed() < Duration::from_secs(15), "adapterd still running 15 s after SIGTERM");
+        assert!(
+            sent.elapsed() < Duration::from_secs(15),
+            "adapterd still running 15 s after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "exit status {status}");
-    assert!(sent.elapsed() < Duration::from_secs(8), "took {:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        sent.elapsed()
+    );
 }

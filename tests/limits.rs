@@ -12,14 +12,26 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use helpers::{error_code, spawn_app_in, spawn_app_with, spawn_app_with_auth_and, write_tiny_model};
+use helpers::{
+    error_code, spawn_app_in, spawn_app_with, spawn_app_with_auth_and, write_tiny_model,
+};
 
 #[tokio::test]
 async fn a_tenant_over_its_token_rate_gets_429_naming_the_limit_and_others_do_not() {
     let app = spawn_app_with_auth_and(|s| s.limits.tokens_per_minute = 100).await;
     let long = json!({"prompt": "the cat", "max_new_tokens": 150, "ignore_eos": true});
-    assert_eq!(app.a.post("/v1/generate", &long).await.status(), 200, "admitted: balance was positive");
-    let resp = app.a.post("/v1/generate", &json!({"prompt": "hi", "max_new_tokens": 1})).await;
+    assert_eq!(
+        app.a.post("/v1/generate", &long).await.status(),
+        200,
+        "admitted: balance was positive"
+    );
+    let resp = app
+        .a
+        .post(
+            "/v1/generate",
+            &json!({"prompt": "hi", "max_new_tokens": 1}),
+        )
+        .await;
     let retry: u64 = resp
         .headers()
         .get("retry-after")
@@ -31,25 +43,43 @@ async fn a_tenant_over_its_token_rate_gets_429_naming_the_limit_and_others_do_no
     assert_eq!(code, "limit_exceeded");
     assert!(msg.contains("limits.tokens_per_minute"), "{msg}");
     // The OpenAI routes share the bucket; tenant B has its own.
-    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+    let chat =
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
     error_code(app.a.post("/v1/chat/completions", &chat).await, 429).await;
-    assert_eq!(app.b.post("/v1/chat/completions", &chat).await.status(), 200);
+    assert_eq!(
+        app.b.post("/v1/chat/completions", &chat).await.status(),
+        200
+    );
     // Requests refused before admission cost nothing: tokenizing is not generation.
-    assert_eq!(app.a.post("/v1/tokenize", &json!({"text": "hi"})).await.status(), 200);
+    assert_eq!(
+        app.a
+            .post("/v1/tokenize", &json!({"text": "hi"}))
+            .await
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
 async fn a_prompt_over_max_prompt_tokens_is_422_naming_the_setting() {
     let app = spawn_app_with(|s| s.limits.max_prompt_tokens = 5).await;
     let (code, msg) = error_code(
-        app.post("/v1/generate", &json!({"prompt": "the cat sat on the mat and then some", "max_new_tokens": 1}))
-            .await,
+        app.post(
+            "/v1/generate",
+            &json!({"prompt": "the cat sat on the mat and then some", "max_new_tokens": 1}),
+        )
+        .await,
         422,
     )
     .await;
     assert_eq!(code, "invalid_value");
     assert!(msg.contains("limits.max_prompt_tokens"), "{msg}");
-    let ok = app.post("/v1/generate", &json!({"prompt": "hi", "max_new_tokens": 1})).await;
+    let ok = app
+        .post(
+            "/v1/generate",
+            &json!({"prompt": "hi", "max_new_tokens": 1}),
+        )
+        .await;
     assert_eq!(ok.status(), 200);
 }
 
@@ -83,8 +113,17 @@ async fn a_client_that_stalls_mid_body_gets_408_and_does_not_hold_its_slot() {
     let (code, msg) = error_code(resp, 408).await;
     assert_eq!(code, "request_timeout");
     assert!(msg.contains("server.request_timeout_seconds"), "{msg}");
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
-    let ok = app.post("/v1/generate", &json!({"prompt": "hi", "max_new_tokens": 1})).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let ok = app
+        .post(
+            "/v1/generate",
+            &json!({"prompt": "hi", "max_new_tokens": 1}),
+        )
+        .await;
     assert_eq!(ok.status(), 200, "the slot was given back");
 }
 
@@ -95,7 +134,8 @@ async fn a_stream_past_stream_timeout_ends_with_an_error_event_and_frees_its_slo
     let model = dir.path().join(helpers::TINY_MODEL_NAME);
     write_tiny_model(&model, 7);
     let cfg_path = model.join("config.json");
-    let mut cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).expect("config")).expect("json");
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).expect("config")).expect("json");
     cfg["max_position_embeddings"] = json!(65536);
     std::fs::write(&cfg_path, cfg.to_string()).expect("config");
     let app = spawn_app_in(dir.path(), |s| {
@@ -106,7 +146,10 @@ async fn a_stream_past_stream_timeout_ends_with_an_error_event_and_frees_its_slo
     .await;
     let started = Instant::now();
     let resp = app
-        .post("/v1/generate", &json!({"prompt": "hi", "stream": true, "ignore_eos": true, "max_new_tokens": 64000}))
+        .post(
+            "/v1/generate",
+            &json!({"prompt": "hi", "stream": true, "ignore_eos": true, "max_new_tokens": 64000}),
+        )
         .await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.bytes_stream();
@@ -119,9 +162,21 @@ async fn a_stream_past_stream_timeout_ends_with_an_error_event_and_frees_its_slo
     }
     let text = String::from_utf8_lossy(&text);
     let last = text.trim_end().rsplit("\n\n").next().unwrap_or_default();
-    assert!(last.starts_with("event: error") && last.contains("stream_timeout"), "{last}");
+    assert!(
+        last.starts_with("event: error") && last.contains("stream_timeout"),
+        "{last}"
+    );
     assert!(last.contains("server.stream_timeout_seconds"), "{last}");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
-    let ok = app.post("/v1/generate", &json!({"prompt": "hi", "max_new_tokens": 1})).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let ok = app
+        .post(
+            "/v1/generate",
+            &json!({"prompt": "hi", "max_new_tokens": 1}),
+        )
+        .await;
     assert_eq!(ok.status(), 200, "the slot was given back");
 }

@@ -94,7 +94,9 @@ async fn read_name(mut field: axum::extract::multipart::Field<'_>) -> Result<Str
         buf.extend_from_slice(&chunk);
     }
     String::from_utf8(buf).map_err(|_| {
-        ApiError::invalid_field("`name` must match [a-z0-9][a-z0-9._-]{0,63} (got bytes that are not UTF-8)")
+        ApiError::invalid_field(
+            "`name` must match [a-z0-9][a-z0-9._-]{0,63} (got bytes that are not UTF-8)",
+        )
     })
 }
 

@@ -206,7 +206,10 @@ mod tests {
                     )
                 }),
             )
-            .route("/api", get(|| async { ApiError::not_found("no such thing") }))
+            .route(
+                "/api",
+                get(|| async { ApiError::not_found("no such thing") }),
+            )
             .route("/ok", get(|| async { "fine" }))
             .layer(axum::middleware::from_fn(ensure_envelope));
         let call = |uri: &'static str| {

@@ -83,7 +83,11 @@ pub fn check_lengths(
             "the prompt is empty after tokenization",
         ));
     }
-    if let Some(max) = state.limits.max_prompt_tokens.filter(|&max| prompt_len > max) {
+    if let Some(max) = state
+        .limits
+        .max_prompt_tokens
+        .filter(|&max| prompt_len > max)
+    {
         return Err(ApiError::invalid_field(format!(
             "the prompt has {prompt_len} tokens; this server allows at most {max} \
              (limits.max_prompt_tokens)"
@@ -120,7 +124,12 @@ pub fn submit(
     if !limits.token_rate_enabled() {
         return Ok(rx);
     }
-    Ok(refund_unused(rx, state.limits.clone(), tenant.to_owned(), max_new))
+    Ok(refund_unused(
+        rx,
+        state.limits.clone(),
+        tenant.to_owned(),
+        max_new,
+    ))
 }
 
 /// Forwards the engine's events, counting generated tokens; when the request ends (done, or

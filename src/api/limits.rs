@@ -61,7 +61,8 @@ impl TenantLimits {
     pub fn from_settings(s: &Settings) -> Self {
         let mut l = Self::new(s.limits.max_concurrent_per_tenant);
         l.tokens = TokenRate::new(s.limits.tokens_per_minute);
-        l.max_prompt_tokens = (s.limits.max_prompt_tokens > 0).then_some(s.limits.max_prompt_tokens);
+        l.max_prompt_tokens =
+            (s.limits.max_prompt_tokens > 0).then_some(s.limits.max_prompt_tokens);
         l.request_timeout = Duration::from_secs(s.server.request_timeout_seconds);
         l.stream_timeout = Duration::from_secs(s.server.stream_timeout_seconds);
         l

@@ -62,7 +62,9 @@ pub async fn check(what: &str, req: reqwest::RequestBuilder) -> Result<u16, Stri
         let ok = v["error"]["code"].as_str().is_some_and(|c| !c.is_empty())
             && v["error"]["message"].is_string();
         if !ok {
-            return Err(format!("{what}: {status} with a body that is not the envelope: {v}"));
+            return Err(format!(
+                "{what}: {status} with a body that is not the envelope: {v}"
+            ));
         }
     } else if !(200..300).contains(&status) {
         return Err(format!("{what}: unexpected status {status}"));
@@ -138,7 +140,12 @@ const CHAT: &[&str] = &[
     "tool_choice",
     "response_format",
 ];
-const TOKENIZE: &[&str] = &["text", "add_special_tokens", "tokens", "skip_special_tokens"];
+const TOKENIZE: &[&str] = &[
+    "text",
+    "add_special_tokens",
+    "tokens",
+    "skip_special_tokens",
+];
 
 /// Values a field could plausibly hold: short token counts (so generation stays quick),
 /// messages, the model's name, token id lists, stop lists, stream options.
@@ -148,7 +155,10 @@ fn plausible() -> impl Strategy<Value = Value> + Clone {
         prop_oneof![
             nasty_string().prop_map(Value::from),
             prop::collection::vec(
-                (prop::sample::select(&["text", "image_url"][..]), nasty_string())
+                (
+                    prop::sample::select(&["text", "image_url"][..]),
+                    nasty_string()
+                )
                     .prop_map(|(t, s)| json!({"type": t, "text": s})),
                 0..3
             )
@@ -181,7 +191,13 @@ fn body(fields: &'static [&'static str]) -> impl Strategy<Value = Vec<u8>> {
 
 #[test]
 fn corpus_request_bodies_get_2xx_or_an_enveloped_4xx() {
-    for route in ["generate", "completions", "chat_completions", "tokenize", "detokenize"] {
+    for route in [
+        "generate",
+        "completions",
+        "chat_completions",
+        "tokenize",
+        "detokenize",
+    ] {
         let path = format!("/v1/{}", route.replace('_', "/"));
         for (file, bytes) in corpus::files(&format!("requests/{route}")) {
             post_raw(&path, bytes).unwrap_or_else(|e| panic!("{file}: {e}"));
@@ -192,7 +208,12 @@ fn corpus_request_bodies_get_2xx_or_an_enveloped_4xx() {
 #[test]
 fn deeply_nested_request_bodies_are_refused() {
     let deep = nested_arrays(100_000, "1");
-    for path in ["/v1/generate", "/v1/completions", "/v1/chat/completions", "/v1/tokenize"] {
+    for path in [
+        "/v1/generate",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/tokenize",
+    ] {
         // A string field meets the first `[` and stops (422); the whole body nested is 400/422.
         for body in [format!("{{\"prompt\": {deep}}}"), deep.clone()] {
             let status = post_raw(path, body.into_bytes()).expect("answered");
@@ -200,9 +221,7 @@ fn deeply_nested_request_bodies_are_refused() {
         }
     }
     // `tools` takes any JSON, so the parser itself must stop at its depth limit: 400.
-    let body = format!(
-        "{{\"model\": \"tiny\", \"messages\": [], \"tools\": {deep}}}"
-    );
+    let body = format!("{{\"model\": \"tiny\", \"messages\": [], \"tools\": {deep}}}");
     let status = post_raw("/v1/chat/completions", body.into_bytes()).expect("answered");
     assert_eq!(status, 400);
 }
@@ -238,8 +257,16 @@ fn part() -> impl Strategy<Value = (String, Option<String>, Vec<u8>)> {
         1 => nasty_string(),
     ];
     let file_name = prop::option::of(prop_oneof![
-        prop::sample::select(&["adapter_config.json", "adapter_model.safetensors",
-            "adapter_model.bin", "train.jsonl", "../../x.pt"][..]).prop_map(str::to_owned),
+        prop::sample::select(
+            &[
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "adapter_model.bin",
+                "train.jsonl",
+                "../../x.pt"
+            ][..]
+        )
+        .prop_map(str::to_owned),
         nasty_string(),
     ]);
     let content = prop_oneof![
@@ -259,7 +286,10 @@ fn part() -> impl Strategy<Value = (String, Option<String>, Vec<u8>)> {
     (name, file_name, content)
 }
 
-fn send_multipart(path: &str, parts: Vec<(String, Option<String>, Vec<u8>)>) -> Result<u16, String> {
+fn send_multipart(
+    path: &str,
+    parts: Vec<(String, Option<String>, Vec<u8>)>,
+) -> Result<u16, String> {
     let h = harness();
     let mut form = reqwest::multipart::Form::new();
     for (name, file_name, content) in parts {

@@ -60,8 +60,8 @@ fn inline_records_nested_as_deep_as_json_allows_are_refused() {
     ))
     .expect("parses");
     for method in [Method::Sft, Method::Dpo] {
-        assert!(parse_values(&[v.clone()], method, &LIMITS).is_err());
-        assert!(parse_values(&[obj.clone()], method, &LIMITS).is_err());
+        assert!(parse_values(std::slice::from_ref(&v), method, &LIMITS).is_err());
+        assert!(parse_values(std::slice::from_ref(&obj), method, &LIMITS).is_err());
     }
 }
 

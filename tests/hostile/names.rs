@@ -155,14 +155,19 @@ fn run_names(names: Vec<String>) {
     rt.block_on(async {
         let app = spawn_app_in(dir.path(), |_| {}).await;
         for name in names.iter().cloned().chain(escapees(&marker)) {
-            try_name(&app, &name).await.unwrap_or_else(|e| panic!("{e}"));
+            try_name(&app, &name)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
         }
     });
     assert_store_shape(dir.path());
     let tmp = std::env::temp_dir();
     for place in [
         dir.path().join(&marker),
-        dir.path().parent().map(|p| p.join(&marker)).unwrap_or_default(),
+        dir.path()
+            .parent()
+            .map(|p| p.join(&marker))
+            .unwrap_or_default(),
         tmp.join(&marker),
         Path::new("/").join(&marker),
     ] {

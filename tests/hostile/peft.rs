@@ -126,9 +126,8 @@ fn corpus_config_files_are_refused_cleanly() {
 fn a_config_over_a_mebibyte_is_refused_before_it_is_parsed() {
     let mut cfg: Value = serde_json::from_slice(&valid_config()).expect("json");
     cfg["padding"] = Value::from("x".repeat(1 << 20));
-    let err = parse(&serde_json::to_vec(&cfg).expect("json"), &valid_weights())
-        .err()
-        .expect("refused");
+    let err =
+        parse(&serde_json::to_vec(&cfg).expect("json"), &valid_weights()).expect_err("refused");
     assert!(err.to_string().contains("over the limit"), "{err}");
 }
 
@@ -150,11 +149,11 @@ fn many_rank_pattern_keys_cost_linear_time() {
 #[test]
 fn deeply_nested_headers_and_configs_are_errors_not_stack_overflows() {
     let deep = nested_arrays(100_000, "");
-    let err = parse(deep.as_bytes(), &valid_weights()).err().expect("refused");
+    let err = parse(deep.as_bytes(), &valid_weights()).expect_err("refused");
     assert!(err.to_string().contains("adapter_config.json"), "{err}");
     let mut weights = (deep.len() as u64).to_le_bytes().to_vec();
     weights.extend_from_slice(deep.as_bytes());
-    let err = parse(&valid_config(), &weights).err().expect("refused");
+    let err = parse(&valid_config(), &weights).expect_err("refused");
     assert!(err.to_string().contains("safetensors"), "{err}");
 }
 
@@ -172,7 +171,19 @@ fn assemble(header: &Value, length_lie: Option<u64>, data: &[u8]) -> Vec<u8> {
 fn dims() -> impl Strategy<Value = u64> {
     prop_oneof![
         prop::sample::select(
-            &[0u64, 1, 4, 32, 64, 65, 1 << 31, 1 << 32, 1 << 40, 1 << 62, u64::MAX][..]
+            &[
+                0u64,
+                1,
+                4,
+                32,
+                64,
+                65,
+                1 << 31,
+                1 << 32,
+                1 << 40,
+                1 << 62,
+                u64::MAX
+            ][..]
         ),
         any::<u64>(),
     ]
@@ -180,18 +191,23 @@ fn dims() -> impl Strategy<Value = u64> {
 
 fn lying_tensor() -> impl Strategy<Value = (String, Value)> {
     let tensor_name = prop_oneof![
-        (0usize..3, prop::sample::select(&["q_proj", "v_proj", "k_proj"][..]), prop::sample::select(&["A", "B"][..]))
+        (
+            0usize..3,
+            prop::sample::select(&["q_proj", "v_proj", "k_proj"][..]),
+            prop::sample::select(&["A", "B"][..])
+        )
             .prop_map(|(l, m, s)| name(l, m, s)),
         nasty_string(),
     ];
     let dtype = prop::sample::select(
-        &["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3", "F128", ""][..],
+        &[
+            "F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3", "F128", "",
+        ][..],
     );
     let shape = prop::collection::vec(dims(), 0..4);
     let offsets = (dims(), dims());
-    (tensor_name, dtype, shape, offsets).prop_map(|(n, d, s, (a, b))| {
-        (n, json!({"dtype": d, "shape": s, "data_offsets": [a, b]}))
-    })
+    (tensor_name, dtype, shape, offsets)
+        .prop_map(|(n, d, s, (a, b))| (n, json!({"dtype": d, "shape": s, "data_offsets": [a, b]})))
 }
 
 proptest! {

@@ -80,11 +80,12 @@ const EDGE_INTS: &[i64] = &[
 /// Numbers around the edges of every type a field might be read as.
 pub fn nasty_number() -> impl Strategy<Value = Value> {
     prop_oneof![
-        prop::sample::select(EDGE_INTS)
-        .prop_map(Value::from),
+        prop::sample::select(EDGE_INTS).prop_map(Value::from),
         any::<u64>().prop_map(Value::from),
-        prop::sample::select(&[0.0f64, -0.0, 0.5, 1.0, 1.5, 2.0, 2.5, -1.0, 1e-300, 1e300, 3.4e38, 3.5e38][..])
-            .prop_map(Value::from),
+        prop::sample::select(
+            &[0.0f64, -0.0, 0.5, 1.0, 1.5, 2.0, 2.5, -1.0, 1e-300, 1e300, 3.4e38, 3.5e38][..]
+        )
+        .prop_map(Value::from),
         any::<f64>().prop_map(Value::from),
     ]
 }

@@ -168,13 +168,18 @@ mod tests {
     fn endless() -> Response {
         let s = futures::stream::unfold(0u64, |n| async move {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            Some((Ok::<_, std::io::Error>(Bytes::from(format!("data: {n}\n\n"))), n + 1))
+            Some((
+                Ok::<_, std::io::Error>(Bytes::from(format!("data: {n}\n\n"))),
+                n + 1,
+            ))
         });
         Response::new(Body::from_stream(s))
     }
 
     async fn read_all(resp: Response) -> String {
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
         String::from_utf8(bytes.to_vec()).unwrap()
     }
 
@@ -182,11 +187,18 @@ mod tests {
     async fn a_stream_past_its_limit_ends_with_an_error_event_and_frees_its_slot() {
         let sem = Arc::new(Semaphore::new(1));
         let permit = sem.clone().try_acquire_owned().unwrap();
-        let resp = guard_stream(endless(), permit, Duration::from_millis(100), Cut::default());
+        let resp = guard_stream(
+            endless(),
+            permit,
+            Duration::from_millis(100),
+            Cut::default(),
+        );
         let text = read_all(resp).await;
         assert!(text.starts_with("data: 0\n\n"), "{text}");
         assert!(
-            text.ends_with("\n\n") && text.contains("event: error") && text.contains("stream_timeout"),
+            text.ends_with("\n\n")
+                && text.contains("event: error")
+                && text.contains("stream_timeout"),
             "{text}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;

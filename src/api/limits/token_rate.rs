@@ -87,10 +87,12 @@ mod tests {
         let rate = TokenRate::new(600); // 10 tokens a second
         let t0 = Instant::now();
         rate.charge("a", 500, t0).unwrap();
-        rate.charge("a", 400, t0).expect("admitted while the balance is positive");
+        rate.charge("a", 400, t0)
+            .expect("admitted while the balance is positive");
         // Balance is now -300: 301 tokens to earn at 10/s.
         assert_eq!(rate.charge("a", 1, t0), Err(31));
-        rate.charge("b", 100, t0).expect("another tenant has its own bucket");
+        rate.charge("b", 100, t0)
+            .expect("another tenant has its own bucket");
         assert_eq!(rate.charge("a", 1, t0 + Duration::from_secs(20)), Err(11));
         rate.charge("a", 1, t0 + Duration::from_secs(31))
             .expect("paid back");
