@@ -2,10 +2,11 @@
 //! resolves and loads the model, opens the database, starts the engine thread and binds the listener (port 0 works; `port()` tells which). `run` serves until
 //! the shutdown future resolves. `main` and the integration tests share this path.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
@@ -20,6 +21,9 @@ use crate::engine::train::data::DatasetLimits;
 use crate::engine::{self, scheduler};
 use crate::jobs::JobRunner;
 
+/// After the shutdown cut, how long connections get to deliver their last bytes and close.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 pub struct Application {
     listener: TcpListener,
     router: Router,
@@ -28,6 +32,9 @@ pub struct Application {
     pub db: sqlx::SqlitePool,
     /// The fine-tuning job runner (tests call `run_pending_jobs` on it).
     pub jobs: Arc<JobRunner>,
+    /// Ends requests still in flight when the shutdown grace period is over.
+    cut: api::limits::Cut,
+    shutdown_grace: Duration,
 }
 
 /// The model path to serve: the configured one, or the default model (fetched if missing).
@@ -130,6 +137,7 @@ impl Application {
             },
         )
         .context("starting the engine thread")?;
+        let limits = Arc::new(api::limits::TenantLimits::from_settings(&settings));
         let state = AppState {
             engine,
             tokenizer,
@@ -147,9 +155,7 @@ impl Application {
             finetune: settings.finetune.clone(),
             jobs: jobs.clone(),
             auth: Arc::new(api::auth::Auth::new(settings.auth.enabled, db.clone())),
-            limits: Arc::new(api::limits::TenantLimits::new(
-                settings.limits.max_concurrent_per_tenant,
-            )),
+            limits: limits.clone(),
         };
         let router = api::router(state, settings.server.max_body_bytes, a.max_upload_bytes);
         let addr = settings.bind_addr()?;
@@ -164,6 +170,8 @@ impl Application {
             auth: settings.auth.enabled,
             db,
             jobs,
+            cut: limits.cut.clone(),
+            shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_seconds),
         })
     }
 
@@ -175,15 +183,42 @@ impl Application {
         self.addr.port()
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests end.
+    /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests end
+    /// for `server.shutdown_grace_seconds`; then ends those still running (503 or a last
+    /// stream event, see `api::limits::deadline`) and returns once their connections close,
+    /// or after [`CLOSE_WAIT`] more at most.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.addr, auth = self.auth, "listening");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serving HTTP")
+        let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            let _ = signalled.send(());
+        };
+        let serve = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(signal)
+            .into_future();
+        tokio::pin!(serve);
+        tokio::select! {
+            done = &mut serve => return done.context("serving HTTP"),
+            Ok(()) = on_signal => {}
+        }
+        if let Ok(done) = tokio::time::timeout(self.shutdown_grace, &mut serve).await {
+            return done.context("serving HTTP");
+        }
+        tracing::warn!(
+            grace_seconds = self.shutdown_grace.as_secs(),
+            "shutdown grace period over: ending the requests still in flight"
+        );
+        self.cut.cut();
+        match tokio::time::timeout(CLOSE_WAIT, &mut serve).await {
+            Ok(done) => done.context("serving HTTP"),
+            Err(_) => {
+                tracing::warn!("connections still open after the cut; exiting anyway");
+                Ok(())
+            }
+        }
     }
 }

@@ -46,6 +46,11 @@ pub struct AuthSettings {
 pub struct LimitSettings {
     /// Generation requests one tenant may have in progress (streams included) at once.
     pub max_concurrent_per_tenant: usize,
+    /// Tokens (prompt + max_new_tokens, the unused part refunded) one tenant may spend per
+    /// minute; 0 turns the limit off.
+    pub tokens_per_minute: u64,
+    /// Longest prompt in tokens; 0 means the model's context length.
+    pub max_prompt_tokens: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -61,6 +66,13 @@ pub struct AdapterSettings {
 pub struct ServerSettings {
     pub bind: String,
     pub max_body_bytes: usize,
+    /// Longest time from a request's headers to its response's headers (body upload and a
+    /// non-streamed generation included); 408 after it.
+    pub request_timeout_seconds: u64,
+    /// Longest time a streamed response may run; then it is ended with an error event.
+    pub stream_timeout_seconds: u64,
+    /// After SIGTERM/Ctrl-C: how long in-flight requests may take to finish before they are cut.
+    pub shutdown_grace_seconds: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -211,6 +223,18 @@ impl Settings {
         if !(1..=1_000_000).contains(&self.limits.max_concurrent_per_tenant) {
             bail!("limits.max_concurrent_per_tenant must be between 1 and 1000000");
         }
+        let sv = &self.server;
+        for (name, secs) in [
+            ("server.request_timeout_seconds", sv.request_timeout_seconds),
+            ("server.stream_timeout_seconds", sv.stream_timeout_seconds),
+        ] {
+            if !(1..=86_400).contains(&secs) {
+                bail!("{name} must be between 1 and 86400");
+            }
+        }
+        if sv.shutdown_grace_seconds > 3600 {
+            bail!("server.shutdown_grace_seconds must be at most 3600");
+        }
         Ok(())
     }
 
@@ -319,6 +343,12 @@ mod tests {
         let mut s = Settings::defaults().unwrap();
         s.limits.max_concurrent_per_tenant = 0;
         assert!(s.validate().is_err());
+        let mut s = Settings::defaults().unwrap();
+        assert_eq!(s.server.shutdown_grace_seconds, 10);
+        assert!(s.limits.tokens_per_minute > 0, "a generous default, on");
+        s.server.request_timeout_seconds = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("server.request_timeout_seconds"), "{err}");
     }
 
     #[test]

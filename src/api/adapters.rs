@@ -77,6 +77,29 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     }
 }
 
+/// Longest `name` part read; a valid name is at most 64 bytes.
+const MAX_NAME_PART: usize = 256;
+
+/// The `name` part as it was sent: strict UTF-8, no byte-order mark stripped (multer's
+/// `text()` drops a leading BOM, which turned `\u{feff}support` into `support`), at most
+/// [`MAX_NAME_PART`] bytes read. `validate_name` then judges it.
+async fn read_name(mut field: axum::extract::multipart::Field<'_>) -> Result<String, ApiError> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+        if buf.len() + chunk.len() > MAX_NAME_PART {
+            return Err(ApiError::invalid_field(format!(
+                "`name` must match [a-z0-9][a-z0-9._-]{{0,63}} (got more than {MAX_NAME_PART} bytes)"
+            )));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    String::from_utf8(buf).map_err(|_| {
+        ApiError::invalid_field(
+            "`name` must match [a-z0-9][a-z0-9._-]{0,63} (got bytes that are not UTF-8)",
+        )
+    })
+}
+
 async fn upload(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -89,7 +112,7 @@ async fn upload(
         let file = field.file_name().unwrap_or_default().to_owned();
         let is = |n: &str| key == n || file == n;
         if key == "name" {
-            name = Some(field.text().await.map_err(multipart_error)?);
+            name = Some(read_name(field).await?);
         } else if is(CONFIG_FILE) {
             config = Some(field.bytes().await.map_err(multipart_error)?.to_vec());
         } else if is(WEIGHTS_FILE) {

@@ -123,3 +123,121 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// The `code` for an error response some layer below the handlers produced as plain text.
+fn code_for(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "invalid_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_value",
+        StatusCode::TOO_MANY_REQUESTS => "limit_exceeded",
+        s if s.is_server_error() => "internal_error",
+        _ => "invalid_request",
+    }
+}
+
+/// Largest plain-text rejection body carried over into the envelope's message.
+const MAX_REJECTION_TEXT: usize = 1024;
+
+/// Middleware: an error response that is not JSON already — an extractor's rejection (a path
+/// segment that is not UTF-8, a multipart body with no boundary), or a layer's — is rewritten
+/// into the envelope with the same status, keeping its text as the message and its headers
+/// (`Allow`, `Retry-After`, …). Handlers' own errors are [`ApiError`]s and pass untouched.
+pub async fn ensure_envelope(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = match axum::body::to_bytes(body, MAX_REJECTION_TEXT).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("the request was refused")
+            .to_owned()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(status, code_for(status), message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn plain_text_rejections_get_the_envelope_and_json_errors_pass() {
+        let app = axum::Router::new()
+            .route(
+                "/plain",
+                get(|| async {
+                    (
+                        StatusCode::BAD_REQUEST,
+                        [(header::ALLOW, "GET")],
+                        "Invalid URL: bad utf-8",
+                    )
+                }),
+            )
+            .route(
+                "/api",
+                get(|| async { ApiError::not_found("no such thing") }),
+            )
+            .route("/ok", get(|| async { "fine" }))
+            .layer(axum::middleware::from_fn(ensure_envelope));
+        let call = |uri: &'static str| {
+            let app = app.clone();
+            async move {
+                let resp = app
+                    .oneshot(axum::http::Request::get(uri).body(Body::empty()).unwrap())
+                    .await
+                    .unwrap();
+                let status = resp.status();
+                let allow = resp.headers().get(header::ALLOW).cloned();
+                let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                    .await
+                    .unwrap();
+                (status, allow, body)
+            }
+        };
+        let (status, allow, body) = call("/plain").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(allow.unwrap(), "GET");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "invalid_request");
+        assert_eq!(v["error"]["message"], "Invalid URL: bad utf-8");
+        let (status, _, body) = call("/api").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["message"], "no such thing");
+        let (status, _, body) = call("/ok").await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"fine"[..]));
+    }
+}

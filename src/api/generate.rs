@@ -131,7 +131,7 @@ async fn generate(
         Some(p) => (json!(p.row.name), json!(p.row.version)),
         None => (Value::Null, Value::Null),
     };
-    let rx = generation::submit(&state, req)?;
+    let rx = generation::submit(&state, &tenant, req)?;
     let id = generation::request_id("gen-");
     if body.stream {
         return Ok(sse(state, id, rx, body.logprobs, with_top, adapter_fields).into_response());

@@ -83,6 +83,16 @@ pub fn check_lengths(
             "the prompt is empty after tokenization",
         ));
     }
+    if let Some(max) = state
+        .limits
+        .max_prompt_tokens
+        .filter(|&max| prompt_len > max)
+    {
+        return Err(ApiError::invalid_field(format!(
+            "the prompt has {prompt_len} tokens; this server allows at most {max} \
+             (limits.max_prompt_tokens)"
+        )));
+    }
     if prompt_len + max_new > m.context_len {
         return Err(ApiError::invalid_field(format!(
             "the prompt has {prompt_len} tokens and `{field}` is {max_new}: together they exceed \
@@ -93,14 +103,68 @@ pub fn check_lengths(
     Ok(max_new)
 }
 
+/// Hands a checked request to the engine for `tenant`: charges its prompt tokens plus
+/// `max_new_tokens` to the tenant's `limits.tokens_per_minute` first (429 when spent), and
+/// gives back what was not generated when the request ends, however it ends.
 pub fn submit(
     state: &AppState,
+    tenant: &str,
     req: GenerateRequest,
 ) -> Result<UnboundedReceiver<GenEvent>, ApiError> {
-    state.engine.submit(req).map_err(|e| match e {
-        SubmitError::QueueFull(_) => ApiError::overloaded(e.to_string(), 1),
-        SubmitError::Stopped => ApiError::unavailable(e.to_string()),
-    })
+    let limits = &state.limits;
+    let (reserved, max_new) = (req.prompt.len() + req.max_new_tokens, req.max_new_tokens);
+    limits.charge_tokens(tenant, reserved)?;
+    let rx = state.engine.submit(req).map_err(|e| {
+        limits.refund_tokens(tenant, reserved);
+        match e {
+            SubmitError::QueueFull(_) => ApiError::overloaded(e.to_string(), 1),
+            SubmitError::Stopped => ApiError::unavailable(e.to_string()),
+        }
+    })?;
+    if !limits.token_rate_enabled() {
+        return Ok(rx);
+    }
+    Ok(refund_unused(
+        rx,
+        state.limits.clone(),
+        tenant.to_owned(),
+        max_new,
+    ))
+}
+
+/// Forwards the engine's events, counting generated tokens; when the request ends (done, or
+/// the receiver dropped: client gone) refunds `max_new` minus what was generated. A dropped
+/// receiver drops the engine's channel at once, so the engine still frees the slot at its
+/// next step.
+fn refund_unused(
+    mut rx: UnboundedReceiver<GenEvent>,
+    limits: std::sync::Arc<crate::api::limits::TenantLimits>,
+    tenant: String,
+    max_new: usize,
+) -> UnboundedReceiver<GenEvent> {
+    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut generated = 0usize;
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                _ = tx.closed() => None,
+            };
+            let Some(ev) = ev else { break };
+            match &ev {
+                GenEvent::Token { .. } => generated += 1,
+                GenEvent::Done {
+                    completion_tokens, ..
+                } => generated = *completion_tokens,
+                _ => {}
+            }
+            if tx.send(ev).is_err() {
+                break;
+            }
+        }
+        limits.refund_tokens(&tenant, max_new.saturating_sub(generated));
+    });
+    out
 }
 
 /// A finished generation.

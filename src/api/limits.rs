@@ -1,35 +1,96 @@
-//! Per-tenant limits enforced in the API layer. Today: how many generation requests one tenant
-//! may have in progress at once (`limits.max_concurrent_per_tenant`). The [`concurrency`]
-//! middleware takes a permit from the tenant's semaphore before the handler runs and holds it
-//! until the response body ends, so a stream counts until its last event is sent or its client
-//! goes away. Over the cap: 429 with `Retry-After`, naming the setting.
+//! Per-tenant limits and time bounds enforced in the API layer:
+//! - how many generation requests one tenant may have in progress at once
+//!   (`limits.max_concurrent_per_tenant`): the [`concurrency`] middleware takes a permit from
+//!   the tenant's semaphore before the handler runs and holds it until the response body ends,
+//!   so a stream counts until its last event is sent, its client goes away, or
+//!   `server.stream_timeout_seconds` pass;
+//! - tokens per minute per tenant ([`token_rate`], charged by `generation::submit`);
+//! - the longest prompt (`limits.max_prompt_tokens`, checked by `generation::check_lengths`);
+//! - request and stream timeouts and the shutdown cut ([`deadline`]).
+//!
+//! Over a cap: 429 with `Retry-After`, naming the setting.
+
+pub mod deadline;
+pub mod token_rate;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use axum::body::{Body, HttpBody};
+use axum::body::HttpBody;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::auth::Tenant;
 use super::ApiError;
+use crate::config::Settings;
+pub use deadline::{request_timeout, Cut};
+use token_rate::TokenRate;
 
 /// One semaphore per tenant, created on the tenant's first request. The map holds one entry per
 /// tenant that has called (tenants are created by the operator, so it stays small).
 pub struct TenantLimits {
     max_concurrent: usize,
     slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+    tokens: TokenRate,
+    /// `limits.max_prompt_tokens`; `None` leaves the model's context as the only bound.
+    pub max_prompt_tokens: Option<usize>,
+    pub request_timeout: Duration,
+    pub stream_timeout: Duration,
+    /// Ends every request still in flight when the shutdown grace period is over.
+    pub cut: Cut,
 }
 
 impl TenantLimits {
+    /// Only the concurrency cap; the other limits off and timeouts of a day (for tests).
     pub fn new(max_concurrent: usize) -> Self {
         Self {
             max_concurrent: max_concurrent.clamp(1, Semaphore::MAX_PERMITS),
             slots: Mutex::new(HashMap::new()),
+            tokens: TokenRate::new(0),
+            max_prompt_tokens: None,
+            request_timeout: Duration::from_secs(86_400),
+            stream_timeout: Duration::from_secs(86_400),
+            cut: Cut::default(),
         }
+    }
+
+    /// Every limit from the settings (`[limits]` and the `[server]` timeouts).
+    pub fn from_settings(s: &Settings) -> Self {
+        let mut l = Self::new(s.limits.max_concurrent_per_tenant);
+        l.tokens = TokenRate::new(s.limits.tokens_per_minute);
+        l.max_prompt_tokens =
+            (s.limits.max_prompt_tokens > 0).then_some(s.limits.max_prompt_tokens);
+        l.request_timeout = Duration::from_secs(s.server.request_timeout_seconds);
+        l.stream_timeout = Duration::from_secs(s.server.stream_timeout_seconds);
+        l
+    }
+
+    /// Whether generation requests are charged against `limits.tokens_per_minute`.
+    pub fn token_rate_enabled(&self) -> bool {
+        self.tokens.enabled()
+    }
+
+    /// Reserves `tokens` (prompt + max_new_tokens) for `tenant`, or the 429 to answer.
+    pub fn charge_tokens(&self, tenant: &str, tokens: usize) -> Result<(), ApiError> {
+        self.tokens
+            .charge(tenant, tokens, Instant::now())
+            .map_err(|retry_after| {
+                ApiError::limit_exceeded(
+                    format!(
+                        "tenant `{tenant}` has used its tokens for now, the limit set by \
+                         limits.tokens_per_minute; retry in {retry_after} s"
+                    ),
+                    retry_after,
+                )
+            })
+    }
+
+    /// Gives back reserved tokens a request did not generate.
+    pub fn refund_tokens(&self, tenant: &str, tokens: usize) {
+        self.tokens.refund(tenant, tokens);
     }
 
     /// A generation slot for `tenant`, or the 429 to answer.
@@ -68,21 +129,22 @@ pub async fn concurrency(
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    hold_until_body_ends(next.run(req).await, permit)
+    let resp = next.run(req).await;
+    hold_until_body_ends(resp, permit, &limits)
 }
 
 /// A body of known length is complete already (the handler collected the whole generation), so
-/// the permit is released now; a stream carries the permit until it ends or is dropped.
-fn hold_until_body_ends(resp: Response, permit: OwnedSemaphorePermit) -> Response {
+/// the permit is released now; a stream carries the permit until it ends, is dropped, or runs
+/// out of time.
+fn hold_until_body_ends(
+    resp: Response,
+    permit: OwnedSemaphorePermit,
+    limits: &TenantLimits,
+) -> Response {
     if resp.body().size_hint().exact().is_some() {
         return resp;
     }
-    let (parts, body) = resp.into_parts();
-    let held = body.into_data_stream().map(move |chunk| {
-        let _slot = &permit;
-        chunk
-    });
-    Response::from_parts(parts, Body::from_stream(held))
+    deadline::guard_stream(resp, permit, limits.stream_timeout, limits.cut.clone())
 }
 
 #[cfg(test)]
@@ -109,16 +171,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_streamed_body_holds_its_permit_until_dropped() {
+        use axum::body::Body;
+        let limits = TenantLimits::new(1);
         let sem = Arc::new(Semaphore::new(1));
         let permit = sem.clone().try_acquire_owned().unwrap();
         let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>("x")]);
-        let resp = hold_until_body_ends(Response::new(Body::from_stream(stream)), permit);
+        let resp = hold_until_body_ends(Response::new(Body::from_stream(stream)), permit, &limits);
         assert_eq!(sem.available_permits(), 0);
         drop(resp);
+        // The permit is given back by a task that sees the body go.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert_eq!(sem.available_permits(), 1);
 
         let permit = sem.clone().try_acquire_owned().unwrap();
-        let resp = hold_until_body_ends(Response::new(Body::from("done")), permit);
+        let resp = hold_until_body_ends(Response::new(Body::from("done")), permit, &limits);
         assert_eq!(
             sem.available_permits(),
             1,

@@ -85,6 +85,11 @@ pub fn router(state: AppState, max_body_bytes: usize, max_upload_bytes: usize) -
             state.auth.clone(),
             auth::authenticate,
         ))
+        .layer(middleware::from_fn_with_state(
+            state.limits.clone(),
+            limits::request_timeout,
+        ))
+        .layer(middleware::from_fn(error::ensure_envelope))
         .layer(middleware::from_fn(record_http_metrics))
         .with_state(state)
 }

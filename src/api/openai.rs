@@ -265,7 +265,7 @@ async fn completions(
         ignore_eos: false,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
     };
-    let rx = generation::submit(&state, req)?;
+    let rx = generation::submit(&state, &tenant, req)?;
     let id = generation::request_id("cmpl-");
     let created = generation::unix_now();
     if body.stream {
@@ -411,7 +411,7 @@ async fn chat_completions(
         ignore_eos: false,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
     };
-    let rx = generation::submit(&state, req)?;
+    let rx = generation::submit(&state, &tenant, req)?;
     let id = generation::request_id("chatcmpl-");
     let created = generation::unix_now();
     if body.stream {

@@ -3,6 +3,7 @@
 //! alpha after `rank_pattern` / `alpha_pattern`. Fields we do not use are ignored, as PEFT
 //! itself ignores fields it does not know; fields whose meaning we cannot honour are refused.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 
@@ -17,6 +18,9 @@ use crate::engine::model::config::ModelConfig;
 /// PEFT's defaults for fields a config may omit (`LoraConfig` in peft 0.x).
 const DEFAULT_R: usize = 8;
 const DEFAULT_ALPHA: f64 = 8.0;
+/// Largest `adapter_config.json` accepted. PEFT writes about 1 KB; the bound keeps a hostile
+/// config (a million `rank_pattern` keys) from costing more than a moment to check.
+pub(super) const MAX_CONFIG_BYTES: usize = 1 << 20;
 
 /// The validated config.
 #[derive(Debug)]
@@ -67,6 +71,15 @@ pub(super) fn module_path(layer: usize, module: Module) -> String {
 
 impl AdapterConfig {
     pub fn parse(bytes: &[u8], base: &ModelConfig, limits: &LoraLimits) -> Result<Self, LoraError> {
+        if bytes.len() > MAX_CONFIG_BYTES {
+            return Err(LoraError::config(
+                "adapter_config.json",
+                format!(
+                    "the file is {} bytes, over the limit of {MAX_CONFIG_BYTES} bytes",
+                    bytes.len()
+                ),
+            ));
+        }
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -283,6 +296,10 @@ fn parse_targets(value: Option<&Value>, base: &ModelConfig) -> Result<Vec<String
     if entries.is_empty() {
         return Err(LoraError::config(FIELD, "the list is empty"));
     }
+    // Repeats change nothing; dropping them keeps the checks below linear in what is distinct.
+    let mut entries = entries;
+    entries.sort();
+    entries.dedup();
     for entry in &entries {
         let last = entry.rsplit('.').next().unwrap_or(entry);
         let known = Module::from_hf_name(last).is_some();
@@ -359,15 +376,18 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Ordered<T> {
                 f.write_str("an object mapping module names to values")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
+                let mut out: Vec<(String, T)> = Vec::new();
+                // Where each key sits in `out`: a repeated key is found in O(1), so many keys
+                // cost linear time, not quadratic.
+                let mut index: HashMap<String, usize> = HashMap::new();
                 while let Some((k, v)) = map.next_entry::<String, T>()? {
                     // Python's json keeps the last value of a repeated key, at the first one's place.
-                    match out
-                        .iter_mut()
-                        .find(|(seen, _): &&mut (String, T)| *seen == k)
-                    {
-                        Some(slot) => slot.1 = v,
-                        None => out.push((k, v)),
+                    match index.get(&k) {
+                        Some(&i) => out[i].1 = v,
+                        None => {
+                            index.insert(k.clone(), out.len());
+                            out.push((k, v));
+                        }
                     }
                 }
                 Ok(Ordered(out))

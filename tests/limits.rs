@@ -1,0 +1,182 @@
+//! The limits of issue 6 that live in the API layer, through the real app: the per-tenant
+//! token rate (429 + Retry-After naming `limits.tokens_per_minute`, other tenants unaffected),
+//! the prompt cap (`limits.max_prompt_tokens`), the request timeout for a client that stalls
+//! mid-body (408), and the stream timeout (a last `error` event, and the slot is free again).
+
+#[allow(dead_code)]
+#[path = "api/helpers.rs"]
+mod helpers;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use helpers::{
+    error_code, spawn_app_in, spawn_app_with, spawn_app_with_auth_and, write_tiny_model,
+};
+
+#[tokio::test]
+async fn a_tenant_over_its_token_rate_gets_429_naming_the_limit_and_others_do_not() {
+    let app = spawn_app_with_auth_and(|s| s.limits.tokens_per_minute = 100).await;
+    let long = json!({"prompt": "the cat", "max_new_tokens": 150, "ignore_eos": true});
+    assert_eq!(
+        app.a.post("/v1/generate", &long).await.status(),
+        200,
+        "admitted: balance was positive"
+    );
+    let resp = app
+        .a
+        .post(
+            "/v1/generate",
+            &json!({"prompt": "hi", "max_new_tokens": 1}),
+        )
+        .await;
+    let retry: u64 = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=60).contains(&retry), "{retry}");
+    let (code, msg) = error_code(resp, 429).await;
+    assert_eq!(code, "limit_exceeded");
+    assert!(msg.contains("limits.tokens_per_minute"), "{msg}");
+    // The OpenAI routes share the bucket; tenant B has its own.
+    let chat =
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+    error_code(app.a.post("/v1/chat/completions", &chat).await, 429).await;
+    assert_eq!(
+        app.b.post("/v1/chat/completions", &chat).await.status(),
+        200
+    );
+    // Requests refused before admission cost nothing: tokenizing is not generation.
+    assert_eq!(
+        app.a
+            .post("/v1/tokenize", &json!({"text": "hi"}))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_prompt_over_max_prompt_tokens_is_422_naming_the_setting() {
+    let app = spawn_app_with(|s| s.limits.max_prompt_tokens = 5).await;
+    let (code, msg) = error_code(
+        app.post(
+            "/v1/generate",
+            &json!({"prompt": "the cat sat on the mat and then some", "max_new_tokens": 1}),
+        )
+        .await,
+        422,
+    )
+    .await;
+    assert_eq!(code, "invalid_value");
+    assert!(msg.contains("limits.max_prompt_tokens"), "{msg}");
+    let ok = app
+        .post(
+            "/v1/generate",
+            &json!({"prompt": "hi", "max_new_tokens": 1}),
+        )
+        .await;
+    assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_mid_body_gets_408_and_does_not_hold_its_slot() {
+    let app = spawn_app_with(|s| {
+        s.server.request_timeout_seconds = 1;
+        s.limits.max_concurrent_per_tenant = 1;
+    })
+    .await;
+    // Half a JSON body, then nothing for longer than the timeout.
+    let body = futures::stream::unfold(0, |step| async move {
+        match step {
+            0 => Some((Ok::<_, std::io::Error>("{\"prompt\": ".to_owned()), 1)),
+            1 => {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Some((Ok("\"hi\"}".to_owned()), 2))
+            }
+            _ => None,
+        }
+    });
+    let started = Instant::now();
+    let resp = app
+        .client
+        .post(format!("{}/v1/generate", app.base))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .expect("answered");
+    let (code, msg) = error_code(resp, 408).await;
+    assert_eq!(code, "request_timeout");
+    assert!(msg.contains("server.request_timeout_seconds"), "{msg}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let ok = app
+        .post(
+            "/v1/generate",
+            &json!({"prompt": "hi", "max_new_tokens": 1}),
+        )
+        .await;
+    assert_eq!(ok.status(), 200, "the slot was given back");
+}
+
+#[tokio::test]
+async fn a_stream_past_stream_timeout_ends_with_an_error_event_and_frees_its_slot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A long context, so the stream could run far longer than the limit.
+    let model = dir.path().join(helpers::TINY_MODEL_NAME);
+    write_tiny_model(&model, 7);
+    let cfg_path = model.join("config.json");
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).expect("config")).expect("json");
+    cfg["max_position_embeddings"] = json!(65536);
+    std::fs::write(&cfg_path, cfg.to_string()).expect("config");
+    let app = spawn_app_in(dir.path(), |s| {
+        s.server.stream_timeout_seconds = 1;
+        s.engine.max_new_tokens_limit = 65000;
+        s.limits.max_concurrent_per_tenant = 1;
+    })
+    .await;
+    let started = Instant::now();
+    let resp = app
+        .post(
+            "/v1/generate",
+            &json!({"prompt": "hi", "stream": true, "ignore_eos": true, "max_new_tokens": 64000}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut text = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), body.next())
+        .await
+        .expect("the stream ended in time")
+    {
+        text.extend_from_slice(&chunk.expect("a clean end"));
+    }
+    let text = String::from_utf8_lossy(&text);
+    let last = text.trim_end().rsplit("\n\n").next().unwrap_or_default();
+    assert!(
+        last.starts_with("event: error") && last.contains("stream_timeout"),
+        "{last}"
+    );
+    assert!(last.contains("server.stream_timeout_seconds"), "{last}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let ok = app
+        .post(
+            "/v1/generate",
+            &json!({"prompt": "hi", "max_new_tokens": 1}),
+        )
+        .await;
+    assert_eq!(ok.status(), 200, "the slot was given back");
+}
