@@ -6,6 +6,7 @@
 #  2. generation latency (single stream) with no job and with a fine-tuning job running.
 #
 #   PYTHON=/path/to/venv/bin/python scripts/bench_train.sh   # needs torch, transformers, peft
+#   SKIP_THROUGHPUT=1 scripts/bench_train.sh                  # part 2 only
 #
 # Run it on a quiet machine: the load average is printed before and after.
 set -euo pipefail
@@ -21,6 +22,7 @@ BIN=target/release/adapterd
 MODEL=${MODEL:-$($BIN fetch-model)}
 echo "commit: $(git rev-parse --short HEAD); load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
+if [ -z "${SKIP_THROUGHPUT:-}" ]; then
 echo "== 1. training throughput (tokens/s; median step)"
 [ -f "$OUT/hf/model.safetensors" ] || target/release/examples/export_hf "$MODEL" "$OUT/hf" >/dev/null
 # Ours on the f32 copy (the same weights PyTorch trains) and on the Q4_1 file it serves.
@@ -37,6 +39,7 @@ t = json.load(open(f"{d}/torch.json"))
 peer = t.get("tokens_per_s_at_median_step", t["tokens_per_s"])
 print(f"ours f32 {ours:.1f} tok/s, ours Q4_1 {q4:.1f}, PyTorch+PEFT {peer:.1f}: ratio {ours/peer:.2f} (Q4_1 {q4/peer:.2f})")
 PY
+fi
 
 echo "== 2. generation latency without and with a training job"
 cat > "$OUT/bench.toml" <<TOML

@@ -115,6 +115,7 @@ impl Application {
             name.clone(),
             PathBuf::from(&settings.storage.jobs_dir),
             settings.finetune.threads,
+            settings.finetune.nice,
             DatasetLimits {
                 max_records: settings.datasets.max_records,
                 max_bytes: settings.datasets.max_file_bytes,

@@ -110,6 +110,8 @@ pub struct FinetuneSettings {
     pub autostart: bool,
     /// Threads training may use; the rest of the machine stays with serving.
     pub threads: usize,
+    /// Scheduling niceness of the training threads (0–19; higher yields more to serving).
+    pub nice: i32,
     /// Queued plus running jobs one tenant may have.
     pub max_active_per_tenant: usize,
     /// Largest `max_steps` (and computed step count) a job may have.
@@ -203,6 +205,9 @@ impl Settings {
             );
         }
         let f = &self.finetune;
+        if !(0..=19).contains(&f.nice) {
+            bail!("finetune.nice must be between 0 and 19");
+        }
         if f.threads == 0 || f.max_active_per_tenant == 0 || f.max_steps == 0 {
             bail!("finetune.threads, finetune.max_active_per_tenant and finetune.max_steps must be at least 1");
         }

@@ -82,11 +82,13 @@ impl JobRunner {
         base_name: String,
         jobs_dir: PathBuf,
         threads: usize,
+        nice: i32,
         dataset_limits: DatasetLimits,
     ) -> anyhow::Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("adapterd-train-{i}"))
+            .start_handler(move |_| lower_priority(nice))
             .build()
             .context("building the training thread pool")?;
         let pool = Arc::new(pool);
@@ -417,6 +419,22 @@ impl JobRunner {
             .await
             .context("the training thread")?
     }
+}
+
+/// Lowers the calling thread's scheduling priority (Linux: the nice value is per thread), so
+/// when training and serving compete for cores the scheduler favours serving; an idle machine
+/// still gives training all the time it wants.
+fn lower_priority(nice: i32) {
+    #[cfg(target_os = "linux")]
+    if nice > 0 {
+        // SAFETY: setpriority has no memory-safety preconditions; `who = 0` is this thread.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+        if rc != 0 {
+            tracing::warn!(nice, "could not lower the training threads' priority");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }
 
 /// The per-step metrics a job shows and its events carry.
