@@ -94,6 +94,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
+    let mut last = String::new();
     while !trainer.is_done() {
         let r = pool.install(|| trainer.step())?;
         let mut msg = format!(
@@ -106,10 +107,13 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
                 d.reward_margin, d.reward_accuracy
             ));
         }
+        last = format!("step {}/{}: {msg}", r.step, r.total_steps);
         bar.set_message(msg);
         bar.inc(1);
     }
     bar.finish();
+    // The bar is hidden when stderr is not a terminal; the last step's numbers always show.
+    eprintln!("{last}");
 
     let adapter = trainer.adapter()?;
     let parent = match args.out.parent() {
