@@ -216,6 +216,7 @@ impl JobRunner {
             &self.dataset_limits,
         )
         .map_err(|e| anyhow::anyhow!("dataset: {e}"))?;
+        let n_examples = examples.len();
         let mut trainer = Trainer::new(self.model.clone(), spec.hyperparameters.clone(), examples)?;
         let ck_path = self.checkpoint_path(&row.id);
         if row.checkpoint_path.is_some() && ck_path.exists() {
@@ -238,7 +239,7 @@ impl JobRunner {
                 "info",
                 &format!(
                     "training started: {} examples, {} steps",
-                    dataset_records(&dataset),
+                    n_examples,
                     trainer.total_steps()
                 ),
                 None,
@@ -457,11 +458,4 @@ fn step_metrics(r: &StepReport, eta_seconds: f64) -> Value {
         obj.insert("rejected_reward".into(), json!(d.rejected_reward));
     }
     m
-}
-
-fn dataset_records(jsonl: &[u8]) -> usize {
-    jsonl
-        .split(|b| *b == b'\n')
-        .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
-        .count()
 }

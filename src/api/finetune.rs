@@ -161,10 +161,13 @@ async fn submit(
     }
     // Validate every record now (tokenizing is the only way to know each fits), off the
     // async threads.
-    let examples = {
-        let (jsonl, hyper, jobs) = (jsonl.clone(), hyper.clone(), state.jobs.clone());
+    // The dataset moves into the blocking task and back out: no copy of up to
+    // datasets.max_file_bytes per submission.
+    let (examples, jsonl) = {
+        let (hyper, jobs) = (hyper.clone(), state.jobs.clone());
         tokio::task::spawn_blocking(move || {
-            prepare_examples(&jsonl, &hyper, jobs.tokenizer(), &dataset_limits)
+            let r = prepare_examples(&jsonl, &hyper, jobs.tokenizer(), &dataset_limits);
+            (r, jsonl)
         })
         .await
         .map_err(ApiError::internal)?
