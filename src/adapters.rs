@@ -32,6 +32,26 @@ pub enum AdapterError {
     Damaged(String),
     #[error("adapter storage: {0}")]
     Storage(String),
+    /// The tenant keeps as many adapter versions or bytes as its quota allows.
+    #[error("{0}")]
+    QuotaExceeded(String),
+}
+
+/// What one tenant may keep stored (`limits.max_adapter_versions_per_tenant`,
+/// `limits.max_adapter_bytes_per_tenant`).
+#[derive(Clone, Copy, Debug)]
+pub struct AdapterQuota {
+    pub max_versions: usize,
+    pub max_bytes: u64,
+}
+
+impl Default for AdapterQuota {
+    fn default() -> Self {
+        Self {
+            max_versions: 1_000_000,
+            max_bytes: i64::MAX as u64,
+        }
+    }
 }
 
 impl From<sqlx::Error> for AdapterError {
@@ -98,6 +118,7 @@ pub struct AdapterRegistry {
     base: ModelConfig,
     limits: LoraLimits,
     cache: AdapterCache,
+    quota: AdapterQuota,
     /// Serialises version allocation + rename per process (SQLite serialises the rest).
     write_lock: tokio::sync::Mutex<()>,
 }
@@ -128,6 +149,14 @@ pub fn now_rfc3339() -> String {
     )
 }
 
+/// The recorded identity of an adapter version: sha256 over its config bytes, then its weights.
+fn sha256_hex(config: &[u8], weights: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(config);
+    h.update(weights);
+    hex::encode(h.finalize())
+}
+
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -146,8 +175,15 @@ impl AdapterRegistry {
             base,
             limits,
             cache: AdapterCache::new(cache_bytes),
+            quota: AdapterQuota::default(),
             write_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Caps what each tenant may keep stored (default: no practical cap).
+    pub fn with_quota(mut self, quota: AdapterQuota) -> Self {
+        self.quota = quota;
+        self
     }
 
     /// The limits uploads (and trained adapters) are validated against.
@@ -179,14 +215,11 @@ impl AdapterRegistry {
         })
         .await
         .map_err(|e| AdapterError::Storage(e.to_string()))??;
-        let sha = {
-            let mut h = Sha256::new();
-            h.update(&config);
-            h.update(&weights);
-            hex::encode(h.finalize())
-        };
+        let sha = sha256_hex(&config, &weights);
 
         let _guard = self.write_lock.lock().await;
+        // Under the write lock, so concurrent uploads of one tenant cannot both pass the check.
+        self.check_quota(tenant, weights.len()).await?;
         let version = q::next_version(&self.db, tenant, name).await?;
         let parent = self.root.join(tenant).join(name);
         let final_dir = self.dir(tenant, name, version);
@@ -244,6 +277,27 @@ impl AdapterRegistry {
         Ok(Resolved { row, adapter })
     }
 
+    async fn check_quota(&self, tenant: &str, new_bytes: usize) -> Result<(), AdapterError> {
+        let (versions, bytes) = q::usage(&self.db, tenant).await?;
+        let (versions, bytes) = (versions.max(0) as u64, bytes.max(0) as u64);
+        let quota = self.quota;
+        if versions >= quota.max_versions as u64 {
+            return Err(AdapterError::QuotaExceeded(format!(
+                "tenant `{tenant}` already keeps {versions} adapter versions, the quota set by \
+                 limits.max_adapter_versions_per_tenant; delete some first"
+            )));
+        }
+        if bytes.saturating_add(new_bytes as u64) > quota.max_bytes {
+            return Err(AdapterError::QuotaExceeded(format!(
+                "storing {new_bytes} more bytes would take tenant `{tenant}` past {} bytes of \
+                 adapters (now {bytes}), the quota set by limits.max_adapter_bytes_per_tenant; \
+                 delete some first",
+                quota.max_bytes
+            )));
+        }
+        Ok(())
+    }
+
     /// The row `name` or `name@version` of `tenant` refers to, without loading its weights.
     /// Another tenant's adapter is `NotFound`, exactly like a missing one.
     pub async fn find(&self, tenant: &str, reference: &str) -> Result<AdapterRow, AdapterError> {
@@ -269,10 +323,26 @@ impl AdapterRegistry {
         let dir = self.dir(tenant, &name, row.version);
         let (base, limits) = (self.base.clone(), self.limits);
         let started = std::time::Instant::now();
+        let recorded = row.sha256.clone();
         let loaded = tokio::task::spawn_blocking(move || -> Result<LoraAdapter, AdapterError> {
             let config = std::fs::read(dir.join(CONFIG_FILE))?;
             let weights = std::fs::read(dir.join(WEIGHTS_FILE))?;
-            Ok(parse_peft(&config, &weights, &base, &limits, &Device::Cpu)?)
+            // The files must be the bytes that were validated at upload: a substitute written
+            // into the store behind the service's back (valid or not) is refused. Hashing runs
+            // beside the parse so a cold load pays for the slower of the two, not both.
+            let (sha, parsed) = std::thread::scope(|scope| {
+                let hashing = scope.spawn(|| sha256_hex(&config, &weights));
+                let parsed = parse_peft(&config, &weights, &base, &limits, &Device::Cpu);
+                (hashing.join(), parsed)
+            });
+            let sha =
+                sha.map_err(|_| AdapterError::Storage("hashing the adapter failed".into()))?;
+            if sha != recorded {
+                return Err(AdapterError::Storage(format!(
+                    "stored files hash to {sha}, not the recorded {recorded}"
+                )));
+            }
+            Ok(parsed?)
         })
         .await
         .map_err(|e| AdapterError::Storage(e.to_string()))?;

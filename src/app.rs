@@ -2,7 +2,7 @@
 //! resolves and loads the model, opens the database, starts the engine thread and binds the listener (port 0 works; `port()` tells which). `run` serves until
 //! the shutdown future resolves. `main` and the integration tests share this path.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,6 +35,8 @@ pub struct Application {
     /// Ends requests still in flight when the shutdown grace period is over.
     cut: api::limits::Cut,
     shutdown_grace: Duration,
+    /// `server.header_timeout_seconds`: each request's headers (and keep-alive idleness).
+    header_timeout: Duration,
 }
 
 /// The model path to serve: the configured one, or the default model (fetched if missing).
@@ -86,16 +88,22 @@ impl Application {
 
         let context_len = loaded.model.cfg.max_position_embeddings;
         let a = &settings.adapters;
-        let adapters = Arc::new(AdapterRegistry::new(
-            db.clone(),
-            PathBuf::from(&settings.storage.adapters_dir),
-            loaded.model.cfg.clone(),
-            LoraLimits {
-                max_rank: a.max_rank,
-                max_bytes: a.max_upload_bytes,
-            },
-            a.cache_bytes,
-        ));
+        let adapters = Arc::new(
+            AdapterRegistry::new(
+                db.clone(),
+                PathBuf::from(&settings.storage.adapters_dir),
+                loaded.model.cfg.clone(),
+                LoraLimits {
+                    max_rank: a.max_rank,
+                    max_bytes: a.max_upload_bytes,
+                },
+                a.cache_bytes,
+            )
+            .with_quota(crate::adapters::AdapterQuota {
+                max_versions: settings.limits.max_adapter_versions_per_tenant,
+                max_bytes: settings.limits.max_adapter_bytes_per_tenant,
+            }),
+        );
         adapters
             .reconcile()
             .await
@@ -173,6 +181,7 @@ impl Application {
             jobs,
             cut: limits.cut.clone(),
             shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_seconds),
+            header_timeout: Duration::from_secs(settings.server.header_timeout_seconds),
         })
     }
 
@@ -187,39 +196,48 @@ impl Application {
     /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests end
     /// for `server.shutdown_grace_seconds`; then ends those still running (503 or a last
     /// stream event, see `api::limits::deadline`) and returns once their connections close,
-    /// or after [`CLOSE_WAIT`] more at most.
+    /// or after [`CLOSE_WAIT`] more at most. Meanwhile a running fine-tuning job checkpoints
+    /// at its next step boundary and stops (it resumes on restart).
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.addr, auth = self.auth, "listening");
-        let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
-        let signal = async move {
-            shutdown.await;
-            let _ = signalled.send(());
-        };
-        let serve = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(signal)
-            .into_future();
-        tokio::pin!(serve);
-        tokio::select! {
-            done = &mut serve => return done.context("serving HTTP"),
-            Ok(()) = on_signal => {}
-        }
-        if let Ok(done) = tokio::time::timeout(self.shutdown_grace, &mut serve).await {
-            return done.context("serving HTTP");
-        }
-        tracing::warn!(
-            grace_seconds = self.shutdown_grace.as_secs(),
-            "shutdown grace period over: ending the requests still in flight"
-        );
-        self.cut.cut();
-        match tokio::time::timeout(CLOSE_WAIT, &mut serve).await {
-            Ok(done) => done.context("serving HTTP"),
-            Err(_) => {
+        let connections = crate::http_server::serve_until(
+            self.listener,
+            self.router,
+            self.header_timeout,
+            shutdown,
+        )
+        .await;
+        let started = std::time::Instant::now();
+        // Connections drain and the running job (if any) checkpoints side by side, within the
+        // same grace period.
+        let jobs = self.jobs.clone();
+        let paused = tokio::spawn(async move { jobs.pause().await });
+        let drained = connections.shutdown();
+        tokio::pin!(drained);
+        let in_grace = tokio::time::timeout(self.shutdown_grace, &mut drained).await;
+        if in_grace.is_err() {
+            tracing::warn!(
+                grace_seconds = self.shutdown_grace.as_secs(),
+                "shutdown grace period over: ending the requests still in flight"
+            );
+            self.cut.cut();
+            if tokio::time::timeout(CLOSE_WAIT, &mut drained)
+                .await
+                .is_err()
+            {
                 tracing::warn!("connections still open after the cut; exiting anyway");
-                Ok(())
             }
         }
+        let left = self.shutdown_grace.saturating_sub(started.elapsed()) + CLOSE_WAIT;
+        if tokio::time::timeout(left, paused).await.is_err() {
+            tracing::warn!(
+                "the running fine-tuning job did not reach a step boundary in time; \
+                 it resumes from its last periodic checkpoint on restart"
+            );
+        }
+        Ok(())
     }
 }

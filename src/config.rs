@@ -51,6 +51,16 @@ pub struct LimitSettings {
     pub tokens_per_minute: u64,
     /// Longest prompt in tokens; 0 means the model's context length.
     pub max_prompt_tokens: usize,
+    /// Generation requests of one tenant that may wait in the shared engine queue at once.
+    pub max_queued_per_tenant: usize,
+    /// Adapter versions one tenant may keep stored (every version counts until deleted).
+    pub max_adapter_versions_per_tenant: usize,
+    /// Bytes of adapter weights one tenant may keep stored.
+    pub max_adapter_bytes_per_tenant: u64,
+    /// Dataset files one tenant may keep in /v1/files.
+    pub max_files_per_tenant: usize,
+    /// Bytes of dataset files one tenant may keep in /v1/files.
+    pub max_file_bytes_per_tenant: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -73,6 +83,9 @@ pub struct ServerSettings {
     pub stream_timeout_seconds: u64,
     /// After SIGTERM/Ctrl-C: how long in-flight requests may take to finish before they are cut.
     pub shutdown_grace_seconds: u64,
+    /// Longest time a connection may take to send a request's headers, and so also the longest
+    /// a keep-alive connection may sit idle; the connection is closed after it.
+    pub header_timeout_seconds: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -225,13 +238,42 @@ impl Settings {
         if !self.storage.database_url.starts_with("sqlite:") {
             bail!("storage.database_url must be a sqlite: URL");
         }
-        if !(1..=1_000_000).contains(&self.limits.max_concurrent_per_tenant) {
-            bail!("limits.max_concurrent_per_tenant must be between 1 and 1000000");
+        let l = &self.limits;
+        for (name, value) in [
+            (
+                "limits.max_concurrent_per_tenant",
+                l.max_concurrent_per_tenant,
+            ),
+            ("limits.max_queued_per_tenant", l.max_queued_per_tenant),
+            (
+                "limits.max_adapter_versions_per_tenant",
+                l.max_adapter_versions_per_tenant,
+            ),
+            ("limits.max_files_per_tenant", l.max_files_per_tenant),
+        ] {
+            if !(1..=1_000_000).contains(&value) {
+                bail!("{name} must be between 1 and 1000000");
+            }
+        }
+        for (name, value) in [
+            (
+                "limits.max_adapter_bytes_per_tenant",
+                l.max_adapter_bytes_per_tenant,
+            ),
+            (
+                "limits.max_file_bytes_per_tenant",
+                l.max_file_bytes_per_tenant,
+            ),
+        ] {
+            if value == 0 || value > i64::MAX as u64 {
+                bail!("{name} must be at least 1 (bytes)");
+            }
         }
         let sv = &self.server;
         for (name, secs) in [
             ("server.request_timeout_seconds", sv.request_timeout_seconds),
             ("server.stream_timeout_seconds", sv.stream_timeout_seconds),
+            ("server.header_timeout_seconds", sv.header_timeout_seconds),
         ] {
             if !(1..=86_400).contains(&secs) {
                 bail!("{name} must be between 1 and 86400");

@@ -62,6 +62,9 @@ pub struct JobRunner {
     dataset_limits: DatasetLimits,
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
     wake: tokio::sync::Notify,
+    /// Set at shutdown: the running job checkpoints and stops at its next step boundary, and no
+    /// further job is claimed.
+    stopping: Arc<AtomicBool>,
     /// One job trains at a time; `run_pending_jobs` and the background loop share this.
     busy: tokio::sync::Mutex<()>,
 }
@@ -70,6 +73,8 @@ pub struct JobRunner {
 enum Outcome {
     Finished(Box<Trainer>),
     Cancelled(usize),
+    /// Stopped for shutdown after this step, with a checkpoint of it; resumes on restart.
+    Paused(usize),
 }
 
 impl JobRunner {
@@ -103,6 +108,7 @@ impl JobRunner {
             dataset_limits,
             cancels: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
+            stopping: Arc::new(AtomicBool::new(false)),
             busy: tokio::sync::Mutex::new(()),
         })
     }
@@ -132,7 +138,7 @@ impl JobRunner {
     pub fn start(self: &Arc<Self>) {
         let me = self.clone();
         tokio::spawn(async move {
-            loop {
+            while !me.stopping.load(Ordering::SeqCst) {
                 match me.run_pending_jobs().await {
                     Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "job runner"),
@@ -158,11 +164,23 @@ impl JobRunner {
         }
     }
 
+    /// For shutdown: claims no further job, and has the running one (if any) write a checkpoint
+    /// and stop at its next step boundary, leaving it `running` so the next start queues it
+    /// again and it resumes from there. Resolves once no job is training.
+    pub async fn pause(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+        let _idle = self.busy.lock().await;
+    }
+
     /// Runs queued jobs until none is left; returns how many ran.
     pub async fn run_pending_jobs(&self) -> anyhow::Result<usize> {
         let _busy = self.busy.lock().await;
         let mut n = 0;
-        while let Some((row, dataset)) = q::claim_next(&self.db, &now_rfc3339()).await? {
+        while !self.stopping.load(Ordering::SeqCst) {
+            let Some((row, dataset)) = q::claim_next(&self.db, &now_rfc3339()).await? else {
+                break;
+            };
             n += 1;
             self.record_gauges().await;
             let id = row.id.clone();
@@ -256,6 +274,18 @@ impl JobRunner {
             .train(&row, trainer, cancel.clone(), ck_path.clone())
             .await?;
         let trainer = match outcome {
+            Outcome::Paused(step) => {
+                self.event(
+                    &row.id,
+                    "info",
+                    &format!(
+                        "paused for shutdown after step {step}; it resumes from there on restart"
+                    ),
+                    None,
+                )
+                .await;
+                return Ok(());
+            }
             Outcome::Cancelled(step) => {
                 self.event(
                     &row.id,
@@ -348,6 +378,7 @@ impl JobRunner {
         };
         let every = trainer.hyper().checkpoint_every;
         let pool = self.pool.clone();
+        let stopping = self.stopping.clone();
         // The pool's threads do the tensor work; this blocking thread only waits on them.
         let job = move || -> anyhow::Result<Outcome> {
             let mut recent: Vec<f64> = Vec::new();
@@ -359,6 +390,18 @@ impl JobRunner {
                     .is_some_and(|r| r.status == "cancelled");
                 if cancel.load(Ordering::SeqCst) || cancelled_in_db {
                     return Ok(Outcome::Cancelled(trainer.steps_done()));
+                }
+                if stopping.load(Ordering::SeqCst) {
+                    let step = trainer.steps_done();
+                    if step > 0 && step % every != 0 {
+                        trainer.save_checkpoint(&ck_path)?;
+                        handle.block_on(q::set_checkpoint(
+                            &db,
+                            &id,
+                            &ck_path.display().to_string(),
+                        ))?;
+                    }
+                    return Ok(Outcome::Paused(step));
                 }
                 let report = pool.install(|| trainer.step())?;
                 recent.push(report.seconds);

@@ -16,6 +16,7 @@
 //! - [`scaling`]: Chinchilla / Kaplan / inference-aware formulas, pure functions.
 //! - [`metrics`]: metric names as consts, described once; the Prometheus recorder.
 //! - [`app`]: `Application::build(settings)` binds, loads, and runs the server.
+//! - [`http_server`]: the accept loop — hyper with a header/idle timer, drained on shutdown.
 
 pub mod adapters;
 pub mod api;
@@ -23,6 +24,7 @@ pub mod app;
 pub mod config;
 pub mod engine;
 pub mod finetune_cli;
+pub mod http_server;
 pub mod jobs;
 pub mod keys;
 pub mod metrics;

@@ -59,10 +59,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let settings = Settings::load(&o)?;
             set_threads(settings.model.threads);
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(async move {
+            let served = rt.block_on(async move {
                 let app = Application::build(settings).await?;
                 app.run(shutdown_signal()).await
-            })
+            });
+            // A training step still running past the grace period is abandoned (the job resumes
+            // from its last checkpoint); don't let it hold the exit.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            served
         }
         Command::Keys(args) => {
             let rt = tokio::runtime::Runtime::new()?;

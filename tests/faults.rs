@@ -3,7 +3,8 @@
 //! uploaded, then a restart on the same directories must have lost nothing acknowledged and
 //! kept nothing half-written; a truncated adapter file fails only that adapter
 //! (`adapter_damaged`); SIGTERM ends a stream in flight cleanly within the grace period and the
-//! process exits 0.
+//! process exits 0; a fine-tuning job survives kill -9 (resumes from its last periodic
+//! checkpoint) and SIGTERM (checkpoints at the step it reached, resumes exactly there).
 
 #[allow(dead_code)]
 #[path = "api/helpers.rs"]
@@ -125,6 +126,50 @@ impl Server {
             .multipart(form)
             .send()
             .await
+    }
+
+    async fn get_json(&self, path: &str) -> Value {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("GET answered");
+        assert_eq!(r.status(), 200, "GET {path}");
+        r.json().await.expect("JSON body")
+    }
+
+    async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .expect("POST answered");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("JSON body"))
+    }
+
+    /// Sends SIGTERM and waits (15 s at most) for the exit status.
+    fn sigterm_and_wait(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success());
+        let sent = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(
+                sent.elapsed() < Duration::from_secs(15),
+                "adapterd still running 15 s after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     async fn generate(&self, body: Value) -> (u16, Value) {
@@ -429,4 +474,129 @@ async fn sigterm_ends_a_stream_in_flight_cleanly_and_exits_0() {
         "took {:?}",
         sent.elapsed()
     );
+}
+
+/// An SFT job long enough to be interrupted mid-way on the tiny model.
+fn long_sft_job(name: &str, steps: usize, checkpoint_every: usize) -> Value {
+    json!({
+        "method": "sft",
+        "adapter_name": name,
+        "training_data": [
+            {"prompt": "ab", "completion": "xyz"},
+            {"prompt": "cd", "completion": "uvw"},
+        ],
+        "hyperparameters": {"rank": 4, "alpha": 8, "learning_rate": 0.01, "batch_size": 2,
+                            "max_steps": steps, "warmup_steps": 0, "lr_scheduler": "constant",
+                            "seed": 5, "checkpoint_every": checkpoint_every},
+    })
+}
+
+/// Polls the job until `done(job)` holds (60 s at most) and returns it.
+async fn wait_job(server: &Server, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let job = server.get_json(&format!("/v1/finetune/{id}")).await;
+        if done(&job) {
+            return job;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "waited 60 s for {what}; job: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The messages of every event of a job, oldest first.
+async fn job_messages(server: &Server, id: &str) -> Vec<String> {
+    let page = server
+        .get_json(&format!("/v1/finetune/{id}/events?limit=10000"))
+        .await;
+    page["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["message"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The step number at the end of the first message starting with `prefix`.
+fn step_in(messages: &[String], prefix: &str) -> Option<usize> {
+    messages.iter().find_map(|m| {
+        let rest = m.strip_prefix(prefix)?;
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|d| d.parse().ok())
+    })
+}
+
+/// After a restart the job finishes, its adapter is listed and generates.
+async fn finishes_and_serves(server: &Server, id: &str, name: &str) {
+    let done = wait_job(server, id, "the resumed job to finish", |j| {
+        j["status"] != "running" && j["status"] != "queued"
+    })
+    .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let adapter = server.get_json(&format!("/v1/adapters/{name}")).await;
+    assert_eq!(adapter["source"], "finetune", "{adapter}");
+    let (status, out) = server
+        .generate(
+            json!({"prompt": "ab", "adapter_id": name, "max_new_tokens": 3, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_job_resumes_from_the_last_checkpoint_and_finishes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_tiny_model(&dir.path().join("tiny"), 7);
+    let server = Server::start(dir.path(), "").await;
+    let (status, job) = server
+        .post_json("/v1/finetune", &long_sft_job("survivor", 2000, 10))
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("id").to_owned();
+    wait_job(&server, &id, "step 25", |j| {
+        j["progress"]["step"].as_u64().unwrap_or(0) >= 25
+    })
+    .await;
+    server.kill9();
+
+    let server = Server::start(dir.path(), "").await;
+    finishes_and_serves(&server, &id, "survivor").await;
+    let messages = job_messages(&server, &id).await;
+    let resumed = step_in(&messages, "resumed from the checkpoint at step ")
+        .unwrap_or_else(|| panic!("no resume event: {messages:?}"));
+    assert!(resumed >= 20 && resumed % 10 == 0, "resumed at {resumed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_job_checkpoints_where_it_stopped_and_resumes_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_tiny_model(&dir.path().join("tiny"), 7);
+    // checkpoint_every is larger than the whole job: only the shutdown writes one.
+    let mut server = Server::start(dir.path(), "shutdown_grace_seconds = 5\n").await;
+    let (status, job) = server
+        .post_json("/v1/finetune", &long_sft_job("paused", 2000, 5000))
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("id").to_owned();
+    wait_job(&server, &id, "step 15", |j| {
+        j["progress"]["step"].as_u64().unwrap_or(0) >= 15
+    })
+    .await;
+    let exit = server.sigterm_and_wait();
+    assert!(exit.success(), "exit status {exit}");
+    drop(server);
+
+    let server = Server::start(dir.path(), "").await;
+    finishes_and_serves(&server, &id, "paused").await;
+    let messages = job_messages(&server, &id).await;
+    let paused = step_in(&messages, "paused for shutdown after step ")
+        .unwrap_or_else(|| panic!("no pause event: {messages:?}"));
+    let resumed = step_in(&messages, "resumed from the checkpoint at step ")
+        .unwrap_or_else(|| panic!("no resume event: {messages:?}"));
+    assert!(paused >= 15, "paused at {paused}");
+    assert_eq!(resumed, paused, "{messages:?}");
 }

@@ -1,7 +1,9 @@
 //! The limits of issue 6 that live in the API layer, through the real app: the per-tenant
 //! token rate (429 + Retry-After naming `limits.tokens_per_minute`, other tenants unaffected),
 //! the prompt cap (`limits.max_prompt_tokens`), the request timeout for a client that stalls
-//! mid-body (408), and the stream timeout (a last `error` event, and the slot is free again).
+//! mid-body (408), the stream timeout (a last `error` event, and the slot is free again), and
+//! the connection-level header timeout (a client trickling its headers, or a keep-alive
+//! connection left idle, is closed).
 
 #[allow(dead_code)]
 #[path = "api/helpers.rs"]
@@ -179,4 +181,119 @@ async fn a_stream_past_stream_timeout_ends_with_an_error_event_and_frees_its_slo
         )
         .await;
     assert_eq!(ok.status(), 200, "the slot was given back");
+}
+
+/// Reads until the server closes the connection; `Err` if it is still open after `within`.
+async fn closed_within(
+    stream: &mut tokio::net::TcpStream,
+    within: Duration,
+) -> Result<Vec<u8>, Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Ok(got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return Err(got),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_trickling_headers_or_idling_is_disconnected_at_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(|s| s.server.header_timeout_seconds = 1).await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+
+    // Half a request line, then nothing: closed after about a second.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    closed_within(&mut slow, Duration::from_secs(10))
+        .await
+        .expect("a client that never finishes its headers is disconnected");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // A finished keep-alive request is answered; then the idle connection is closed.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = closed_within(&mut idle, Duration::from_secs(10))
+        .await
+        .expect("an idle keep-alive connection is closed");
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+
+    // A request sent promptly is unaffected by the timer.
+    let resp = reqwest::get(format!("{}/health", app.base)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn a_tenant_with_too_many_queued_requests_gets_429_naming_the_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join(helpers::TINY_MODEL_NAME);
+    write_tiny_model(&model, 7);
+    let cfg_path = model.join("config.json");
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).expect("config")).expect("json");
+    cfg["max_position_embeddings"] = json!(65536);
+    std::fs::write(&cfg_path, cfg.to_string()).expect("config");
+    let app = spawn_app_in(dir.path(), |s| {
+        s.engine.max_running = 1;
+        s.engine.max_new_tokens_limit = 65000;
+        s.limits.max_queued_per_tenant = 1;
+    })
+    .await;
+    let long = json!({"prompt": "hi", "stream": true, "ignore_eos": true, "max_new_tokens": 64000});
+    // The one running slot: a stream that would run for minutes.
+    let running = app.post("/v1/generate", &long).await;
+    assert_eq!(running.status(), 200);
+    let mut running = running.bytes_stream();
+    running.next().await.expect("first event").expect("bytes");
+    // The tenant's one queue place.
+    let queued = app.post("/v1/generate", &long).await;
+    assert_eq!(queued.status(), 200);
+    let (code, msg) = error_code(
+        app.post(
+            "/v1/generate",
+            &json!({"prompt": "hi", "max_new_tokens": 1}),
+        )
+        .await,
+        429,
+    )
+    .await;
+    assert_eq!(code, "limit_exceeded");
+    assert!(msg.contains("limits.max_queued_per_tenant"), "{msg}");
+
+    // Both clients go away: the running slot and the queue place are given back.
+    drop(running);
+    drop(queued);
+    let started = Instant::now();
+    loop {
+        let r = app
+            .post(
+                "/v1/generate",
+                &json!({"prompt": "hi", "max_new_tokens": 1}),
+            )
+            .await;
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still refused after the others left: {}",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

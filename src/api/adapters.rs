@@ -42,6 +42,7 @@ impl From<AdapterError> for ApiError {
                 e.to_string(),
             ),
             AdapterError::Storage(m) => ApiError::internal(m),
+            AdapterError::QuotaExceeded(m) => ApiError::quota_exceeded(m),
         }
     }
 }

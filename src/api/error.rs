@@ -64,6 +64,11 @@ impl ApiError {
         e.retry_after = Some(retry_after);
         e
     }
+    /// 403: the tenant keeps as much as a storage quota allows; the message names the setting.
+    /// Not 429: waiting does not help, deleting something does.
+    pub fn quota_exceeded(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "quota_exceeded", message)
+    }
     /// 503: not ready (model still loading, engine stopped).
     pub fn unavailable(message: impl Into<String>) -> Self {
         let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);

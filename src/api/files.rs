@@ -172,9 +172,18 @@ async fn upload(
         records: i64::try_from(records).map_err(ApiError::internal)?,
         created_at: i64::try_from(super::generation::unix_now()).map_err(ApiError::internal)?,
     };
-    q::insert(&state.db, &row, &bytes)
+    let quota = state.limits.file_quota;
+    let stored = q::insert(&state.db, &row, &bytes, quota)
         .await
         .map_err(ApiError::internal)?;
+    if !stored {
+        return Err(ApiError::quota_exceeded(format!(
+            "tenant `{tenant}` keeps as many files as its quota allows: at most {} files \
+             (limits.max_files_per_tenant) and {} bytes (limits.max_file_bytes_per_tenant); \
+             delete some first",
+            quota.max_files, quota.max_bytes
+        )));
+    }
     Ok((StatusCode::OK, Json(file_json(&row))).into_response())
 }
 

@@ -125,6 +125,7 @@ async fn generate(
         prompt_logprobs: false,
         ignore_eos: body.ignore_eos,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
+        queued_ticket: None,
     };
     let with_top = top_logprobs.is_some_and(|n| n > 0);
     let adapter_fields = match &pinned {

@@ -2,6 +2,8 @@
 //! parsing, submission to the engine (429 when the queue is full) and collecting a stream of
 //! engine events into one completion.
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -113,6 +115,8 @@ pub fn submit(
 ) -> Result<UnboundedReceiver<GenEvent>, ApiError> {
     let limits = &state.limits;
     let (reserved, max_new) = (req.prompt.len() + req.max_new_tokens, req.max_new_tokens);
+    let mut req = req;
+    req.queued_ticket = Some(Arc::new(limits.try_queue(tenant)?));
     limits.charge_tokens(tenant, reserved)?;
     let rx = state.engine.submit(req).map_err(|e| {
         limits.refund_tokens(tenant, reserved);

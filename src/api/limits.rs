@@ -5,7 +5,12 @@
 //!   so a stream counts until its last event is sent, its client goes away, or
 //!   `server.stream_timeout_seconds` pass;
 //! - tokens per minute per tenant ([`token_rate`], charged by `generation::submit`);
+//! - how many of one tenant's requests may wait in the shared engine queue
+//!   (`limits.max_queued_per_tenant`): a [`QueuedTicket`] rides with the request and the
+//!   engine drops it when the request starts running or goes away;
 //! - the longest prompt (`limits.max_prompt_tokens`, checked by `generation::check_lengths`);
+//! - the file storage quota (`limits.max_files_per_tenant`, `limits.max_file_bytes_per_tenant`,
+//!   enforced by the insert itself);
 //! - request and stream timeouts and the shutdown cut ([`deadline`]).
 //!
 //! Over a cap: 429 with `Retry-After`, naming the setting.
@@ -14,6 +19,7 @@ pub mod deadline;
 pub mod token_rate;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -34,6 +40,9 @@ use token_rate::TokenRate;
 pub struct TenantLimits {
     max_concurrent: usize,
     slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+    max_queued: usize,
+    queued: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    pub file_quota: crate::store::files::Quota,
     tokens: TokenRate,
     /// `limits.max_prompt_tokens`; `None` leaves the model's context as the only bound.
     pub max_prompt_tokens: Option<usize>,
@@ -49,6 +58,12 @@ impl TenantLimits {
         Self {
             max_concurrent: max_concurrent.clamp(1, Semaphore::MAX_PERMITS),
             slots: Mutex::new(HashMap::new()),
+            max_queued: usize::MAX,
+            queued: Mutex::new(HashMap::new()),
+            file_quota: crate::store::files::Quota {
+                max_files: i64::MAX,
+                max_bytes: i64::MAX,
+            },
             tokens: TokenRate::new(0),
             max_prompt_tokens: None,
             request_timeout: Duration::from_secs(86_400),
@@ -61,6 +76,11 @@ impl TenantLimits {
     pub fn from_settings(s: &Settings) -> Self {
         let mut l = Self::new(s.limits.max_concurrent_per_tenant);
         l.tokens = TokenRate::new(s.limits.tokens_per_minute);
+        l.max_queued = s.limits.max_queued_per_tenant.max(1);
+        l.file_quota = crate::store::files::Quota {
+            max_files: i64::try_from(s.limits.max_files_per_tenant).unwrap_or(i64::MAX),
+            max_bytes: i64::try_from(s.limits.max_file_bytes_per_tenant).unwrap_or(i64::MAX),
+        };
         l.max_prompt_tokens =
             (s.limits.max_prompt_tokens > 0).then_some(s.limits.max_prompt_tokens);
         l.request_timeout = Duration::from_secs(s.server.request_timeout_seconds);
@@ -93,6 +113,28 @@ impl TenantLimits {
         self.tokens.refund(tenant, tokens);
     }
 
+    /// A place in the engine queue for one of `tenant`'s requests, or the 429 to answer. The
+    /// place is given back when the ticket is dropped (the engine drops it on admission).
+    pub fn try_queue(&self, tenant: &str) -> Result<QueuedTicket, ApiError> {
+        let count = {
+            let mut queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+            queued.entry(tenant.to_owned()).or_default().clone()
+        };
+        let before = count.fetch_add(1, Ordering::SeqCst);
+        let ticket = QueuedTicket(count);
+        if before >= self.max_queued {
+            return Err(ApiError::limit_exceeded(
+                format!(
+                    "tenant `{tenant}` already has {} generation requests waiting in the queue, \
+                     the limit set by limits.max_queued_per_tenant; retry shortly",
+                    self.max_queued
+                ),
+                1,
+            ));
+        }
+        Ok(ticket)
+    }
+
     /// A generation slot for `tenant`, or the 429 to answer.
     pub fn try_acquire(&self, tenant: &str) -> Result<OwnedSemaphorePermit, ApiError> {
         let sem = {
@@ -112,6 +154,16 @@ impl TenantLimits {
                 1,
             )
         })
+    }
+}
+
+/// One of a tenant's requests waiting in the engine queue; dropping it frees the place.
+#[derive(Debug)]
+pub struct QueuedTicket(Arc<AtomicUsize>);
+
+impl Drop for QueuedTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -167,6 +219,30 @@ mod tests {
         let _a3 = limits
             .try_acquire("a")
             .expect("a released permit frees a slot");
+    }
+
+    #[test]
+    fn queued_tickets_are_counted_per_tenant_and_freed_when_dropped() {
+        let mut limits = TenantLimits::new(8);
+        limits.max_queued = 2;
+        let a1 = limits.try_queue("a").unwrap();
+        let _a2 = limits.try_queue("a").unwrap();
+        let e = limits.try_queue("a").unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (429, "limit_exceeded"));
+        assert!(
+            e.message.contains("limits.max_queued_per_tenant"),
+            "{}",
+            e.message
+        );
+        // The refused attempt did not keep a place.
+        let _b = limits
+            .try_queue("b")
+            .expect("another tenant is not affected");
+        drop(a1);
+        let _a3 = limits
+            .try_queue("a")
+            .expect("a dropped ticket frees a place");
+        assert!(limits.try_queue("a").is_err());
     }
 
     #[tokio::test]

@@ -264,6 +264,7 @@ async fn completions(
         prompt_logprobs: body.echo && logprobs.is_some(),
         ignore_eos: false,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
+        queued_ticket: None,
     };
     let rx = generation::submit(&state, &tenant, req)?;
     let id = generation::request_id("cmpl-");
@@ -410,6 +411,7 @@ async fn chat_completions(
         prompt_logprobs: false,
         ignore_eos: false,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
+        queued_ticket: None,
     };
     let rx = generation::submit(&state, &tenant, req)?;
     let id = generation::request_id("chatcmpl-");

@@ -111,3 +111,14 @@ pub async fn delete(db: &SqlitePool, tenant: &str, name: &str, now: &str) -> sql
     .await?;
     Ok(r.rows_affected())
 }
+
+/// What `tenant` keeps stored: live adapter versions and the bytes of their weights.
+pub async fn usage(db: &SqlitePool, tenant: &str) -> sqlx::Result<(i64, i64)> {
+    sqlx::query_as::<_, (i64, i64)>(
+        "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM adapters \
+         WHERE tenant = ? AND deleted_at IS NULL",
+    )
+    .bind(tenant)
+    .fetch_one(db)
+    .await
+}

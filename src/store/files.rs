@@ -20,12 +20,28 @@ pub struct FileRow {
 const COLUMNS: &str = "id, tenant, filename, purpose, bytes, records, \
                        CAST(strftime('%s', created_at) AS INTEGER) AS created_at";
 
-/// Stores a file; `row.created_at` (unix seconds) is written as RFC 3339 UTC like every other
+/// The caps [`insert`] enforces on what one tenant keeps stored.
+#[derive(Clone, Copy, Debug)]
+pub struct Quota {
+    pub max_files: i64,
+    pub max_bytes: i64,
+}
+
+/// Stores a file unless the tenant's files would then exceed `quota`; returns whether it was
+/// stored. The check and the insert are one statement, so concurrent uploads cannot both slip
+/// under the cap. `row.created_at` (unix seconds) is written as RFC 3339 UTC like every other
 /// timestamp in the database.
-pub async fn insert(db: &SqlitePool, row: &FileRow, content: &[u8]) -> sqlx::Result<()> {
-    sqlx::query(
+pub async fn insert(
+    db: &SqlitePool,
+    row: &FileRow,
+    content: &[u8],
+    quota: Quota,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
         "INSERT INTO files (id, tenant, filename, purpose, bytes, records, content, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%SZ', ?, 'unixepoch'))",
+         SELECT ?, ?, ?, ?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%SZ', ?, 'unixepoch') \
+         WHERE (SELECT COUNT(*) FROM files WHERE tenant = ?) < ? \
+           AND (SELECT COALESCE(SUM(bytes), 0) FROM files WHERE tenant = ?) + ? <= ?",
     )
     .bind(&row.id)
     .bind(&row.tenant)
@@ -35,9 +51,14 @@ pub async fn insert(db: &SqlitePool, row: &FileRow, content: &[u8]) -> sqlx::Res
     .bind(row.records)
     .bind(content)
     .bind(row.created_at)
+    .bind(&row.tenant)
+    .bind(quota.max_files)
+    .bind(&row.tenant)
+    .bind(row.bytes)
+    .bind(quota.max_bytes)
     .execute(db)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 pub async fn get(db: &SqlitePool, tenant: &str, id: &str) -> sqlx::Result<Option<FileRow>> {
@@ -103,7 +124,25 @@ mod tests {
             records: 1,
             created_at: 1_700_000_000,
         };
-        insert(&db, &row, b"{}\n").await.unwrap();
+        let roomy = Quota {
+            max_files: 10,
+            max_bytes: 100,
+        };
+        assert!(insert(&db, &row, b"{}\n", roomy).await.unwrap());
+        // A second file would pass the count but not the bytes: nothing is stored.
+        let mut other = row.clone();
+        other.id = "file-2".into();
+        let tight = Quota {
+            max_files: 10,
+            max_bytes: 5,
+        };
+        assert!(!insert(&db, &other, b"{}\n", tight).await.unwrap());
+        let one = Quota {
+            max_files: 1,
+            max_bytes: 100,
+        };
+        assert!(!insert(&db, &other, b"{}\n", one).await.unwrap());
+        assert_eq!(get(&db, "acme", "file-2").await.unwrap(), None);
         assert_eq!(get(&db, "acme", "file-1").await.unwrap(), Some(row.clone()));
         assert_eq!(
             content(&db, "acme", "file-1").await.unwrap(),

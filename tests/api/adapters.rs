@@ -353,3 +353,72 @@ async fn a_corrupted_adapter_file_fails_that_adapter_with_a_clear_error_not_the_
         .await;
     assert_eq!(ok.status(), 200);
 }
+
+#[tokio::test]
+async fn a_valid_substitute_written_into_the_store_is_refused_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    let (c1, w1) = tiny_adapter_files(1, 4.0);
+    let (_, w2) = tiny_adapter_files(2, 4.0);
+    assert_eq!(first.post_adapter("victim", c1, w1).await.status(), 201);
+    // Someone with write access to the store swaps in other, perfectly valid weights.
+    let weights = dir
+        .path()
+        .join("adapters/default/victim/1/adapter_model.safetensors");
+    std::fs::write(&weights, &w2).unwrap();
+    let second = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    let (code, msg) = error_code(
+        second
+            .post(
+                "/v1/generate",
+                &json!({"prompt": "a", "adapter_id": "victim"}),
+            )
+            .await,
+        500,
+    )
+    .await;
+    assert_eq!(code, "adapter_damaged");
+    assert!(msg.contains("victim"), "{msg}");
+}
+
+#[tokio::test]
+async fn uploads_past_the_tenant_storage_quota_get_403_naming_the_setting() {
+    let (c, w) = tiny_adapter_files(1, 4.0);
+    let app =
+        crate::helpers::spawn_app_with(|s| s.limits.max_adapter_versions_per_tenant = 2).await;
+    assert_eq!(
+        app.post_adapter("one", c.clone(), w.clone()).await.status(),
+        201
+    );
+    assert_eq!(
+        app.post_adapter("two", c.clone(), w.clone()).await.status(),
+        201
+    );
+    let (code, msg) = error_code(app.post_adapter("three", c.clone(), w.clone()).await, 403).await;
+    assert_eq!(code, "quota_exceeded");
+    assert!(
+        msg.contains("limits.max_adapter_versions_per_tenant"),
+        "{msg}"
+    );
+    // Deleting frees quota.
+    assert_eq!(app.delete("/v1/adapters/one").await.status(), 200);
+    assert_eq!(
+        app.post_adapter("three", c.clone(), w.clone())
+            .await
+            .status(),
+        201
+    );
+
+    let bytes = w.len() as u64;
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.limits.max_adapter_bytes_per_tenant = bytes * 3 / 2;
+    })
+    .await;
+    assert_eq!(
+        app.post_adapter("one", c.clone(), w.clone()).await.status(),
+        201
+    );
+    let (code, msg) = error_code(app.post_adapter("one", c, w).await, 403).await;
+    assert_eq!(code, "quota_exceeded");
+    assert!(msg.contains("limits.max_adapter_bytes_per_tenant"), "{msg}");
+}

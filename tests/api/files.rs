@@ -193,3 +193,30 @@ async fn missing_or_unexpected_parts_are_refused() {
     let (code, _) = error_code(resp, 400).await;
     assert_eq!(code, "invalid_request");
 }
+
+#[tokio::test]
+async fn files_past_the_tenant_quota_get_403_naming_the_setting_and_store_nothing() {
+    let app = spawn_app_with(|s| s.limits.max_files_per_tenant = 2).await;
+    assert_eq!(upload(&app, form("fine-tune", DATA)).await.status(), 200);
+    let second: Value = upload(&app, form("fine-tune", DATA))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let (code, msg) = error_code(upload(&app, form("fine-tune", DATA)).await, 403).await;
+    assert_eq!(code, "quota_exceeded");
+    assert!(msg.contains("limits.max_files_per_tenant"), "{msg}");
+    let listed: Value = app.get("/v1/files").await.json().await.unwrap();
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(2));
+    // Deleting one frees a place.
+    let id = second["id"].as_str().unwrap();
+    assert_eq!(app.delete(&format!("/v1/files/{id}")).await.status(), 200);
+    assert_eq!(upload(&app, form("fine-tune", DATA)).await.status(), 200);
+
+    let bytes = DATA.len() as u64;
+    let app = spawn_app_with(|s| s.limits.max_file_bytes_per_tenant = bytes * 3 / 2).await;
+    assert_eq!(upload(&app, form("fine-tune", DATA)).await.status(), 200);
+    let (code, msg) = error_code(upload(&app, form("fine-tune", DATA)).await, 403).await;
+    assert_eq!(code, "quota_exceeded");
+    assert!(msg.contains("limits.max_file_bytes_per_tenant"), "{msg}");
+}

@@ -33,6 +33,10 @@ pub struct GenerateRequest {
     /// The adapter version this request was pinned to when it was accepted; a later upload
     /// of the same name does not change it.
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// Held while the request waits in the queue and dropped when it starts running (or goes
+    /// away): lets the caller count its own queued requests (per tenant) without the engine
+    /// knowing who they belong to.
+    pub queued_ticket: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,7 +255,9 @@ impl Engine {
             if admitted > 0 {
                 self.waiting.fetch_sub(admitted, Ordering::SeqCst);
                 let now = Instant::now();
-                for s in &self.state.running[self.state.running.len() - admitted..] {
+                let first = self.state.running.len() - admitted;
+                for s in &mut self.state.running[first..] {
+                    s.req.queued_ticket = None;
                     ::metrics::histogram!(m::REQUEST_QUEUE_SECONDS)
                         .record(now.duration_since(s.enqueued).as_secs_f64());
                 }
