@@ -393,7 +393,7 @@ impl JobRunner {
                 }
                 if stopping.load(Ordering::SeqCst) {
                     let step = trainer.steps_done();
-                    if step > 0 && step % every != 0 {
+                    if step > 0 && !step.is_multiple_of(every) {
                         trainer.save_checkpoint(&ck_path)?;
                         handle.block_on(q::set_checkpoint(
                             &db,
