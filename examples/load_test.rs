@@ -1,7 +1,8 @@
 //! Loopback load test: starts `adapterd serve --auth` on the tiny test model with three
 //! tenants, drives N concurrent clients for D seconds mixing generate, streamed generate,
-//! OpenAI chat, adapter upload, adapter list and file upload, then checks that every
-//! acknowledged upload is present and intact (sha256), that every response was a 2xx or a
+//! OpenAI chat, adapter upload, adapter list, file upload and fine-tuning job submission, then
+//! checks that every acknowledged upload is present and intact (sha256), that every
+//! acknowledged job succeeds and its adapter serves, that every response was a 2xx or a
 //! deliberate 4xx (no 5xx, no connection errors), and that the server's peak RSS (VmHWM)
 //! stayed under a bound. Exits non-zero on any violation. Run by scripts/load_test.sh:
 //!
@@ -62,6 +63,8 @@ struct Tally {
     adapters: BTreeMap<(usize, String, i64), String>,
     /// (tenant, file id) -> sha256 of the content, for every 200.
     files: BTreeMap<(usize, String), String>,
+    /// (tenant, job id) -> adapter name, for every 202.
+    jobs: BTreeMap<(usize, String), String>,
 }
 
 type Shared = Arc<Mutex<Tally>>;
@@ -230,6 +233,37 @@ impl Client {
                     t,
                     "adapter_list",
                     self.http.get(format!("{base}/v1/adapters")),
+                )
+                .await;
+            }
+            96..=99 => {
+                // A small SFT job; past finetune.max_active_per_tenant the 429 is deliberate.
+                let name = format!("c{}-j{n}", self.id);
+                let body = json!({
+                    "method": "sft",
+                    "adapter_name": name,
+                    "training_data": [{"prompt": "ab", "completion": format!("x{n}")}],
+                    "hyperparameters": {"rank": 2, "max_steps": 3, "batch_size": 1},
+                });
+                if let Some((202, body)) = self
+                    .send(
+                        t,
+                        "finetune_submit",
+                        self.http.post(format!("{base}/v1/finetune")).json(&body),
+                    )
+                    .await
+                {
+                    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+                    let id = v["id"].as_str().unwrap_or_default().to_owned();
+                    t.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .jobs
+                        .insert((self.tenant, id), name);
+                }
+                self.send(
+                    t,
+                    "finetune_list",
+                    self.http.get(format!("{base}/v1/finetune")),
                 )
                 .await;
             }
@@ -475,6 +509,43 @@ async fn main() -> Result<()> {
             ));
         }
     }
+    // Every acknowledged job finishes (they train one at a time after the load) and its
+    // adapter is stored and serves.
+    let jobs = tally.lock().unwrap_or_else(|e| e.into_inner()).jobs.clone();
+    let jobs_deadline = Instant::now() + Duration::from_secs(120);
+    for ((tenant, id), name) in &jobs {
+        let job = loop {
+            let v: Value = clients[*tenant]
+                .get(format!("{base}/v1/finetune/{id}"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let status = v["status"].as_str().unwrap_or_default().to_owned();
+            if !matches!(status.as_str(), "queued" | "running") || Instant::now() > jobs_deadline {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if job["status"] != "succeeded" {
+            problems.push(format!(
+                "job {id} of {}: {} ({})",
+                TENANTS[*tenant], job["status"], job["error"]
+            ));
+            continue;
+        }
+        let r = clients[*tenant]
+            .post(format!("{base}/v1/generate"))
+            .json(&json!({"prompt": "ab", "adapter_id": name, "max_new_tokens": 2}))
+            .send()
+            .await?;
+        if r.status() != 200 {
+            problems.push(format!(
+                "job {id}'s adapter {name} does not generate: {}",
+                r.status()
+            ));
+        }
+    }
     let hwm_kib = vm_kib(pid, "VmHWM:").unwrap_or(0);
     let sampled = *peak_sampled.lock().unwrap_or_else(|e| e.into_inner());
     drop(server);
@@ -501,9 +572,11 @@ async fn main() -> Result<()> {
         t.server_errors.len()
     );
     println!(
-        "  acknowledged: {} adapter versions, {} files; all present and intact: {}",
+        "  acknowledged: {} adapter versions, {} files, {} fine-tuning jobs; all present and \
+         intact (jobs succeeded and serve): {}",
         adapters.len(),
         files.len(),
+        jobs.len(),
         problems.is_empty()
     );
     println!(
@@ -530,11 +603,12 @@ async fn main() -> Result<()> {
         );
         failed = true;
     }
-    if total == 0 || adapters.is_empty() || files.is_empty() {
+    if total == 0 || adapters.is_empty() || files.is_empty() || jobs.is_empty() {
         eprintln!(
-            "  FAIL: the mix did not run (requests {total}, adapters {}, files {})",
+            "  FAIL: the mix did not run (requests {total}, adapters {}, files {}, jobs {})",
             adapters.len(),
-            files.len()
+            files.len(),
+            jobs.len()
         );
         failed = true;
     }

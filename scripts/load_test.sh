@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Loopback load test (issue 6): starts adapterd with auth on and three tenants on the tiny test
 # model, drives CLIENTS concurrent clients for SECONDS seconds mixing generate, stream, OpenAI
-# chat, adapter upload/list and file upload, then checks every acknowledged upload is present
-# and intact, no 5xx and no connection errors, and peak RSS under MAX_RSS_MIB.
+# chat, adapter upload/list, file upload and fine-tuning jobs, then checks every acknowledged
+# upload is present and intact and every acknowledged job succeeds and serves, no 5xx and no
+# connection errors, and peak RSS under MAX_RSS_MIB.
 #   CLIENTS=32 DURATION=120 bash scripts/load_test.sh     # a longer run (BENCHMARKS.md)
 # Builds in debug unless PROFILE=release. Only 127.0.0.1 is ever contacted.
 set -euo pipefail
