@@ -37,6 +37,8 @@ pub struct Application {
     shutdown_grace: Duration,
     /// `server.header_timeout_seconds`: each request's headers (and keep-alive idleness).
     header_timeout: Duration,
+    /// `/metrics` on its own listener (`server.metrics_bind`).
+    metrics: Option<(TcpListener, Router)>,
 }
 
 /// The model path to serve: the configured one, or the default model (fetched if missing).
@@ -166,7 +168,22 @@ impl Application {
             auth: Arc::new(api::auth::Auth::new(settings.auth.enabled, db.clone())),
             limits: limits.clone(),
         };
-        let router = api::router(state, settings.server.max_body_bytes, a.max_upload_bytes);
+        let metrics_addr = settings.metrics_addr()?;
+        let metrics = match metrics_addr {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr} (server.metrics_bind)"))?;
+                Some((listener, api::metrics_router(state.clone())))
+            }
+            None => None,
+        };
+        let router = api::router(
+            state,
+            settings.server.max_body_bytes,
+            a.max_upload_bytes,
+            metrics.is_none(),
+        );
         let addr = settings.bind_addr()?;
         let listener = TcpListener::bind(addr)
             .await
@@ -182,6 +199,7 @@ impl Application {
             cut: limits.cut.clone(),
             shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_seconds),
             header_timeout: Duration::from_secs(settings.server.header_timeout_seconds),
+            metrics,
         })
     }
 
@@ -191,6 +209,11 @@ impl Application {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// The address `/metrics` is served on when it has its own listener.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests end
@@ -203,6 +226,17 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.addr, auth = self.auth, "listening");
+        let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+        if let Some((listener, router)) = self.metrics {
+            tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
+            // Scrapes are short; this listener just stops with the rest.
+            tokio::spawn(crate::http_server::serve_until(
+                listener,
+                router,
+                self.header_timeout,
+                shutdown.clone(),
+            ));
+        }
         let connections = crate::http_server::serve_until(
             self.listener,
             self.router,

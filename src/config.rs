@@ -86,6 +86,8 @@ pub struct ServerSettings {
     /// Longest time a connection may take to send a request's headers, and so also the longest
     /// a keep-alive connection may sit idle; the connection is closed after it.
     pub header_timeout_seconds: u64,
+    /// Serve `/metrics` on this address instead of the API port; empty: on the API port.
+    pub metrics_bind: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -161,6 +163,9 @@ pub struct Overrides {
     /// Allow listening on a non-loopback address with auth off (every caller is `default`).
     #[arg(long, env = "ADAPTERD_INSECURE")]
     pub insecure: bool,
+    /// Serve /metrics on this address (e.g. 127.0.0.1:9090) instead of the API port.
+    #[arg(long, env = "ADAPTERD_METRICS_BIND")]
+    pub metrics_bind: Option<String>,
 }
 
 impl Settings {
@@ -184,6 +189,9 @@ impl Settings {
             .with_context(|| "invalid settings (unknown key or wrong type)".to_string())?;
         if let Some(v) = &o.bind {
             s.server.bind = v.clone();
+        }
+        if let Some(v) = &o.metrics_bind {
+            s.server.metrics_bind = v.clone();
         }
         if let Some(v) = &o.model {
             s.model.path = v.clone();
@@ -279,6 +287,7 @@ impl Settings {
                 bail!("{name} must be between 1 and 86400");
             }
         }
+        self.metrics_addr()?;
         if sv.shutdown_grace_seconds > 3600 {
             bail!("server.shutdown_grace_seconds must be at most 3600");
         }
@@ -307,6 +316,17 @@ impl Settings {
                 "server.bind `{}` is not an address like 127.0.0.1:8080",
                 self.server.bind
             )
+        })
+    }
+
+    /// Where `/metrics` gets its own listener, if `server.metrics_bind` is set.
+    pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        let bind = self.server.metrics_bind.trim();
+        if bind.is_empty() {
+            return Ok(None);
+        }
+        bind.parse().map(Some).with_context(|| {
+            format!("server.metrics_bind `{bind}` is not an address like 127.0.0.1:9090")
         })
     }
 

@@ -1,5 +1,6 @@
 //! Operations: `GET /health` (the process answers), `GET /ready` (the model is loaded and the
-//! engine accepts work) and `GET /metrics` (Prometheus text).
+//! engine accepts work) and `GET /metrics` (Prometheus text; on the API port, or alone on
+//! `server.metrics_bind`).
 
 use axum::extract::State;
 use axum::http::header;
@@ -14,7 +15,10 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+}
+
+pub fn metrics_routes() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
 }
 
 async fn health() -> Json<Value> {

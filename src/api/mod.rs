@@ -61,7 +61,14 @@ pub struct ServedModel {
     pub created: u64,
 }
 
-pub fn router(state: AppState, max_body_bytes: usize, max_upload_bytes: usize) -> Router {
+/// The API. `with_metrics`: also serve `/metrics` (false when it has its own listener,
+/// [`metrics_router`]).
+pub fn router(
+    state: AppState,
+    max_body_bytes: usize,
+    max_upload_bytes: usize,
+    with_metrics: bool,
+) -> Router {
     let generation = Router::new()
         .merge(generate::routes())
         .merge(openai::routes())
@@ -77,6 +84,11 @@ pub fn router(state: AppState, max_body_bytes: usize, max_upload_bytes: usize) -
         .merge(tokenize::routes())
         .merge(models::routes())
         .merge(health::routes())
+        .merge(if with_metrics {
+            health::metrics_routes()
+        } else {
+            Router::new()
+        })
         .merge(chinchilla::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -91,6 +103,14 @@ pub fn router(state: AppState, max_body_bytes: usize, max_upload_bytes: usize) -
         ))
         .layer(middleware::from_fn(error::ensure_envelope))
         .layer(middleware::from_fn(record_http_metrics))
+        .with_state(state)
+}
+
+/// `/metrics` alone, for `server.metrics_bind`: a scraper's port that serves nothing else.
+pub fn metrics_router(state: AppState) -> Router {
+    health::metrics_routes()
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 

@@ -51,3 +51,40 @@ async fn tokenize_and_detokenize_round_trip() {
         .unwrap();
     assert_eq!(d["text"], "the cat");
 }
+
+#[tokio::test]
+async fn metrics_bind_moves_metrics_to_its_own_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = crate::helpers::test_settings(dir.path());
+    s.server.metrics_bind = "127.0.0.1:0".into();
+    let app = adapterd::app::Application::build(s).await.unwrap();
+    let api = format!("http://{}", app.addr());
+    let metrics = format!("http://{}", app.metrics_addr().expect("a metrics listener"));
+    tokio::spawn(app.run(std::future::pending()));
+
+    let scraped = reqwest::get(format!("{metrics}/metrics")).await.unwrap();
+    assert_eq!(scraped.status(), 200);
+    assert!(scraped.text().await.unwrap().contains("adapterd_"));
+    // The API port no longer serves it, and the metrics port serves nothing else.
+    assert_eq!(
+        reqwest::get(format!("{api}/metrics"))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        reqwest::get(format!("{metrics}/v1/models"))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        reqwest::get(format!("{api}/health"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
