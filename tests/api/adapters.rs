@@ -422,3 +422,46 @@ async fn uploads_past_the_tenant_storage_quota_get_403_naming_the_setting() {
     assert_eq!(code, "quota_exceeded");
     assert!(msg.contains("limits.max_adapter_bytes_per_tenant"), "{msg}");
 }
+
+#[tokio::test]
+async fn versions_stored_before_blake3_are_checked_against_their_sha256() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    let (c1, w1) = tiny_adapter_files(1, 4.0);
+    let (_, w2) = tiny_adapter_files(2, 4.0);
+    assert_eq!(
+        first.post_adapter("old", c1.clone(), w1).await.status(),
+        201
+    );
+    assert_eq!(
+        first.post_adapter("older", c1, w2.clone()).await.status(),
+        201
+    );
+    // What a database from before migration 0003 holds: no BLAKE3.
+    let url = format!("sqlite://{}", dir.path().join("test.db").display());
+    let db = adapterd::store::connect(&url).await.unwrap();
+    sqlx::query("UPDATE adapters SET blake3 = NULL")
+        .execute(&db)
+        .await
+        .unwrap();
+    std::fs::write(
+        dir.path()
+            .join("adapters/default/older/1/adapter_model.safetensors"),
+        tiny_adapter_files(3, 4.0).1,
+    )
+    .unwrap();
+    let second = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    let (_, v) = first_logprob(&second, Some("old")).await;
+    assert_eq!(v["adapter_version"], 1, "{v}");
+    let (code, _) = error_code(
+        second
+            .post(
+                "/v1/generate",
+                &json!({"prompt": "a", "adapter_id": "older"}),
+            )
+            .await,
+        500,
+    )
+    .await;
+    assert_eq!(code, "adapter_damaged");
+}
