@@ -7,12 +7,12 @@ use std::sync::Arc;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor};
 
-use super::qmatmul::QWeight;
+use super::qmatmul::{ActivationPrecision, QWeight};
 
 /// How the frozen weight is stored and multiplied.
 #[derive(Debug, Clone)]
 pub enum Weight {
-    /// Q4_0/Q4_1/Q8_0 blocks through our f32-activation kernel.
+    /// Q4_0/Q4_1/Q8_0 blocks through our own kernel (`qmatmul`).
     Blocks(Arc<QWeight>),
     /// Anything else: candle's quantized matmul, or a dense tensor (`QMatMul::Tensor`).
     Candle(QMatMul),
@@ -69,10 +69,11 @@ impl Linear {
         }
     }
 
-    /// `xs`: [rows, in] -> [rows, out].
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `xs`: [rows, in] -> [rows, out]. `precision` applies to block weights (our kernel);
+    /// candle's own matmul ignores it.
+    pub fn forward(&self, xs: &Tensor, precision: ActivationPrecision) -> Result<Tensor> {
         let ys = match &self.weight {
-            Weight::Blocks(w) => w.forward(&xs.contiguous()?)?,
+            Weight::Blocks(w) => w.forward(&xs.contiguous()?, precision)?,
             Weight::Candle(w) => w.forward(xs)?,
         };
         match &self.bias {

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::cache::SeqCache;
 use super::config::ModelConfig;
 use super::linear::Linear;
+use super::qmatmul::ActivationPrecision;
 use crate::engine::lora::{LoraAdapter, Module};
 
 #[derive(Debug, Clone)]
@@ -47,6 +48,7 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    precision: ActivationPrecision,
 }
 
 /// One sequence's part of a forward step.
@@ -101,8 +103,9 @@ fn project(
     layer: usize,
     module: Module,
     groups: &[AdapterGroup],
+    precision: ActivationPrecision,
 ) -> Result<Tensor> {
-    let mut ys = lin.forward(xs)?;
+    let mut ys = lin.forward(xs, precision)?;
     for g in groups {
         let Some(pair) = g.adapter.layers.get(layer).and_then(|l| l.get(module)) else {
             continue;
@@ -133,7 +136,17 @@ impl Llama {
             cos,
             sin,
             device: device.clone(),
+            precision: ActivationPrecision::default(),
         })
+    }
+
+    /// How activations meet quantized weights in the forward (int8 by default, as llama.cpp).
+    pub fn set_activation_precision(&mut self, precision: ActivationPrecision) {
+        self.precision = precision;
+    }
+
+    pub fn activation_precision(&self) -> ActivationPrecision {
+        self.precision
     }
 
     pub fn device(&self) -> &Device {
@@ -184,10 +197,31 @@ impl Llama {
             let h = self.attention(li, &layer.attn, &h, &cos, &sin, batch, &groups)?;
             let xs2 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&xs2, &layer.post_attn_norm, cfg.rms_norm_eps as f32)?;
-            let gate = project(&layer.mlp.gate_proj, &h, li, Module::Gate, &groups)?;
-            let up = project(&layer.mlp.up_proj, &h, li, Module::Up, &groups)?;
+            let gate = project(
+                &layer.mlp.gate_proj,
+                &h,
+                li,
+                Module::Gate,
+                &groups,
+                self.precision,
+            )?;
+            let up = project(
+                &layer.mlp.up_proj,
+                &h,
+                li,
+                Module::Up,
+                &groups,
+                self.precision,
+            )?;
             let act = (candle_nn::ops::silu(&gate)? * up)?;
-            let h = project(&layer.mlp.down_proj, &act, li, Module::Down, &groups)?;
+            let h = project(
+                &layer.mlp.down_proj,
+                &act,
+                li,
+                Module::Down,
+                &groups,
+                self.precision,
+            )?;
             xs = (xs2 + h)?;
         }
         for s in batch.iter_mut() {
@@ -210,7 +244,9 @@ impl Llama {
         let rows = Tensor::from_vec(rows, n_rows, &self.device)?;
         let xs = xs.index_select(&rows, 0)?;
         let xs = candle_nn::ops::rms_norm(&xs, &self.norm, cfg.rms_norm_eps as f32)?;
-        self.lm_head.forward(&xs)?.to_dtype(DType::F32)
+        self.lm_head
+            .forward(&xs, self.precision)?
+            .to_dtype(DType::F32)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -228,12 +264,33 @@ impl Llama {
         let (rows, _) = xs.dims2()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let group = nh / nkv;
-        let q =
-            project(&attn.q_proj, xs, layer_idx, Module::Q, groups)?.reshape((rows, nh, 1, hd))?;
-        let k =
-            project(&attn.k_proj, xs, layer_idx, Module::K, groups)?.reshape((rows, nkv, 1, hd))?;
-        let v =
-            project(&attn.v_proj, xs, layer_idx, Module::V, groups)?.reshape((rows, nkv, hd))?;
+        let q = project(
+            &attn.q_proj,
+            xs,
+            layer_idx,
+            Module::Q,
+            groups,
+            self.precision,
+        )?
+        .reshape((rows, nh, 1, hd))?;
+        let k = project(
+            &attn.k_proj,
+            xs,
+            layer_idx,
+            Module::K,
+            groups,
+            self.precision,
+        )?
+        .reshape((rows, nkv, 1, hd))?;
+        let v = project(
+            &attn.v_proj,
+            xs,
+            layer_idx,
+            Module::V,
+            groups,
+            self.precision,
+        )?
+        .reshape((rows, nkv, hd))?;
         let q = candle_nn::rotary_emb::rope(&q.contiguous()?, cos, sin)?.reshape((rows, nh, hd))?;
         let k =
             candle_nn::rotary_emb::rope(&k.contiguous()?, cos, sin)?.reshape((rows, nkv, hd))?;
@@ -280,7 +337,14 @@ impl Llama {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        project(&attn.o_proj, &o, layer_idx, Module::O, groups)
+        project(
+            &attn.o_proj,
+            &o,
+            layer_idx,
+            Module::O,
+            groups,
+            self.precision,
+        )
     }
 }
 

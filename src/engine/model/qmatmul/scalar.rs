@@ -1,0 +1,59 @@
+//! Portable reference kernels: the definition the SIMD paths are tested against, and the
+//! fallback on CPUs without AVX2.
+
+use super::{dequant_block, f16_at, ActRow, BlockFormat, QK};
+
+/// One weight row `w` against every f32 row of `x` (row r at `x[r·cols..]`); into `dst[r]`.
+pub(super) fn dot_rows_f32(format: BlockFormat, w: &[u8], x: &[f32], cols: usize, dst: &mut [f32]) {
+    let bb = format.block_bytes();
+    let mut wf = [0f32; QK];
+    dst.iter_mut().for_each(|d| *d = 0.0);
+    for (bi, block) in w.chunks_exact(bb).enumerate() {
+        dequant_block(format, block, &mut wf);
+        for (r, d) in dst.iter_mut().enumerate() {
+            let xs = &x[r * cols + bi * QK..r * cols + (bi + 1) * QK];
+            *d += wf.iter().zip(xs).map(|(a, b)| a * b).sum::<f32>();
+        }
+    }
+}
+
+/// One weight row against one int8 activation row: per block, the exact integer dot product
+/// of the weight's integer values with the activation's, times both scales (plus Q4_1's min
+/// times the activation block sum).
+pub(super) fn dot_int8(format: BlockFormat, w: &[u8], x: ActRow<'_>) -> f32 {
+    let bb = format.block_bytes();
+    let mut acc = 0f32;
+    for (bi, b) in w.chunks_exact(bb).enumerate() {
+        let xq = &x.q[bi * QK..(bi + 1) * QK];
+        let dx = x.d[bi];
+        acc += match format {
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                let (qs, offset) = if format == BlockFormat::Q4_0 {
+                    (&b[2..18], 8)
+                } else {
+                    (&b[4..20], 0)
+                };
+                let mut isum = 0i32;
+                for i in 0..16 {
+                    isum += ((qs[i] & 0x0F) as i32 - offset) * xq[i] as i32;
+                    isum += ((qs[i] >> 4) as i32 - offset) * xq[i + 16] as i32;
+                }
+                let dot = f16_at(b, 0) * dx * isum as f32;
+                if format == BlockFormat::Q4_1 {
+                    dot + f16_at(b, 2) * x.sum[bi]
+                } else {
+                    dot
+                }
+            }
+            BlockFormat::Q8_0 => {
+                let isum: i32 = b[2..34]
+                    .iter()
+                    .zip(xq)
+                    .map(|(&w, &x)| (w as i8) as i32 * x as i32)
+                    .sum();
+                f16_at(b, 0) * dx * isum as f32
+            }
+        };
+    }
+    acc
+}
