@@ -1,6 +1,9 @@
 //! Micro-benchmark of the block matmul kernel alone: a 1536x576 matrix (the MLP's shape) at 1
 //! and 8 input rows, for every format, precision and instruction set this CPU has, on one
-//! thread: `cargo run --release --example kernel_speed [-- REPS]`.
+//! thread: `cargo run --release --example kernel_speed [-- REPS [FILTER]]`. FILTER keeps only
+//! lines containing it (e.g. "Q4_1 n=8 Int8 Avx512Vnni"). Speeds come from the thread's CPU
+//! time, which — unlike wall time — does not count the slices other processes take on a shared
+//! machine; wall time is printed beside it.
 
 use adapterd::engine::model::qmatmul::{ActivationPrecision, Isa, QWeight};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -12,13 +15,14 @@ fn main() -> anyhow::Result<()> {
         Some(s) => s.parse()?,
         None => 2000,
     };
+    let filter = std::env::args().nth(2).unwrap_or_default();
     rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()?
-        .install(|| run(reps))
+        .install(|| run(reps, &filter))
 }
 
-fn run(reps: usize) -> anyhow::Result<()> {
+fn run(reps: usize, filter: &str) -> anyhow::Result<()> {
     let (rows, cols) = (1536usize, 576usize);
     let w: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0)
@@ -41,6 +45,10 @@ fn run(reps: usize) -> anyhow::Result<()> {
                     if p == ActivationPrecision::F32 && isa == Isa::Avx512Vnni {
                         continue;
                     }
+                    let name = format!("{dt:?} n={n} {p:?} {isa:?}");
+                    if !name.contains(filter) {
+                        continue;
+                    }
                     // The scalar paths are ~20x slower: fewer repetitions keep the run short.
                     let reps = if isa == Isa::Scalar {
                         reps / 20 + 1
@@ -48,16 +56,18 @@ fn run(reps: usize) -> anyhow::Result<()> {
                         reps
                     };
                     k.matmul_with(&x, n, &mut out, p, isa);
-                    let t = Instant::now();
+                    let (t, c) = (Instant::now(), thread_cpu_secs());
                     for _ in 0..reps {
                         k.matmul_with(&x, n, &mut out, p, isa);
                     }
-                    let s = t.elapsed().as_secs_f64() / reps as f64;
+                    let s = (thread_cpu_secs() - c) / reps as f64;
+                    let wall = t.elapsed().as_secs_f64() / reps as f64;
                     println!(
-                        "{dt:?} n={n} {:>4} {:>10}: {:8.1} us/call, {:6.2} GMAC/s",
+                        "{dt:?} n={n} {:>4} {:>10}: {:8.1} us/call (wall {:8.1}), {:6.2} GMAC/s",
                         format!("{p:?}"),
                         format!("{isa:?}"),
                         s * 1e6,
+                        wall * 1e6,
                         (rows * cols * n) as f64 / s / 1e9
                     );
                 }
@@ -65,4 +75,15 @@ fn run(reps: usize) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// CPU time consumed by this thread, in seconds.
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid pointer it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }

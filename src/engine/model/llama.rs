@@ -306,9 +306,10 @@ impl Llama {
             let k_s = k.narrow(0, offset, n)?.transpose(0, 1)?.contiguous()?;
             let v_s = v.narrow(0, offset, n)?.transpose(0, 1)?.contiguous()?;
             offset += n;
+            // Views of the preallocated cache, [nkv, len, hd] with a batch stride of its
+            // capacity: candle's matmul takes that stride as it is, so no per-step copy of the
+            // whole cache.
             let (k_all, v_all) = s.cache.append(layer_idx, &k_s, &v_s)?;
-            let k_all = k_all.contiguous()?;
-            let v_all = v_all.contiguous()?;
             let len = start + n;
             // Grouped-query attention without copying keys: the `group` query heads that share
             // a kv head are stacked along the row axis.

@@ -35,44 +35,13 @@ const fn block_bytes(f: u8) -> usize {
     }
 }
 
-/// The two f16 values at `p` (scale and, for Q4_1, min) converted with F16C.
+/// The two f16 values at `p` (scale and, for Q4_1, min) converted with F16C. It loads 8 bytes
+/// (still inside the block: every format's block is at least 18 bytes) as one vector load: a
+/// scalar load here was merged by LLVM across the unrolled blocks into a slow `vpgatherqd`.
 #[inline(always)]
 unsafe fn f16x2(p: *const u8) -> (f32, f32) {
-    let bits = (p as *const u32).read_unaligned();
-    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+    let v = _mm_cvtph_ps(_mm_loadl_epi64(p as *const __m128i));
     (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
-}
-
-/// One weight block as (unsigned bytes in value order, sign source for AVX2's Q8_0, scale d,
-/// offset coefficient c).
-#[inline(always)]
-unsafe fn weight_block<const F: u8, const VNNI: bool>(
-    b: *const u8,
-) -> (__m256i, __m256i, f32, f32) {
-    let (d, m) = f16x2(b);
-    match F {
-        Q4_0 | Q4_1 => {
-            let raw = _mm_loadu_si128(b.add(if F == Q4_1 { 4 } else { 2 }) as *const __m128i);
-            // Byte i holds value i in its low nibble and value i+16 in its high nibble.
-            let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-            let u = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-            let c = if F == Q4_1 { m } else { -8.0 * d };
-            (u, u, d, c)
-        }
-        _ => {
-            let w = _mm256_loadu_si256(b.add(2) as *const __m256i);
-            if VNNI {
-                (
-                    _mm256_xor_si256(w, _mm256_set1_epi8(i8::MIN)),
-                    w,
-                    d,
-                    -128.0 * d,
-                )
-            } else {
-                (_mm256_abs_epi8(w), w, d, 0.0)
-            }
-        }
-    }
 }
 
 /// Σ u·x over each group of 4 bytes, as 8 i32 lanes.
@@ -120,38 +89,56 @@ unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Block `b` of the weight row at `wp` into accumulator `a` of every row. A function, not a
-/// closure: a closure would not inherit the caller's target features, and every intrinsic in
-/// it would become an out-of-line call.
+/// The unsigned weight operand of one block (see [`weight_block`]; scales are read apart).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+unsafe fn weight_bytes<const F: u8, const VNNI: bool>(b: *const u8) -> (__m256i, __m256i) {
+    match F {
+        Q4_0 | Q4_1 => {
+            let raw = _mm_loadu_si128(b.add(if F == Q4_1 { 4 } else { 2 }) as *const __m128i);
+            // Byte i holds value i in its low nibble and value i+16 in its high nibble.
+            let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+            let u = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+            (u, u)
+        }
+        _ => {
+            let w = _mm256_loadu_si256(b.add(2) as *const __m256i);
+            if VNNI {
+                (_mm256_xor_si256(w, _mm256_set1_epi8(i8::MIN)), w)
+            } else {
+                (_mm256_abs_epi8(w), w)
+            }
+        }
+    }
+}
+
+/// Block `b` (index `k` within its chunk) of the weight row at `wp` into accumulator `a` of
+/// every row: per row one integer dot, one conversion and one FMA by the precomputed scale
+/// product. A function, not a closure: a closure would not inherit the caller's target
+/// features, and every intrinsic in it would become an out-of-line call.
+#[inline(always)]
 unsafe fn step<const F: u8, const VNNI: bool, const R: usize, const A: usize>(
     wp: *const u8,
     b: usize,
+    k: usize,
     a: usize,
-    start: usize,
     rows: &[ActRow<'_>; R],
+    scale: &[[f32; CHUNK]; R],
     acc: &mut [[__m256; A]; R],
-    cbuf: &mut [f32; CHUNK],
 ) {
-    let (u, ws, d, c) = weight_block::<F, VNNI>(wp.add(b * block_bytes(F)));
-    *cbuf.get_unchecked_mut(b - start) = c;
-    let dw = _mm256_set1_ps(d);
-    for (row, acc_r) in rows.iter().zip(acc.iter_mut()) {
+    let (u, ws) = weight_bytes::<F, VNNI>(wp.add(b * block_bytes(F)));
+    for ((row, acc_r), sc) in rows.iter().zip(acc.iter_mut()).zip(scale) {
         let x = _mm256_loadu_si256(row.q.as_ptr().add(b * QK) as *const __m256i);
         let i = idot::<F, VNNI>(u, ws, x);
-        // (Σ·dx)·d: the activation scale is a broadcast load, so each row costs one multiply
-        // and one FMA after the conversion (a scalar d·dx would add a shuffle per row).
-        let t = _mm256_mul_ps(
-            _mm256_cvtepi32_ps(i),
-            _mm256_broadcast_ss(row.d.get_unchecked(b)),
-        );
-        acc_r[a] = _mm256_fmadd_ps(t, dw, acc_r[a]);
+        let s = _mm256_broadcast_ss(sc.get_unchecked(k));
+        acc_r[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, acc_r[a]);
     }
 }
 
 /// Activation rows r0..r0+R against one weight row, with A accumulators per row (A·R chains
-/// hide the FMA latency when R is small).
+/// hide the FMA latency when R is small). Per chunk of up to 64 blocks, a first pass reads the
+/// block scales and offset coefficients and forms the products d·dx for every row eight at a
+/// time, so the hot loop spends one FMA per row and block on scaling instead of a multiply
+/// and an FMA.
 #[inline(always)]
 unsafe fn tile<const F: u8, const VNNI: bool, const R: usize, const A: usize>(
     w: &[u8],
@@ -166,25 +153,49 @@ unsafe fn tile<const F: u8, const VNNI: bool, const R: usize, const A: usize>(
     let rows: [_; R] = std::array::from_fn(|i| acts.row(r0 + i, cols));
     let mut acc = [[_mm256_setzero_ps(); A]; R];
     let mut off = [0f32; R];
-    let mut cbuf = [0f32; CHUNK];
+    // Left unzeroed: every pass writes the first `end - start` entries before reading them.
+    let mut dw = std::mem::MaybeUninit::<[f32; CHUNK]>::uninit();
+    let mut cw = std::mem::MaybeUninit::<[f32; CHUNK]>::uninit();
+    let mut scale = std::mem::MaybeUninit::<[[f32; CHUNK]; R]>::uninit();
+    let (dw, cw, scale) = (
+        dw.as_mut_ptr() as *mut f32,
+        cw.as_mut_ptr() as *mut f32,
+        &mut *scale.as_mut_ptr(),
+    );
     let wp = w.as_ptr();
     let mut start = 0;
     while start < nb {
         let end = (start + CHUNK).min(nb);
+        let len = end - start;
+        for k in 0..len {
+            let (d, m) = f16x2(wp.add((start + k) * bb));
+            *dw.add(k) = d;
+            *cw.add(k) = match F {
+                Q4_1 => m,
+                Q4_0 => -8.0 * d,
+                _ if VNNI => -128.0 * d,
+                _ => 0.0,
+            };
+        }
+        let dw_s = std::slice::from_raw_parts(dw, len);
+        for (row, sc) in rows.iter().zip(scale.iter_mut()) {
+            mul_f32(dw_s, &row.d[start..end], sc.as_mut_ptr());
+        }
         let mut b = start;
         while b + A <= end {
             for a in 0..A {
-                step::<F, VNNI, R, A>(wp, b + a, a, start, &rows, &mut acc, &mut cbuf);
+                step::<F, VNNI, R, A>(wp, b + a, b + a - start, a, &rows, scale, &mut acc);
             }
             b += A;
         }
         while b < end {
-            step::<F, VNNI, R, A>(wp, b, 0, start, &rows, &mut acc, &mut cbuf);
+            step::<F, VNNI, R, A>(wp, b, b - start, 0, &rows, scale, &mut acc);
             b += 1;
         }
         if VNNI || F != Q8_0 {
+            let cw_s = std::slice::from_raw_parts(cw, len);
             for (o, row) in off.iter_mut().zip(rows.iter()) {
-                *o += dot_f32(&cbuf[..end - start], &row.sum[start..end]);
+                *o += dot_f32(cw_s, &row.sum[start..end]);
             }
         }
         start = end;
@@ -198,6 +209,26 @@ unsafe fn tile<const F: u8, const VNNI: bool, const R: usize, const A: usize>(
         *o = hsum(s) + off;
     }
     out
+}
+
+/// out[i] = a[i]·b[i] for i < a.len() (b at least as long).
+#[inline(always)]
+unsafe fn mul_f32(a: &[f32], b: &[f32], out: *mut f32) {
+    let n = a.len();
+    debug_assert!(b.len() >= n);
+    let mut i = 0;
+    while i + 8 <= n {
+        let v = _mm256_mul_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+        );
+        _mm256_storeu_ps(out.add(i), v);
+        i += 8;
+    }
+    while i < n {
+        *out.add(i) = a[i] * b[i];
+        i += 1;
+    }
 }
 
 /// All rows of `acts` (dst.len() of them) against one weight row, in tiles.
@@ -260,5 +291,49 @@ pub(super) unsafe fn dot_rows_vnni(
         BlockFormat::Q4_0 => dot_rows::<Q4_0, true>(w, acts, cols, dst),
         BlockFormat::Q4_1 => dot_rows::<Q4_1, true>(w, acts, cols, dst),
         BlockFormat::Q8_0 => dot_rows::<Q8_0, true>(w, acts, cols, dst),
+    }
+}
+
+/// Quantizes whole 32-value blocks of `x` into `q`, with per-block scale `d` and sum
+/// d·Σq; bit-identical to the scalar loop in `QuantRows::quantize` (same scale, same
+/// multiply, and `vcvtps2dq` rounds to nearest-even as the scalar trick does).
+/// Safety: the CPU has AVX2; `q` is as long as `x`, `d` and `sum` one per block.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32]) {
+    let nb = x.len() / QK;
+    debug_assert!(q.len() >= nb * QK && d.len() >= nb && sum.len() >= nb);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    for b in 0..nb {
+        let p = x.as_ptr().add(b * QK);
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+            _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let scale = amax / 127.0;
+        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        let i = v.map(|vk| _mm256_cvtps_epi32(_mm256_mul_ps(vk, inv)));
+        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        // The packs interleave 128-bit lanes; the permute puts the 32 bytes back in order.
+        let p01 = _mm256_packs_epi32(i[0], i[1]);
+        let p23 = _mm256_packs_epi32(i[2], i[3]);
+        let bytes = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(p01, p23),
+            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+        );
+        _mm256_storeu_si256(q.as_mut_ptr().add(b * QK) as *mut __m256i, bytes);
+        *d.get_unchecked_mut(b) = scale;
+        *sum.get_unchecked_mut(b) = scale * _mm_cvtsi128_si32(s) as f32;
     }
 }

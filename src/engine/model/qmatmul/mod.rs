@@ -157,13 +157,21 @@ pub(crate) struct QuantRows {
 }
 
 impl QuantRows {
-    /// Quantizes `n` rows of `cols` values (`cols` a multiple of 32), reusing the buffers.
-    fn quantize(&mut self, x: &[f32], cols: usize) {
+    /// Quantizes rows of `cols` values (`cols` a multiple of 32), reusing the buffers.
+    fn quantize(&mut self, x: &[f32], cols: usize, isa: Isa) {
+        debug_assert_eq!(x.len() % cols, 0);
         let nb_total = x.len() / QK;
         self.q.resize(x.len(), 0);
         self.d.resize(nb_total, 0.0);
         self.sum.resize(nb_total, 0.0);
-        debug_assert_eq!(x.len() % cols, 0);
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx2 {
+            // SAFETY: `isa` is available (checked by the caller) and includes AVX2; the
+            // buffers were just sized to x.
+            unsafe { int8_x86::quantize_blocks(x, &mut self.q, &mut self.d, &mut self.sum) };
+            return;
+        }
+        let _ = isa;
         for (((xb, qb), d), s) in x
             .chunks_exact(QK)
             .zip(self.q.chunks_exact_mut(QK))
@@ -302,7 +310,7 @@ impl QWeight {
                     Ok(a) => a,
                     Err(_) => &mut fresh,
                 };
-                acts.quantize(x, self.cols);
+                acts.quantize(x, self.cols, isa);
                 let acts = &*acts;
                 self.par_rows(n, out, |w, dst| {
                     dot_rows_int8(self.format, w, acts, self.cols, dst, isa)
@@ -311,45 +319,45 @@ impl QWeight {
         }
     }
 
-    /// Runs `dot(weight_row_bytes, dst)` for every weight row, where `dst[r]` receives input
-    /// row r's result, split over the rayon pool by output rows.
+    /// Runs `dot(weight_row_bytes, dst)` for every weight row j, where `dst[r]` receives input
+    /// row r's result, which belongs at `out[r·rows + j]`; split over the rayon pool by output
+    /// rows.
     fn par_rows<F>(&self, n: usize, out: &mut [f32], dot: F)
     where
         F: Fn(&[u8], &mut [f32]) + Sync,
     {
         let row_bytes = self.cols / QK * self.format.block_bytes();
-        let compute = |dst: &mut [f32]| {
-            let run = |(ci, dst): (usize, &mut [f32]), chunk: usize| {
-                let j0 = ci * chunk;
-                for (jj, dst_row) in dst.chunks_mut(n).enumerate() {
-                    let j = j0 + jj;
-                    dot(&self.data[j * row_bytes..(j + 1) * row_bytes], dst_row);
-                }
+        let rows = self.rows;
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        // Weight rows [j0, j1) for every input row. Tasks write disjoint output columns, so
+        // they can share `out` (through a raw pointer: a slice cannot express a column range).
+        let run = |j0: usize, j1: usize| {
+            let mut dst = [0f32; 64];
+            let mut big = Vec::new();
+            let dst = if n <= dst.len() {
+                &mut dst[..n]
+            } else {
+                big.resize(n, 0f32);
+                &mut big[..]
             };
-            if self.rows * self.cols * n < PARALLEL_MIN_MACS || rayon::current_num_threads() == 1 {
-                run((0, dst), self.rows);
-                return;
+            for j in j0..j1 {
+                dot(&self.data[j * row_bytes..(j + 1) * row_bytes], dst);
+                for (r, v) in dst.iter().enumerate() {
+                    // SAFETY: r < n and j < rows, so the index is inside `out`
+                    // (n·rows long, checked by the caller); no other task writes column j.
+                    unsafe { *out_ptr.get().add(r * rows + j) = *v };
+                }
             }
-            // Each task writes W rows [j0, j0+chunk) for all inputs into a transposed buffer,
-            // so tasks own disjoint memory. A few tasks per thread: enough to balance, few
-            // enough that scheduling stays cheap.
-            let chunk = self.rows.div_ceil(4 * rayon::current_num_threads()).max(16);
-            dst.par_chunks_mut(chunk * n)
-                .enumerate()
-                .for_each(|c| run(c, chunk));
         };
-        if n == 1 {
-            // One row (a single decode): the transposed layout is the output layout.
-            compute(out);
+        if rows * self.cols * n < PARALLEL_MIN_MACS || rayon::current_num_threads() == 1 {
+            run(0, rows);
             return;
         }
-        let mut out_t = vec![0f32; self.rows * n];
-        compute(&mut out_t);
-        for j in 0..self.rows {
-            for r in 0..n {
-                out[r * self.rows + j] = out_t[j * n + r];
-            }
-        }
+        // A few tasks per thread: enough to balance, few enough that scheduling stays cheap.
+        let chunk = rows.div_ceil(4 * rayon::current_num_threads()).max(16);
+        (0..rows.div_ceil(chunk))
+            .into_par_iter()
+            .for_each(|c| run(c * chunk, ((c + 1) * chunk).min(rows)));
     }
 
     /// The weight as dense f32 rows [rows, cols] (row-major), unpacked in parallel. Training
@@ -371,6 +379,21 @@ impl QWeight {
                 }
             });
         out
+    }
+}
+
+/// The output buffer shared by the tasks of one matmul, each writing its own columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: tasks write disjoint elements (see `par_rows`), and the buffer outlives the tasks.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// A method rather than field access, so closures capture the whole (Sync) wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 

@@ -110,7 +110,7 @@ fn int8_path_stays_within_the_rounding_bound_of_the_exact_path() {
             let x = values(n * cols, 6);
             let exact = run(&k, &x, n, ActivationPrecision::F32, Isa::Scalar);
             let mut acts = QuantRows::default();
-            acts.quantize(&x, cols);
+            acts.quantize(&x, cols, Isa::Scalar);
             for isa in isas() {
                 let got = run(&k, &x, n, ActivationPrecision::Int8, isa);
                 for r in 0..n {
@@ -147,23 +147,34 @@ fn parallel_split_matches_the_scalar_reference() {
 
 #[test]
 fn activation_quantization_rounds_to_the_nearest_step_and_keeps_zero_blocks_zero() {
-    let mut x = values(3 * QK, 9);
+    let mut x = values(5 * QK, 9);
     x[QK..2 * QK].iter_mut().for_each(|v| *v = 0.0);
-    let mut acts = QuantRows::default();
-    acts.quantize(&x, 3 * QK);
+    // Exact ties (k + 0.5 steps) must round the same way on every path.
+    x[3 * QK] = 127.0;
+    x[3 * QK + 1] = 0.5;
+    x[3 * QK + 2] = -2.5;
+    let mut scalar = QuantRows::default();
+    scalar.quantize(&x, 5 * QK, Isa::Scalar);
     for (i, &v) in x.iter().enumerate() {
-        let d = acts.d[i / QK];
+        let d = scalar.d[i / QK];
         assert!(
-            (acts.q[i] as f32 * d - v).abs() <= d / 2.0 + 1e-7,
+            (scalar.q[i] as f32 * d - v).abs() <= d / 2.0 + 1e-7,
             "value {i}"
         );
     }
-    assert_eq!(acts.d[1], 0.0);
-    assert!(acts.q[QK..2 * QK].iter().all(|&q| q == 0));
-    let isum: i32 = acts.q[..QK].iter().map(|&q| q as i32).sum();
-    assert_eq!(acts.sum[0], acts.d[0] * isum as f32);
+    assert_eq!(scalar.d[1], 0.0);
+    assert!(scalar.q[QK..2 * QK].iter().all(|&q| q == 0));
+    let isum: i32 = scalar.q[..QK].iter().map(|&q| q as i32).sum();
+    assert_eq!(scalar.sum[0], scalar.d[0] * isum as f32);
     // The block's largest magnitude maps to ±127.
-    assert!(acts.q[..QK].iter().any(|&q| q.unsigned_abs() == 127));
+    assert!(scalar.q[..QK].iter().any(|&q| q.unsigned_abs() == 127));
+    for isa in isas() {
+        let mut simd = QuantRows::default();
+        simd.quantize(&x, 5 * QK, isa);
+        assert_eq!(simd.q, scalar.q, "{isa:?}");
+        assert_eq!(simd.d, scalar.d, "{isa:?}");
+        assert_eq!(simd.sum, scalar.sum, "{isa:?}");
+    }
 }
 
 #[test]
