@@ -39,7 +39,11 @@ fn run(reps: usize, filter: &str) -> anyhow::Result<()> {
         for n in [1usize, 8] {
             let x: Vec<f32> = (0..n * cols).map(|i| (i % 7) as f32 - 3.0).collect();
             let mut out = vec![0f32; n * rows];
-            for p in [ActivationPrecision::F32, ActivationPrecision::Int8] {
+            for p in [
+                ActivationPrecision::F32,
+                ActivationPrecision::Int8,
+                ActivationPrecision::Int16,
+            ] {
                 for &isa in &isas {
                     // The f32 path has one SIMD kernel (AVX2); skip its duplicate row.
                     if p == ActivationPrecision::F32 && isa == Isa::Avx512Vnni {
@@ -63,7 +67,7 @@ fn run(reps: usize, filter: &str) -> anyhow::Result<()> {
                     let s = (thread_cpu_secs() - c) / reps as f64;
                     let wall = t.elapsed().as_secs_f64() / reps as f64;
                     println!(
-                        "{dt:?} n={n} {:>4} {:>10}: {:8.1} us/call (wall {:8.1}), {:6.2} GMAC/s",
+                        "{dt:?} n={n} {:>5} {:>10}: {:8.1} us/call (wall {:8.1}), {:6.2} GMAC/s",
                         format!("{p:?}"),
                         format!("{isa:?}"),
                         s * 1e6,

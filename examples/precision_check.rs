@@ -1,4 +1,5 @@
-//! How much int8 activations change the real model's output, against the exact f32 path.
+//! How much int8 (or int16) activations change the real model's output, against the exact f32
+//! path.
 //!
 //! For each prompt: greedy decoding with f32 activations (the reference), then the int8 path
 //! (1) teacher-forced on the reference tokens — per step, whether its argmax agrees and how far
@@ -6,7 +7,7 @@
 //! tokens equal to the reference before the first divergence. Decoding runs as serving does:
 //! one prefill, then one token per step against the KV cache.
 //!
-//! `cargo run --release --example precision_check -- MODEL.gguf [TOKENS]`
+//! `cargo run --release --example precision_check -- MODEL.gguf [TOKENS [int8|int16]]`
 
 use adapterd::engine::model::load::{load_gguf, read_gguf_header};
 use adapterd::engine::model::qmatmul::ActivationPrecision;
@@ -78,9 +79,13 @@ fn decode(
 }
 
 fn main() -> anyhow::Result<()> {
-    let path = std::env::args()
-        .nth(1)
-        .ok_or_else(|| anyhow::anyhow!("usage: precision_check MODEL.gguf [TOKENS]"))?;
+    let path = std::env::args().nth(1).ok_or_else(|| {
+        anyhow::anyhow!("usage: precision_check MODEL.gguf [TOKENS [int8|int16]]")
+    })?;
+    let candidate: ActivationPrecision = match std::env::args().nth(3) {
+        Some(s) => s.parse().map_err(anyhow::Error::msg)?,
+        None => ActivationPrecision::Int8,
+    };
     let n: usize = match std::env::args().nth(2) {
         Some(s) => s.parse()?,
         None => 64,
@@ -97,7 +102,7 @@ fn main() -> anyhow::Result<()> {
         let prompt = tok.encode(&text, false)?;
         model.set_activation_precision(ActivationPrecision::F32);
         let (ref_toks, ref_lps) = decode(&model, &prompt, n, None)?;
-        model.set_activation_precision(ActivationPrecision::Int8);
+        model.set_activation_precision(candidate);
         let (_, int8_lps) = decode(&model, &prompt, n, Some(&ref_toks))?;
         let (free, _) = decode(&model, &prompt, n, None)?;
         let prefix = free
@@ -129,7 +134,7 @@ fn main() -> anyhow::Result<()> {
         );
         println!("    f32 : {:?}", tok.decode(&ref_toks, true)?);
         if prefix < n {
-            println!("    int8: {:?}", tok.decode(&free, true)?);
+            println!("    {candidate:?}: {:?}", tok.decode(&free, true)?);
         }
     }
     dlp_all.sort_by(|a, b| a.total_cmp(b));

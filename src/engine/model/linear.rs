@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor};
 
-use super::qmatmul::{ActivationPrecision, QWeight};
+use super::qmatmul::{self, ActivationPrecision, QWeight};
 
 /// How the frozen weight is stored and multiplied.
 #[derive(Debug, Clone)]
@@ -80,5 +80,32 @@ impl Linear {
             Some(b) => ys.broadcast_add(b),
             None => Ok(ys),
         }
+    }
+
+    /// Several projections of the same input (q/k/v, gate/up): block weights go through one
+    /// fused kernel call (activations quantized once, one parallel region), others one by one.
+    pub fn forward_many(
+        lins: &[&Linear],
+        xs: &Tensor,
+        precision: ActivationPrecision,
+    ) -> Result<Vec<Tensor>> {
+        let blocks: Option<Vec<&QWeight>> = lins
+            .iter()
+            .map(|l| match &l.weight {
+                Weight::Blocks(w) => Some(&**w),
+                Weight::Candle(_) => None,
+            })
+            .collect();
+        let Some(blocks) = blocks else {
+            return lins.iter().map(|l| l.forward(xs, precision)).collect();
+        };
+        let ys = qmatmul::forward_multi(&blocks, xs, precision)?;
+        ys.into_iter()
+            .zip(lins)
+            .map(|(y, l)| match &l.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            })
+            .collect()
     }
 }

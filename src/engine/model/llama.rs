@@ -117,6 +117,31 @@ fn project(
     Ok(ys)
 }
 
+/// [`project`] for several projections of the same input, their base matmuls fused.
+fn project_many<const N: usize>(
+    lins: [(&Linear, Module); N],
+    xs: &Tensor,
+    layer: usize,
+    groups: &[AdapterGroup],
+    precision: ActivationPrecision,
+) -> Result<[Tensor; N]> {
+    let bases = Linear::forward_many(&lins.map(|(l, _)| l), xs, precision)?;
+    let mut out = Vec::with_capacity(N);
+    for (mut ys, (_, module)) in bases.into_iter().zip(lins) {
+        for g in groups {
+            let Some(pair) = g.adapter.layers.get(layer).and_then(|l| l.get(module)) else {
+                continue;
+            };
+            let x = xs.index_select(&g.rows, 0)?;
+            let delta = (x.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * pair.scale)?;
+            ys = ys.index_add(&g.rows, &delta, 0)?;
+        }
+        out.push(ys);
+    }
+    out.try_into()
+        .map_err(|_| candle_core::Error::Msg("fused projection count".into()))
+}
+
 impl Llama {
     pub fn new(
         cfg: ModelConfig,
@@ -140,7 +165,8 @@ impl Llama {
         })
     }
 
-    /// How activations meet quantized weights in the forward (int8 by default, as llama.cpp).
+    /// How activations meet quantized weights in the forward (int16 by default: see
+    /// [`ActivationPrecision`]).
     pub fn set_activation_precision(&mut self, precision: ActivationPrecision) {
         self.precision = precision;
     }
@@ -197,19 +223,13 @@ impl Llama {
             let h = self.attention(li, &layer.attn, &h, &cos, &sin, batch, &groups)?;
             let xs2 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&xs2, &layer.post_attn_norm, cfg.rms_norm_eps as f32)?;
-            let gate = project(
-                &layer.mlp.gate_proj,
+            let [gate, up] = project_many(
+                [
+                    (&layer.mlp.gate_proj, Module::Gate),
+                    (&layer.mlp.up_proj, Module::Up),
+                ],
                 &h,
                 li,
-                Module::Gate,
-                &groups,
-                self.precision,
-            )?;
-            let up = project(
-                &layer.mlp.up_proj,
-                &h,
-                li,
-                Module::Up,
                 &groups,
                 self.precision,
             )?;
@@ -264,33 +284,20 @@ impl Llama {
         let (rows, _) = xs.dims2()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let group = nh / nkv;
-        let q = project(
-            &attn.q_proj,
+        let [q, k, v] = project_many(
+            [
+                (&attn.q_proj, Module::Q),
+                (&attn.k_proj, Module::K),
+                (&attn.v_proj, Module::V),
+            ],
             xs,
             layer_idx,
-            Module::Q,
             groups,
             self.precision,
-        )?
-        .reshape((rows, nh, 1, hd))?;
-        let k = project(
-            &attn.k_proj,
-            xs,
-            layer_idx,
-            Module::K,
-            groups,
-            self.precision,
-        )?
-        .reshape((rows, nkv, 1, hd))?;
-        let v = project(
-            &attn.v_proj,
-            xs,
-            layer_idx,
-            Module::V,
-            groups,
-            self.precision,
-        )?
-        .reshape((rows, nkv, hd))?;
+        )?;
+        let q = q.reshape((rows, nh, 1, hd))?;
+        let k = k.reshape((rows, nkv, 1, hd))?;
+        let v = v.reshape((rows, nkv, hd))?;
         let q = candle_nn::rotary_emb::rope(&q.contiguous()?, cos, sin)?.reshape((rows, nh, hd))?;
         let k =
             candle_nn::rotary_emb::rope(&k.contiguous()?, cos, sin)?.reshape((rows, nkv, hd))?;

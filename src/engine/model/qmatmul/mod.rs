@@ -1,11 +1,13 @@
 //! Quantized matmul for the block formats of the default model (Q4_0, Q4_1, Q8_0):
 //! y = x·Wᵀ, each weight block unpacked once per tile of input rows, parallel over output rows.
 //!
-//! Two precisions ([`ActivationPrecision`]):
-//! - `Int8` (default), as llama.cpp does: each activation row is quantized once per matmul to
-//!   int8 per 32-value block (an f32 scale per block, plus the block's sum), and the dot products
-//!   run on integers — `vpdpbusd` with AVX-512 VNNI, `vpmaddubsw`+`vpmaddwd` with AVX2. The
-//!   error this adds is measured on the real model in BENCHMARKS.md ("Decode kernels").
+//! Three precisions ([`ActivationPrecision`]):
+//! - `Int16` (default) and `Int8`: each activation row is quantized once per matmul per
+//!   32-value block (an f32 scale per block, plus the block's sum), and the dot products run
+//!   on integers — `vpdpwssd`/`vpdpbusd` with AVX-512 VNNI, `vpmaddwd`(+`vpmaddubsw`) with
+//!   AVX2. Int8 is what llama.cpp does; int16 has 1/258 of its rounding error for one more
+//!   integer instruction per block. Their effect on the real model is measured in
+//!   BENCHMARKS.md ("Decode kernels").
 //! - `F32`: activations stay f32 and blocks are unpacked to f32 (AVX2+FMA): the exact path,
 //!   equal to x·Wᵀ on the dequantized weights up to summation order.
 //!
@@ -17,7 +19,7 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
-mod int8_x86;
+mod int_x86;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -64,12 +66,18 @@ impl BlockFormat {
     }
 }
 
-/// What the activations are multiplied as.
+/// What the activations are multiplied as. Measured on the default model (BENCHMARKS.md,
+/// "Decode kernels"): `Int16` keeps the output of the exact path (PEFT reference tokens
+/// 12/12) at most of int8's speed, so it is the default; `Int8` is llama.cpp's scheme, the
+/// fastest, and moves near-tied greedy choices.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ActivationPrecision {
     /// int8 per 32-value block with an f32 scale (llama.cpp's scheme); integer dot products.
-    #[default]
     Int8,
+    /// int16 per 32-value block with an f32 scale: integer dot products (`vpmaddwd`,
+    /// `vpdpwssd`) with 1/258 of int8's rounding error.
+    #[default]
+    Int16,
     /// f32 activations against f32-unpacked blocks: the exact path.
     F32,
 }
@@ -80,9 +88,10 @@ impl std::str::FromStr for ActivationPrecision {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "int8" => Ok(Self::Int8),
+            "int16" => Ok(Self::Int16),
             "f32" => Ok(Self::F32),
             _ => Err(format!(
-                "activation precision {s:?}: expected \"int8\" or \"f32\""
+                "activation precision {s:?}: expected \"int8\", \"int16\" or \"f32\""
             )),
         }
     }
@@ -151,24 +160,33 @@ pub struct QWeight {
 /// the dot product of the dequantized weights with the rounded activations.
 #[derive(Default)]
 pub(crate) struct QuantRows {
+    /// int16 activations (`q16`) rather than int8 (`q`); the other buffer is stale.
+    wide: bool,
     q: Vec<i8>,
+    q16: Vec<i16>,
     d: Vec<f32>,
     sum: Vec<f32>,
 }
 
 impl QuantRows {
     /// Quantizes rows of `cols` values (`cols` a multiple of 32), reusing the buffers.
-    fn quantize(&mut self, x: &[f32], cols: usize, isa: Isa) {
+    fn quantize(&mut self, x: &[f32], cols: usize, isa: Isa, wide: bool) {
         debug_assert_eq!(x.len() % cols, 0);
         let nb_total = x.len() / QK;
-        self.q.resize(x.len(), 0);
+        self.wide = wide;
         self.d.resize(nb_total, 0.0);
         self.sum.resize(nb_total, 0.0);
+        if wide {
+            self.q16.resize(x.len(), 0);
+            self.quantize16(x, isa);
+            return;
+        }
+        self.q.resize(x.len(), 0);
         #[cfg(target_arch = "x86_64")]
         if isa >= Isa::Avx2 {
             // SAFETY: `isa` is available (checked by the caller) and includes AVX2; the
             // buffers were just sized to x.
-            unsafe { int8_x86::quantize_blocks(x, &mut self.q, &mut self.d, &mut self.sum) };
+            unsafe { int_x86::quantize_blocks(x, &mut self.q, &mut self.d, &mut self.sum) };
             return;
         }
         let _ = isa;
@@ -196,10 +214,47 @@ impl QuantRows {
         }
     }
 
+    /// The int16 half of [`Self::quantize`] (buffers already sized).
+    fn quantize16(&mut self, x: &[f32], isa: Isa) {
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx2 {
+            // SAFETY: as in `quantize`.
+            unsafe { int_x86::quantize_blocks16(x, &mut self.q16, &mut self.d, &mut self.sum) };
+            return;
+        }
+        let _ = isa;
+        for (((xb, qb), d), s) in x
+            .chunks_exact(QK)
+            .zip(self.q16.chunks_exact_mut(QK))
+            .zip(self.d.iter_mut())
+            .zip(self.sum.iter_mut())
+        {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 32767.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let mut isum = 0i32;
+            for (q, &v) in qb.iter_mut().zip(xb) {
+                // The same round-to-nearest-even trick as the int8 loop (|v·inv| ≤ 32767).
+                const MAGIC: f32 = 12_582_912.0;
+                let r = ((v * inv + MAGIC) - MAGIC) as i32;
+                *q = r as i16;
+                isum += r;
+            }
+            *d = scale;
+            *s = scale * isum as f32;
+        }
+    }
+
     fn row(&self, r: usize, cols: usize) -> ActRow<'_> {
         let nb = cols / QK;
+        let span = r * cols..(r + 1) * cols;
         ActRow {
-            q: &self.q[r * cols..(r + 1) * cols],
+            q: if self.wide {
+                &[]
+            } else {
+                &self.q[span.clone()]
+            },
+            q16: if self.wide { &self.q16[span] } else { &[] },
             d: &self.d[r * nb..(r + 1) * nb],
             sum: &self.sum[r * nb..(r + 1) * nb],
         }
@@ -209,7 +264,10 @@ impl QuantRows {
 /// Consecutive quantized activation rows, as the kernels read them.
 #[derive(Clone, Copy)]
 pub(crate) struct ActRow<'a> {
+    /// int8 values, or empty for int16 rows.
     q: &'a [i8],
+    /// int16 values, or empty for int8 rows.
+    q16: &'a [i16],
     d: &'a [f32],
     sum: &'a [f32],
 }
@@ -290,74 +348,7 @@ impl QWeight {
         precision: ActivationPrecision,
         isa: Isa,
     ) {
-        assert_eq!(x.len(), n * self.cols, "quantized matmul: input size");
-        assert_eq!(out.len(), n * self.rows, "quantized matmul: output size");
-        let isa = if isa.is_available() {
-            isa
-        } else {
-            Isa::detect()
-        };
-        match precision {
-            ActivationPrecision::F32 => self.par_rows(n, out, |w, dst| {
-                dot_rows_f32(self.format, w, x, self.cols, dst, isa)
-            }),
-            ActivationPrecision::Int8 => QUANT_ROWS.with(|cell| {
-                // A matmul never nests inside another on one thread, so the borrow is free; if
-                // it ever were taken, fall back to a fresh buffer rather than panic.
-                let mut fresh = QuantRows::default();
-                let mut guard = cell.try_borrow_mut();
-                let acts = match guard.as_deref_mut() {
-                    Ok(a) => a,
-                    Err(_) => &mut fresh,
-                };
-                acts.quantize(x, self.cols, isa);
-                let acts = &*acts;
-                self.par_rows(n, out, |w, dst| {
-                    dot_rows_int8(self.format, w, acts, self.cols, dst, isa)
-                })
-            }),
-        }
-    }
-
-    /// Runs `dot(weight_row_bytes, dst)` for every weight row j, where `dst[r]` receives input
-    /// row r's result, which belongs at `out[r·rows + j]`; split over the rayon pool by output
-    /// rows.
-    fn par_rows<F>(&self, n: usize, out: &mut [f32], dot: F)
-    where
-        F: Fn(&[u8], &mut [f32]) + Sync,
-    {
-        let row_bytes = self.cols / QK * self.format.block_bytes();
-        let rows = self.rows;
-        let out_ptr = SharedOut(out.as_mut_ptr());
-        // Weight rows [j0, j1) for every input row. Tasks write disjoint output columns, so
-        // they can share `out` (through a raw pointer: a slice cannot express a column range).
-        let run = |j0: usize, j1: usize| {
-            let mut dst = [0f32; 64];
-            let mut big = Vec::new();
-            let dst = if n <= dst.len() {
-                &mut dst[..n]
-            } else {
-                big.resize(n, 0f32);
-                &mut big[..]
-            };
-            for j in j0..j1 {
-                dot(&self.data[j * row_bytes..(j + 1) * row_bytes], dst);
-                for (r, v) in dst.iter().enumerate() {
-                    // SAFETY: r < n and j < rows, so the index is inside `out`
-                    // (n·rows long, checked by the caller); no other task writes column j.
-                    unsafe { *out_ptr.get().add(r * rows + j) = *v };
-                }
-            }
-        };
-        if rows * self.cols * n < PARALLEL_MIN_MACS || rayon::current_num_threads() == 1 {
-            run(0, rows);
-            return;
-        }
-        // A few tasks per thread: enough to balance, few enough that scheduling stays cheap.
-        let chunk = rows.div_ceil(4 * rayon::current_num_threads()).max(16);
-        (0..rows.div_ceil(chunk))
-            .into_par_iter()
-            .for_each(|c| run(c * chunk, ((c + 1) * chunk).min(rows)));
+        matmul_multi(&[self], x, n, &mut [out], precision, isa);
     }
 
     /// The weight as dense f32 rows [rows, cols] (row-major), unpacked in parallel. Training
@@ -380,6 +371,137 @@ impl QWeight {
             });
         out
     }
+}
+
+/// `x` [n, cols] against several weights of the same width at once (q/k/v, gate/up): the
+/// activations are quantized once and every weight's rows share one parallel region, so a
+/// decode step pays one fork-join per group instead of one per matrix. `outs[i]` receives
+/// [n, ws[i].rows()].
+pub fn matmul_multi(
+    ws: &[&QWeight],
+    x: &[f32],
+    n: usize,
+    outs: &mut [&mut [f32]],
+    precision: ActivationPrecision,
+    isa: Isa,
+) {
+    assert_eq!(
+        ws.len(),
+        outs.len(),
+        "quantized matmul: one output per weight"
+    );
+    let Some(cols) = ws.first().map(|w| w.cols) else {
+        return;
+    };
+    assert_eq!(x.len(), n * cols, "quantized matmul: input size");
+    for (w, o) in ws.iter().zip(outs.iter()) {
+        assert_eq!(
+            w.cols, cols,
+            "quantized matmul: weights of different widths"
+        );
+        assert_eq!(o.len(), n * w.rows, "quantized matmul: output size");
+    }
+    let outs: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
+    let isa = if isa.is_available() {
+        isa
+    } else {
+        Isa::detect()
+    };
+    match precision {
+        ActivationPrecision::F32 => par_rows(ws, &outs, n, |f, w, dst| {
+            dot_rows_f32(f, w, x, cols, dst, isa)
+        }),
+        ActivationPrecision::Int8 | ActivationPrecision::Int16 => QUANT_ROWS.with(|cell| {
+            // A matmul never nests inside another on one thread, so the borrow is free; if
+            // it ever were taken, fall back to a fresh buffer rather than panic.
+            let mut fresh = QuantRows::default();
+            let mut guard = cell.try_borrow_mut();
+            let acts = match guard.as_deref_mut() {
+                Ok(a) => a,
+                Err(_) => &mut fresh,
+            };
+            acts.quantize(x, cols, isa, precision == ActivationPrecision::Int16);
+            let acts = &*acts;
+            par_rows(ws, &outs, n, |f, w, dst| {
+                dot_rows_int(f, w, acts, cols, dst, isa)
+            })
+        }),
+    }
+}
+
+/// [`matmul_multi`] on tensors: `xs` [n, cols] f32 -> one [n, rows_i] tensor per weight.
+pub fn forward_multi(
+    ws: &[&QWeight],
+    xs: &Tensor,
+    precision: ActivationPrecision,
+) -> Result<Vec<Tensor>> {
+    let (n, cols) = xs.dims2()?;
+    if let Some(w) = ws.iter().find(|w| w.cols != cols) {
+        candle_core::bail!(
+            "quantized matmul: input has {cols} columns, weight has {}",
+            w.cols
+        );
+    }
+    let xs = xs.contiguous()?;
+    let (storage, layout) = xs.storage_and_layout();
+    let x = match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+        _ => candle_core::bail!("quantized matmul expects contiguous f32 activations on the CPU"),
+    };
+    let mut bufs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows]).collect();
+    let mut outs: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+    matmul_multi(ws, x, n, &mut outs, precision, Isa::detect());
+    drop(storage);
+    bufs.into_iter()
+        .zip(ws)
+        .map(|(b, w)| Tensor::from_vec(b, (n, w.rows), xs.device()))
+        .collect()
+}
+
+/// Runs `dot(format, weight_row_bytes, dst)` for every row j of every weight i, where `dst[r]`
+/// receives input row r's result, which belongs at `outs[i][r·rows_i + j]`; split over the
+/// rayon pool by output rows of all weights together.
+fn par_rows<F>(ws: &[&QWeight], outs: &[SharedOut], n: usize, dot: F)
+where
+    F: Fn(BlockFormat, &[u8], &mut [f32]) + Sync,
+{
+    let total: usize = ws.iter().map(|w| w.rows).sum();
+    // Global rows [g0, g1) for every input row. Tasks write disjoint output columns, so they
+    // can share the outputs (through raw pointers: a slice cannot express a column range).
+    let run = |g0: usize, g1: usize| {
+        let mut small = [0f32; 64];
+        let mut big = Vec::new();
+        let dst = if n <= small.len() {
+            &mut small[..n]
+        } else {
+            big.resize(n, 0f32);
+            &mut big[..]
+        };
+        let mut base = 0;
+        for (w, out) in ws.iter().zip(outs) {
+            let (lo, hi) = (g0.max(base), g1.min(base + w.rows));
+            let row_bytes = w.cols / QK * w.format.block_bytes();
+            for j in lo.saturating_sub(base)..hi.saturating_sub(base) {
+                dot(w.format, &w.data[j * row_bytes..(j + 1) * row_bytes], dst);
+                for (r, v) in dst.iter().enumerate() {
+                    // SAFETY: r < n and j < w.rows, so the index is inside this output
+                    // (n·rows long, checked by matmul_multi); no other task writes column j.
+                    unsafe { *out.get().add(r * w.rows + j) = *v };
+                }
+            }
+            base += w.rows;
+        }
+    };
+    let macs = total * ws.first().map_or(0, |w| w.cols) * n;
+    if macs < PARALLEL_MIN_MACS || rayon::current_num_threads() == 1 {
+        run(0, total);
+        return;
+    }
+    // A few tasks per thread: enough to balance, few enough that scheduling stays cheap.
+    let chunk = total.div_ceil(4 * rayon::current_num_threads()).max(16);
+    (0..total.div_ceil(chunk))
+        .into_par_iter()
+        .for_each(|c| run(c * chunk, ((c + 1) * chunk).min(total)));
 }
 
 /// The output buffer shared by the tasks of one matmul, each writing its own columns.
@@ -444,8 +566,8 @@ fn dot_rows_f32(format: BlockFormat, w: &[u8], x: &[f32], cols: usize, dst: &mut
     scalar::dot_rows_f32(format, w, x, cols, dst);
 }
 
-/// One weight row `w` against every quantized row of `acts`; results into `dst[r]`.
-fn dot_rows_int8(
+/// One weight row `w` against every int8 or int16 row of `acts`; results into `dst[r]`.
+fn dot_rows_int(
     format: BlockFormat,
     w: &[u8],
     acts: &QuantRows,
@@ -456,13 +578,13 @@ fn dot_rows_int8(
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: checked available by the caller.
-        Isa::Avx512Vnni => unsafe { int8_x86::dot_rows_vnni(format, w, acts, cols, dst) },
+        Isa::Avx512Vnni => unsafe { int_x86::dot_rows_vnni(format, w, acts, cols, dst) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: checked available by the caller.
-        Isa::Avx2 => unsafe { int8_x86::dot_rows_avx2(format, w, acts, cols, dst) },
+        Isa::Avx2 => unsafe { int_x86::dot_rows_avx2(format, w, acts, cols, dst) },
         _ => {
             for (r, d) in dst.iter_mut().enumerate() {
-                *d = scalar::dot_int8(format, w, acts.row(r, cols));
+                *d = scalar::dot_int(format, w, acts.row(r, cols));
             }
         }
     }

@@ -17,14 +17,21 @@ pub(super) fn dot_rows_f32(format: BlockFormat, w: &[u8], x: &[f32], cols: usize
     }
 }
 
-/// One weight row against one int8 activation row: per block, the exact integer dot product
-/// of the weight's integer values with the activation's, times both scales (plus Q4_1's min
-/// times the activation block sum).
-pub(super) fn dot_int8(format: BlockFormat, w: &[u8], x: ActRow<'_>) -> f32 {
+/// One weight row against one int8 or int16 activation row: per block, the exact integer dot
+/// product of the weight's integer values with the activation's, times both scales (plus
+/// Q4_1's min times the activation block sum).
+pub(super) fn dot_int(format: BlockFormat, w: &[u8], x: ActRow<'_>) -> f32 {
     let bb = format.block_bytes();
+    let xv = |i: usize| -> i32 {
+        if x.q16.is_empty() {
+            x.q[i] as i32
+        } else {
+            x.q16[i] as i32
+        }
+    };
     let mut acc = 0f32;
     for (bi, b) in w.chunks_exact(bb).enumerate() {
-        let xq = &x.q[bi * QK..(bi + 1) * QK];
+        let o = bi * QK;
         let dx = x.d[bi];
         acc += match format {
             BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
@@ -35,8 +42,8 @@ pub(super) fn dot_int8(format: BlockFormat, w: &[u8], x: ActRow<'_>) -> f32 {
                 };
                 let mut isum = 0i32;
                 for i in 0..16 {
-                    isum += ((qs[i] & 0x0F) as i32 - offset) * xq[i] as i32;
-                    isum += ((qs[i] >> 4) as i32 - offset) * xq[i + 16] as i32;
+                    isum += ((qs[i] & 0x0F) as i32 - offset) * xv(o + i);
+                    isum += ((qs[i] >> 4) as i32 - offset) * xv(o + i + 16);
                 }
                 let dot = f16_at(b, 0) * dx * isum as f32;
                 if format == BlockFormat::Q4_1 {
@@ -46,11 +53,7 @@ pub(super) fn dot_int8(format: BlockFormat, w: &[u8], x: ActRow<'_>) -> f32 {
                 }
             }
             BlockFormat::Q8_0 => {
-                let isum: i32 = b[2..34]
-                    .iter()
-                    .zip(xq)
-                    .map(|(&w, &x)| (w as i8) as i32 * x as i32)
-                    .sum();
+                let isum: i32 = (0..QK).map(|i| (b[2 + i] as i8) as i32 * xv(o + i)).sum();
                 f16_at(b, 0) * dx * isum as f32
             }
         };

@@ -77,42 +77,49 @@ fn f32_path_matches_dequantized_matmul_on_every_isa() {
     }
 }
 
-/// The int8 SIMD paths compute the same integer dot products as the scalar reference; only
+/// The int8 and int16 SIMD paths compute the same integer dot products as the scalar reference; only
 /// float summation order differs. 67 blocks per row crosses the 64-block offset buffer, and
 /// 3 blocks leaves a remainder for every accumulator count.
 #[test]
-fn int8_paths_match_the_scalar_reference_for_every_format_and_row_count() {
+fn integer_paths_match_the_scalar_reference_for_every_format_and_row_count() {
     for (rows, cols) in [(37, 96), (5, 67 * QK)] {
         for dtype in FORMATS {
             let (k, _) = weight(rows, cols, dtype, 3);
             for n in ROW_COUNTS {
                 let x = values(n * cols, 4 + n as u64);
-                let want = run(&k, &x, n, ActivationPrecision::Int8, Isa::Scalar);
-                for isa in isas() {
-                    let got = run(&k, &x, n, ActivationPrecision::Int8, isa);
-                    let what = format!("{dtype:?} {rows}x{cols} n={n} {isa:?}");
-                    assert_close(&got, &want, 1e-4, &what);
+                for p in [ActivationPrecision::Int8, ActivationPrecision::Int16] {
+                    let want = run(&k, &x, n, p, Isa::Scalar);
+                    for isa in isas() {
+                        let got = run(&k, &x, n, p, isa);
+                        let what = format!("{dtype:?} {p:?} {rows}x{cols} n={n} {isa:?}");
+                        assert_close(&got, &want, 1e-4, &what);
+                    }
                 }
             }
         }
     }
 }
 
-/// Quantizing activations to int8 moves each output by much less than the scale of the
+/// Quantizing activations to int8 or int16 moves each output by much less than the scale of the
 /// values it sums: the error is bounded by Σ|w|·(dx/2) per block.
 #[test]
-fn int8_path_stays_within_the_rounding_bound_of_the_exact_path() {
+fn integer_paths_stay_within_the_rounding_bound_of_the_exact_path() {
     let (rows, cols) = (24, 8 * QK);
     for dtype in FORMATS {
         let (k, deq) = weight(rows, cols, dtype, 5);
         let deq: Vec<f32> = deq.flatten_all().unwrap().to_vec1().unwrap();
-        for n in [1usize, 5] {
+        for (n, p) in [
+            (1usize, ActivationPrecision::Int8),
+            (5, ActivationPrecision::Int8),
+            (1, ActivationPrecision::Int16),
+            (5, ActivationPrecision::Int16),
+        ] {
             let x = values(n * cols, 6);
             let exact = run(&k, &x, n, ActivationPrecision::F32, Isa::Scalar);
             let mut acts = QuantRows::default();
-            acts.quantize(&x, cols, Isa::Scalar);
+            acts.quantize(&x, cols, Isa::Scalar, p == ActivationPrecision::Int16);
             for isa in isas() {
-                let got = run(&k, &x, n, ActivationPrecision::Int8, isa);
+                let got = run(&k, &x, n, p, isa);
                 for r in 0..n {
                     for j in 0..rows {
                         let bound: f32 = (0..cols)
@@ -121,7 +128,7 @@ fn int8_path_stays_within_the_rounding_bound_of_the_exact_path() {
                         let (g, e) = (got[r * rows + j], exact[r * rows + j]);
                         assert!(
                             (g - e).abs() <= bound * 1.01 + 1e-5,
-                            "{dtype:?} {isa:?} [{r},{j}]: {g} vs {e} (bound {bound})"
+                            "{dtype:?} {p:?} {isa:?} [{r},{j}]: {g} vs {e} (bound {bound})"
                         );
                     }
                 }
@@ -137,7 +144,11 @@ fn parallel_split_matches_the_scalar_reference() {
     let (k, _) = weight(rows, cols, GgmlDType::Q4_1, 7);
     for n in [1usize, 3] {
         let x = values(n * cols, 8);
-        for p in [ActivationPrecision::F32, ActivationPrecision::Int8] {
+        for p in [
+            ActivationPrecision::F32,
+            ActivationPrecision::Int8,
+            ActivationPrecision::Int16,
+        ] {
             let want = run(&k, &x, n, p, Isa::Scalar);
             let got = run(&k, &x, n, p, Isa::detect());
             assert_close(&got, &want, 1e-4, &format!("{p:?} n={n}"));
@@ -154,7 +165,7 @@ fn activation_quantization_rounds_to_the_nearest_step_and_keeps_zero_blocks_zero
     x[3 * QK + 1] = 0.5;
     x[3 * QK + 2] = -2.5;
     let mut scalar = QuantRows::default();
-    scalar.quantize(&x, 5 * QK, Isa::Scalar);
+    scalar.quantize(&x, 5 * QK, Isa::Scalar, false);
     for (i, &v) in x.iter().enumerate() {
         let d = scalar.d[i / QK];
         assert!(
@@ -168,12 +179,26 @@ fn activation_quantization_rounds_to_the_nearest_step_and_keeps_zero_blocks_zero
     assert_eq!(scalar.sum[0], scalar.d[0] * isum as f32);
     // The block's largest magnitude maps to ±127.
     assert!(scalar.q[..QK].iter().any(|&q| q.unsigned_abs() == 127));
+    let mut wide = QuantRows::default();
+    wide.quantize(&x, 5 * QK, Isa::Scalar, true);
+    for (i, &v) in x.iter().enumerate() {
+        let d = wide.d[i / QK];
+        assert!(
+            (wide.q16[i] as f32 * d - v).abs() <= d / 2.0 + 1e-7,
+            "value {i}"
+        );
+    }
+    assert!(wide.q16[..QK].iter().any(|&q| q.unsigned_abs() == 32767));
     for isa in isas() {
         let mut simd = QuantRows::default();
-        simd.quantize(&x, 5 * QK, isa);
+        simd.quantize(&x, 5 * QK, isa, false);
         assert_eq!(simd.q, scalar.q, "{isa:?}");
         assert_eq!(simd.d, scalar.d, "{isa:?}");
         assert_eq!(simd.sum, scalar.sum, "{isa:?}");
+        simd.quantize(&x, 5 * QK, isa, true);
+        assert_eq!(simd.q16, wide.q16, "{isa:?} int16");
+        assert_eq!(simd.d, wide.d, "{isa:?} int16");
+        assert_eq!(simd.sum, wide.sum, "{isa:?} int16");
     }
 }
 
@@ -182,7 +207,11 @@ fn the_forward_op_runs_both_precisions_on_tensors() {
     let (k, deq) = weight(16, 64, GgmlDType::Q8_0, 10);
     let x = Tensor::from_vec(values(3 * 64, 11), (3, 64), &Device::Cpu).unwrap();
     let want = x.matmul(&deq.t().unwrap()).unwrap();
-    for p in [ActivationPrecision::F32, ActivationPrecision::Int8] {
+    for p in [
+        ActivationPrecision::F32,
+        ActivationPrecision::Int8,
+        ActivationPrecision::Int16,
+    ] {
         let got = k.forward(&x, p).unwrap();
         let diff: f32 = (got - &want)
             .unwrap()
@@ -207,5 +236,28 @@ fn unsupported_formats_are_left_to_candle() {
 fn precision_names_parse() {
     assert_eq!("int8".parse(), Ok(ActivationPrecision::Int8));
     assert_eq!("f32".parse(), Ok(ActivationPrecision::F32));
+    assert_eq!("int16".parse(), Ok(ActivationPrecision::Int16));
     assert!("fp16".parse::<ActivationPrecision>().is_err());
+}
+
+/// q/k/v-style fused calls equal one call per weight, for every precision and a row count
+/// that is split over the pool.
+#[test]
+fn fused_matmuls_equal_separate_ones() {
+    let cols = 576;
+    let (a, _) = weight(600, cols, GgmlDType::Q4_1, 12);
+    let (b, _) = weight(200, cols, GgmlDType::Q8_0, 13);
+    for n in [1usize, 3] {
+        let x = values(n * cols, 14);
+        for p in [
+            ActivationPrecision::F32,
+            ActivationPrecision::Int8,
+            ActivationPrecision::Int16,
+        ] {
+            let (mut oa, mut ob) = (vec![0f32; n * 600], vec![0f32; n * 200]);
+            matmul_multi(&[&a, &b], &x, n, &mut [&mut oa, &mut ob], p, Isa::detect());
+            assert_eq!(oa, run(&a, &x, n, p, Isa::detect()), "{p:?} n={n}");
+            assert_eq!(ob, run(&b, &x, n, p, Isa::detect()), "{p:?} n={n}");
+        }
+    }
 }
