@@ -120,7 +120,7 @@ fn main() -> anyhow::Result<()> {
             if argmax(q) == *t {
                 p_agree += 1;
             } else {
-                // How close the reference's own top two were where int8 chose differently.
+                // How close the reference's own top two were where the candidate chose differently.
                 let mut s = r.clone();
                 s.sort_by(|a, b| b.total_cmp(a));
                 worst_gap = worst_gap.max(s[0] - s[1]);
@@ -140,7 +140,7 @@ fn main() -> anyhow::Result<()> {
     dlp_all.sort_by(|a, b| a.total_cmp(b));
     let mean = dlp_all.iter().sum::<f32>() / dlp_all.len() as f32;
     println!(
-        "overall: argmax agree {agree}/{total} · |Δ logprob| of the chosen token: mean {mean:.4}, median {:.4}, p99 {:.4}, max {worst_lp:.4} · largest f32 top-2 gap where int8 disagreed {worst_gap:.4} · mean identical prefix {:.1}/{n}",
+        "overall: argmax agree {agree}/{total} · |Δ logprob| of the chosen token: mean {mean:.4}, median {:.4}, p99 {:.4}, max {worst_lp:.4} · largest f32 top-2 gap where the candidate disagreed {worst_gap:.4} · mean identical prefix {:.1}/{n}",
         dlp_all[dlp_all.len() / 2],
         dlp_all[dlp_all.len() * 99 / 100],
         prefix_sum as f64 / PROMPTS.len() as f64

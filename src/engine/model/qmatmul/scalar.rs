@@ -41,9 +41,9 @@ pub(super) fn dot_int(format: BlockFormat, w: &[u8], x: ActRow<'_>) -> f32 {
                     (&b[4..20], 0)
                 };
                 let mut isum = 0i32;
-                for i in 0..16 {
-                    isum += ((qs[i] & 0x0F) as i32 - offset) * xv(o + i);
-                    isum += ((qs[i] >> 4) as i32 - offset) * xv(o + i + 16);
+                for (i, &q) in qs.iter().enumerate() {
+                    isum += ((q & 0x0F) as i32 - offset) * xv(o + i);
+                    isum += ((q >> 4) as i32 - offset) * xv(o + i + 16);
                 }
                 let dot = f16_at(b, 0) * dx * isum as f32;
                 if format == BlockFormat::Q4_1 {
