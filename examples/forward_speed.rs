@@ -1,74 +1,171 @@
-//! Model-level speed: prefill and decode tokens/s of the forward alone (no HTTP, no sampling),
-//! for batch sizes 1, 4, 8. `cargo run --release --example forward_speed -- MODEL.gguf`
+//! Model-level speed of the forward alone (no HTTP, no sampling): prefill of a 128- and a
+//! 500-token prompt, and decode steps of 1, 4, 8 and 16 sequences, for each activation
+//! precision, interleaved so both see the same machine noise; medians over `--repeat` rounds.
+//!
+//! `cargo run --release --example forward_speed -- MODEL.gguf [--threads 2] [--repeat 3]
+//!  [--precision int8,f32] [--only prefill128,prefill500,decode1,decode4,decode8,decode16]
+//!  [--steps 32]`
+//!
+//! Thread settings mirror `adapterd serve --threads N`: candle's own pool at 1, our rayon pool
+//! at N, and the forward runs on a thread of that pool as the engine's does.
 
 use adapterd::engine::model::load::{load_gguf, load_hf_dir, read_gguf_header};
-use adapterd::engine::model::{SeqCache, SeqInput};
+use adapterd::engine::model::qmatmul::ActivationPrecision;
+use adapterd::engine::model::{Llama, SeqCache, SeqInput};
 use candle_core::Device;
 use std::time::Instant;
 
-fn main() -> anyhow::Result<()> {
-    // Run inside the rayon pool, as the engine thread does, so this thread works instead of waiting.
-    rayon::ThreadPoolBuilder::new().build()?.install(run)
+struct Args {
+    model: String,
+    threads: usize,
+    repeat: usize,
+    steps: usize,
+    precisions: Vec<ActivationPrecision>,
+    only: Vec<String>,
 }
 
-fn run() -> anyhow::Result<()> {
-    let path = std::env::args()
-        .nth(1)
-        .ok_or_else(|| anyhow::anyhow!("usage: forward_speed MODEL"))?;
-    let path = std::path::Path::new(&path);
-    let model = if path.is_dir() {
+const SCENARIOS: [&str; 6] = [
+    "prefill128",
+    "prefill500",
+    "decode1",
+    "decode4",
+    "decode8",
+    "decode16",
+];
+
+fn parse() -> anyhow::Result<Args> {
+    let mut a = Args {
+        model: String::new(),
+        threads: 2,
+        repeat: 3,
+        steps: 32,
+        precisions: vec![ActivationPrecision::Int8, ActivationPrecision::F32],
+        only: SCENARIOS.iter().map(|s| s.to_string()).collect(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = || {
+            it.next()
+                .ok_or_else(|| anyhow::anyhow!("{arg} needs a value"))
+        };
+        match arg.as_str() {
+            "--threads" => a.threads = val()?.parse()?,
+            "--repeat" => a.repeat = val()?.parse()?,
+            "--steps" => a.steps = val()?.parse()?,
+            "--precision" => {
+                a.precisions = val()?
+                    .split(',')
+                    .map(|p| p.parse().map_err(anyhow::Error::msg))
+                    .collect::<anyhow::Result<_>>()?
+            }
+            "--only" => a.only = val()?.split(',').map(str::to_string).collect(),
+            m if a.model.is_empty() && !m.starts_with("--") => a.model = m.to_string(),
+            other => anyhow::bail!("unknown argument {other}"),
+        }
+    }
+    if a.model.is_empty() {
+        anyhow::bail!("usage: forward_speed MODEL [--threads N] [--repeat N] [--steps N] [--precision int8,f32] [--only LIST]");
+    }
+    Ok(a)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse()?;
+    // As `adapterd serve` does before the first tensor op.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build()?
+        .install(|| run(&args))
+}
+
+/// Tokens per second of one scenario, one round.
+fn scenario(model: &Llama, name: &str, steps: usize) -> anyhow::Result<f64> {
+    let layers = model.cfg.num_layers;
+    let prompt: Vec<u32> = (0..500u32).map(|i| 100 + (i * 7) % 4000).collect();
+    if let Some(n) = name.strip_prefix("prefill") {
+        let n: usize = n.parse()?;
+        let mut cache = SeqCache::new(layers);
+        let t = Instant::now();
+        model.forward(&mut [SeqInput {
+            tokens: &prompt[..n],
+            cache: &mut cache,
+            all_logits: false,
+            adapter: None,
+        }])?;
+        return Ok(n as f64 / t.elapsed().as_secs_f64());
+    }
+    let batch: usize = name
+        .strip_prefix("decode")
+        .ok_or_else(|| anyhow::anyhow!("unknown scenario {name}"))?
+        .parse()?;
+    let mut caches: Vec<SeqCache> = (0..batch).map(|_| SeqCache::new(layers)).collect();
+    // A short prompt per sequence first, so attention has a cache to read.
+    for c in caches.iter_mut() {
+        model.forward(&mut [SeqInput {
+            tokens: &prompt[..16],
+            cache: c,
+            all_logits: false,
+            adapter: None,
+        }])?;
+    }
+    let tok = [200u32];
+    let t = Instant::now();
+    for _ in 0..steps {
+        let mut inputs: Vec<SeqInput> = caches
+            .iter_mut()
+            .map(|c| SeqInput {
+                tokens: &tok,
+                cache: c,
+                all_logits: false,
+                adapter: None,
+            })
+            .collect();
+        model.forward(&mut inputs)?;
+    }
+    Ok((steps * batch) as f64 / t.elapsed().as_secs_f64())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    let path = std::path::Path::new(&args.model);
+    let mut model = if path.is_dir() {
         load_hf_dir(path, &Device::Cpu)?
     } else {
         let (ct, mut f) = read_gguf_header(path)?;
         load_gguf(path, &ct, &mut f, &Device::Cpu)?
     };
-    let layers = model.cfg.num_layers;
-    // Prefill: one 128-token prompt.
-    let prompt: Vec<u32> = (0..128u32).map(|i| 100 + i * 7).collect();
-    let mut cache = SeqCache::new(layers);
-    let t = Instant::now();
-    model.forward(&mut [SeqInput {
-        tokens: &prompt,
-        cache: &mut cache,
-        all_logits: false,
-        adapter: None,
-    }])?;
     println!(
-        "prefill 128 tokens: {:.1} tok/s",
-        128.0 / t.elapsed().as_secs_f64()
+        "threads {} · repeat {} · steps {} · isa {:?}",
+        args.threads,
+        args.repeat,
+        args.steps,
+        adapterd::engine::model::qmatmul::Isa::detect()
     );
-    for batch in [1usize, 4, 8, 16] {
-        let mut caches: Vec<SeqCache> = (0..batch).map(|_| SeqCache::new(layers)).collect();
-        // A short prompt per sequence first.
-        for c in caches.iter_mut() {
-            model.forward(&mut [SeqInput {
-                tokens: &prompt[..16],
-                cache: c,
-                all_logits: false,
-                adapter: None,
-            }])?;
+    for name in &args.only {
+        let mut results: Vec<Vec<f64>> = vec![Vec::new(); args.precisions.len()];
+        for _ in 0..args.repeat {
+            for (p, res) in args.precisions.iter().zip(results.iter_mut()) {
+                model.set_activation_precision(*p);
+                res.push(scenario(&model, name, args.steps)?);
+            }
         }
-        let steps = 32;
-        let tok = [200u32];
-        let t = Instant::now();
-        for _ in 0..steps {
-            let mut inputs: Vec<SeqInput> = caches
-                .iter_mut()
-                .map(|c| SeqInput {
-                    tokens: &tok,
-                    cache: c,
-                    all_logits: false,
-                    adapter: None,
-                })
-                .collect();
-            model.forward(&mut inputs)?;
+        for (p, res) in args.precisions.iter().zip(results.iter_mut()) {
+            let all: Vec<String> = res.iter().map(|v| format!("{v:.1}")).collect();
+            println!(
+                "{name:>10} {:>5}: median {:7.1} tok/s  (runs: {})",
+                format!("{p:?}"),
+                median(res),
+                all.join(" ")
+            );
         }
-        let secs = t.elapsed().as_secs_f64();
-        println!(
-            "decode batch {batch:2}: {:.1} tok/s aggregate, {:.1} ms/step",
-            (steps * batch) as f64 / secs,
-            secs * 1000.0 / steps as f64
-        );
     }
     Ok(())
 }

@@ -1,32 +1,93 @@
-//! Micro-benchmark of the block matmul kernel alone (one 1536x576 matrix, 1 and 8 rows):
-//! `RAYON_NUM_THREADS=1 cargo run --release --example kernel_speed`.
-use adapterd::engine::model::qmatmul::QWeight;
+//! Micro-benchmark of the block matmul kernel alone: a 1536x576 matrix (the MLP's shape) at 1
+//! and 8 input rows, for every format, precision and instruction set this CPU has, on one
+//! thread: `cargo run --release --example kernel_speed [-- REPS [FILTER]]`. FILTER keeps only
+//! lines containing it (e.g. "Q4_1 n=8 Int8 Avx512Vnni"). Speeds come from the thread's CPU
+//! time, which — unlike wall time — does not count the slices other processes take on a shared
+//! machine; wall time is printed beside it.
+
+use adapterd::engine::model::qmatmul::{ActivationPrecision, Isa, QWeight};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use std::time::Instant;
-fn main() {
+
+fn main() -> anyhow::Result<()> {
+    let reps: usize = match std::env::args().nth(1) {
+        Some(s) => s.parse()?,
+        None => 2000,
+    };
+    let filter = std::env::args().nth(2).unwrap_or_default();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()?
+        .install(|| run(reps, &filter))
+}
+
+fn run(reps: usize, filter: &str) -> anyhow::Result<()> {
     let (rows, cols) = (1536usize, 576usize);
     let w: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0)
         .collect();
-    let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-    for dt in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-        let q = QTensor::quantize(&w, dt).unwrap();
-        let k = QWeight::from_qtensor(&q).unwrap().unwrap();
+    let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu)?;
+    let isas: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+        .into_iter()
+        .filter(|i| i.is_available())
+        .collect();
+    for dt in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        let q = QTensor::quantize(&w, dt)?;
+        let k = QWeight::from_qtensor(&q)?
+            .ok_or_else(|| anyhow::anyhow!("{dt:?} not covered by the kernel"))?;
         for n in [1usize, 8] {
-            let x: Vec<f32> = (0..n * cols).map(|i| (i % 7) as f32).collect();
+            let x: Vec<f32> = (0..n * cols).map(|i| (i % 7) as f32 - 3.0).collect();
             let mut out = vec![0f32; n * rows];
-            let reps = 2000;
-            let t = Instant::now();
-            for _ in 0..reps {
-                k.matmul_slice(&x, n, &mut out);
+            for p in [
+                ActivationPrecision::F32,
+                ActivationPrecision::Int8,
+                ActivationPrecision::Int16,
+            ] {
+                for &isa in &isas {
+                    // The f32 path has one SIMD kernel (AVX2); skip its duplicate row.
+                    if p == ActivationPrecision::F32 && isa == Isa::Avx512Vnni {
+                        continue;
+                    }
+                    let name = format!("{dt:?} n={n} {p:?} {isa:?}");
+                    if !name.contains(filter) {
+                        continue;
+                    }
+                    // The scalar paths are ~20x slower: fewer repetitions keep the run short.
+                    let reps = if isa == Isa::Scalar {
+                        reps / 20 + 1
+                    } else {
+                        reps
+                    };
+                    k.matmul_with(&x, n, &mut out, p, isa);
+                    let (t, c) = (Instant::now(), thread_cpu_secs());
+                    for _ in 0..reps {
+                        k.matmul_with(&x, n, &mut out, p, isa);
+                    }
+                    let s = (thread_cpu_secs() - c) / reps as f64;
+                    let wall = t.elapsed().as_secs_f64() / reps as f64;
+                    println!(
+                        "{dt:?} n={n} {:>5} {:>10}: {:8.1} us/call (wall {:8.1}), {:6.2} GMAC/s",
+                        format!("{p:?}"),
+                        format!("{isa:?}"),
+                        s * 1e6,
+                        wall * 1e6,
+                        (rows * cols * n) as f64 / s / 1e9
+                    );
+                }
             }
-            let s = t.elapsed().as_secs_f64() / reps as f64;
-            println!(
-                "{dt:?} n={n}: {:.1} us/call, {:.2} GMAC/s",
-                s * 1e6,
-                (rows * cols * n) as f64 / s / 1e9
-            );
         }
     }
+    Ok(())
+}
+
+/// CPU time consumed by this thread, in seconds.
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid pointer it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }

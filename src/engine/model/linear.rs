@@ -7,12 +7,12 @@ use std::sync::Arc;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor};
 
-use super::qmatmul::QWeight;
+use super::qmatmul::{self, ActivationPrecision, QWeight};
 
 /// How the frozen weight is stored and multiplied.
 #[derive(Debug, Clone)]
 pub enum Weight {
-    /// Q4_0/Q4_1/Q8_0 blocks through our f32-activation kernel.
+    /// Q4_0/Q4_1/Q8_0 blocks through our own kernel (`qmatmul`).
     Blocks(Arc<QWeight>),
     /// Anything else: candle's quantized matmul, or a dense tensor (`QMatMul::Tensor`).
     Candle(QMatMul),
@@ -69,15 +69,43 @@ impl Linear {
         }
     }
 
-    /// `xs`: [rows, in] -> [rows, out].
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `xs`: [rows, in] -> [rows, out]. `precision` applies to block weights (our kernel);
+    /// candle's own matmul ignores it.
+    pub fn forward(&self, xs: &Tensor, precision: ActivationPrecision) -> Result<Tensor> {
         let ys = match &self.weight {
-            Weight::Blocks(w) => w.forward(&xs.contiguous()?)?,
+            Weight::Blocks(w) => w.forward(&xs.contiguous()?, precision)?,
             Weight::Candle(w) => w.forward(xs)?,
         };
         match &self.bias {
             Some(b) => ys.broadcast_add(b),
             None => Ok(ys),
         }
+    }
+
+    /// Several projections of the same input (q/k/v, gate/up): block weights go through one
+    /// fused kernel call (activations quantized once, one parallel region), others one by one.
+    pub fn forward_many(
+        lins: &[&Linear],
+        xs: &Tensor,
+        precision: ActivationPrecision,
+    ) -> Result<Vec<Tensor>> {
+        let blocks: Option<Vec<&QWeight>> = lins
+            .iter()
+            .map(|l| match &l.weight {
+                Weight::Blocks(w) => Some(&**w),
+                Weight::Candle(_) => None,
+            })
+            .collect();
+        let Some(blocks) = blocks else {
+            return lins.iter().map(|l| l.forward(xs, precision)).collect();
+        };
+        let ys = qmatmul::forward_multi(&blocks, xs, precision)?;
+        ys.into_iter()
+            .zip(lins)
+            .map(|(y, l)| match &l.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            })
+            .collect()
     }
 }

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::cache::SeqCache;
 use super::config::ModelConfig;
 use super::linear::Linear;
+use super::qmatmul::ActivationPrecision;
 use crate::engine::lora::{LoraAdapter, Module};
 
 #[derive(Debug, Clone)]
@@ -47,6 +48,7 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    precision: ActivationPrecision,
 }
 
 /// One sequence's part of a forward step.
@@ -101,8 +103,9 @@ fn project(
     layer: usize,
     module: Module,
     groups: &[AdapterGroup],
+    precision: ActivationPrecision,
 ) -> Result<Tensor> {
-    let mut ys = lin.forward(xs)?;
+    let mut ys = lin.forward(xs, precision)?;
     for g in groups {
         let Some(pair) = g.adapter.layers.get(layer).and_then(|l| l.get(module)) else {
             continue;
@@ -112,6 +115,31 @@ fn project(
         ys = ys.index_add(&g.rows, &delta, 0)?;
     }
     Ok(ys)
+}
+
+/// [`project`] for several projections of the same input, their base matmuls fused.
+fn project_many<const N: usize>(
+    lins: [(&Linear, Module); N],
+    xs: &Tensor,
+    layer: usize,
+    groups: &[AdapterGroup],
+    precision: ActivationPrecision,
+) -> Result<[Tensor; N]> {
+    let bases = Linear::forward_many(&lins.map(|(l, _)| l), xs, precision)?;
+    let mut out = Vec::with_capacity(N);
+    for (mut ys, (_, module)) in bases.into_iter().zip(lins) {
+        for g in groups {
+            let Some(pair) = g.adapter.layers.get(layer).and_then(|l| l.get(module)) else {
+                continue;
+            };
+            let x = xs.index_select(&g.rows, 0)?;
+            let delta = (x.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * pair.scale)?;
+            ys = ys.index_add(&g.rows, &delta, 0)?;
+        }
+        out.push(ys);
+    }
+    out.try_into()
+        .map_err(|_| candle_core::Error::Msg("fused projection count".into()))
 }
 
 impl Llama {
@@ -133,7 +161,18 @@ impl Llama {
             cos,
             sin,
             device: device.clone(),
+            precision: ActivationPrecision::default(),
         })
+    }
+
+    /// How activations meet quantized weights in the forward (int16 by default: see
+    /// [`ActivationPrecision`]).
+    pub fn set_activation_precision(&mut self, precision: ActivationPrecision) {
+        self.precision = precision;
+    }
+
+    pub fn activation_precision(&self) -> ActivationPrecision {
+        self.precision
     }
 
     pub fn device(&self) -> &Device {
@@ -184,10 +223,25 @@ impl Llama {
             let h = self.attention(li, &layer.attn, &h, &cos, &sin, batch, &groups)?;
             let xs2 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&xs2, &layer.post_attn_norm, cfg.rms_norm_eps as f32)?;
-            let gate = project(&layer.mlp.gate_proj, &h, li, Module::Gate, &groups)?;
-            let up = project(&layer.mlp.up_proj, &h, li, Module::Up, &groups)?;
+            let [gate, up] = project_many(
+                [
+                    (&layer.mlp.gate_proj, Module::Gate),
+                    (&layer.mlp.up_proj, Module::Up),
+                ],
+                &h,
+                li,
+                &groups,
+                self.precision,
+            )?;
             let act = (candle_nn::ops::silu(&gate)? * up)?;
-            let h = project(&layer.mlp.down_proj, &act, li, Module::Down, &groups)?;
+            let h = project(
+                &layer.mlp.down_proj,
+                &act,
+                li,
+                Module::Down,
+                &groups,
+                self.precision,
+            )?;
             xs = (xs2 + h)?;
         }
         for s in batch.iter_mut() {
@@ -210,7 +264,9 @@ impl Llama {
         let rows = Tensor::from_vec(rows, n_rows, &self.device)?;
         let xs = xs.index_select(&rows, 0)?;
         let xs = candle_nn::ops::rms_norm(&xs, &self.norm, cfg.rms_norm_eps as f32)?;
-        self.lm_head.forward(&xs)?.to_dtype(DType::F32)
+        self.lm_head
+            .forward(&xs, self.precision)?
+            .to_dtype(DType::F32)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -228,12 +284,20 @@ impl Llama {
         let (rows, _) = xs.dims2()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let group = nh / nkv;
-        let q =
-            project(&attn.q_proj, xs, layer_idx, Module::Q, groups)?.reshape((rows, nh, 1, hd))?;
-        let k =
-            project(&attn.k_proj, xs, layer_idx, Module::K, groups)?.reshape((rows, nkv, 1, hd))?;
-        let v =
-            project(&attn.v_proj, xs, layer_idx, Module::V, groups)?.reshape((rows, nkv, hd))?;
+        let [q, k, v] = project_many(
+            [
+                (&attn.q_proj, Module::Q),
+                (&attn.k_proj, Module::K),
+                (&attn.v_proj, Module::V),
+            ],
+            xs,
+            layer_idx,
+            groups,
+            self.precision,
+        )?;
+        let q = q.reshape((rows, nh, 1, hd))?;
+        let k = k.reshape((rows, nkv, 1, hd))?;
+        let v = v.reshape((rows, nkv, hd))?;
         let q = candle_nn::rotary_emb::rope(&q.contiguous()?, cos, sin)?.reshape((rows, nh, hd))?;
         let k =
             candle_nn::rotary_emb::rope(&k.contiguous()?, cos, sin)?.reshape((rows, nkv, hd))?;
@@ -249,9 +313,10 @@ impl Llama {
             let k_s = k.narrow(0, offset, n)?.transpose(0, 1)?.contiguous()?;
             let v_s = v.narrow(0, offset, n)?.transpose(0, 1)?.contiguous()?;
             offset += n;
+            // Views of the preallocated cache, [nkv, len, hd] with a batch stride of its
+            // capacity: candle's matmul takes that stride as it is, so no per-step copy of the
+            // whole cache.
             let (k_all, v_all) = s.cache.append(layer_idx, &k_s, &v_s)?;
-            let k_all = k_all.contiguous()?;
-            let v_all = v_all.contiguous()?;
             let len = start + n;
             // Grouped-query attention without copying keys: the `group` query heads that share
             // a kv head are stacked along the row axis.
@@ -280,7 +345,14 @@ impl Llama {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        project(&attn.o_proj, &o, layer_idx, Module::O, groups)
+        project(
+            &attn.o_proj,
+            &o,
+            layer_idx,
+            Module::O,
+            groups,
+            self.precision,
+        )
     }
 }
 

@@ -1,0 +1,428 @@
+//! Integer kernels on x86 for int8 and int16 activations: AVX2 (`vpmaddubsw` + `vpmaddwd`) and AVX-512 VNNI
+//! (256-bit `vpdpbusd`, which multiplies unsigned by signed bytes and sums four products into
+//! each 32-bit lane without the 16-bit saturation of `vpmaddubsw`).
+//!
+//! Both multiply an unsigned weight operand by the signed activations, so each format is
+//! turned unsigned per block and the shift is paid back through the activation block sum:
+//! - Q4_1: nibbles q (0..15), w = d·q + m  →  Σw·x = d·dx·Σq·qx + m·sum
+//! - Q4_0: w = d·(q − 8)                   →  d·dx·Σq·qx − 8d·sum
+//! - Q8_0 on VNNI: u = w + 128 (a bit flip) →  d·dx·Σu·qx − 128d·sum
+//! - Q8_0 on AVX2: |w| times sign-moved activations (llama.cpp's trick): u + 128 would
+//!   overflow `vpmaddubsw`'s 16-bit pair sums.
+//!
+//! where sum = dx·Σqx. The weight block is unpacked once and reused for a tile of up to 8
+//! (VNNI) or 4 (AVX2) activation rows; the offset coefficients of up to 64 blocks are buffered
+//! and dotted with the block sums afterwards, so they add no dependency chain to the hot loop.
+
+use std::arch::x86_64::*;
+
+use super::{ActRow, BlockFormat, QuantRows, QK};
+
+/// Format as a const generic, so the per-block branches vanish from the hot loop.
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
+
+/// Blocks whose offset coefficients are buffered before being dotted with the block sums.
+const CHUNK: usize = 64;
+
+#[inline(always)]
+const fn block_bytes(f: u8) -> usize {
+    match f {
+        Q4_0 => 18,
+        Q4_1 => 20,
+        _ => 34,
+    }
+}
+
+/// The two f16 values at `p` (scale and, for Q4_1, min) converted with F16C. It loads 8 bytes
+/// (still inside the block: every format's block is at least 18 bytes) as one vector load: a
+/// scalar load here was merged by LLVM across the unrolled blocks into a slow `vpgatherqd`.
+#[inline(always)]
+unsafe fn f16x2(p: *const u8) -> (f32, f32) {
+    let v = _mm_cvtph_ps(_mm_loadl_epi64(p as *const __m128i));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+}
+
+/// The integer dot product of one weight block with one activation block at `x`, as 8 i32
+/// lanes (their sum is the block's). 8-bit: Σ u·x over groups of 4 bytes. 16-bit: the two
+/// halves of the block (`u` values 0-15, `ws` values 16-31, as i16) against 64 bytes of i16
+/// activations with `vpmaddwd` / `vpdpwssd`.
+#[inline(always)]
+unsafe fn idot<const F: u8, const VNNI: bool, const W16: bool>(
+    u: __m256i,
+    ws: __m256i,
+    x: *const u8,
+) -> __m256i {
+    if W16 {
+        let x0 = _mm256_loadu_si256(x as *const __m256i);
+        let x1 = _mm256_loadu_si256(x.add(32) as *const __m256i);
+        if VNNI {
+            _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(_mm256_setzero_si256(), u, x0), ws, x1)
+        } else {
+            _mm256_add_epi32(_mm256_madd_epi16(u, x0), _mm256_madd_epi16(ws, x1))
+        }
+    } else {
+        let x = _mm256_loadu_si256(x as *const __m256i);
+        if VNNI {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
+        } else {
+            let x = if F == Q8_0 {
+                _mm256_sign_epi8(x, ws)
+            } else {
+                x
+            };
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// Σ a[i]·b[i] over two equal-length slices.
+#[inline(always)]
+unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        acc = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+            acc,
+        );
+        i += 8;
+    }
+    let mut s = hsum(acc);
+    while i < n {
+        s += a[i] * b[i];
+        i += 1;
+    }
+    s
+}
+
+/// The weight operand of one block. 8-bit: the unsigned bytes in value order and, for
+/// AVX2's Q8_0, the signed bytes as sign source. 16-bit: values 0-15 and 16-31 as i16
+/// (Q4 unsigned 0..15, Q8_0 signed). Scales are read apart, in `tile`.
+#[inline(always)]
+unsafe fn weight_bytes<const F: u8, const VNNI: bool, const W16: bool>(
+    b: *const u8,
+) -> (__m256i, __m256i) {
+    match F {
+        Q4_0 | Q4_1 => {
+            let raw = _mm_loadu_si128(b.add(if F == Q4_1 { 4 } else { 2 }) as *const __m128i);
+            // Byte i holds value i in its low nibble and value i+16 in its high nibble.
+            let mask = _mm_set1_epi8(0x0F);
+            let (lo, hi) = (
+                _mm_and_si128(raw, mask),
+                _mm_and_si128(_mm_srli_epi16(raw, 4), mask),
+            );
+            if W16 {
+                (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
+            } else {
+                let u = _mm256_set_m128i(hi, lo);
+                (u, u)
+            }
+        }
+        _ => {
+            let w = _mm256_loadu_si256(b.add(2) as *const __m256i);
+            if W16 {
+                (
+                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)),
+                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1)),
+                )
+            } else if VNNI {
+                (_mm256_xor_si256(w, _mm256_set1_epi8(i8::MIN)), w)
+            } else {
+                (_mm256_abs_epi8(w), w)
+            }
+        }
+    }
+}
+
+/// Block `b` (index `k` within its chunk) of the weight row at `wp` into accumulator `a` of
+/// every row: per row one integer dot, one conversion and one FMA by the precomputed scale
+/// product. A function, not a closure: a closure would not inherit the caller's target
+/// features, and every intrinsic in it would become an out-of-line call.
+#[inline(always)]
+unsafe fn step<const F: u8, const VNNI: bool, const W16: bool, const R: usize, const A: usize>(
+    wp: *const u8,
+    b: usize,
+    k: usize,
+    a: usize,
+    rows: &[ActRow<'_>; R],
+    scale: &[[f32; CHUNK]; R],
+    acc: &mut [[__m256; A]; R],
+) {
+    let (u, ws) = weight_bytes::<F, VNNI, W16>(wp.add(b * block_bytes(F)));
+    for ((row, acc_r), sc) in rows.iter().zip(acc.iter_mut()).zip(scale) {
+        let x = if W16 {
+            row.q16.as_ptr().add(b * QK) as *const u8
+        } else {
+            row.q.as_ptr().add(b * QK) as *const u8
+        };
+        let i = idot::<F, VNNI, W16>(u, ws, x);
+        let s = _mm256_broadcast_ss(sc.get_unchecked(k));
+        acc_r[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, acc_r[a]);
+    }
+}
+
+/// Activation rows r0..r0+R against one weight row, with A accumulators per row (A·R chains
+/// hide the FMA latency when R is small). Per chunk of up to 64 blocks, a first pass reads the
+/// block scales and offset coefficients and forms the products d·dx for every row eight at a
+/// time, so the hot loop spends one FMA per row and block on scaling instead of a multiply
+/// and an FMA.
+#[inline(always)]
+unsafe fn tile<const F: u8, const VNNI: bool, const W16: bool, const R: usize, const A: usize>(
+    w: &[u8],
+    acts: &QuantRows,
+    cols: usize,
+    r0: usize,
+) -> [f32; R] {
+    let bb = block_bytes(F);
+    let nb = cols / QK;
+    debug_assert_eq!(w.len(), nb * bb);
+    debug_assert!(acts.q.len().max(acts.q16.len()) >= (r0 + R) * cols);
+    let rows: [_; R] = std::array::from_fn(|i| acts.row(r0 + i, cols));
+    let mut acc = [[_mm256_setzero_ps(); A]; R];
+    let mut off = [0f32; R];
+    // Left unzeroed: every pass writes the first `end - start` entries before reading them.
+    let mut dw = std::mem::MaybeUninit::<[f32; CHUNK]>::uninit();
+    let mut cw = std::mem::MaybeUninit::<[f32; CHUNK]>::uninit();
+    let mut scale = std::mem::MaybeUninit::<[[f32; CHUNK]; R]>::uninit();
+    let (dw, cw, scale) = (
+        dw.as_mut_ptr() as *mut f32,
+        cw.as_mut_ptr() as *mut f32,
+        &mut *scale.as_mut_ptr(),
+    );
+    let wp = w.as_ptr();
+    let mut start = 0;
+    while start < nb {
+        let end = (start + CHUNK).min(nb);
+        let len = end - start;
+        for k in 0..len {
+            let (d, m) = f16x2(wp.add((start + k) * bb));
+            *dw.add(k) = d;
+            *cw.add(k) = match F {
+                Q4_1 => m,
+                Q4_0 => -8.0 * d,
+                _ if VNNI && !W16 => -128.0 * d,
+                _ => 0.0,
+            };
+        }
+        let dw_s = std::slice::from_raw_parts(dw, len);
+        for (row, sc) in rows.iter().zip(scale.iter_mut()) {
+            mul_f32(dw_s, &row.d[start..end], sc.as_mut_ptr());
+        }
+        let mut b = start;
+        while b + A <= end {
+            for a in 0..A {
+                step::<F, VNNI, W16, R, A>(wp, b + a, b + a - start, a, &rows, scale, &mut acc);
+            }
+            b += A;
+        }
+        while b < end {
+            step::<F, VNNI, W16, R, A>(wp, b, b - start, 0, &rows, scale, &mut acc);
+            b += 1;
+        }
+        if F != Q8_0 || (VNNI && !W16) {
+            let cw_s = std::slice::from_raw_parts(cw, len);
+            for (o, row) in off.iter_mut().zip(rows.iter()) {
+                *o += dot_f32(cw_s, &row.sum[start..end]);
+            }
+        }
+        start = end;
+    }
+    let mut out = [0f32; R];
+    for ((o, acc_r), off) in out.iter_mut().zip(acc.iter()).zip(off) {
+        let mut s = acc_r[0];
+        for a in &acc_r[1..] {
+            s = _mm256_add_ps(s, *a);
+        }
+        *o = hsum(s) + off;
+    }
+    out
+}
+
+/// out[i] = a[i]·b[i] for i < a.len() (b at least as long).
+#[inline(always)]
+unsafe fn mul_f32(a: &[f32], b: &[f32], out: *mut f32) {
+    let n = a.len();
+    debug_assert!(b.len() >= n);
+    let mut i = 0;
+    while i + 8 <= n {
+        let v = _mm256_mul_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+        );
+        _mm256_storeu_ps(out.add(i), v);
+        i += 8;
+    }
+    while i < n {
+        *out.add(i) = a[i] * b[i];
+        i += 1;
+    }
+}
+
+/// All rows of `acts` (dst.len() of them) against one weight row, in tiles.
+#[inline(always)]
+unsafe fn dot_rows<const F: u8, const VNNI: bool, const W16: bool>(
+    w: &[u8],
+    acts: &QuantRows,
+    cols: usize,
+    dst: &mut [f32],
+) {
+    let n = dst.len();
+    let mut r = 0;
+    if VNNI {
+        // 8 accumulators plus the weight operand and temporaries fit the 32 AVX-512VL registers.
+        while r + 8 <= n {
+            dst[r..r + 8].copy_from_slice(&tile::<F, VNNI, W16, 8, 1>(w, acts, cols, r));
+            r += 8;
+        }
+    }
+    while r + 4 <= n {
+        dst[r..r + 4].copy_from_slice(&tile::<F, VNNI, W16, 4, 1>(w, acts, cols, r));
+        r += 4;
+    }
+    while r + 2 <= n {
+        dst[r..r + 2].copy_from_slice(&tile::<F, VNNI, W16, 2, 2>(w, acts, cols, r));
+        r += 2;
+    }
+    if r < n {
+        dst[r] = tile::<F, VNNI, W16, 1, 4>(w, acts, cols, r)[0];
+    }
+}
+
+/// AVX2 entry point. Safety: the CPU has AVX2, FMA and F16C; `acts` holds dst.len() rows of
+/// `cols` values and `w` one weight row of `cols` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_rows_avx2(
+    format: BlockFormat,
+    w: &[u8],
+    acts: &QuantRows,
+    cols: usize,
+    dst: &mut [f32],
+) {
+    match (format, acts.wide) {
+        (BlockFormat::Q4_0, false) => dot_rows::<Q4_0, false, false>(w, acts, cols, dst),
+        (BlockFormat::Q4_1, false) => dot_rows::<Q4_1, false, false>(w, acts, cols, dst),
+        (BlockFormat::Q8_0, false) => dot_rows::<Q8_0, false, false>(w, acts, cols, dst),
+        (BlockFormat::Q4_0, true) => dot_rows::<Q4_0, false, true>(w, acts, cols, dst),
+        (BlockFormat::Q4_1, true) => dot_rows::<Q4_1, false, true>(w, acts, cols, dst),
+        (BlockFormat::Q8_0, true) => dot_rows::<Q8_0, false, true>(w, acts, cols, dst),
+    }
+}
+
+/// AVX-512 VNNI entry point. Safety: as [`dot_rows_avx2`], plus AVX512-VNNI and AVX512-VL.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(super) unsafe fn dot_rows_vnni(
+    format: BlockFormat,
+    w: &[u8],
+    acts: &QuantRows,
+    cols: usize,
+    dst: &mut [f32],
+) {
+    match (format, acts.wide) {
+        (BlockFormat::Q4_0, false) => dot_rows::<Q4_0, true, false>(w, acts, cols, dst),
+        (BlockFormat::Q4_1, false) => dot_rows::<Q4_1, true, false>(w, acts, cols, dst),
+        (BlockFormat::Q8_0, false) => dot_rows::<Q8_0, true, false>(w, acts, cols, dst),
+        (BlockFormat::Q4_0, true) => dot_rows::<Q4_0, true, true>(w, acts, cols, dst),
+        (BlockFormat::Q4_1, true) => dot_rows::<Q4_1, true, true>(w, acts, cols, dst),
+        (BlockFormat::Q8_0, true) => dot_rows::<Q8_0, true, true>(w, acts, cols, dst),
+    }
+}
+
+/// Quantizes whole 32-value blocks of `x` into `q`, with per-block scale `d` and sum
+/// d·Σq; bit-identical to the scalar loop in `QuantRows::quantize` (same scale, same
+/// multiply, and `vcvtps2dq` rounds to nearest-even as the scalar trick does).
+/// Safety: the CPU has AVX2; `q` is as long as `x`, `d` and `sum` one per block.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32]) {
+    let nb = x.len() / QK;
+    debug_assert!(q.len() >= nb * QK && d.len() >= nb && sum.len() >= nb);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    for b in 0..nb {
+        let p = x.as_ptr().add(b * QK);
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+            _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let scale = amax / 127.0;
+        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        let i = v.map(|vk| _mm256_cvtps_epi32(_mm256_mul_ps(vk, inv)));
+        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        // The packs interleave 128-bit lanes; the permute puts the 32 bytes back in order.
+        let p01 = _mm256_packs_epi32(i[0], i[1]);
+        let p23 = _mm256_packs_epi32(i[2], i[3]);
+        let bytes = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(p01, p23),
+            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+        );
+        _mm256_storeu_si256(q.as_mut_ptr().add(b * QK) as *mut __m256i, bytes);
+        *d.get_unchecked_mut(b) = scale;
+        *sum.get_unchecked_mut(b) = scale * _mm_cvtsi128_si32(s) as f32;
+    }
+}
+
+/// As [`quantize_blocks`] to i16 (scale amax/32767), bit-identical to the scalar loop.
+/// Safety: the CPU has AVX2; `q` is as long as `x`, `d` and `sum` one per block.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_blocks16(x: &[f32], q: &mut [i16], d: &mut [f32], sum: &mut [f32]) {
+    let nb = x.len() / QK;
+    debug_assert!(q.len() >= nb * QK && d.len() >= nb && sum.len() >= nb);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    for b in 0..nb {
+        let p = x.as_ptr().add(b * QK);
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+            _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let scale = amax / 32767.0;
+        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        let i = v.map(|vk| _mm256_cvtps_epi32(_mm256_mul_ps(vk, inv)));
+        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        // packs interleaves 128-bit lanes; the 64-bit permute restores value order.
+        let out = q.as_mut_ptr().add(b * QK) as *mut __m256i;
+        _mm256_storeu_si256(
+            out,
+            _mm256_permute4x64_epi64(_mm256_packs_epi32(i[0], i[1]), 0b11_01_10_00),
+        );
+        _mm256_storeu_si256(
+            out.add(1),
+            _mm256_permute4x64_epi64(_mm256_packs_epi32(i[2], i[3]), 0b11_01_10_00),
+        );
+        *d.get_unchecked_mut(b) = scale;
+        *sum.get_unchecked_mut(b) = scale * _mm_cvtsi128_si32(s) as f32;
+    }
+}
