@@ -75,8 +75,11 @@ impl Application {
             let path = resolve_model_path(&s)?;
             tracing::info!(model = %path.display(), "loading model");
             let started = std::time::Instant::now();
-            let loaded = engine::load_model(&path, &Device::Cpu)
+            let mut loaded = engine::load_model(&path, &Device::Cpu)
                 .with_context(|| format!("loading model {}", path.display()))?;
+            loaded
+                .model
+                .set_activation_precision(s.activation_precision()?);
             tracing::info!(
                 model = %loaded.name,
                 layers = loaded.model.cfg.num_layers,

@@ -97,6 +97,8 @@ pub struct ModelSettings {
     pub name: String,
     pub cache_dir: String,
     pub threads: usize,
+    /// How quantized matmuls round activations: "int16" (default), "int8" or "f32".
+    pub activations: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -288,6 +290,7 @@ impl Settings {
             }
         }
         self.metrics_addr()?;
+        self.activation_precision()?;
         if sv.shutdown_grace_seconds > 3600 {
             bail!("server.shutdown_grace_seconds must be at most 3600");
         }
@@ -317,6 +320,16 @@ impl Settings {
                 self.server.bind
             )
         })
+    }
+
+    /// `model.activations` as the kernel's setting.
+    pub fn activation_precision(
+        &self,
+    ) -> anyhow::Result<crate::engine::model::qmatmul::ActivationPrecision> {
+        self.model
+            .activations
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("model.activations: {e}"))
     }
 
     /// Where `/metrics` gets its own listener, if `server.metrics_bind` is set.

@@ -2,7 +2,7 @@
 //! y = x·Wᵀ, each weight block unpacked once per tile of input rows, parallel over output rows.
 //!
 //! Three precisions ([`ActivationPrecision`]):
-//! - `Int16` (default) and `Int8`: each activation row is quantized once per matmul per
+//! - `Int16` and `Int8`: each activation row is quantized once per matmul per
 //!   32-value block (an f32 scale per block, plus the block's sum), and the dot products run
 //!   on integers — `vpdpwssd`/`vpdpbusd` with AVX-512 VNNI, `vpmaddwd`(+`vpmaddubsw`) with
 //!   AVX2. Int8 is what llama.cpp does; int16 has 1/258 of its rounding error for one more
@@ -10,6 +10,7 @@
 //!   BENCHMARKS.md ("Decode kernels").
 //! - `F32`: activations stay f32 and blocks are unpacked to f32 (AVX2+FMA): the exact path,
 //!   equal to x·Wᵀ on the dequantized weights up to summation order.
+//! - `Auto` (default): int16 for a few rows (decode), f32 for many (batched decode, prefill).
 //!
 //! Why our own kernel rather than candle's `QMatMul`: candle 0.11's Q4_1 dot product is scalar,
 //! it re-reads every weight block for every row of a batch, and its activation blocks carry f16
@@ -68,18 +69,37 @@ impl BlockFormat {
 
 /// What the activations are multiplied as. Measured on the default model (BENCHMARKS.md,
 /// "Decode kernels"): `Int16` keeps the output of the exact path (PEFT reference tokens
-/// 12/12) at most of int8's speed, so it is the default; `Int8` is llama.cpp's scheme, the
-/// fastest, and moves near-tied greedy choices.
+/// 12/12) and is 1.6-1.7x the f32 path for one row, but from about four rows on the f32 path
+/// is as fast or faster (the float work per row and block dominates there, and int16 adds
+/// integer work on top); `Auto`, the default, takes the faster of the two exact-enough paths
+/// per call. `Int8` is llama.cpp's scheme, the fastest, and moves near-tied greedy choices.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ActivationPrecision {
+    /// `Int16` for fewer than [`AUTO_F32_FROM_ROWS`] input rows, `F32` from there on.
+    #[default]
+    Auto,
     /// int8 per 32-value block with an f32 scale (llama.cpp's scheme); integer dot products.
     Int8,
     /// int16 per 32-value block with an f32 scale: integer dot products (`vpmaddwd`,
     /// `vpdpwssd`) with 1/258 of int8's rounding error.
-    #[default]
     Int16,
     /// f32 activations against f32-unpacked blocks: the exact path.
     F32,
+}
+
+/// Where `Auto` switches from int16 to f32 activations (decode of 1, 4, 8, 16 sequences and
+/// 128/500-token prefills measured side by side; from 4 rows f32 was at least as fast).
+pub const AUTO_F32_FROM_ROWS: usize = 4;
+
+impl ActivationPrecision {
+    /// The concrete precision for a matmul over `n` input rows.
+    pub fn for_rows(self, n: usize) -> Self {
+        match self {
+            Self::Auto if n < AUTO_F32_FROM_ROWS => Self::Int16,
+            Self::Auto => Self::F32,
+            p => p,
+        }
+    }
 }
 
 impl std::str::FromStr for ActivationPrecision {
@@ -87,11 +107,12 @@ impl std::str::FromStr for ActivationPrecision {
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
+            "auto" => Ok(Self::Auto),
             "int8" => Ok(Self::Int8),
             "int16" => Ok(Self::Int16),
             "f32" => Ok(Self::F32),
             _ => Err(format!(
-                "activation precision {s:?}: expected \"int8\", \"int16\" or \"f32\""
+                "activation precision {s:?}: expected \"auto\", \"int8\", \"int16\" or \"f32\""
             )),
         }
     }
@@ -407,10 +428,12 @@ pub fn matmul_multi(
     } else {
         Isa::detect()
     };
-    match precision {
-        ActivationPrecision::F32 => par_rows(ws, &outs, n, |f, w, dst| {
-            dot_rows_f32(f, w, x, cols, dst, isa)
-        }),
+    match precision.for_rows(n) {
+        ActivationPrecision::Auto | ActivationPrecision::F32 => {
+            par_rows(ws, &outs, n, |f, w, dst| {
+                dot_rows_f32(f, w, x, cols, dst, isa)
+            })
+        }
         ActivationPrecision::Int8 | ActivationPrecision::Int16 => QUANT_ROWS.with(|cell| {
             // A matmul never nests inside another on one thread, so the borrow is free; if
             // it ever were taken, fall back to a fresh buffer rather than panic.
@@ -420,7 +443,8 @@ pub fn matmul_multi(
                 Ok(a) => a,
                 Err(_) => &mut fresh,
             };
-            acts.quantize(x, cols, isa, precision == ActivationPrecision::Int16);
+            let int16 = precision.for_rows(n) == ActivationPrecision::Int16;
+            acts.quantize(x, cols, isa, int16);
             let acts = &*acts;
             par_rows(ws, &outs, n, |f, w, dst| {
                 dot_rows_int(f, w, acts, cols, dst, isa)
