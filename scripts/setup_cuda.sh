@@ -57,8 +57,10 @@ CU="$SITE/nvidia/cu13"
 #    names the linker wants (-lcudart -> libcudart.so), which the wheels do not ship.
 mkdir -p "$ROOT/lib64/stubs"
 for d in bin include nvvm; do ln -sfn "$CU/$d" "$ROOT/$d"; done
+#    The sonames too, so that ld can follow libcublas.so.13's own DT_NEEDED (libcublasLt.so.13).
 for l in cudart:13 cublas:13 cublasLt:13 nvrtc:13 curand:10; do
   ln -sfn "$CU/lib/lib${l%%:*}.so.${l##*:}" "$ROOT/lib64/lib${l%%:*}.so"
+  ln -sfn "$CU/lib/lib${l%%:*}.so.${l##*:}" "$ROOT/lib64/lib${l%%:*}.so.${l##*:}"
 done
 
 # 3. libcuda (the driver API) comes with the NVIDIA driver, not with any wheel, and candle
