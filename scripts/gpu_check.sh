@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# The one prepared check for a lent GPU machine (issue 8, "verify on a device"). That machine has
+# no Rust toolchain and no network: build here with `scripts/setup_cuda.sh --build`, then carry
+# the release binary, the model file and this script, and run it there. It finishes in about
+# 8 minutes at most and writes under $OUT: gpu_check.log, status.txt, bench_gpu.json,
+# completions_{gpu,cpu}.jsonl, server_gpu.log, and all.tar.gz with every file (the device tool
+# returns at most 8 files).
+#
+#   OUT=/tmp/out BIN=target/release/adapterd MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf \
+#       scripts/gpu_check.sh
+#
+# Getting the files there: the device tool carries at most 64 MiB per call (working tree + carry),
+# and the binary (~76 MB stripped) and the model (98 MB) are bigger. So, here:
+#   BIN=target/release/adapterd MODEL=/work/models/SmolLM2-135M-Instruct.Q4_1.gguf \
+#       scripts/gpu_check.sh --pack          # -> .gpucarry/1 (adapterd.gz + model part), .gpucarry/2
+# then two device calls back to back (the machine must still be warm for the second):
+#   run(carry=[".gpucarry/1"], command="scripts/gpu_check.sh --stash")
+#   run(carry=[".gpucarry/2"], command="scripts/gpu_check.sh", timeout_s=540)
+# --stash copies the pieces to /tmp/adapterd-carry; the plain run stashes what it has, joins the
+# pieces, checks SHA256SUMS and uses /tmp/adapterd-carry/{adapterd,model.gguf} unless BIN/MODEL
+# are set.
+#
+# What it does:
+#   1. nvidia-smi (device, driver, compute capability).
+#   2. LD_LIBRARY_PATH from the Python environment's NVIDIA packages (site-packages/nvidia/cu13/lib
+#      for CUDA 13 wheels, nvidia/*/lib for older per-library wheels); `ldd` must resolve all.
+#   3. Serves on the GPU, runs greedy completions (with logprobs), checks the process holds GPU
+#      memory, and runs the benchmark harness at 1, 8 and 32 concurrent streams.
+#   4. Serves on the CPU, runs the same completions, and compares: greedy tokens equal, logprobs
+#      within LOGPROB_TOL.
+#
+# ASSUMPTIONS, for code that was not on main when this was written (override with env vars):
+#   - device selection: a `--device` flag on `adapterd serve` (config key `model.device`),
+#     "cpu" | "cuda:N" | "auto". GPU_ARGS / CPU_ARGS hold the flags used for each server.
+#   - the benchmark harness: `adapterd bench --url URL --concurrency 1,8,32 --out FILE`
+#     (another engineer is adding this subcommand). BENCH_ARGS adds flags, e.g. for the
+#     with-adapters run the issue also asks for.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PACK=".gpucarry"
+STASH="/tmp/adapterd-carry"
+
+if [[ "${1:-}" == --pack ]]; then      # here: split binary + model into two carries of < 64 MiB
+  BIN="${BIN:-target/release/adapterd}"
+  MODEL="${MODEL:-/work/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+  rm -rf "$PACK"; mkdir -p "$PACK/1" "$PACK/2"
+  strip -o "$PACK/adapterd" "$BIN"
+  gzip -9 -c "$PACK/adapterd" > "$PACK/1/adapterd.gz"
+  split -b 40M -d "$MODEL" "$PACK/model.gguf.part-"
+  mv "$PACK/model.gguf.part-00" "$PACK/1/"; mv "$PACK"/model.gguf.part-* "$PACK/2/"
+  (cd "$PACK" && sha256sum adapterd) > "$PACK/2/SHA256SUMS"
+  (cd "$(dirname "$MODEL")" && sha256sum "$(basename "$MODEL")") | sed 's/ [^ ]*$/ model.gguf/' >> "$PACK/2/SHA256SUMS"
+  rm "$PACK/adapterd"
+  du -sh "$PACK"/1 "$PACK"/2
+  exit 0
+fi
+stash() { mkdir -p "$STASH"; for d in "$PACK"/1 "$PACK"/2; do [[ -d "$d" ]] && cp -f "$d"/* "$STASH"/; done; return 0; }
+if [[ "${1:-}" == --stash ]]; then stash; ls -la "$STASH"; exit 0; fi
+stash
+if [[ -z "${BIN:-}" && -z "${MODEL:-}" && -f "$STASH/SHA256SUMS" && -f "$STASH/adapterd.gz" ]]; then
+  gzip -dc "$STASH/adapterd.gz" > "$STASH/adapterd" && chmod +x "$STASH/adapterd"
+  cat "$STASH"/model.gguf.part-* > "$STASH/model.gguf"
+  (cd "$STASH" && sha256sum -c SHA256SUMS) || { echo "FAIL: carried pieces do not match SHA256SUMS" >&2; exit 1; }
+  BIN="$STASH/adapterd"; MODEL="$STASH/model.gguf"
+fi
+
+OUT="${OUT:-/tmp/adapterd-gpu-check}"
+BIN="${BIN:-target/release/adapterd}"
+MODEL="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+GPU_ARGS="${GPU_ARGS:---device cuda:0}"
+CPU_ARGS="${CPU_ARGS:---device cpu}"
+BENCH_ARGS="${BENCH_ARGS:-}"
+CONCURRENCY="${CONCURRENCY:-1,8,32}"
+MAX_TOKENS="${MAX_TOKENS:-32}"
+LOGPROB_TOL="${LOGPROB_TOL:-0.05}"
+GPU_PORT="${GPU_PORT:-18601}"
+CPU_PORT="${CPU_PORT:-18602}"
+
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+WORK="$(mktemp -d /tmp/adapterd-gpu-check.XXXXXX)"
+# Only 8 files come back from $OUT: details go to $RES, then the main ones and a tarball of all.
+RES="$WORK/res"; mkdir -p "$RES"
+START=$(date +%s)
+SERVER_PID=""
+STATUS="$RES/status.txt"
+: > "$STATUS"
+note() { echo "$*" | tee -a "$STATUS"; }
+elapsed() { echo "$(( $(date +%s) - START ))s"; }
+
+stop_server() {
+  if [[ -n "$SERVER_PID" ]]; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 20); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.5; done
+    kill -9 "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+  fi
+}
+finish() {
+  stop_server
+  for f in status.txt bench_gpu.json completions_gpu.jsonl completions_cpu.jsonl server_gpu.log; do
+    [[ -f "$RES/$f" ]] && cp "$RES/$f" "$OUT/"
+  done
+  tar czf "$OUT/all.tar.gz" -C "$RES" . 2>/dev/null || true
+  rm -rf "$WORK"; echo "finished after $(elapsed); results in $OUT"
+}
+trap finish EXIT
+
+echo "== adapterd GPU check, $(date -u +%FT%TZ), on $(hostname)"
+[[ -x "$BIN" ]] || { note "FAIL: binary $BIN missing"; exit 1; }
+[[ -f "$MODEL" ]] || { note "FAIL: model $MODEL missing"; exit 1; }
+
+# 1. The device.
+echo "== nvidia-smi"
+timeout 30 nvidia-smi | tee "$RES/nvidia-smi.txt" || note "WARN: nvidia-smi failed"
+timeout 30 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv \
+  | tee "$RES/gpu.csv" || true
+
+# 2. The CUDA 13 libraries from the Python environment (libcuda.so.1 comes with the driver).
+libdirs=""
+for py in python3 python; do
+  command -v "$py" >/dev/null || continue
+  nv="$("$py" -c 'import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))' 2>/dev/null || true)"
+  [[ -n "$nv" ]] && break
+done
+for d in ${nv:+$nv/nvidia/cu13/lib $nv/nvidia/*/lib} /usr/local/lib/python3*/*-packages/nvidia/cu13/lib \
+         /usr/local/cuda/lib64; do
+  [[ -d "$d" ]] && libdirs="${libdirs:+$libdirs:}$d"
+done
+export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee "$RES/env.txt"
+ldd "$BIN" | tee "$RES/ldd.txt"
+if grep -q 'not found' "$RES/ldd.txt"; then note "FAIL: unresolved libraries (see ldd.txt)"; exit 1; fi
+"$BIN" --version | tee -a "$RES/env.txt"
+
+# start_server NAME PORT ARGS...: start `adapterd serve`, wait for /ready (120 s).
+start_server() {
+  local name="$1" port="$2"; shift 2
+  mkdir -p "$WORK/$name"
+  echo "== serve ($name): $BIN serve --model $MODEL --bind 127.0.0.1:$port $*"
+  "$BIN" serve --model "$MODEL" --bind "127.0.0.1:$port" \
+    --database-url "sqlite://$WORK/$name/adapterd.db" --adapters-dir "$WORK/$name/adapters" "$@" \
+    > "$RES/server_$name.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 240); do
+    if curl -fsS --max-time 2 "http://127.0.0.1:$port/ready" > "$RES/ready_$name.json" 2>/dev/null; then
+      echo "ready after $(elapsed): $(cat "$RES/ready_$name.json")"; return 0
+    fi
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+      note "FAIL: $name server exited; last log lines:"; tail -20 "$RES/server_$name.log"; SERVER_PID=""; return 1
+    fi
+    sleep 0.5
+  done
+  note "FAIL: $name server not ready in 120 s"; tail -20 "$RES/server_$name.log"; return 1
+}
+
+# completions NAME PORT: greedy completions with logprobs, one JSON line per prompt.
+PROMPTS=(
+  "The capital of France is"
+  "def fibonacci(n):"
+  "Once upon a time, in a small village,"
+  "The three primary colors are"
+  "Water boils at a temperature of"
+)
+completions() {
+  local name="$1" port="$2" model
+  model="$(curl -fsS --max-time 10 "http://127.0.0.1:$port/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')" || return 1
+  : > "$RES/completions_$name.jsonl"
+  for p in "${PROMPTS[@]}"; do
+    python3 -c 'import json,sys; print(json.dumps({"model": sys.argv[1], "prompt": sys.argv[2], "max_tokens": int(sys.argv[3]), "temperature": 0, "logprobs": 1}))' \
+      "$model" "$p" "$MAX_TOKENS" \
+      | curl -fsS --max-time 60 -H 'content-type: application/json' -d @- "http://127.0.0.1:$port/v1/completions" \
+      >> "$RES/completions_$name.jsonl" || return 1
+    echo >> "$RES/completions_$name.jsonl"
+  done
+  echo "$name completions done after $(elapsed)"
+}
+
+# 3. GPU: serve, completions, memory check, benchmark.
+gpu_ok=0
+if start_server gpu "$GPU_PORT" $GPU_ARGS; then
+  gpu_ok=1
+  timeout 30 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv \
+    | tee "$RES/gpu_processes.csv" || true
+  grep -q "^$SERVER_PID," "$RES/gpu_processes.csv" 2>/dev/null \
+    && note "OK: server pid $SERVER_PID holds GPU memory" \
+    || note "WARN: server pid $SERVER_PID not listed by nvidia-smi (running on the CPU?)"
+  completions gpu "$GPU_PORT" || { note "FAIL: GPU completions"; gpu_ok=0; }
+  grep -iE 'device|cuda' "$RES/server_gpu.log" | head -5 || true
+  echo "== bench (gpu)"
+  # shellcheck disable=SC2086
+  if timeout 240 "$BIN" bench --url "http://127.0.0.1:$GPU_PORT" --concurrency "$CONCURRENCY" \
+       --out "$RES/bench_gpu.json" $BENCH_ARGS > "$RES/bench_gpu.log" 2>&1; then
+    note "OK: bench written to bench_gpu.json"; tail -20 "$RES/bench_gpu.log"
+  else
+    note "FAIL: bench (rc=$?), see bench_gpu.log"; tail -20 "$RES/bench_gpu.log"
+  fi
+  stop_server
+fi
+
+# 4. CPU: the same completions, then compare.
+if start_server cpu "$CPU_PORT" $CPU_ARGS; then
+  completions cpu "$CPU_PORT" || note "FAIL: CPU completions"
+  stop_server
+fi
+if [[ $gpu_ok = 1 && -s "$RES/completions_cpu.jsonl" ]]; then
+  python3 - "$RES/completions_gpu.jsonl" "$RES/completions_cpu.jsonl" "$LOGPROB_TOL" <<'PY' | tee -a "$STATUS"
+import json, sys
+gpu, cpu = ([json.loads(l) for l in open(f) if l.strip()] for f in sys.argv[1:3])
+tol = float(sys.argv[3])
+bad = 0
+for i, (g, c) in enumerate(zip(gpu, cpu)):
+    gl, cl = g["choices"][0]["logprobs"], c["choices"][0]["logprobs"]
+    gt, ct = gl["tokens"], cl["tokens"]
+    same = next((k for k, (a, b) in enumerate(zip(gt, ct)) if a != b), min(len(gt), len(ct)))
+    n = min(len(gt), len(ct))
+    # logprobs compared only over the common greedy prefix (after a divergence they condition on different text)
+    d = max((abs(a - b) for a, b in zip(gl["token_logprobs"][:same], cl["token_logprobs"][:same])
+             if a is not None and b is not None), default=0.0)
+    ok = gt == ct and d <= tol
+    bad += not ok
+    print(f"prompt {i}: {'OK' if ok else 'MISMATCH'} tokens equal {same}/{n}, max |dlogprob| {d:.4f}")
+    if gt != ct:
+        print(f"  gpu: {g['choices'][0]['text']!r}\n  cpu: {c['choices'][0]['text']!r}")
+print(f"{'OK' if bad == 0 else 'FAIL'}: GPU vs CPU greedy agreement, {len(gpu) - bad}/{len(gpu)} prompts (tol {tol})")
+PY
+else
+  note "FAIL: no GPU/CPU comparison (a server or its completions failed)"
+fi
+
+echo "== summary (status.txt)"
+cat "$STATUS"
+! grep -q '^FAIL' "$STATUS"
