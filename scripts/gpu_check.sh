@@ -126,7 +126,7 @@ for py in python3 python; do
   [[ -n "$nv" ]] && break
 done
 for d in ${nv:+$nv/nvidia/cu13/lib $nv/nvidia/*/lib} /usr/local/lib/python3*/*-packages/nvidia/cu13/lib \
-         /usr/local/cuda/lib64; do
+         /usr/local/cuda/lib64 /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
   [[ -d "$d" ]] && libdirs="${libdirs:+$libdirs:}$d"
 done
 export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
