@@ -16,10 +16,13 @@
 //! - [`scaling`]: Chinchilla / Kaplan / inference-aware formulas, pure functions.
 //! - [`metrics`]: metric names as consts, described once; the Prometheus recorder.
 //! - [`app`]: `Application::build(settings)` binds, loads, and runs the server.
+//! - [`bench`]: `adapterd bench`, the benchmark harness (an HTTP client of any OpenAI-compatible
+//!   server).
 
 pub mod adapters;
 pub mod api;
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod finetune_cli;
