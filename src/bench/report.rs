@@ -180,8 +180,16 @@ pub fn render_cold(label: &str, c: &ColdReport) -> String {
     s
 }
 
-/// llama-bench's `-o json` rows as (test name such as `pp500`/`tg128`, tokens/s, stddev).
-pub fn llama_bench_rows(v: &Value) -> Vec<(String, f64, f64)> {
+/// One llama-bench test: `pp500` (prompt processing) or `tg128` (generation), tokens/s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchRow {
+    pub test: String,
+    pub tokens_per_s: f64,
+    pub stddev: f64,
+}
+
+/// llama-bench's `-o json` rows.
+pub fn llama_bench_rows(v: &Value) -> Vec<BenchRow> {
     let mut out = Vec::new();
     for t in v.as_array().into_iter().flatten() {
         let n_prompt = t.get("n_prompt").and_then(Value::as_u64).unwrap_or(0);
@@ -197,7 +205,11 @@ pub fn llama_bench_rows(v: &Value) -> Vec<(String, f64, f64)> {
             (0, g) if g > 0 => format!("tg{g}"),
             (p, g) => format!("pp{p}+tg{g}"),
         };
-        out.push((name, ts, sd));
+        out.push(BenchRow {
+            test: name,
+            tokens_per_s: ts,
+            stddev: sd,
+        });
     }
     out
 }
@@ -230,7 +242,7 @@ pub struct Comparison {
     pub ours: String,
     pub peer: String,
     pub ratios: Vec<RatioRow>,
-    pub llama_bench: Vec<(String, f64, f64)>,
+    pub llama_bench: Vec<BenchRow>,
     pub targets: Vec<TargetRow>,
 }
 
@@ -302,7 +314,7 @@ fn at_least(target: &str, measured: String, value: Option<f64>, goal: f64) -> Ta
 }
 
 /// Issue 7's targets from the rows present (a target whose rows were not run says so).
-fn targets(ours: &RunReport, peer: &RunReport, lb: &[(String, f64, f64)]) -> Vec<TargetRow> {
+fn targets(ours: &RunReport, peer: &RunReport, lb: &[BenchRow]) -> Vec<TargetRow> {
     let (on, pn) = (&ours.label, &peer.label);
     let mut prompts: Vec<usize> = ours
         .scenarios
@@ -332,7 +344,12 @@ fn targets(ours: &RunReport, peer: &RunReport, lb: &[(String, f64, f64)]) -> Vec
         v,
         1.0,
     ));
-    if let Some((name, tg, _)) = lb.iter().find(|(n, _, _)| n.starts_with("tg")) {
+    if let Some(BenchRow {
+        test: name,
+        tokens_per_s: tg,
+        ..
+    }) = lb.iter().find(|r| r.test.starts_with("tg"))
+    {
         let v = ratio(od, Some(*tg));
         out.push(at_least(
             &format!("single-stream decode ≥ 1.0× llama-bench {name}"),
@@ -344,10 +361,10 @@ fn targets(ours: &RunReport, peer: &RunReport, lb: &[(String, f64, f64)]) -> Vec
     let ope = ours.find(Mode::Base, long, 1).and_then(prefill_est);
     let pp = lb
         .iter()
-        .find(|(n, _, _)| *n == format!("pp{long}"))
-        .or_else(|| lb.iter().find(|(n, _, _)| n.starts_with("pp")));
+        .find(|r| r.test == format!("pp{long}"))
+        .or_else(|| lb.iter().find(|r| r.test.starts_with("pp")));
     let (ref_name, ref_v) = match pp {
-        Some((n, v, _)) => (format!("llama-bench {n}"), Some(*v)),
+        Some(r) => (format!("llama-bench {}", r.test), Some(r.tokens_per_s)),
         None => (
             format!("{pn} prompt/TTFT"),
             peer.find(Mode::Base, long, 1).and_then(prefill_est),
@@ -448,8 +465,12 @@ pub fn render_comparison(c: &Comparison) -> String {
     if !c.llama_bench.is_empty() {
         let _ = writeln!(s, "\nllama-bench (same model file and threads):\n");
         let _ = writeln!(s, "| test | tok/s |\n|---|---|");
-        for (name, ts, sd) in &c.llama_bench {
-            let _ = writeln!(s, "| {name} | {ts:.1} ± {sd:.1} |");
+        for r in &c.llama_bench {
+            let _ = writeln!(
+                s,
+                "| {} | {:.1} ± {:.1} |",
+                r.test, r.tokens_per_s, r.stddev
+            );
         }
     }
     let _ = writeln!(s, "\nIssue 7 targets:\n");
@@ -463,4 +484,172 @@ pub fn render_comparison(c: &Comparison) -> String {
         let _ = writeln!(s, "| {} | {} | {verdict} |", t.target, t.measured);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(mode: Mode, p: usize, c: usize, agg: f64, decode: f64, ttft_ms: f64) -> ScenarioReport {
+        let scenario = Scenario {
+            mode,
+            prompt_tokens: p,
+            concurrency: c,
+            requests_per_stream: 1,
+        };
+        ScenarioReport {
+            id: scenario.id(),
+            scenario,
+            summary: Summary {
+                requests: c,
+                ok: c,
+                failed: 0,
+                short: 0,
+                failures: BTreeMap::new(),
+                prompt_tokens_p50: Some(p as f64),
+                ttft_ms_p50: Some(ttft_ms),
+                ttft_ms_p99: Some(ttft_ms),
+                decode_tps_per_stream_p50: Some(decode),
+                aggregate_tps: agg,
+                generated_tokens: 128 * c,
+                wall_s: 1.0,
+            },
+            peak_rss: Some(Peak {
+                mib: 200.0,
+                exact: true,
+            }),
+        }
+    }
+
+    fn run(label: &str, scenarios: Vec<ScenarioReport>, cold: Option<ColdReport>) -> RunReport {
+        RunReport {
+            label: label.into(),
+            api: Api::Openai,
+            url: String::new(),
+            base_model: None,
+            date_utc: String::new(),
+            load_average_before: None,
+            load_average_after: None,
+            max_tokens: 128,
+            server_pid: None,
+            scenarios,
+            cold,
+            peak_rss_mib: None,
+            wall_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn ratios_use_the_peers_base_row_and_targets_are_judged() {
+        let cold = ColdReport {
+            truly_cold: true,
+            prompt_tokens: 16,
+            pairs: Vec::new(),
+            added_ms_p50: Some(12.0),
+            base_ttft_ms_p50: None,
+            adapter_ttft_ms_p50: None,
+            failed: 0,
+            failures: BTreeMap::new(),
+        };
+        let ours = run(
+            "ours",
+            vec![
+                row(Mode::Base, 16, 1, 60.0, 100.0, 50.0),
+                row(Mode::Base, 16, 8, 300.0, 40.0, 80.0),
+                row(Mode::NAdapters, 16, 8, 240.0, 30.0, 90.0),
+                row(Mode::Base, 500, 1, 50.0, 90.0, 2000.0),
+            ],
+            Some(cold),
+        );
+        let peer = run(
+            "peer",
+            vec![
+                row(Mode::Base, 16, 1, 70.0, 110.0, 40.0),
+                row(Mode::Base, 16, 8, 170.0, 22.0, 100.0),
+                row(Mode::Base, 500, 1, 60.0, 100.0, 1800.0),
+            ],
+            None,
+        );
+        // llama-bench -o json rows (abridged).
+        let lb = serde_json::json!([
+            {"n_prompt": 500, "n_gen": 0, "avg_ts": 312.5, "stddev_ts": 4.0},
+            {"n_prompt": 0, "n_gen": 128, "avg_ts": 112.0, "stddev_ts": 1.5}
+        ]);
+        let c = compare(&ours, &peer, Some(&lb));
+        let n8 = c
+            .ratios
+            .iter()
+            .find(|r| r.id == "n-adapters/p16/c8")
+            .unwrap();
+        assert!((n8.aggregate.unwrap() - 240.0 / 170.0).abs() < 1e-9);
+        assert!((n8.aggregate_vs_our_base.unwrap() - 0.8).abs() < 1e-9);
+        assert!((n8.ttft_p50.unwrap() - 0.9).abs() < 1e-9);
+        assert_eq!(c.llama_bench[0].test, "pp500");
+        assert_eq!(c.llama_bench[1].test, "tg128");
+        let verdict = |prefix: &str| {
+            c.targets
+                .iter()
+                .find(|t| t.target.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no target {prefix}"))
+                .met
+        };
+        assert_eq!(
+            verdict("single-stream decode ≥ 1.0× llama.cpp"),
+            Some(false)
+        );
+        assert_eq!(
+            verdict("single-stream decode ≥ 1.0× llama-bench tg128"),
+            Some(false)
+        );
+        // 500 tokens / 2 s = 250 tok/s vs pp500 312.5 = 0.8×: met (≥).
+        assert_eq!(verdict("prompt processing"), Some(true));
+        assert_eq!(
+            verdict("aggregate at 8 streams ≥ 1.5× llama-server (p16)"),
+            Some(true)
+        );
+        // p500 has no 8-stream rows: not measured rather than failed.
+        assert_eq!(
+            verdict("aggregate at 8 streams ≥ 1.5× llama-server (p500)"),
+            None
+        );
+        assert_eq!(
+            verdict("8 streams over 8 adapters ≥ 0.85× 8 streams on the base (p16)"),
+            Some(false)
+        );
+        assert_eq!(verdict("cold adapter"), Some(true));
+        let text = render_comparison(&c);
+        assert!(
+            text.contains("| n-adapters/p16/c8 | 1.36× | 1.41× | 0.90× | 1.00× | 0.80× |"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_warm_cold_scenario_is_not_judged() {
+        let mut cold = ColdReport {
+            truly_cold: false,
+            prompt_tokens: 16,
+            pairs: Vec::new(),
+            added_ms_p50: Some(1.0),
+            base_ttft_ms_p50: None,
+            adapter_ttft_ms_p50: None,
+            failed: 0,
+            failures: BTreeMap::new(),
+        };
+        let ours = run(
+            "ours",
+            vec![row(Mode::Base, 16, 1, 1.0, 1.0, 1.0)],
+            Some(cold.clone()),
+        );
+        let c = compare(&ours, &ours, None);
+        let t = c
+            .targets
+            .iter()
+            .find(|t| t.target.starts_with("cold"))
+            .unwrap();
+        assert_eq!(t.met, None);
+        assert!(t.measured.contains("resident"));
+        cold.truly_cold = true;
+        assert!(render_cold("x", &cold).contains("cold (never loaded"));
+    }
 }
