@@ -92,8 +92,9 @@ fn esc(s: &str) -> String {
 /// Renders the chart. The x axis is log2 (1, 2, 4, 8, 16 streams equally spaced), the y axis
 /// linear from 0.
 pub fn render_svg(title: &str, series: &[Series]) -> String {
-    let (w, h) = (760.0, 440.0);
-    let (left, right, top, bottom) = (70.0, 250.0, 40.0, 60.0);
+    // The right margin holds the legend: labels up to ~45 characters at 12 px.
+    let (w, h) = (860.0, 440.0);
+    let (left, right, top, bottom) = (70.0, 320.0, 40.0, 60.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     let mut xs: Vec<usize> = series
         .iter()
