@@ -1,5 +1,6 @@
 //! The `adapterd` binary: parses the command line, sets up logging, and runs a subcommand
-//! (`serve`, `keys`, `finetune`, `fetch-model`, `chinchilla`, `bench`). Everything else lives in the library.
+//! (`serve`, `keys`, `finetune`, `fetch-model`, `chinchilla`, `bench`). Everything else lives
+//! in the library.
 
 use clap::{Parser, Subcommand};
 
