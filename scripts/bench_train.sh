@@ -17,7 +17,7 @@ PYTHON=${PYTHON:-python3}
 OUT="${OUT:-$(mktemp -d /tmp/adapterd-bench-train.XXXXXX)}"
 mkdir -p "$OUT"
 cargo build --release -q
-cargo build --release -q --example train_speed --example export_hf --example loadgen
+cargo build --release -q --example train_speed --example export_hf
 BIN=target/release/adapterd
 MODEL=${MODEL:-$($BIN fetch-model)}
 echo "commit: $(git rev-parse --short HEAD); load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -52,8 +52,9 @@ SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 URL="http://127.0.0.1:$PORT"
 for _ in $(seq 1 120); do curl -sf "$URL/ready" >/dev/null && break; sleep 0.5; done
-LG="target/release/examples/loadgen --api native --url $URL --concurrency 1 --requests-per-stream 4 --prompt-tokens 64 --max-tokens 64"
-$LG --warmup --label idle --json "$OUT/idle.json"
+# The benchmark harness (docs/benchmarking.md): one stream, 4 requests of 64 + 64 tokens.
+LG="$BIN bench --api native --url $URL --modes base -c 1 --requests-per-stream 4 --min-requests 4 --prompt-tokens 64 --max-tokens 64"
+$LG --label idle --json "$OUT/idle.json"
 python3 - > "$OUT/job.json" <<'PY'
 import json
 recs = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f" {2*i}."} for i in range(64)]
@@ -64,6 +65,6 @@ JOB=$(curl -sf "$URL/v1/finetune" -d @"$OUT/job.json" | python3 -c 'import json,
 for _ in $(seq 1 120); do
     curl -sf "$URL/v1/finetune/$JOB" | grep -q '"step":[1-9]' && break; sleep 1
 done
-$LG --label with-job --json "$OUT/with_job.json"
+$LG --no-warmup --label with-job --json "$OUT/with_job.json"
 curl -sf -X POST "$URL/v1/finetune/$JOB/cancel" >/dev/null
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg); results in $OUT"

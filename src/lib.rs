@@ -17,10 +17,13 @@
 //! - [`metrics`]: metric names as consts, described once; the Prometheus recorder.
 //! - [`app`]: `Application::build(settings)` binds, loads, and runs the server.
 //! - [`http_server`]: the accept loop — hyper with a header/idle timer, drained on shutdown.
+//! - [`bench`]: `adapterd bench`, the benchmark harness (an HTTP client of any OpenAI-compatible
+//!   server).
 
 pub mod adapters;
 pub mod api;
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod finetune_cli;

@@ -1,5 +1,6 @@
 //! The `adapterd` binary: parses the command line, sets up logging, and runs a subcommand
-//! (`serve`, `keys`, `finetune`, `fetch-model`, `chinchilla`). Everything else lives in the library.
+//! (`serve`, `keys`, `finetune`, `fetch-model`, `chinchilla`, `bench`). Everything else lives
+//! in the library.
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,9 @@ enum Command {
     Finetune(adapterd::finetune_cli::FinetuneArgs),
     /// Chinchilla-style compute planning: model size, tokens and loss for a FLOP budget.
     Chinchilla(adapterd::scaling::ChinchillaArgs),
+    /// Benchmark an OpenAI-compatible server (adapterd, llama-server) over loopback; see
+    /// docs/benchmarking.md.
+    Bench(adapterd::bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -86,6 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", adapterd::scaling::run_cli(&args)?);
             Ok(())
         }
+        Command::Bench(args) => adapterd::bench::run_cli(args),
     }
 }
 

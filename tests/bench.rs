@@ -1,0 +1,259 @@
+//! The benchmark harness (`adapterd bench`) end to end against the real app serving the tiny
+//! test model in this process: every scenario type runs and reports what it should, the run
+//! report survives a JSON round trip into `bench compare` and the plot, and a server that is
+//! down, refuses the request, or sends a malformed stream yields failed requests with reasons —
+//! never a panic. Numbers are not asserted beyond "non-zero": timings belong in BENCHMARKS.md.
+
+#[allow(dead_code)]
+#[path = "api/helpers.rs"]
+mod helpers;
+
+use adapterd::bench::{self, report::RunReport, scenario::Mode, RunArgs};
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+fn args(extra: &[&str]) -> RunArgs {
+    let mut argv = vec!["bench"];
+    argv.extend_from_slice(extra);
+    Cli::try_parse_from(argv).expect("flags parse").run
+}
+
+#[tokio::test]
+async fn every_scenario_type_runs_against_adapterd_and_reports_tokens_rss_and_cold_pairs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = helpers::spawn_app_in(dir.path(), |_| {}).await;
+    let model = dir.path().join(helpers::TINY_MODEL_NAME);
+    let out = dir.path().join("run.json");
+    let pid = std::process::id().to_string();
+    let a = args(&[
+        "--url",
+        &app.base,
+        "--api",
+        "native",
+        "--label",
+        "tiny",
+        "-c",
+        "1,2",
+        "--prompt-tokens",
+        "8",
+        "--max-tokens",
+        "4",
+        "--min-requests",
+        "2",
+        "--cold-adapters",
+        "2",
+        "--model-file",
+        model.to_str().expect("utf-8 path"),
+        "--server-pid",
+        &pid,
+    ]);
+    let r = bench::run(&a).await.expect("run completes");
+    let ids: Vec<&str> = r.scenarios.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "base/p8/c1",
+            "base/p8/c2",
+            "one-adapter/p8/c1",
+            "one-adapter/p8/c2",
+            "n-adapters/p8/c1",
+            "n-adapters/p8/c2"
+        ]
+    );
+    for s in &r.scenarios {
+        let m = &s.summary;
+        assert_eq!((m.failed, m.short), (0, 0), "{}: {:?}", s.id, m.failures);
+        // --min-requests 2: two requests on one stream, or one on each of two.
+        assert_eq!(m.requests, 2, "{}", s.id);
+        assert_eq!(m.generated_tokens, m.requests * 4, "{}", s.id);
+        assert!(m.aggregate_tps > 0.0 && m.wall_s > 0.0, "{}", s.id);
+        assert!(m.ttft_ms_p50.is_some() && m.ttft_ms_p99.is_some());
+        assert!(m.decode_tps_per_stream_p50.is_some_and(|d| d > 0.0));
+        assert!(
+            m.prompt_tokens_p50.is_some_and(|p| p > 8.0),
+            "server-reported prompt length"
+        );
+        assert!(s.peak_rss.is_some_and(|p| p.mib > 1.0), "{}", s.id);
+    }
+    let cold = r.cold.as_ref().expect("cold scenario ran");
+    assert_eq!(
+        (cold.pairs.len(), cold.failed),
+        (2, 0),
+        "{:?}",
+        cold.failures
+    );
+    // Uploaded in this run, so resident: the report must not call it a cold load.
+    assert!(!cold.truly_cold);
+    assert!(cold.added_ms_p50.is_some());
+
+    // The JSON report round-trips into the comparison and the plot.
+    std::fs::write(&out, serde_json::to_string(&r).expect("serialize")).expect("write");
+    let back: RunReport =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("read")).expect("parse");
+    // (Field checks, not `==`: a float need not survive JSON to the last bit.)
+    assert_eq!(back.scenarios.len(), r.scenarios.len());
+    assert_eq!(back.scenarios[5].scenario, r.scenarios[5].scenario);
+    assert_eq!(back.scenarios[5].summary.generated_tokens, 8);
+    assert_eq!(back.cold.map(|c| c.pairs.len()), Some(2));
+    let mut peer = r.clone();
+    peer.label = "peer".into();
+    peer.scenarios.retain(|s| s.scenario.mode == Mode::Base);
+    let cmp = bench::report::compare(&r, &peer, None);
+    assert_eq!(cmp.ratios.len(), 6);
+    assert!(cmp.ratios[0]
+        .aggregate
+        .is_some_and(|x| (x - 1.0).abs() < 1e-9));
+    assert!(cmp.ratios[5].aggregate_vs_our_base.is_some());
+    let svg = bench::plot::render_svg("t", &bench::plot::series_from(&r, Some(&peer)));
+    assert_eq!(svg.matches("<polyline").count(), 3);
+}
+
+#[tokio::test]
+async fn the_openai_api_drives_adapterd_through_v1_completions() {
+    let app = helpers::spawn_app().await;
+    let a = args(&[
+        "--url",
+        &app.base,
+        "--modes",
+        "base",
+        "-c",
+        "2",
+        "--prompt-tokens",
+        "8",
+        "--max-tokens",
+        "4",
+        "--min-requests",
+        "2",
+    ]);
+    let r = bench::run(&a).await.expect("run completes");
+    // The model name came from GET /v1/models.
+    assert_eq!(r.base_model.as_deref(), Some(helpers::TINY_MODEL_NAME));
+    let m = &r.scenarios[0].summary;
+    assert_eq!((m.ok, m.failed), (2, 0), "{:?}", m.failures);
+    assert!(m.generated_tokens > 0);
+}
+
+#[tokio::test]
+async fn refused_connections_and_http_errors_are_failed_requests_with_reasons() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let down = args(&[
+        "--url",
+        &format!("http://127.0.0.1:{port}"),
+        "--modes",
+        "base",
+        "-c",
+        "1,2",
+        "--prompt-tokens",
+        "8",
+        "--min-requests",
+        "1",
+        "--model",
+        "x",
+    ]);
+    let r = bench::run(&down).await.expect("a down server is a report");
+    for s in &r.scenarios {
+        assert_eq!(s.summary.ok, 0);
+        assert_eq!(s.summary.failed, s.summary.requests);
+        assert!(
+            s.summary
+                .failures
+                .keys()
+                .all(|k| k.starts_with("connect failed")),
+            "{:?}",
+            s.summary.failures
+        );
+    }
+    // An unknown model is a 404 from adapterd.
+    let app = helpers::spawn_app().await;
+    let bad = args(&[
+        "--url",
+        &app.base,
+        "--modes",
+        "base",
+        "-c",
+        "1",
+        "--prompt-tokens",
+        "8",
+        "--min-requests",
+        "1",
+        "--model",
+        "no-such-model",
+        "--no-warmup",
+    ]);
+    let r = bench::run(&bad).await.expect("report");
+    let f = &r.scenarios[0].summary.failures;
+    assert!(
+        f.keys().any(|k| k.starts_with("HTTP 404: model_not_found")),
+        "{f:?}"
+    );
+}
+
+/// A one-shot HTTP server that answers every connection with `body` as an event stream.
+async fn canned_sse_server(body: &'static str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = sock.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(body.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn malformed_streams_errors_mid_stream_and_early_ends_are_failed_requests() {
+    let cases = [
+        (
+            "data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: {not json\n\n",
+            "malformed stream data",
+        ),
+        (
+            "data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: {\"error\":{\"message\":\"engine stopped\"}}\n\n",
+            "error event from the server: engine stopped",
+        ),
+        (
+            "data: {\"choices\":[{\"text\":\"a\",\"finish_reason\":null}]}\n\n",
+            "stream ended before the final event",
+        ),
+    ];
+    for (body, reason) in cases {
+        let url = canned_sse_server(body).await;
+        let a = args(&[
+            "--url",
+            &url,
+            "--modes",
+            "base",
+            "-c",
+            "1",
+            "--prompt-tokens",
+            "8",
+            "--min-requests",
+            "1",
+            "--model",
+            "m",
+            "--no-warmup",
+        ]);
+        let r = bench::run(&a).await.expect("report");
+        let f = &r.scenarios[0].summary.failures;
+        assert!(f.keys().any(|k| k.starts_with(reason)), "{reason}: {f:?}");
+    }
+}
