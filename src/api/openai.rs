@@ -58,6 +58,10 @@ struct CompletionBody {
     _user: Option<String>,
     top_k: Option<i64>,
     logit_bias: Option<serde_json::Map<String, Value>>,
+    /// vLLM's and llama.cpp's extension: generate past end-of-sequence tokens (benchmarks
+    /// with fixed output lengths).
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +100,9 @@ struct ChatBody {
     tool_choice: Option<Value>,
     functions: Option<Value>,
     response_format: Option<Value>,
+    /// As in [`CompletionBody`].
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 /// Refuses chat features this server does not implement, naming the field, rather than
@@ -262,7 +269,7 @@ async fn completions(
         sampling,
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: body.echo && logprobs.is_some(),
-        ignore_eos: false,
+        ignore_eos: body.ignore_eos,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
         queued_ticket: None,
     };
@@ -409,7 +416,7 @@ async fn chat_completions(
         sampling,
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: false,
-        ignore_eos: false,
+        ignore_eos: body.ignore_eos,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
         queued_ticket: None,
     };

@@ -239,3 +239,23 @@ async fn features_we_do_not_implement_are_refused_by_name() {
         assert!(msg.contains(field), "{field}: {msg}");
     }
 }
+
+#[tokio::test]
+async fn ignore_eos_makes_completions_and_chat_generate_exactly_max_tokens() {
+    let app = crate::helpers::spawn_app().await;
+    for (path, body) in [
+        (
+            "/v1/completions",
+            serde_json::json!({"model": "tiny", "prompt": "the", "max_tokens": 40, "ignore_eos": true}),
+        ),
+        (
+            "/v1/chat/completions",
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                               "max_tokens": 40, "ignore_eos": true}),
+        ),
+    ] {
+        let v: serde_json::Value = app.post(path, &body).await.json().await.unwrap();
+        assert_eq!(v["usage"]["completion_tokens"], 40, "{path}: {v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "length", "{path}: {v}");
+    }
+}
