@@ -2,6 +2,7 @@
 //! B [out, r] and its scale, applied as y = W·x + scale·B(A·x) on the frozen base. Parsing and
 //! validating Hugging Face PEFT files lives in [`peft`].
 
+pub mod apply;
 pub mod cache;
 pub mod peft;
 

@@ -12,7 +12,7 @@ use super::cache::SeqCache;
 use super::config::ModelConfig;
 use super::linear::Linear;
 use super::qmatmul::ActivationPrecision;
-use crate::engine::lora::{LoraAdapter, Module};
+use crate::engine::lora::{self, LoraAdapter, LoraPair, Module};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -67,6 +67,7 @@ pub struct SeqInput<'a> {
 struct AdapterGroup {
     adapter: Arc<LoraAdapter>,
     rows: Tensor,
+    row_ids: Vec<u32>,
 }
 
 /// Groups the rows of `batch` by adapter (pointer identity: one resident copy per version).
@@ -89,7 +90,8 @@ fn adapter_groups(batch: &[SeqInput<'_>], device: &Device) -> Result<Vec<Adapter
             let n = rows.len();
             Ok(AdapterGroup {
                 adapter,
-                rows: Tensor::from_vec(rows, n, device)?,
+                rows: Tensor::from_vec(rows.clone(), n, device)?,
+                row_ids: rows,
             })
         })
         .collect()
@@ -105,11 +107,37 @@ fn project(
     groups: &[AdapterGroup],
     precision: ActivationPrecision,
 ) -> Result<Tensor> {
-    let mut ys = lin.forward(xs, precision)?;
-    for g in groups {
-        let Some(pair) = g.adapter.layers.get(layer).and_then(|l| l.get(module)) else {
-            continue;
-        };
+    let ys = lin.forward(xs, precision)?;
+    add_deltas(ys, xs, layer, module, groups)
+}
+
+/// `ys` plus scale·B(A·x) on the rows of every group whose adapter adapts `module` here: one
+/// fused pass on the CPU ([`lora::apply`]), candle ops elsewhere.
+fn add_deltas(
+    mut ys: Tensor,
+    xs: &Tensor,
+    layer: usize,
+    module: Module,
+    groups: &[AdapterGroup],
+) -> Result<Tensor> {
+    let adapted: Vec<(&AdapterGroup, &LoraPair)> = groups
+        .iter()
+        .filter_map(|g| {
+            let pair = g.adapter.layers.get(layer).and_then(|l| l.get(module))?;
+            Some((g, pair))
+        })
+        .collect();
+    if adapted.is_empty() {
+        return Ok(ys);
+    }
+    let fused: Vec<(&LoraPair, &[u32])> = adapted
+        .iter()
+        .map(|(g, p)| (*p, g.row_ids.as_slice()))
+        .collect();
+    if let Some(out) = lora::apply::add_deltas_cpu(&ys, xs, &fused)? {
+        return Ok(out);
+    }
+    for (g, pair) in adapted {
         let x = xs.index_select(&g.rows, 0)?;
         let delta = (x.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * pair.scale)?;
         ys = ys.index_add(&g.rows, &delta, 0)?;
@@ -127,16 +155,8 @@ fn project_many<const N: usize>(
 ) -> Result<[Tensor; N]> {
     let bases = Linear::forward_many(&lins.map(|(l, _)| l), xs, precision)?;
     let mut out = Vec::with_capacity(N);
-    for (mut ys, (_, module)) in bases.into_iter().zip(lins) {
-        for g in groups {
-            let Some(pair) = g.adapter.layers.get(layer).and_then(|l| l.get(module)) else {
-                continue;
-            };
-            let x = xs.index_select(&g.rows, 0)?;
-            let delta = (x.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * pair.scale)?;
-            ys = ys.index_add(&g.rows, &delta, 0)?;
-        }
-        out.push(ys);
+    for (ys, (_, module)) in bases.into_iter().zip(lins) {
+        out.push(add_deltas(ys, xs, layer, module, groups)?);
     }
     out.try_into()
         .map_err(|_| candle_core::Error::Msg("fused projection count".into()))
