@@ -1,9 +1,9 @@
 //! Adds the low-rank deltas of a batch's adapter groups to a projection's output in one pass
 //! on the CPU: for each row of each group, t = A·x (rank values), then y += scale·B·t.
 //!
-//! Why not candle ops: per adapted projection and group, index_select + two matmuls + a scale
-//! + index_add are five dispatches and five allocations for a few thousand multiply-adds; at
-//! 7 modules × 30 layers that was ~1000 ops per decode step and cost a third of single-stream
+//! Why not candle ops: per adapted projection and group, index_select, two matmuls, a scale and
+//! index_add are five dispatches and five allocations for a few thousand multiply-adds; at 7
+//! modules × 30 layers that was ~1000 ops per decode step and cost a third of single-stream
 //! speed (BENCHMARKS.md). The arithmetic is tiny and the A/B reads are contiguous, so plain
 //! loops the compiler vectorises do it without the dispatch. Other devices keep the tensor path.
 
