@@ -21,7 +21,7 @@ use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use helpers::{tiny_adapter_files, write_tiny_model};
+use helpers::{tiny_adapter_files, write_long_context_model, write_tiny_model};
 
 /// A running `adapterd serve`.
 struct Server {
@@ -397,16 +397,6 @@ async fn a_truncated_adapter_file_fails_only_that_adapter() {
         .send()
         .await;
     assert_eq!(r.expect("health").status(), 200);
-}
-
-/// A tiny model with a long context, so a stream can run longer than the grace period.
-fn write_long_context_model(dir: &Path) {
-    write_tiny_model(dir, 7);
-    let path = dir.join("config.json");
-    let mut cfg: Value =
-        serde_json::from_slice(&std::fs::read(&path).expect("config.json")).expect("json");
-    cfg["max_position_embeddings"] = json!(65536);
-    std::fs::write(&path, cfg.to_string()).expect("config.json");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

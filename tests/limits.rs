@@ -12,10 +12,10 @@ mod helpers;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use helpers::{
-    error_code, spawn_app_in, spawn_app_with, spawn_app_with_auth_and, write_tiny_model,
+    error_code, spawn_app_in, spawn_app_with, spawn_app_with_auth_and, write_long_context_model,
 };
 
 #[tokio::test]
@@ -133,13 +133,7 @@ async fn a_client_that_stalls_mid_body_gets_408_and_does_not_hold_its_slot() {
 async fn a_stream_past_stream_timeout_ends_with_an_error_event_and_frees_its_slot() {
     let dir = tempfile::tempdir().expect("tempdir");
     // A long context, so the stream could run far longer than the limit.
-    let model = dir.path().join(helpers::TINY_MODEL_NAME);
-    write_tiny_model(&model, 7);
-    let cfg_path = model.join("config.json");
-    let mut cfg: Value =
-        serde_json::from_slice(&std::fs::read(&cfg_path).expect("config")).expect("json");
-    cfg["max_position_embeddings"] = json!(65536);
-    std::fs::write(&cfg_path, cfg.to_string()).expect("config");
+    write_long_context_model(&dir.path().join(helpers::TINY_MODEL_NAME));
     let app = spawn_app_in(dir.path(), |s| {
         s.server.stream_timeout_seconds = 1;
         s.engine.max_new_tokens_limit = 65000;
@@ -241,13 +235,7 @@ async fn a_client_trickling_headers_or_idling_is_disconnected_at_the_header_time
 #[tokio::test]
 async fn a_tenant_with_too_many_queued_requests_gets_429_naming_the_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let model = dir.path().join(helpers::TINY_MODEL_NAME);
-    write_tiny_model(&model, 7);
-    let cfg_path = model.join("config.json");
-    let mut cfg: Value =
-        serde_json::from_slice(&std::fs::read(&cfg_path).expect("config")).expect("json");
-    cfg["max_position_embeddings"] = json!(65536);
-    std::fs::write(&cfg_path, cfg.to_string()).expect("config");
+    write_long_context_model(&dir.path().join(helpers::TINY_MODEL_NAME));
     let app = spawn_app_in(dir.path(), |s| {
         s.engine.max_running = 1;
         s.engine.max_new_tokens_limit = 65000;

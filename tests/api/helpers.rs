@@ -207,6 +207,18 @@ pub fn tiny_config(vocab: usize) -> Value {
 const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 /// Writes a complete Hugging Face model directory with weights drawn from a seeded RNG.
+/// The tiny model with a 65536-token context, so a stream can run far longer than any limit a
+/// test sets. (Used by tests/limits.rs and tests/faults.rs, which include this file.)
+#[allow(dead_code)]
+pub fn write_long_context_model(dir: &Path) {
+    write_tiny_model(dir, 7);
+    let path = dir.join("config.json");
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("config.json")).expect("json");
+    cfg["max_position_embeddings"] = json!(65536);
+    std::fs::write(&path, cfg.to_string()).expect("config.json");
+}
+
 pub fn write_tiny_model(dir: &Path, seed: u64) {
     std::fs::create_dir_all(dir).expect("model dir");
     let vocab = write_tiny_tokenizer(dir);
