@@ -189,6 +189,41 @@ pub(crate) struct QuantRows {
     sum: Vec<f32>,
 }
 
+/// Portable per-block quantization: each 32-value block scaled so its largest magnitude maps
+/// to `qmax`, rounded to nearest (ties to even); `d` gets the scale and `sum` the scale times
+/// the sum of the rounded values (the term the weight offsets multiply).
+fn quantize_blocks_scalar<T>(
+    x: &[f32],
+    q: &mut [T],
+    d: &mut [f32],
+    sum: &mut [f32],
+    qmax: f32,
+    narrow: impl Fn(i32) -> T,
+) {
+    for (((xb, qb), d), s) in x
+        .chunks_exact(QK)
+        .zip(q.chunks_exact_mut(QK))
+        .zip(d.iter_mut())
+        .zip(sum.iter_mut())
+    {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / qmax;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let mut isum = 0i32;
+        for (q, &v) in qb.iter_mut().zip(xb) {
+            // Round to nearest (ties to even) without SSE4.1's `roundps`, which the portable
+            // baseline lacks (`f32::round` would be a libm call per value): adding 1.5·2²³
+            // pushes the fraction bits out. |v·inv| ≤ qmax, far inside the trick's range.
+            const MAGIC: f32 = 12_582_912.0;
+            let r = ((v * inv + MAGIC) - MAGIC) as i32;
+            *q = narrow(r);
+            isum += r;
+        }
+        *d = scale;
+        *s = scale * isum as f32;
+    }
+}
+
 impl QuantRows {
     /// Quantizes rows of `cols` values (`cols` a multiple of 32), reusing the buffers.
     fn quantize(&mut self, x: &[f32], cols: usize, isa: Isa, wide: bool) {
@@ -211,28 +246,9 @@ impl QuantRows {
             return;
         }
         let _ = isa;
-        for (((xb, qb), d), s) in x
-            .chunks_exact(QK)
-            .zip(self.q.chunks_exact_mut(QK))
-            .zip(self.d.iter_mut())
-            .zip(self.sum.iter_mut())
-        {
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut isum = 0i32;
-            for (q, &v) in qb.iter_mut().zip(xb) {
-                // Round to nearest (ties to even) without SSE4.1's `roundps`, which the portable
-                // baseline lacks (`f32::round` would be a libm call per value): adding 1.5·2²³
-                // pushes the fraction bits out. |v·inv| ≤ 127, far inside the trick's range.
-                const MAGIC: f32 = 12_582_912.0;
-                let r = ((v * inv + MAGIC) - MAGIC) as i32;
-                *q = r as i8;
-                isum += r;
-            }
-            *d = scale;
-            *s = scale * isum as f32;
-        }
+        quantize_blocks_scalar(x, &mut self.q, &mut self.d, &mut self.sum, 127.0, |r| {
+            r as i8
+        });
     }
 
     /// The int16 half of [`Self::quantize`] (buffers already sized).
@@ -244,26 +260,9 @@ impl QuantRows {
             return;
         }
         let _ = isa;
-        for (((xb, qb), d), s) in x
-            .chunks_exact(QK)
-            .zip(self.q16.chunks_exact_mut(QK))
-            .zip(self.d.iter_mut())
-            .zip(self.sum.iter_mut())
-        {
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 32767.0;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut isum = 0i32;
-            for (q, &v) in qb.iter_mut().zip(xb) {
-                // The same round-to-nearest-even trick as the int8 loop (|v·inv| ≤ 32767).
-                const MAGIC: f32 = 12_582_912.0;
-                let r = ((v * inv + MAGIC) - MAGIC) as i32;
-                *q = r as i16;
-                isum += r;
-            }
-            *d = scale;
-            *s = scale * isum as f32;
-        }
+        quantize_blocks_scalar(x, &mut self.q16, &mut self.d, &mut self.sum, 32767.0, |r| {
+            r as i16
+        });
     }
 
     fn row(&self, r: usize, cols: usize) -> ActRow<'_> {
