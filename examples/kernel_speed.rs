@@ -1,5 +1,5 @@
-//! Micro-benchmark of the block matmul kernel alone: a 1536x576 matrix (the MLP's shape) at 1
-//! and 8 input rows, for every format, precision and instruction set this CPU has, on one
+//! Micro-benchmark of the block matmul kernel alone: 1536x576 and 576x1536 matrices (the MLP's shapes) at 1,
+//! 2, 4, 8 and 16 input rows, for every format, precision and instruction set this CPU has, on one
 //! thread: `cargo run --release --example kernel_speed [-- REPS [FILTER]]`. FILTER keeps only
 //! lines containing it (e.g. "Q4_1 n=8 Int8 Avx512Vnni"). Speeds come from the thread's CPU
 //! time, which — unlike wall time — does not count the slices other processes take on a shared
@@ -19,11 +19,15 @@ fn main() -> anyhow::Result<()> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()?
-        .install(|| run(reps, &filter))
+        .install(|| {
+            // The MLP's gate/up shape, then down's, whose 1536-wide rows of 8 inputs no longer
+            // fit the L1 cache.
+            run(reps, &filter, 1536, 576)?;
+            run(reps, &filter, 576, 1536)
+        })
 }
 
-fn run(reps: usize, filter: &str) -> anyhow::Result<()> {
-    let (rows, cols) = (1536usize, 576usize);
+fn run(reps: usize, filter: &str, rows: usize, cols: usize) -> anyhow::Result<()> {
     let w: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0)
         .collect();
@@ -36,7 +40,7 @@ fn run(reps: usize, filter: &str) -> anyhow::Result<()> {
         let q = QTensor::quantize(&w, dt)?;
         let k = QWeight::from_qtensor(&q)?
             .ok_or_else(|| anyhow::anyhow!("{dt:?} not covered by the kernel"))?;
-        for n in [1usize, 8] {
+        for n in [1usize, 2, 4, 8, 16] {
             let x: Vec<f32> = (0..n * cols).map(|i| (i % 7) as f32 - 3.0).collect();
             let mut out = vec![0f32; n * rows];
             for p in [
@@ -45,11 +49,7 @@ fn run(reps: usize, filter: &str) -> anyhow::Result<()> {
                 ActivationPrecision::Int16,
             ] {
                 for &isa in &isas {
-                    // The f32 path has one SIMD kernel (AVX2); skip its duplicate row.
-                    if p == ActivationPrecision::F32 && isa == Isa::Avx512Vnni {
-                        continue;
-                    }
-                    let name = format!("{dt:?} n={n} {p:?} {isa:?}");
+                    let name = format!("{rows}x{cols} {dt:?} n={n} {p:?} {isa:?}");
                     if !name.contains(filter) {
                         continue;
                     }
@@ -67,7 +67,7 @@ fn run(reps: usize, filter: &str) -> anyhow::Result<()> {
                     let s = (thread_cpu_secs() - c) / reps as f64;
                     let wall = t.elapsed().as_secs_f64() / reps as f64;
                     println!(
-                        "{dt:?} n={n} {:>5} {:>10}: {:8.1} us/call (wall {:8.1}), {:6.2} GMAC/s",
+                        "{rows}x{cols} {dt:?} n={n} {:>5} {:>10}: {:8.1} us/call (wall {:8.1}), {:6.2} GMAC/s",
                         format!("{p:?}"),
                         format!("{isa:?}"),
                         s * 1e6,

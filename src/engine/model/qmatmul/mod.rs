@@ -20,6 +20,8 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
 mod int_x86;
 mod scalar;
 #[cfg(test)]
@@ -88,7 +90,9 @@ pub enum ActivationPrecision {
 }
 
 /// Where `Auto` switches from int16 to f32 activations (decode of 1, 4, 8, 16 sequences and
-/// 128/500-token prefills measured side by side; from 4 rows f32 was at least as fast).
+/// 128/500-token prefills measured side by side; from 4 rows f32 was at least as fast with
+/// the AVX2 kernel; with the AVX-512 one, 4 rows came out within noise, ±5%, and f32 led
+/// clearly from 8).
 pub const AUTO_F32_FROM_ROWS: usize = 4;
 
 impl ActivationPrecision {
@@ -125,8 +129,8 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C.
     Avx2,
-    /// The AVX2 set plus AVX-512 VNNI (256-bit `vpdpbusd`, needs AVX-512VL). The f32 path
-    /// has no separate AVX-512 kernel and uses its AVX2 one.
+    /// The AVX2 set plus AVX-512F, VL and VNNI: the integer paths use 256-bit `vpdpbusd` /
+    /// `vpdpwssd`, the f32 path 512-bit FMAs.
     Avx512Vnni,
 }
 
@@ -153,7 +157,8 @@ impl Isa {
                 Isa::Scalar => true,
                 Isa::Avx2 => avx2,
                 Isa::Avx512Vnni => {
-                    avx2 && is_x86_feature_detected!("avx512vnni")
+                    avx2 && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512vnni")
                         && is_x86_feature_detected!("avx512vl")
                 }
             }
@@ -429,8 +434,8 @@ pub fn matmul_multi(
     };
     match precision.for_rows(n) {
         ActivationPrecision::Auto | ActivationPrecision::F32 => {
-            par_rows(ws, &outs, n, |f, w, dst| {
-                dot_rows_f32(f, w, x, cols, dst, isa)
+            par_rows(ws, &outs, n, f32_rows_per_call(isa), |f, w, nw, dst| {
+                dot_rows_f32(f, w, nw, x, cols, dst, isa)
             })
         }
         ActivationPrecision::Int8 | ActivationPrecision::Int16 => QUANT_ROWS.with(|cell| {
@@ -445,7 +450,7 @@ pub fn matmul_multi(
             let int16 = precision.for_rows(n) == ActivationPrecision::Int16;
             acts.quantize(x, cols, isa, int16);
             let acts = &*acts;
-            par_rows(ws, &outs, n, |f, w, dst| {
+            par_rows(ws, &outs, n, 1, |f, w, _, dst| {
                 dot_rows_int(f, w, acts, cols, dst, isa)
             })
         }),
@@ -481,12 +486,13 @@ pub fn forward_multi(
         .collect()
 }
 
-/// Runs `dot(format, weight_row_bytes, dst)` for every row j of every weight i, where `dst[r]`
-/// receives input row r's result, which belongs at `outs[i][r·rows_i + j]`; split over the
-/// rayon pool by output rows of all weights together.
-fn par_rows<F>(ws: &[&QWeight], outs: &[SharedOut], n: usize, dot: F)
+/// Runs `dot(format, weight_rows_bytes, nw, dst)` over every weight row j of every weight i,
+/// `nw` (≤ `max_nw`) consecutive rows at a time, where `dst[k·n + r]` receives input row r's
+/// result for row j+k, which belongs at `outs[i][r·rows_i + j + k]`; split over the rayon pool
+/// by output rows of all weights together.
+fn par_rows<F>(ws: &[&QWeight], outs: &[SharedOut], n: usize, max_nw: usize, dot: F)
 where
-    F: Fn(BlockFormat, &[u8], &mut [f32]) + Sync,
+    F: Fn(BlockFormat, &[u8], usize, &mut [f32]) + Sync,
 {
     let total: usize = ws.iter().map(|w| w.rows).sum();
     // Global rows [g0, g1) for every input row. Tasks write disjoint output columns, so they
@@ -494,23 +500,35 @@ where
     let run = |g0: usize, g1: usize| {
         let mut small = [0f32; 64];
         let mut big = Vec::new();
-        let dst = if n <= small.len() {
-            &mut small[..n]
+        let dst = if n * max_nw <= small.len() {
+            &mut small[..n * max_nw]
         } else {
-            big.resize(n, 0f32);
+            big.resize(n * max_nw, 0f32);
             &mut big[..]
         };
         let mut base = 0;
         for (w, out) in ws.iter().zip(outs) {
             let (lo, hi) = (g0.max(base), g1.min(base + w.rows));
             let row_bytes = w.cols / QK * w.format.block_bytes();
-            for j in lo.saturating_sub(base)..hi.saturating_sub(base) {
-                dot(w.format, &w.data[j * row_bytes..(j + 1) * row_bytes], dst);
-                for (r, v) in dst.iter().enumerate() {
-                    // SAFETY: r < n and j < w.rows, so the index is inside this output
-                    // (n·rows long, checked by matmul_multi); no other task writes column j.
-                    unsafe { *out.get().add(r * w.rows + j) = *v };
+            let (mut j, hi) = (lo.saturating_sub(base), hi.saturating_sub(base));
+            while j < hi {
+                let nw = max_nw.min(hi - j);
+                let dst = &mut dst[..nw * n];
+                dot(
+                    w.format,
+                    &w.data[j * row_bytes..(j + nw) * row_bytes],
+                    nw,
+                    dst,
+                );
+                for (k, col) in dst.chunks_exact(n).enumerate() {
+                    for (r, v) in col.iter().enumerate() {
+                        // SAFETY: r < n and j + k < w.rows, so the index is inside this output
+                        // (n·rows long, checked by matmul_multi); no other task writes column
+                        // j + k.
+                        unsafe { *out.get().add(r * w.rows + j + k) = *v };
+                    }
                 }
+                j += nw;
             }
             base += w.rows;
         }
@@ -520,8 +538,12 @@ where
         run(0, total);
         return;
     }
-    // A few tasks per thread: enough to balance, few enough that scheduling stays cheap.
-    let chunk = total.div_ceil(4 * rayon::current_num_threads()).max(16);
+    // A few tasks per thread: enough to balance, few enough that scheduling stays cheap. Even
+    // sized, so paired-row kernels keep their pairs.
+    let chunk = total
+        .div_ceil(4 * rayon::current_num_threads())
+        .max(16)
+        .next_multiple_of(2);
     (0..total.div_ceil(chunk))
         .into_par_iter()
         .for_each(|c| run(c * chunk, ((c + 1) * chunk).min(total)));
@@ -576,8 +598,33 @@ impl CustomOp1 for QMatmulOp<'_> {
     }
 }
 
-/// One weight row `w` (all its blocks) against every f32 row of `x`; results into `dst[r]`.
-fn dot_rows_f32(format: BlockFormat, w: &[u8], x: &[f32], cols: usize, dst: &mut [f32], isa: Isa) {
+/// Weight rows the f32 kernel of `isa` takes per call (see [`dot_rows_f32`]).
+fn f32_rows_per_call(isa: Isa) -> usize {
+    if isa >= Isa::Avx512Vnni {
+        2
+    } else {
+        1
+    }
+}
+
+/// `nw` consecutive weight rows `w` (all their blocks; nw ≤ [`f32_rows_per_call`]) against
+/// every f32 row of `x`; results into `dst[k·n + r]` for weight row k and input row r.
+fn dot_rows_f32(
+    format: BlockFormat,
+    w: &[u8],
+    nw: usize,
+    x: &[f32],
+    cols: usize,
+    dst: &mut [f32],
+    isa: Isa,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Vnni {
+        // SAFETY: `isa` was checked available, and it includes AVX-512F and F16C.
+        unsafe { avx512::dot_rows(format, w, nw, x, cols, dst) };
+        return;
+    }
+    debug_assert_eq!(nw, 1);
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         // SAFETY: `isa` was checked available, and every ISA above Scalar includes AVX2,
