@@ -219,6 +219,67 @@ fn a_q8_0_gguf_stays_close_to_the_safetensors_model() {
     );
 }
 
+/// Several sequences of different lengths decoding one token each per step (the fused
+/// one-token attention, run in parallel over sequences) give the logits each gets from one
+/// prompt pass over the same tokens (the tensor attention path with a causal mask).
+#[test]
+fn batched_one_token_steps_equal_a_prompt_pass() {
+    let (mut model, _) = load_pair(GgmlDType::Q8_0);
+    // One precision for both (`auto` would take int16 for the few-row steps).
+    model.set_activation_precision(adapterd::engine::model::qmatmul::ActivationPrecision::F32);
+    let seqs: [&[u32]; 3] = [&TOKENS[..], &TOKENS[3..], &TOKENS[1..8]];
+    let whole: Vec<Vec<f32>> = seqs
+        .iter()
+        .map(|t| {
+            let mut cache = SeqCache::new(model.cfg.num_layers);
+            model
+                .forward(&mut [SeqInput {
+                    tokens: t,
+                    cache: &mut cache,
+                    all_logits: true,
+                    adapter: None,
+                }])
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect();
+    let mut caches: Vec<SeqCache> = seqs
+        .iter()
+        .map(|_| SeqCache::new(model.cfg.num_layers))
+        .collect();
+    let mut stepped: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
+    for step in 0..TOKENS.len() {
+        let live: Vec<usize> = (0..seqs.len()).filter(|&i| step < seqs[i].len()).collect();
+        let mut batch: Vec<SeqInput> = caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| live.contains(i))
+            .map(|(i, cache)| SeqInput {
+                tokens: &seqs[i][step..step + 1],
+                cache,
+                all_logits: false,
+                adapter: None,
+            })
+            .collect();
+        let rows = model.forward(&mut batch).unwrap().to_vec2::<f32>().unwrap();
+        for (i, row) in live.iter().zip(rows) {
+            stepped[*i].extend(row);
+        }
+    }
+    for (i, (w, s)) in whole.iter().zip(&stepped).enumerate() {
+        assert_eq!(w.len(), s.len(), "sequence {i}");
+        let diff = w
+            .iter()
+            .zip(s)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "sequence {i}: max logit difference {diff}");
+    }
+}
+
 #[test]
 fn without_unpermuting_the_models_would_differ() {
     // Guards the test itself: permuted q/k must matter, or the checks above prove nothing.

@@ -7,9 +7,11 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
 
 use super::cache::SeqCache;
 use super::config::ModelConfig;
+use super::decode_attention::decode_attention_cpu;
 use super::linear::Linear;
 use super::qmatmul::ActivationPrecision;
 use crate::engine::lora::{self, LoraAdapter, LoraPair, Module};
@@ -323,20 +325,38 @@ impl Llama {
             candle_nn::rotary_emb::rope(&k.contiguous()?, cos, sin)?.reshape((rows, nkv, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
 
-        let mut outs = Vec::with_capacity(batch.len());
+        // Each sequence attends over its own cache: a dozen small tensor ops per sequence and
+        // layer, which with several sequences would leave the second thread idle between the
+        // matmuls; they run in parallel over sequences instead.
+        let mut offsets = Vec::with_capacity(batch.len());
         let mut offset = 0;
-        for s in batch.iter_mut() {
+        for s in batch.iter() {
+            offsets.push(offset);
+            offset += s.tokens.len();
+        }
+        // The queries as plain values for the fused one-token path (CPU only).
+        let q_host: Option<Vec<f32>> = if self.device.is_cpu() && q.dtype() == DType::F32 {
+            Some(q.flatten_all()?.to_vec1()?)
+        } else {
+            None
+        };
+        let one = |s: &mut SeqInput<'_>, offset: usize| -> Result<Tensor> {
             let n = s.tokens.len();
             let start = s.cache.len();
             // [n, heads, hd] -> [heads, n, hd]
-            let q_s = q.narrow(0, offset, n)?.transpose(0, 1)?.contiguous()?;
             let k_s = k.narrow(0, offset, n)?.transpose(0, 1)?.contiguous()?;
             let v_s = v.narrow(0, offset, n)?.transpose(0, 1)?.contiguous()?;
-            offset += n;
             // Views of the preallocated cache, [nkv, len, hd] with a batch stride of its
             // capacity: candle's matmul takes that stride as it is, so no per-step copy of the
             // whole cache.
             let (k_all, v_all) = s.cache.append(layer_idx, &k_s, &v_s)?;
+            if let (1, Some(qv)) = (n, &q_host) {
+                let q_row = &qv[offset * nh * hd..(offset + 1) * nh * hd];
+                if let Some(o) = decode_attention_cpu(q_row, &k_all, &v_all, nh, scale as f32)? {
+                    return Tensor::from_vec(o, (1, nh * hd), &self.device);
+                }
+            }
+            let q_s = q.narrow(0, offset, n)?.transpose(0, 1)?.contiguous()?;
             let len = start + n;
             // Grouped-query attention without copying keys: the `group` query heads that share
             // a kv head are stacked along the row axis.
@@ -353,12 +373,23 @@ impl Llama {
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let o = probs.matmul(&v_all)?; // [nkv, group*n, hd]
-            let o = o
-                .reshape((nh, n, hd))?
+            o.reshape((nh, n, hd))?
                 .transpose(0, 1)?
-                .reshape((n, nh * hd))?;
-            outs.push(o);
-        }
+                .reshape((n, nh * hd))
+        };
+        let mut outs = if batch.len() > 1 && self.device.is_cpu() {
+            batch
+                .par_iter_mut()
+                .zip(offsets)
+                .map(|(s, off)| one(s, off))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            batch
+                .iter_mut()
+                .zip(offsets)
+                .map(|(s, off)| one(s, off))
+                .collect::<Result<Vec<_>>>()?
+        };
         let o = if outs.len() == 1 {
             outs.pop()
                 .ok_or_else(|| candle_core::Error::Msg("empty batch".into()))?

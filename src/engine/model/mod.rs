@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod config;
+mod decode_attention;
 pub mod export;
 pub mod linear;
 pub mod llama;
