@@ -48,13 +48,56 @@ pub fn decode_attention_cpu(
     if len == 0 || last(k0, ks) > k.len() || last(v0, vs) > v.len() {
         candle_core::bail!("decode attention: cache views outside their storage");
     }
-    let group = heads / kv_heads;
+    let view = CacheView {
+        k,
+        v,
+        k0,
+        v0,
+        ks: [ks[0], ks[1]],
+        vs: [vs[0], vs[1]],
+        len,
+        hd,
+    };
     let mut out = vec![0f32; heads * hd];
-    let mut p = vec![0f32; len];
+    let group = heads / kv_heads;
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        unsafe { attend_avx2(q, &view, group, scale, &mut out) };
+        return Ok(Some(out));
+    }
+    attend(q, &view, group, scale, &mut out);
+    Ok(Some(out))
+}
+
+/// One sequence's keys and values as slices with the strides of its cache views (checked
+/// in bounds by the caller).
+struct CacheView<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    k0: usize,
+    v0: usize,
+    ks: [usize; 2],
+    vs: [usize; 2],
+    len: usize,
+    hd: usize,
+}
+
+/// The same loops compiled for AVX2 and FMA (the portable build targets SSE2 only).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(q: &[f32], c: &CacheView<'_>, group: usize, scale: f32, out: &mut [f32]) {
+    attend(q, c, group, scale, out)
+}
+
+#[inline(always)]
+fn attend(q: &[f32], c: &CacheView<'_>, group: usize, scale: f32, out: &mut [f32]) {
+    let hd = c.hd;
+    let mut p = vec![0f32; c.len];
     for (h, (qh, oh)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
         let kvh = h / group;
-        let key = |j: usize| &k[k0 + kvh * ks[0] + j * ks[1]..][..hd];
-        let value = |j: usize| &v[v0 + kvh * vs[0] + j * vs[1]..][..hd];
+        let key = |j: usize| &c.k[c.k0 + kvh * c.ks[0] + j * c.ks[1]..][..hd];
+        let value = |j: usize| &c.v[c.v0 + kvh * c.vs[0] + j * c.vs[1]..][..hd];
         let mut max = f32::NEG_INFINITY;
         for (j, pj) in p.iter_mut().enumerate() {
             *pj = dot(qh, key(j)) * scale;
@@ -73,11 +116,11 @@ pub fn decode_attention_cpu(
             }
         }
     }
-    Ok(Some(out))
 }
 
 /// A dot product in eight independent lanes, so the compiler can vectorise it without
 /// reassociating a single running sum.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, ar) = a.split_at(a.len() / 8 * 8);
