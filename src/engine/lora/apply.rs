@@ -16,7 +16,6 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Storage, Tensor};
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::LoraPair;
@@ -25,8 +24,8 @@ use super::LoraPair;
 /// one row of q_proj is ~18k, where handing work to another thread costs more than it saves.
 const PARALLEL_MIN_MACS: usize = 64 * 1024;
 
-/// Which inner loops run: explicit AVX2/FMA/F16C, or portable code (f16 widened through the
-/// `half` crate's slice conversion).
+/// Which inner loops run: explicit AVX2/FMA/F16C, or portable code the compiler vectorises
+/// for the target's baseline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     Avx2,
@@ -287,15 +286,16 @@ impl Kernel {
             // SAFETY: as in `dot_f32`.
             Kernel::Avx2 => unsafe { x86::dot_f16(a, x) },
             _ => {
-                let mut buf = [0f32; 64];
-                a.chunks(64)
-                    .zip(x.chunks(64))
-                    .map(|(ca, cx)| {
-                        let wide = &mut buf[..ca.len()];
-                        ca.convert_to_f32_slice(wide);
-                        dot(wide, cx)
-                    })
-                    .sum()
+                let mut acc = [0f32; 8];
+                let (ac, ar) = a.split_at(a.len() / 8 * 8);
+                let (xc, xr) = x.split_at(ac.len().min(x.len()));
+                for (ca, cx) in ac.chunks_exact(8).zip(xc.chunks_exact(8)) {
+                    for i in 0..8 {
+                        acc[i] += widen(ca[i]) * cx[i];
+                    }
+                }
+                let tail: f32 = ar.iter().zip(xr).map(|(p, q)| widen(*p) * q).sum();
+                acc.iter().sum::<f32>() + tail
             }
         }
     }
@@ -326,6 +326,17 @@ impl Kernel {
             }
         }
     }
+}
+
+/// f16 to f32 in plain integer and float operations the compiler vectorises (the `half`
+/// crate's per-value conversion branches, and its slice conversion costs a call per chunk):
+/// the magnitude bits moved into f32's place and rescaled by 2^112, which also makes f16
+/// subnormals exact. Infinities and NaNs never reach here: the parser refuses them.
+#[inline(always)]
+fn widen(h: f16) -> f32 {
+    let h = u32::from(h.to_bits());
+    let magnitude = f32::from_bits((h & 0x7fff) << 13) * f32::from_bits(0x7780_0000);
+    f32::from_bits(magnitude.to_bits() | ((h & 0x8000) << 16))
 }
 
 /// A dot product in eight independent lanes, so the compiler can vectorise it without

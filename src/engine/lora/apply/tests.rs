@@ -165,6 +165,16 @@ fn two_groups_on_one_row_both_apply() {
 }
 
 #[test]
+fn widening_f16_is_exact_for_every_finite_value() {
+    for bits in 0..=u16::MAX {
+        let h = f16::from_bits(bits);
+        if h.is_finite() {
+            assert_eq!(widen(h).to_bits(), h.to_f32().to_bits(), "{bits:#06x}");
+        }
+    }
+}
+
+#[test]
 fn shapes_that_do_not_fit_are_an_error_not_a_panic() {
     let dev = Device::Cpu;
     let zeros = |r, c| Tensor::zeros((r, c), DType::F32, &dev).expect("zeros");
