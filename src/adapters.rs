@@ -189,8 +189,10 @@ pub fn load_verified(
     base: &ModelConfig,
     limits: &LoraLimits,
 ) -> Result<LoraAdapter, AdapterError> {
+    let started = std::time::Instant::now();
     let config = std::fs::read(dir.join(CONFIG_FILE))?;
     let weights = std::fs::read(dir.join(WEIGHTS_FILE))?;
+    let read = started.elapsed();
     let (found, parsed) = rayon::join(
         || match recorded {
             Recorded::Blake3(_) => {
@@ -202,6 +204,12 @@ pub fn load_verified(
             Recorded::Sha256(_) => sha256_hex(&config, &weights),
         },
         || parse_peft(&config, &weights, base, limits, &Device::Cpu),
+    );
+    tracing::debug!(
+        bytes = weights.len(),
+        read_ms = read.as_secs_f64() * 1e3,
+        verify_and_parse_ms = (started.elapsed() - read).as_secs_f64() * 1e3,
+        "adapter files read, hashed and parsed"
     );
     let (Recorded::Blake3(want) | Recorded::Sha256(want)) = recorded;
     if found != *want {
