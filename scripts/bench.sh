@@ -14,7 +14,8 @@
 # CONCURRENCY (1,4,8,16), PROMPTS (16,500: approximate prompt tokens), MAX_TOKENS (128),
 # MODES (base,one-adapter,n-adapters,cold; llama.cpp always runs base only), PEER_SLOTS (16),
 # LLAMA_CPP_DIR (default: built or reused by scripts/build_llamacpp.sh), PEER=0 (skip
-# llama.cpp), OUT (results directory; default a new /tmp/adapterd-bench.*), OUR_PORT, PEER_PORT.
+# llama.cpp), OUT (results directory; default a new /tmp/adapterd-bench.*), OUR_PORT, PEER_PORT,
+# ADAPTERD (a prebuilt adapterd binary, e.g. an older commit's for an A/B run; skips the build).
 # Extra arguments go to both harness runs (e.g. --min-requests, --requests-per-stream,
 # --cold-adapters); give the matrix axes through the variables above, not as flags.
 set -euo pipefail
@@ -62,9 +63,13 @@ wait_for() {
     exit 1
 }
 
-echo "== build (cargo build --release)"
-cargo build --release
-ADAPTERD="${CARGO_TARGET_DIR:-$ROOT/target}/release/adapterd"
+if [[ -n "${ADAPTERD:-}" ]]; then
+    echo "== using $ADAPTERD (no build)"
+else
+    echo "== build (cargo build --release)"
+    cargo build --release
+    ADAPTERD="${CARGO_TARGET_DIR:-$ROOT/target}/release/adapterd"
+fi
 MODEL="${MODEL:-$("$ADAPTERD" fetch-model)}"
 if [[ "$PEER" != 0 ]]; then
     LLAMA_CPP_DIR="${LLAMA_CPP_DIR:-$(scripts/build_llamacpp.sh)}"

@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod cache;
+pub mod narrow;
 pub mod peft;
 
 use candle_core::Tensor;
@@ -64,7 +65,8 @@ impl Module {
 /// One adapted projection: delta = scale · B(A·x).
 #[derive(Clone, Debug)]
 pub struct LoraPair {
-    /// [r, in] (f32, on the model's device).
+    /// [r, in], on the model's device: f32, or f16 for adapters parsed for serving on the CPU
+    /// (see [`apply`]); B always has A's dtype.
     pub a: Tensor,
     /// [out, r].
     pub b: Tensor,

@@ -136,8 +136,9 @@ fn add_deltas(
         .iter()
         .map(|(g, p)| (*p, g.row_ids.as_slice()))
         .collect();
-    if let Some(out) = lora::apply::add_deltas_cpu(&ys, xs, &fused)? {
-        return Ok(out);
+    // In place: `ys` is this projection's fresh output, owned here.
+    if lora::apply::add_deltas_cpu(&ys, xs, &fused)? {
+        return Ok(ys);
     }
     for (g, pair) in adapted {
         let x = xs.index_select(&g.rows, 0)?;

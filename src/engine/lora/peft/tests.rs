@@ -2,7 +2,7 @@
 //! heads, intermediate 128): round trips, scales, every refusal, and a fixture laid out exactly
 //! as PEFT writes it (tests/fixtures/peft/make_tiny_qv_r8.py).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::{json, Value};
@@ -121,8 +121,11 @@ fn refused(result: Result<LoraAdapter, LoraError>, parts: &[&str]) -> LoraError 
     err
 }
 
+/// The values as f32, whatever the serving dtype (f16 on the CPU).
 fn vec2(t: &Tensor) -> Vec<Vec<f32>> {
-    t.to_vec2::<f32>().expect("2-d f32")
+    t.to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.to_vec2::<f32>())
+        .expect("2-d")
 }
 
 #[test]
@@ -137,7 +140,8 @@ fn fixture_written_like_peft_parses() {
     assert_eq!((a.rank, a.alpha, a.use_rslora), (8, 16.0, false));
     assert_eq!(a.target_modules, ["q_proj", "v_proj"]);
     assert_eq!(a.layers.len(), 2);
-    assert_eq!(a.size_bytes, 2 * (8 * 64 + 64 * 8 + 8 * 64 + 32 * 8) * 4);
+    // Held as f16 on the CPU: two bytes per value.
+    assert_eq!(a.size_bytes, 2 * (8 * 64 + 64 * 8 + 8 * 64 + 32 * 8) * 2);
     for (l, layer) in a.layers.iter().enumerate() {
         for m in Module::ALL {
             let Some(p) = layer.get(m) else {
@@ -241,7 +245,7 @@ fn round_trip_all_modules() {
     assert_eq!(back.target_modules.len(), 7);
     assert_eq!(
         back.size_bytes,
-        4 * st
+        2 * st
             .tensors()
             .iter()
             .map(|(_, v)| v.shape().iter().product::<usize>())
@@ -485,6 +489,33 @@ fn refuses_rank_over_limit() {
         parse(&config(json!({"r": 0})), &qv_file()),
         &["`r`", "positive"],
     );
+}
+
+#[test]
+fn a_pair_beyond_f16_range_is_served_in_f32_and_the_rest_in_f16() {
+    let mut t: Vec<Raw> = pair(0, Module::V, 8).into();
+    t.extend(pair(1, Module::V, 8));
+    // 1e5 does not fit f16 (max 65504); 0.1 does not fit it exactly.
+    t[1].bytes[0..4].copy_from_slice(&1e5f32.to_le_bytes());
+    t[2].bytes[0..4].copy_from_slice(&0.1f32.to_le_bytes());
+    let ad = parse(&config(json!({})), &file(&t)).expect("parses");
+    let wide = ad.layers[0].get(Module::V).expect("layer 0");
+    assert_eq!((wide.a.dtype(), wide.b.dtype()), (DType::F32, DType::F32));
+    assert_eq!(vec2(&wide.b)[0][0], 1e5);
+    let narrow = ad.layers[1].get(Module::V).expect("layer 1");
+    assert_eq!(
+        (narrow.a.dtype(), narrow.b.dtype()),
+        (DType::F16, DType::F16)
+    );
+    assert_eq!(vec2(&narrow.a)[0][0], half::f16::from_f32(0.1).to_f32());
+    let seed = 7 + Module::V.index();
+    assert_eq!(
+        vec2(&narrow.a)[0][1],
+        values(2, seed)[1],
+        "exact in f16 stays exact"
+    );
+    let elems = 8 * 64 + 32 * 8; // per pair
+    assert_eq!(ad.size_bytes, elems * 4 + elems * 2);
 }
 
 #[test]

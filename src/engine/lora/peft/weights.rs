@@ -1,14 +1,17 @@
 //! `adapter_model.safetensors`: tensor names mapped to (layer, module, A|B), each pair checked
 //! against the base layer's shape and the module's rank, sizes bounded before anything is
-//! allocated, values converted to f32 and checked finite, then placed on the device.
+//! allocated, values checked finite and converted to the engine's form (f16 on the CPU, f32
+//! elsewhere), then placed on the device.
 
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
+use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 
 use super::config::{module_path, AdapterConfig};
 use super::{LoraError, LoraLimits};
+use crate::engine::lora::narrow::{self, Refusal};
 use crate::engine::lora::{LayerLora, LoraPair, Module};
 use crate::engine::model::config::ModelConfig;
 
@@ -226,17 +229,38 @@ pub(super) fn load(
         });
     }
 
+    // On the CPU the engine serves A and B as f16 (as PEFT and vLLM do at inference): the
+    // delta pass is bound by reading them, and f16 halves the bytes (BENCHMARKS.md). A pair
+    // with a value beyond f16's range stays f32. Other devices keep f32 for the tensor path.
     let mut layers = vec![LayerLora::default(); base.num_layers];
+    let mut resident_bytes = 0usize;
     for c in checked {
-        let a = to_tensor(&c.a.0, &c.a.1, device)?;
-        let b = to_tensor(&c.b.0, &c.b.1, device)?;
+        let halves = if device.is_cpu() {
+            match (to_f16(&c.a.0, &c.a.1)?, to_f16(&c.b.0, &c.b.1)?) {
+                (Some(a), Some(b)) => Some((a, b)),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let (a, b) = match halves {
+            Some((a, b)) => (
+                place(&c.a.0, a, c.a.1.shape(), device)?,
+                place(&c.b.0, b, c.b.1.shape(), device)?,
+            ),
+            None => (
+                place(&c.a.0, to_f32(&c.a.0, &c.a.1)?, c.a.1.shape(), device)?,
+                place(&c.b.0, to_f32(&c.b.0, &c.b.1)?, c.b.1.shape(), device)?,
+            ),
+        };
+        resident_bytes += (a.elem_count() + b.elem_count()) * a.dtype().size_in_bytes();
         layers[c.layer].modules[c.module.index()] = Some(LoraPair {
             a,
             b,
             scale: c.scale,
         });
     }
-    Ok((layers, size_bytes))
+    Ok((layers, resident_bytes))
 }
 
 fn check_view(
@@ -269,13 +293,9 @@ fn check_view(
     Ok(())
 }
 
-/// Converts to f32 (little-endian bytes, read without assuming alignment), refuses non-finite
-/// values, and places the tensor on `device`.
-fn to_tensor(
-    name: &str,
-    view: &safetensors::tensor::TensorView<'_>,
-    device: &Device,
-) -> Result<Tensor, LoraError> {
+/// The values as f32 (little-endian bytes, read without assuming alignment); a non-finite
+/// value is refused.
+fn to_f32(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>, LoraError> {
     let data = view.data();
     let values: Vec<f32> = match view.dtype() {
         Dtype::F32 => data
@@ -284,25 +304,86 @@ fn to_tensor(
             .collect(),
         Dtype::F16 => data
             .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
         Dtype::BF16 => data
             .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        other => {
-            return Err(LoraError::tensor(
-                name,
-                format!("dtype {other:?} is not supported (F32, F16 or BF16)"),
-            ))
-        }
+        other => return Err(unsupported(name, other)),
     };
     if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(LoraError::tensor(
-            name,
-            format!("element {i} is {v}: all values must be finite"),
-        ));
+        return Err(not_finite(name, i, *v));
     }
-    Tensor::from_vec(values, view.shape(), device)
+    Ok(values)
+}
+
+/// The values as f16, or `None` when one lies beyond f16's range (the caller keeps f32); a
+/// non-finite value is refused.
+fn to_f16(
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+) -> Result<Option<Vec<f16>>, LoraError> {
+    let data = view.data();
+    let refused = |r: Refusal| match r {
+        Refusal::NotFinite { index, value } => Err(not_finite(name, index, value)),
+        Refusal::OutOfRange => Ok(None),
+    };
+    match view.dtype() {
+        Dtype::F32 => {
+            let mut out = vec![f16::ZERO; data.len() / 4];
+            match narrow::f32_le_to_f16(data, &mut out) {
+                Ok(()) => Ok(Some(out)),
+                Err(r) => refused(r),
+            }
+        }
+        Dtype::F16 => {
+            let values: Vec<f16> = data
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            match values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                Some((i, v)) => Err(not_finite(name, i, v.to_f32())),
+                None => Ok(Some(values)),
+            }
+        }
+        Dtype::BF16 => {
+            // Rare in practice; through f32 bytes, to share the checks.
+            let wide: Vec<u8> = data
+                .chunks_exact(2)
+                .flat_map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32().to_le_bytes())
+                .collect();
+            let mut out = vec![f16::ZERO; data.len() / 2];
+            match narrow::f32_le_to_f16(&wide, &mut out) {
+                Ok(()) => Ok(Some(out)),
+                Err(r) => refused(r),
+            }
+        }
+        other => Err(unsupported(name, other)),
+    }
+}
+
+fn unsupported(name: &str, dtype: Dtype) -> LoraError {
+    LoraError::tensor(
+        name,
+        format!("dtype {dtype:?} is not supported (F32, F16 or BF16)"),
+    )
+}
+
+fn not_finite(name: &str, i: usize, v: f32) -> LoraError {
+    LoraError::tensor(
+        name,
+        format!("element {i} is {v}: all values must be finite"),
+    )
+}
+
+/// Places checked values on `device` as a tensor of `shape`.
+fn place<T: candle_core::WithDType>(
+    name: &str,
+    values: Vec<T>,
+    shape: &[usize],
+    device: &Device,
+) -> Result<Tensor, LoraError> {
+    Tensor::from_vec(values, shape, device)
         .map_err(|e| LoraError::tensor(name, format!("could not be placed on the device: {e}")))
 }
