@@ -506,29 +506,51 @@ where
             big.resize(n * max_nw, 0f32);
             &mut big[..]
         };
+        // Results of up to SPAN consecutive weight rows for every input row, gathered here
+        // and then written out as one contiguous run per input row: storing each result
+        // straight into the output, a column at a time, cost ~3% of a batched decode step
+        // (the lm_head's output is 1.5 MB at 8 rows, so every strided store missed).
+        const SPAN: usize = 64;
+        let mut tile = vec![0f32; n * SPAN];
         let mut base = 0;
         for (w, out) in ws.iter().zip(outs) {
             let (lo, hi) = (g0.max(base), g1.min(base + w.rows));
             let row_bytes = w.cols / QK * w.format.block_bytes();
-            let (mut j, hi) = (lo.saturating_sub(base), hi.saturating_sub(base));
-            while j < hi {
-                let nw = max_nw.min(hi - j);
-                let dst = &mut dst[..nw * n];
-                dot(
-                    w.format,
-                    &w.data[j * row_bytes..(j + nw) * row_bytes],
-                    nw,
-                    dst,
-                );
-                for (k, col) in dst.chunks_exact(n).enumerate() {
-                    for (r, v) in col.iter().enumerate() {
-                        // SAFETY: r < n and j + k < w.rows, so the index is inside this output
-                        // (n·rows long, checked by matmul_multi); no other task writes column
-                        // j + k.
-                        unsafe { *out.get().add(r * w.rows + j + k) = *v };
+            let (lo, hi) = (lo.saturating_sub(base), hi.saturating_sub(base));
+            let mut span_start = lo;
+            while span_start < hi {
+                let span_end = (span_start + SPAN).min(hi);
+                let span = span_end - span_start;
+                let mut j = span_start;
+                while j < span_end {
+                    let nw = max_nw.min(span_end - j);
+                    let dst = &mut dst[..nw * n];
+                    dot(
+                        w.format,
+                        &w.data[j * row_bytes..(j + nw) * row_bytes],
+                        nw,
+                        dst,
+                    );
+                    for (k, col) in dst.chunks_exact(n).enumerate() {
+                        for (r, v) in col.iter().enumerate() {
+                            tile[r * SPAN + j - span_start + k] = *v;
+                        }
                     }
+                    j += nw;
                 }
-                j += nw;
+                for (r, t) in tile.chunks_exact(SPAN).enumerate() {
+                    // SAFETY: r < n and span_start + span <= w.rows, so the run is inside
+                    // this output (n·rows long, checked by matmul_multi); no other task
+                    // writes these columns.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            t.as_ptr(),
+                            out.get().add(r * w.rows + span_start),
+                            span,
+                        )
+                    };
+                }
+                span_start = span_end;
             }
             base += w.rows;
         }
