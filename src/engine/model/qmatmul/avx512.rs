@@ -7,23 +7,9 @@
 //! applied once, while unpacking, and the per-row work is two FMAs with the activations as
 //! memory operands; the result is the exact product of the dequantized weights.
 
+use super::format_id::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::{BlockFormat, QK};
 use std::arch::x86_64::*;
-
-/// Format as a const generic, so the per-block branches vanish from the hot loop (with them,
-/// LLVM spilled accumulators to the stack).
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q8_0: u8 = 2;
-
-#[inline(always)]
-const fn block_bytes(f: u8) -> usize {
-    match f {
-        Q4_0 => 18,
-        Q4_1 => 20,
-        _ => 34,
-    }
-}
 
 /// Scale (and, for Q4_1, min) of the block at `b` as two broadcast vectors; Q4_0's offset is
 /// −8·d, Q8_0 has none. One 8-byte load covers both f16 values (every block is ≥ 18 bytes).

@@ -16,24 +16,11 @@
 
 use std::arch::x86_64::*;
 
+use super::format_id::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::{ActRow, BlockFormat, QuantRows, QK};
-
-/// Format as a const generic, so the per-block branches vanish from the hot loop.
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q8_0: u8 = 2;
 
 /// Blocks whose offset coefficients are buffered before being dotted with the block sums.
 const CHUNK: usize = 64;
-
-#[inline(always)]
-const fn block_bytes(f: u8) -> usize {
-    match f {
-        Q4_0 => 18,
-        Q4_1 => 20,
-        _ => 34,
-    }
-}
 
 /// The two f16 values at `p` (scale and, for Q4_1, min) converted with F16C. It loads 8 bytes
 /// (still inside the block: every format's block is at least 18 bytes) as one vector load: a

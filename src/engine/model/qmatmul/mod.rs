@@ -35,6 +35,24 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
+/// [`BlockFormat`] as a const-generic parameter of the SIMD kernels, so the per-block format
+/// branches vanish from their hot loops (left in, LLVM also spilled accumulators to the stack).
+#[cfg(target_arch = "x86_64")]
+mod format_id {
+    pub const Q4_0: u8 = 0;
+    pub const Q4_1: u8 = 1;
+    pub const Q8_0: u8 = 2;
+
+    #[inline(always)]
+    pub const fn block_bytes(f: u8) -> usize {
+        match f {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            _ => 34,
+        }
+    }
+}
+
 /// Values per quantization block (all three weight formats, and the int8 activation blocks).
 const QK: usize = 32;
 
