@@ -335,12 +335,15 @@ impl Llama {
             offsets.push(offset);
             offset += s.tokens.len();
         }
-        // The queries as plain values for the fused one-token path (CPU only).
-        let q_host: Option<Vec<f32>> = if self.device.is_cpu() && q.dtype() == DType::F32 {
-            Some(q.flatten_all()?.to_vec1()?)
-        } else {
-            None
-        };
+        // The queries as plain values for the fused one-token path (CPU only; not copied for
+        // a step of prompts alone).
+        let one_token = batch.iter().any(|s| s.tokens.len() == 1);
+        let q_host: Option<Vec<f32>> =
+            if one_token && self.device.is_cpu() && q.dtype() == DType::F32 {
+                Some(q.flatten_all()?.to_vec1()?)
+            } else {
+                None
+            };
         let one = |s: &mut SeqInput<'_>, offset: usize| -> Result<Tensor> {
             let n = s.tokens.len();
             let start = s.cache.len();
