@@ -48,8 +48,9 @@ unsafe fn unpack(format: BlockFormat, b: &[u8]) -> [__m256; 4] {
     }
 }
 
+/// The sum of the eight lanes of `v` (also used by the integer kernels).
 #[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));

@@ -16,6 +16,7 @@
 
 use std::arch::x86_64::*;
 
+use super::avx2::hsum;
 use super::format_id::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::{ActRow, BlockFormat, QuantRows, QK};
 
@@ -62,14 +63,6 @@ unsafe fn idot<const F: u8, const VNNI: bool, const W16: bool>(
             _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
         }
     }
-}
-
-#[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
 }
 
 /// Σ a[i]·b[i] over two equal-length slices.
@@ -326,37 +319,49 @@ pub(super) unsafe fn dot_rows_vnni(
     }
 }
 
+/// One 32-value block at `p` scaled so its largest magnitude maps to `qmax` and rounded to
+/// nearest-even (`vcvtps2dq`, as the scalar trick rounds): the rounded values as four vectors
+/// of eight i32, the scale, and the sum of the rounded values.
+#[inline(always)]
+unsafe fn quantize_block(p: *const f32, qmax: f32) -> ([__m256i; 4], f32, i32) {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    let v = [
+        _mm256_loadu_ps(p),
+        _mm256_loadu_ps(p.add(8)),
+        _mm256_loadu_ps(p.add(16)),
+        _mm256_loadu_ps(p.add(24)),
+    ];
+    let m = _mm256_max_ps(
+        _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+        _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+    );
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let scale = amax / qmax;
+    let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+    // A loop, not `array::map`: a closure would not inherit the caller's target features.
+    let mut i = [_mm256_setzero_si256(); 4];
+    for (ik, vk) in i.iter_mut().zip(v) {
+        *ik = _mm256_cvtps_epi32(_mm256_mul_ps(vk, inv));
+    }
+    let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    (i, scale, _mm_cvtsi128_si32(s))
+}
+
 /// Quantizes whole 32-value blocks of `x` into `q`, with per-block scale `d` and sum
 /// d·Σq; bit-identical to the scalar loop in `QuantRows::quantize` (same scale, same
-/// multiply, and `vcvtps2dq` rounds to nearest-even as the scalar trick does).
+/// multiply, same rounding).
 /// Safety: the CPU has AVX2; `q` is as long as `x`, `d` and `sum` one per block.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32]) {
     let nb = x.len() / QK;
     debug_assert!(q.len() >= nb * QK && d.len() >= nb && sum.len() >= nb);
-    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
     for b in 0..nb {
-        let p = x.as_ptr().add(b * QK);
-        let v = [
-            _mm256_loadu_ps(p),
-            _mm256_loadu_ps(p.add(8)),
-            _mm256_loadu_ps(p.add(16)),
-            _mm256_loadu_ps(p.add(24)),
-        ];
-        let m = _mm256_max_ps(
-            _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
-            _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
-        );
-        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-        let scale = amax / 127.0;
-        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
-        let i = v.map(|vk| _mm256_cvtps_epi32(_mm256_mul_ps(vk, inv)));
-        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        let (i, scale, isum) = quantize_block(x.as_ptr().add(b * QK), 127.0);
         // The packs interleave 128-bit lanes; the permute puts the 32 bytes back in order.
         let p01 = _mm256_packs_epi32(i[0], i[1]);
         let p23 = _mm256_packs_epi32(i[2], i[3]);
@@ -366,7 +371,7 @@ pub(super) unsafe fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], sum
         );
         _mm256_storeu_si256(q.as_mut_ptr().add(b * QK) as *mut __m256i, bytes);
         *d.get_unchecked_mut(b) = scale;
-        *sum.get_unchecked_mut(b) = scale * _mm_cvtsi128_si32(s) as f32;
+        *sum.get_unchecked_mut(b) = scale * isum as f32;
     }
 }
 
@@ -376,29 +381,8 @@ pub(super) unsafe fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], sum
 pub(super) unsafe fn quantize_blocks16(x: &[f32], q: &mut [i16], d: &mut [f32], sum: &mut [f32]) {
     let nb = x.len() / QK;
     debug_assert!(q.len() >= nb * QK && d.len() >= nb && sum.len() >= nb);
-    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
     for b in 0..nb {
-        let p = x.as_ptr().add(b * QK);
-        let v = [
-            _mm256_loadu_ps(p),
-            _mm256_loadu_ps(p.add(8)),
-            _mm256_loadu_ps(p.add(16)),
-            _mm256_loadu_ps(p.add(24)),
-        ];
-        let m = _mm256_max_ps(
-            _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
-            _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
-        );
-        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-        let scale = amax / 32767.0;
-        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
-        let i = v.map(|vk| _mm256_cvtps_epi32(_mm256_mul_ps(vk, inv)));
-        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        let (i, scale, isum) = quantize_block(x.as_ptr().add(b * QK), 32767.0);
         // packs interleaves 128-bit lanes; the 64-bit permute restores value order.
         let out = q.as_mut_ptr().add(b * QK) as *mut __m256i;
         _mm256_storeu_si256(
@@ -410,6 +394,6 @@ pub(super) unsafe fn quantize_blocks16(x: &[f32], q: &mut [i16], d: &mut [f32], 
             _mm256_permute4x64_epi64(_mm256_packs_epi32(i[2], i[3]), 0b11_01_10_00),
         );
         *d.get_unchecked_mut(b) = scale;
-        *sum.get_unchecked_mut(b) = scale * _mm_cvtsi128_si32(s) as f32;
+        *sum.get_unchecked_mut(b) = scale * isum as f32;
     }
 }
