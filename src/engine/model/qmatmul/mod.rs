@@ -10,7 +10,9 @@
 //!   BENCHMARKS.md ("Decode kernels").
 //! - `F32`: activations stay f32 and blocks are unpacked to f32 (AVX2+FMA): the exact path,
 //!   equal to x·Wᵀ on the dequantized weights up to summation order.
-//! - `Auto` (default): int16 for a few rows (decode), f32 for many (batched decode, prefill).
+//! - `Auto` (default): int16 wherever the CPU has AVX-512 VNNI (on 16-row weight strips,
+//!   see `strips`, the fastest path at every row count); elsewhere int16 for a few rows
+//!   (decode), f32 for many (batched decode, prefill).
 //!
 //! Why our own kernel rather than candle's `QMatMul`: candle 0.11's Q4_1 dot product is scalar,
 //! it re-reads every weight block for every row of a batch, and its activation blocks carry f16
@@ -24,6 +26,7 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod int_x86;
 mod scalar;
+mod strips;
 #[cfg(test)]
 mod tests;
 
@@ -89,13 +92,15 @@ impl BlockFormat {
 
 /// What the activations are multiplied as. Measured on the default model (BENCHMARKS.md,
 /// "Decode kernels"): `Int16` keeps the output of the exact path (PEFT reference tokens
-/// 12/12) and is 1.6-1.7x the f32 path for one row, but from about four rows on the f32 path
-/// is as fast or faster (the float work per row and block dominates there, and int16 adds
+/// 12/12). With AVX-512 VNNI its strip kernel is the fastest path at every row count; on
+/// AVX2 it is 1.6-1.7x the f32 path for one row, but from about four rows on the f32 path is
+/// as fast or faster (the float work per row and block dominates there, and int16 adds
 /// integer work on top); `Auto`, the default, takes the faster of the two exact-enough paths
-/// per call. `Int8` is llama.cpp's scheme, the fastest, and moves near-tied greedy choices.
+/// per call. `Int8` is llama.cpp's scheme and moves near-tied greedy choices.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ActivationPrecision {
-    /// `Int16` for fewer than [`AUTO_F32_FROM_ROWS`] input rows, `F32` from there on.
+    /// `Int16` on AVX-512 VNNI; elsewhere `Int16` for fewer than [`AUTO_F32_FROM_ROWS`]
+    /// input rows, `F32` from there on.
     #[default]
     Auto,
     /// int8 per 32-value block with an f32 scale (llama.cpp's scheme); integer dot products.
@@ -107,10 +112,9 @@ pub enum ActivationPrecision {
     F32,
 }
 
-/// Where `Auto` switches from int16 to f32 activations (decode of 1, 4, 8, 16 sequences and
-/// 128/500-token prefills measured side by side; from 4 rows f32 was at least as fast with
-/// the AVX2 kernel; with the AVX-512 one, 4 rows came out within noise, ±5%, and f32 led
-/// clearly from 8).
+/// Where `Auto` switches from int16 to f32 activations without AVX-512 VNNI (decode of 1,
+/// 4, 8, 16 sequences and 128/500-token prefills measured side by side with the AVX2
+/// kernels: from 4 rows f32 was at least as fast).
 pub const AUTO_F32_FROM_ROWS: usize = 4;
 
 impl ActivationPrecision {
@@ -147,8 +151,8 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C.
     Avx2,
-    /// The AVX2 set plus AVX-512F, VL and VNNI: the integer paths use 256-bit `vpdpbusd` /
-    /// `vpdpwssd`, the f32 path 512-bit FMAs.
+    /// The AVX2 set plus AVX-512F, BW, VL and VNNI: the integer paths use `vpdpbusd` /
+    /// `vpdpwssd` (512-bit on strips for many rows), the f32 path 512-bit FMAs.
     Avx512Vnni,
 }
 
@@ -176,6 +180,7 @@ impl Isa {
                 Isa::Avx2 => avx2,
                 Isa::Avx512Vnni => {
                     avx2 && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
                         && is_x86_feature_detected!("avx512vnni")
                         && is_x86_feature_detected!("avx512vl")
                 }
@@ -195,6 +200,9 @@ pub struct QWeight {
     data: Vec<u8>,
     rows: usize,
     cols: usize,
+    /// The same weight in 16-row strips, for many input rows (see `strips`); built where the
+    /// CPU can run that kernel.
+    strips: Option<strips::Strips>,
 }
 
 /// Activation rows quantized to int8 per 32-value block: `q` [n, cols], and per block
@@ -339,11 +347,14 @@ impl QWeight {
                 rows * cols / QK * format.block_bytes()
             );
         }
+        let strips = (Isa::detect() >= Isa::Avx512Vnni)
+            .then(|| strips::Strips::build(format, &data, rows, cols));
         Ok(Some(Self {
             format,
             data,
             rows,
             cols,
+            strips,
         }))
     }
 
@@ -361,7 +372,7 @@ impl QWeight {
 
     /// Bytes held (for memory accounting).
     pub fn size_bytes(&self) -> usize {
-        self.data.len()
+        self.data.len() + self.strips.as_ref().map_or(0, |s| s.data.len())
     }
 
     /// `xs` [n, cols] f32 -> [n, rows] f32, with the activations at `precision`.
@@ -450,29 +461,52 @@ pub fn matmul_multi(
     } else {
         Isa::detect()
     };
+    #[cfg(target_arch = "x86_64")]
+    if matches!(
+        precision,
+        ActivationPrecision::Auto | ActivationPrecision::Int16
+    ) && isa >= Isa::Avx512Vnni
+        && ws.iter().all(|w| w.strips.is_some())
+    {
+        with_quantized(x, cols, isa, true, |acts| {
+            // SAFETY: `isa` is available and includes AVX-512F/BW/VNNI and F16C; every
+            // weight has strips; the outputs were checked to hold n·rows_i values.
+            unsafe { strips::matmul(ws, acts, n, cols, &outs) }
+        });
+        return;
+    }
     match precision.for_rows(n) {
         ActivationPrecision::Auto | ActivationPrecision::F32 => {
             par_rows(ws, &outs, n, f32_rows_per_call(isa), |f, w, nw, dst| {
                 dot_rows_f32(f, w, nw, x, cols, dst, isa)
             })
         }
-        ActivationPrecision::Int8 | ActivationPrecision::Int16 => QUANT_ROWS.with(|cell| {
-            // A matmul never nests inside another on one thread, so the borrow is free; if
-            // it ever were taken, fall back to a fresh buffer rather than panic.
-            let mut fresh = QuantRows::default();
-            let mut guard = cell.try_borrow_mut();
-            let acts = match guard.as_deref_mut() {
-                Ok(a) => a,
-                Err(_) => &mut fresh,
-            };
+        ActivationPrecision::Int8 | ActivationPrecision::Int16 => {
             let int16 = precision.for_rows(n) == ActivationPrecision::Int16;
-            acts.quantize(x, cols, isa, int16);
-            let acts = &*acts;
-            par_rows(ws, &outs, n, 1, |f, w, _, dst| {
-                dot_rows_int(f, w, acts, cols, dst, isa)
+            with_quantized(x, cols, isa, int16, |acts| {
+                par_rows(ws, &outs, n, 1, |f, w, _, dst| {
+                    dot_rows_int(f, w, acts, cols, dst, isa)
+                })
             })
-        }),
+        }
     }
+}
+
+/// Runs `f` on `x` ([n, cols]) quantized per block to int16 (`wide`) or int8, in this
+/// thread's reusable buffers.
+fn with_quantized(x: &[f32], cols: usize, isa: Isa, wide: bool, f: impl FnOnce(&QuantRows)) {
+    QUANT_ROWS.with(|cell| {
+        // A matmul never nests inside another on one thread, so the borrow is free; if it
+        // ever were taken, fall back to a fresh buffer rather than panic.
+        let mut fresh = QuantRows::default();
+        let mut guard = cell.try_borrow_mut();
+        let acts = match guard.as_deref_mut() {
+            Ok(a) => a,
+            Err(_) => &mut fresh,
+        };
+        acts.quantize(x, cols, isa, wide);
+        f(acts)
+    })
 }
 
 /// [`matmul_multi`] on tensors: `xs` [n, cols] f32 -> one [n, rows_i] tensor per weight.

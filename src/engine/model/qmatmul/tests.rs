@@ -144,7 +144,7 @@ fn integer_paths_stay_within_the_rounding_bound_of_the_exact_path() {
 fn parallel_split_matches_the_scalar_reference() {
     let (rows, cols) = (1001, 576);
     let (k, _) = weight(rows, cols, GgmlDType::Q4_1, 7);
-    for n in [1usize, 3, 8] {
+    for n in [1usize, 3, 8, 40] {
         let x = values(n * cols, 8);
         for p in [
             ActivationPrecision::F32,
@@ -249,7 +249,8 @@ fn fused_matmuls_equal_separate_ones() {
     let cols = 576;
     let (a, _) = weight(600, cols, GgmlDType::Q4_1, 12);
     let (b, _) = weight(200, cols, GgmlDType::Q8_0, 13);
-    for n in [1usize, 3] {
+    // 40 rows: more than one panel of the strip kernel.
+    for n in [1usize, 3, 40] {
         let x = values(n * cols, 14);
         for p in [
             ActivationPrecision::F32,
@@ -261,5 +262,25 @@ fn fused_matmuls_equal_separate_ones() {
             assert_eq!(oa, run(&a, &x, n, p, Isa::detect()), "{p:?} n={n}");
             assert_eq!(ob, run(&b, &x, n, p, Isa::detect()), "{p:?} n={n}");
         }
+    }
+}
+
+/// Where the CPU has AVX-512 VNNI every weight gets a strip copy and `Auto` runs the strip
+/// kernel (int16) at every row count; elsewhere `Auto` stays int16 below 4 rows, f32 above.
+#[test]
+fn auto_takes_the_strip_kernel_where_the_cpu_has_it() {
+    let cols = 96;
+    let (k, _) = weight(40, cols, GgmlDType::Q4_1, 15);
+    let strips = Isa::detect() >= Isa::Avx512Vnni;
+    assert_eq!(k.strips.is_some(), strips);
+    for n in [1usize, 4, 9] {
+        let x = values(n * cols, 16);
+        let auto = run(&k, &x, n, ActivationPrecision::Auto, Isa::detect());
+        let want = if strips || n < AUTO_F32_FROM_ROWS {
+            ActivationPrecision::Int16
+        } else {
+            ActivationPrecision::F32
+        };
+        assert_eq!(auto, run(&k, &x, n, want, Isa::detect()), "n={n}");
     }
 }
