@@ -197,11 +197,14 @@ impl Isa {
 #[derive(Debug)]
 pub struct QWeight {
     format: BlockFormat,
-    data: Vec<u8>,
+    /// The GGUF blocks, for the kernels that read that layout. Where strips exist they are
+    /// rebuilt from them on first use (the f32 and int8 paths are opt-in), so the default
+    /// path holds one copy of the weights, not two.
+    data: OnceLock<Vec<u8>>,
     rows: usize,
     cols: usize,
-    /// The same weight in 16-row strips, for many input rows (see `strips`); built where the
-    /// CPU can run that kernel.
+    /// The same weight in 16-row strips (see `strips`); built where the CPU can run that
+    /// kernel.
     strips: Option<strips::Strips>,
 }
 
@@ -349,13 +352,25 @@ impl QWeight {
         }
         let strips = (Isa::detect() >= Isa::Avx512Vnni)
             .then(|| strips::Strips::build(format, &data, rows, cols));
+        let gguf = OnceLock::new();
+        if strips.is_none() {
+            let _ = gguf.set(data);
+        }
         Ok(Some(Self {
             format,
-            data,
+            data: gguf,
             rows,
             cols,
             strips,
         }))
+    }
+
+    /// The weight's GGUF blocks (rebuilt from the strips on first use where those exist).
+    fn gguf(&self) -> &[u8] {
+        self.data.get_or_init(|| match &self.strips {
+            Some(s) => s.to_gguf(self.format, self.rows, self.cols),
+            None => Vec::new(),
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -372,7 +387,7 @@ impl QWeight {
 
     /// Bytes held (for memory accounting).
     pub fn size_bytes(&self) -> usize {
-        self.data.len() + self.strips.as_ref().map_or(0, |s| s.data.len())
+        self.data.get().map_or(0, Vec::len) + self.strips.as_ref().map_or(0, |s| s.data.len())
     }
 
     /// `xs` [n, cols] f32 -> [n, rows] f32, with the activations at `precision`.
@@ -408,12 +423,23 @@ impl QWeight {
     /// The weight as dense f32 rows [rows, cols] (row-major), unpacked in parallel. Training
     /// multiplies many rows at once, where a dense GEMM on a temporary copy beats the block kernel.
     pub fn dequantize(&self) -> Vec<f32> {
+        // A temporary GGUF copy where only strips are held: training should not leave a
+        // second copy of every weight behind.
+        let rebuilt;
+        let data: &[u8] = match (self.data.get(), &self.strips) {
+            (Some(d), _) => d,
+            (None, Some(s)) => {
+                rebuilt = s.to_gguf(self.format, self.rows, self.cols);
+                &rebuilt
+            }
+            (None, None) => &[],
+        };
         let row_bytes = self.cols / QK * self.format.block_bytes();
         let mut out = vec![0f32; self.rows * self.cols];
         out.par_chunks_mut(self.cols)
             .enumerate()
             .for_each(|(j, dst)| {
-                let w = &self.data[j * row_bytes..(j + 1) * row_bytes];
+                let w = &data[j * row_bytes..(j + 1) * row_bytes];
                 let mut block = [0f32; QK];
                 for (b, d) in w
                     .chunks_exact(self.format.block_bytes())
@@ -568,6 +594,7 @@ where
         for (w, out) in ws.iter().zip(outs) {
             let (lo, hi) = (g0.max(base), g1.min(base + w.rows));
             let row_bytes = w.cols / QK * w.format.block_bytes();
+            let data = w.gguf();
             let (lo, hi) = (lo.saturating_sub(base), hi.saturating_sub(base));
             let mut span_start = lo;
             while span_start < hi {
@@ -579,7 +606,7 @@ where
                     let dst = &mut dst[..nw * n];
                     dot(
                         w.format,
-                        &w.data[j * row_bytes..(j + nw) * row_bytes],
+                        &data[j * row_bytes..(j + nw) * row_bytes],
                         nw,
                         dst,
                     );

@@ -58,33 +58,82 @@ impl Strips {
         let rb = record_bytes(format);
         let strips = rows.div_ceil(STRIP);
         let mut out = vec![0u8; strips * nb * rb];
-        let mut vals = [0u8; QK];
-        for (s, strip) in out.chunks_exact_mut(nb * rb).enumerate() {
-            for (b, rec) in strip.chunks_exact_mut(rb).enumerate() {
-                let (scales, quants) = rec.split_at_mut(SCALE_BYTES);
-                for l in 0..STRIP.min(rows - s * STRIP) {
-                    let row = s * STRIP + l;
-                    let blk = &data[(row * nb + b) * bb..(row * nb + b + 1) * bb];
-                    scales[2 * l..2 * l + 2].copy_from_slice(&blk[0..2]);
-                    if format == BlockFormat::Q4_1 {
-                        scales[32 + 2 * l..32 + 2 * l + 2].copy_from_slice(&blk[2..4]);
+        // In parallel: at load, every weight of the model passes through here once.
+        out.par_chunks_exact_mut(nb * rb)
+            .enumerate()
+            .for_each(|(s, strip)| {
+                let mut vals = [0u8; QK];
+                for (b, rec) in strip.chunks_exact_mut(rb).enumerate() {
+                    let (scales, quants) = rec.split_at_mut(SCALE_BYTES);
+                    for l in 0..STRIP.min(rows - s * STRIP) {
+                        let row = s * STRIP + l;
+                        let blk = &data[(row * nb + b) * bb..(row * nb + b + 1) * bb];
+                        scales[2 * l..2 * l + 2].copy_from_slice(&blk[0..2]);
+                        if format == BlockFormat::Q4_1 {
+                            scales[32 + 2 * l..32 + 2 * l + 2].copy_from_slice(&blk[2..4]);
+                        }
+                        block_values(format, blk, &mut vals);
+                        for (e, &v) in vals.iter().enumerate() {
+                            // k-step e/2, position 2l + e%2 (see the module docs).
+                            let (k, p) = (e / 2, 2 * l + e % 2);
+                            if format == BlockFormat::Q8_0 {
+                                quants[k * 32 + p] = v;
+                            } else {
+                                let (c, t) = (k / 4, k % 4);
+                                let byte = c * 64 + (t % 2) * 32 + p;
+                                quants[byte] |= if t < 2 { v } else { v << 4 };
+                            }
+                        }
                     }
-                    block_values(format, blk, &mut vals);
-                    for (e, &v) in vals.iter().enumerate() {
-                        // k-step e/2, position 2l + e%2 (see the module docs).
-                        let (k, p) = (e / 2, 2 * l + e % 2);
-                        if format == BlockFormat::Q8_0 {
-                            quants[k * 32 + p] = v;
+                }
+            });
+        Self { data: out, strips }
+    }
+}
+
+impl Strips {
+    /// The GGUF blocks back (`rows` × `cols/32`), for the kernels that read that layout.
+    pub fn to_gguf(&self, format: BlockFormat, rows: usize, cols: usize) -> Vec<u8> {
+        let nb = cols / QK;
+        let (bb, rb) = (format.block_bytes(), record_bytes(format));
+        let mut out = vec![0u8; rows * nb * bb];
+        for (row, blocks) in out.chunks_exact_mut(nb * bb).enumerate() {
+            let (s, l) = (row / STRIP, row % STRIP);
+            for (b, blk) in blocks.chunks_exact_mut(bb).enumerate() {
+                let rec = &self.data[(s * nb + b) * rb..(s * nb + b + 1) * rb];
+                let (scales, quants) = rec.split_at(SCALE_BYTES);
+                blk[0..2].copy_from_slice(&scales[2 * l..2 * l + 2]);
+                let vals: [u8; QK] = std::array::from_fn(|e| {
+                    let (k, p) = (e / 2, 2 * l + e % 2);
+                    if format == BlockFormat::Q8_0 {
+                        quants[k * 32 + p]
+                    } else {
+                        let (c, t) = (k / 4, k % 4);
+                        let byte = quants[c * 64 + (t % 2) * 32 + p];
+                        if t < 2 {
+                            byte & 0x0F
                         } else {
-                            let (c, t) = (k / 4, k % 4);
-                            let byte = c * 64 + (t % 2) * 32 + p;
-                            quants[byte] |= if t < 2 { v } else { v << 4 };
+                            byte >> 4
+                        }
+                    }
+                });
+                match format {
+                    BlockFormat::Q8_0 => blk[2..].copy_from_slice(&vals),
+                    _ => {
+                        let qs = if format == BlockFormat::Q4_1 {
+                            blk[2..4].copy_from_slice(&scales[32 + 2 * l..32 + 2 * l + 2]);
+                            &mut blk[4..]
+                        } else {
+                            &mut blk[2..]
+                        };
+                        for i in 0..QK / 2 {
+                            qs[i] = vals[i] | (vals[i + QK / 2] << 4);
                         }
                     }
                 }
             }
         }
-        Self { data: out, strips }
+        out
     }
 }
 

@@ -284,3 +284,24 @@ fn auto_takes_the_strip_kernel_where_the_cpu_has_it() {
         assert_eq!(auto, run(&k, &x, n, want, Isa::detect()), "n={n}");
     }
 }
+
+/// The strip layout is a permutation: GGUF blocks → strips → GGUF blocks gives the same bytes,
+/// including a partial last strip; and a weight holding only strips still dequantizes and
+/// runs the f32 and int8 paths (which rebuild the GGUF blocks on first use).
+#[test]
+fn strips_round_trip_to_gguf_blocks() {
+    for dtype in FORMATS {
+        for rows in [1usize, 16, 37] {
+            let cols = 3 * QK;
+            let w = Tensor::from_vec(values(rows * cols, 17), (rows, cols), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let data = q.data().unwrap().into_owned();
+            let format = BlockFormat::from_ggml(dtype).unwrap();
+            let s = strips::Strips::build(format, &data, rows, cols);
+            assert_eq!(s.to_gguf(format, rows, cols), data, "{dtype:?} rows={rows}");
+        }
+        let (k, deq) = weight(37, 96, dtype, 18);
+        let deq: Vec<f32> = deq.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(k.dequantize(), deq, "{dtype:?} dequantize");
+    }
+}
