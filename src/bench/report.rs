@@ -70,14 +70,21 @@ pub struct RunReport {
 
 impl RunReport {
     pub fn find(&self, mode: Mode, prompt_tokens: usize, concurrency: usize) -> Option<&Summary> {
-        self.scenarios
-            .iter()
-            .find(|s| {
-                s.scenario.mode == mode
-                    && s.scenario.prompt_tokens == prompt_tokens
-                    && s.scenario.concurrency == concurrency
-            })
+        self.find_scenario(mode, prompt_tokens, concurrency)
             .map(|s| &s.summary)
+    }
+
+    pub fn find_scenario(
+        &self,
+        mode: Mode,
+        prompt_tokens: usize,
+        concurrency: usize,
+    ) -> Option<&ScenarioReport> {
+        self.scenarios.iter().find(|s| {
+            s.scenario.mode == mode
+                && s.scenario.prompt_tokens == prompt_tokens
+                && s.scenario.concurrency == concurrency
+        })
     }
 }
 
@@ -266,13 +273,7 @@ pub fn compare(ours: &RunReport, peer: &RunReport, llama_bench: Option<&Value>) 
         let p = peer.find(Mode::Base, sc.prompt_tokens, sc.concurrency);
         let our_base = ours.find(Mode::Base, sc.prompt_tokens, sc.concurrency);
         let peer_rss = peer
-            .scenarios
-            .iter()
-            .find(|x| {
-                x.scenario.mode == Mode::Base
-                    && x.scenario.prompt_tokens == sc.prompt_tokens
-                    && x.scenario.concurrency == sc.concurrency
-            })
+            .find_scenario(Mode::Base, sc.prompt_tokens, sc.concurrency)
             .and_then(|x| x.peak_rss);
         ratios.push(RatioRow {
             id: s.id.clone(),
@@ -313,6 +314,28 @@ fn at_least(target: &str, measured: String, value: Option<f64>, goal: f64) -> Ta
     }
 }
 
+/// A target on the ratio of two throughputs: "a / b tok/s = ratio", then `note`.
+fn ratio_at_least(
+    target: &str,
+    a: Option<f64>,
+    b: Option<f64>,
+    note: &str,
+    goal: f64,
+) -> TargetRow {
+    let v = ratio(a, b);
+    at_least(
+        target,
+        format!(
+            "{} / {} tok/s = {}{note}",
+            fmt_opt(a, 1),
+            fmt_opt(b, 1),
+            fmt_ratio(v)
+        ),
+        v,
+        goal,
+    )
+}
+
 /// Issue 7's targets from the rows present (a target whose rows were not run says so).
 fn targets(ours: &RunReport, peer: &RunReport, lb: &[BenchRow]) -> Vec<TargetRow> {
     let (on, pn) = (&ours.label, &peer.label);
@@ -331,17 +354,12 @@ fn targets(ours: &RunReport, peer: &RunReport, lb: &[BenchRow]) -> Vec<TargetRow
         r.find(Mode::Base, short, 1)
             .and_then(|s| s.decode_tps_per_stream_p50)
     };
-    let (od, pd) = (dec(ours), dec(peer));
-    let v = ratio(od, pd);
-    out.push(at_least(
+    let od = dec(ours);
+    out.push(ratio_at_least(
         "single-stream decode ≥ 1.0× llama.cpp (server, 1 stream)",
-        format!(
-            "{} / {} tok/s = {} (base/p{short}/c1, {on}/{pn})",
-            fmt_opt(od, 1),
-            fmt_opt(pd, 1),
-            fmt_ratio(v)
-        ),
-        v,
+        od,
+        dec(peer),
+        &format!(" (base/p{short}/c1, {on}/{pn})"),
         1.0,
     ));
     if let Some(BenchRow {
@@ -350,11 +368,13 @@ fn targets(ours: &RunReport, peer: &RunReport, lb: &[BenchRow]) -> Vec<TargetRow
         ..
     }) = lb.iter().find(|r| r.test.starts_with("tg"))
     {
-        let v = ratio(od, Some(*tg));
-        out.push(at_least(
+        // llama-bench's rates come from JSON numbers, always finite: fmt_opt prints them as
+        // `{tg:.1}` would.
+        out.push(ratio_at_least(
             &format!("single-stream decode ≥ 1.0× llama-bench {name}"),
-            format!("{} / {tg:.1} tok/s = {}", fmt_opt(od, 1), fmt_ratio(v)),
-            v,
+            od,
+            Some(*tg),
+            "",
             1.0,
         ));
     }
@@ -382,39 +402,22 @@ fn targets(ours: &RunReport, peer: &RunReport, lb: &[BenchRow]) -> Vec<TargetRow
         v,
         0.8,
     ));
+    let agg8 = |r: &RunReport, mode: Mode, p: usize| r.find(mode, p, 8).map(|s| s.aggregate_tps);
     for &p in &prompts {
-        let (o, q) = (
-            ours.find(Mode::Base, p, 8).map(|s| s.aggregate_tps),
-            peer.find(Mode::Base, p, 8).map(|s| s.aggregate_tps),
-        );
-        let v = ratio(o, q);
-        out.push(at_least(
+        out.push(ratio_at_least(
             &format!("aggregate at 8 streams ≥ 1.5× llama-server (p{p})"),
-            format!(
-                "{} / {} tok/s = {}",
-                fmt_opt(o, 1),
-                fmt_opt(q, 1),
-                fmt_ratio(v)
-            ),
-            v,
+            agg8(ours, Mode::Base, p),
+            agg8(peer, Mode::Base, p),
+            "",
             1.5,
         ));
     }
     for &p in &prompts {
-        let (n, b) = (
-            ours.find(Mode::NAdapters, p, 8).map(|s| s.aggregate_tps),
-            ours.find(Mode::Base, p, 8).map(|s| s.aggregate_tps),
-        );
-        let v = ratio(n, b);
-        out.push(at_least(
+        out.push(ratio_at_least(
             &format!("8 streams over 8 adapters ≥ 0.85× 8 streams on the base (p{p})"),
-            format!(
-                "{} / {} tok/s = {}",
-                fmt_opt(n, 1),
-                fmt_opt(b, 1),
-                fmt_ratio(v)
-            ),
-            v,
+            agg8(ours, Mode::NAdapters, p),
+            agg8(ours, Mode::Base, p),
+            "",
             0.85,
         ));
     }
