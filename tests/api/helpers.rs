@@ -59,6 +59,34 @@ impl TestApp {
             .await
             .expect("request failed")
     }
+
+    /// The body of `post` as JSON, whatever the status (callers that care assert it).
+    pub async fn post_json(&self, path: &str, body: &Value) -> Value {
+        self.post(path, body).await.json().await.expect("JSON body")
+    }
+
+    /// The body of `get` as JSON, whatever the status.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.get(path).await.json().await.expect("JSON body")
+    }
+
+    /// The body of `post` as text: an event stream, read to its end.
+    pub async fn post_text(&self, path: &str, body: &Value) -> String {
+        self.post(path, body).await.text().await.expect("text body")
+    }
+
+    /// The body of `get` as text.
+    pub async fn get_text(&self, path: &str) -> String {
+        self.get(path).await.text().await.expect("text body")
+    }
+}
+
+/// The `data:` payloads of an event stream, in order.
+pub fn sse_data(raw: &str) -> Vec<String> {
+    raw.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Checks the error envelope and returns its code.
@@ -358,6 +386,20 @@ pub fn tiny_adapter_files(seed: u64, scale: f64) -> (Vec<u8>, Vec<u8>) {
     )
 }
 
+/// The multipart body of `POST /v1/adapters`.
+pub fn adapter_form(name: &str, config: Vec<u8>, weights: Vec<u8>) -> reqwest::multipart::Form {
+    reqwest::multipart::Form::new()
+        .text("name", name.to_owned())
+        .part(
+            "adapter_config.json",
+            reqwest::multipart::Part::bytes(config).file_name("adapter_config.json"),
+        )
+        .part(
+            "adapter_model.safetensors",
+            reqwest::multipart::Part::bytes(weights).file_name("adapter_model.safetensors"),
+        )
+}
+
 impl TestApp {
     /// Uploads an adapter through the multipart endpoint.
     pub async fn post_adapter(
@@ -366,18 +408,13 @@ impl TestApp {
         config: Vec<u8>,
         weights: Vec<u8>,
     ) -> reqwest::Response {
-        let form = reqwest::multipart::Form::new()
-            .text("name", name.to_owned())
-            .part(
-                "adapter_config.json",
-                reqwest::multipart::Part::bytes(config).file_name("adapter_config.json"),
-            )
-            .part(
-                "adapter_model.safetensors",
-                reqwest::multipart::Part::bytes(weights).file_name("adapter_model.safetensors"),
-            );
+        self.post_form("/v1/adapters", adapter_form(name, config, weights))
+            .await
+    }
+
+    pub async fn post_form(&self, path: &str, form: reqwest::multipart::Form) -> reqwest::Response {
         self.client
-            .post(format!("{}/v1/adapters", self.base))
+            .post(format!("{}{path}", self.base))
             .multipart(form)
             .send()
             .await
