@@ -89,6 +89,33 @@ pub fn sse_data(raw: &str) -> Vec<String> {
         .collect()
 }
 
+/// Reads what is left of an event stream, which must end cleanly (not be reset) with no gap
+/// longer than `within`, and returns its last event.
+#[allow(dead_code)]
+pub async fn last_event<B: AsRef<[u8]>>(
+    body: &mut (impl futures::Stream<Item = reqwest::Result<B>> + Unpin),
+    within: std::time::Duration,
+) -> String {
+    use futures::StreamExt;
+    let mut text = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(within, body.next())
+        .await
+        .expect("the stream ended within the deadline")
+    {
+        text.extend_from_slice(
+            chunk
+                .expect("the stream was ended cleanly, not reset")
+                .as_ref(),
+        );
+    }
+    let text = String::from_utf8_lossy(&text);
+    text.trim_end()
+        .rsplit("\n\n")
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Checks the error envelope and returns its code.
 pub async fn error_code(resp: reqwest::Response, status: u16) -> (String, String) {
     assert_eq!(resp.status().as_u16(), status, "unexpected status");
@@ -106,7 +133,26 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_in_tempdir(|_| {}, tweak).await
+}
+
+/// `spawn_app_with` on the tiny model with a 65536-token context (`write_long_context_model`).
+#[allow(dead_code)]
+pub async fn spawn_long_context_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_in_tempdir(
+        |dir| write_long_context_model(&dir.join(TINY_MODEL_NAME)),
+        tweak,
+    )
+    .await
+}
+
+/// Serves from a fresh temp directory, after `prepare` has written into it; the app owns it.
+async fn spawn_app_in_tempdir(
+    prepare: impl FnOnce(&Path),
+    tweak: impl FnOnce(&mut Settings),
+) -> TestApp {
     let dir = tempfile::tempdir().expect("tempdir");
+    prepare(dir.path());
     let mut app = spawn_app_in(dir.path(), tweak).await;
     app._dir = Some(dir);
     app
