@@ -163,6 +163,12 @@ async fn spawn_app_in_tempdir(
 pub async fn spawn_app_in(dir: &Path, tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let mut s = test_settings(dir);
     tweak(&mut s);
+    serve(s).await
+}
+
+/// Builds the app from `s` and serves it in the background; the caller keeps the directories
+/// `s` names.
+pub async fn serve(s: Settings) -> TestApp {
     let app = Application::build(s).await.expect("app builds");
     let base = format!("http://{}", app.addr());
     let jobs = Some(app.jobs.clone());
@@ -182,9 +188,15 @@ pub fn test_settings(dir: &Path) -> Settings {
     if !model_dir.join("model.safetensors").exists() {
         write_tiny_model(&model_dir, 7);
     }
+    settings_serving(&model_dir, dir)
+}
+
+/// Settings serving the model at `model` (a GGUF file or a Hugging Face directory) on
+/// 127.0.0.1:0, with the database, adapter store and job files under `dir`.
+pub fn settings_serving(model: &Path, dir: &Path) -> Settings {
     let mut s = Settings::defaults().expect("defaults");
     s.server.bind = "127.0.0.1:0".into();
-    s.model.path = model_dir.display().to_string();
+    s.model.path = model.display().to_string();
     s.storage.adapters_dir = dir.join("adapters").display().to_string();
     s.storage.database_url = format!("sqlite://{}", dir.join("test.db").display());
     s.storage.jobs_dir = dir.join("jobs").display().to_string();
