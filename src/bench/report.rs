@@ -167,17 +167,18 @@ pub fn render_cold(label: &str, c: &ColdReport) -> String {
         "{label} adapter first-request cost, {} adapters, {kind}:",
         c.pairs.len()
     );
-    let _ = writeln!(
-        s,
-        "| adapter | base TTFT ms | adapter TTFT ms | added ms |\n|---|---|---|---|"
+    write_table(
+        &mut s,
+        &["adapter", "base TTFT ms", "adapter TTFT ms", "added ms"],
+        c.pairs.iter().map(|p| {
+            vec![
+                p.adapter.clone(),
+                format!("{:.1}", p.base_ttft_ms),
+                format!("{:.1}", p.adapter_ttft_ms),
+                format!("{:.1}", p.added_ms),
+            ]
+        }),
     );
-    for p in &c.pairs {
-        let _ = writeln!(
-            s,
-            "| {} | {:.1} | {:.1} | {:.1} |",
-            p.adapter, p.base_ttft_ms, p.adapter_ttft_ms, p.added_ms
-        );
-    }
     let _ = write!(
         s,
         "added to TTFT, p50: {} ms (failed pairs: {})",
@@ -185,6 +186,19 @@ pub fn render_cold(label: &str, c: &ColdReport) -> String {
         c.failed
     );
     s
+}
+
+/// Appends a markdown table: the header row, its separator, then one line per row of cells.
+fn write_table(s: &mut String, header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
+    let _ = writeln!(
+        s,
+        "| {} |\n|{}",
+        header.join(" | "),
+        "---|".repeat(header.len())
+    );
+    for cells in rows {
+        let _ = writeln!(s, "| {} |", cells.join(" | "));
+    }
 }
 
 /// One llama-bench test: `pp500` (prompt processing) or `tg128` (generation), tokens/s.
@@ -449,43 +463,54 @@ pub fn render_comparison(c: &Comparison) -> String {
         s,
         "Ratios {on}/{pn} (the peer's base row at the same prompt length and streams; TTFT and RSS: lower is better):\n"
     );
-    let _ = writeln!(
-        s,
-        "| scenario | decode per stream | aggregate | TTFT p50 | peak RSS | aggregate vs {on} base |\n|---|---|---|---|---|---|"
+    let vs_base = format!("aggregate vs {on} base");
+    write_table(
+        &mut s,
+        &[
+            "scenario",
+            "decode per stream",
+            "aggregate",
+            "TTFT p50",
+            "peak RSS",
+            &vs_base,
+        ],
+        c.ratios.iter().map(|r| {
+            vec![
+                r.id.clone(),
+                fmt_ratio(r.decode_per_stream),
+                fmt_ratio(r.aggregate),
+                fmt_ratio(r.ttft_p50),
+                fmt_ratio(r.peak_rss),
+                fmt_ratio(r.aggregate_vs_our_base),
+            ]
+        }),
     );
-    for r in &c.ratios {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} | {} |",
-            r.id,
-            fmt_ratio(r.decode_per_stream),
-            fmt_ratio(r.aggregate),
-            fmt_ratio(r.ttft_p50),
-            fmt_ratio(r.peak_rss),
-            fmt_ratio(r.aggregate_vs_our_base),
-        );
-    }
     if !c.llama_bench.is_empty() {
         let _ = writeln!(s, "\nllama-bench (same model file and threads):\n");
-        let _ = writeln!(s, "| test | tok/s |\n|---|---|");
-        for r in &c.llama_bench {
-            let _ = writeln!(
-                s,
-                "| {} | {:.1} ± {:.1} |",
-                r.test, r.tokens_per_s, r.stddev
-            );
-        }
+        write_table(
+            &mut s,
+            &["test", "tok/s"],
+            c.llama_bench.iter().map(|r| {
+                vec![
+                    r.test.clone(),
+                    format!("{:.1} ± {:.1}", r.tokens_per_s, r.stddev),
+                ]
+            }),
+        );
     }
     let _ = writeln!(s, "\nIssue 7 targets:\n");
-    let _ = writeln!(s, "| target | measured | verdict |\n|---|---|---|");
-    for t in &c.targets {
-        let verdict = match t.met {
-            Some(true) => "met",
-            Some(false) => "**not met**",
-            None => "not measured",
-        };
-        let _ = writeln!(s, "| {} | {} | {verdict} |", t.target, t.measured);
-    }
+    write_table(
+        &mut s,
+        &["target", "measured", "verdict"],
+        c.targets.iter().map(|t| {
+            let verdict = match t.met {
+                Some(true) => "met",
+                Some(false) => "**not met**",
+                None => "not measured",
+            };
+            vec![t.target.clone(), t.measured.clone(), verdict.to_owned()]
+        }),
+    );
     s
 }
 
@@ -542,18 +567,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn ratios_use_the_peers_base_row_and_targets_are_judged() {
-        let cold = ColdReport {
-            truly_cold: true,
+    /// A cold-adapter result with no pairs listed, only its p50.
+    fn cold_report(truly_cold: bool, added_ms_p50: f64) -> ColdReport {
+        ColdReport {
+            truly_cold,
             prompt_tokens: 16,
             pairs: Vec::new(),
-            added_ms_p50: Some(12.0),
+            added_ms_p50: Some(added_ms_p50),
             base_ttft_ms_p50: None,
             adapter_ttft_ms_p50: None,
             failed: 0,
             failures: BTreeMap::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn ratios_use_the_peers_base_row_and_targets_are_judged() {
+        let cold = cold_report(true, 12.0);
         let ours = run(
             "ours",
             vec![
@@ -629,16 +659,7 @@ mod tests {
 
     #[test]
     fn a_warm_cold_scenario_is_not_judged() {
-        let mut cold = ColdReport {
-            truly_cold: false,
-            prompt_tokens: 16,
-            pairs: Vec::new(),
-            added_ms_p50: Some(1.0),
-            base_ttft_ms_p50: None,
-            adapter_ttft_ms_p50: None,
-            failed: 0,
-            failures: BTreeMap::new(),
-        };
+        let mut cold = cold_report(false, 1.0);
         let ours = run(
             "ours",
             vec![row(Mode::Base, 16, 1, 1.0, 1.0, 1.0)],
