@@ -24,6 +24,26 @@ fn args(extra: &[&str]) -> RunArgs {
     Cli::try_parse_from(argv).expect("flags parse").run
 }
 
+/// One request on one stream, base mode, `model` named so no `GET /v1/models` is needed, and
+/// no warm-up: the request counted is the first the server sees.
+fn one_request(url: &str, model: &str) -> RunArgs {
+    args(&[
+        "--url",
+        url,
+        "--modes",
+        "base",
+        "-c",
+        "1",
+        "--prompt-tokens",
+        "8",
+        "--min-requests",
+        "1",
+        "--model",
+        model,
+        "--no-warmup",
+    ])
+}
+
 #[tokio::test]
 async fn every_scenario_type_runs_against_adapterd_and_reports_tokens_rss_and_cold_pairs() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -175,22 +195,9 @@ async fn refused_connections_and_http_errors_are_failed_requests_with_reasons() 
     }
     // An unknown model is a 404 from adapterd.
     let app = helpers::spawn_app().await;
-    let bad = args(&[
-        "--url",
-        &app.base,
-        "--modes",
-        "base",
-        "-c",
-        "1",
-        "--prompt-tokens",
-        "8",
-        "--min-requests",
-        "1",
-        "--model",
-        "no-such-model",
-        "--no-warmup",
-    ]);
-    let r = bench::run(&bad).await.expect("report");
+    let r = bench::run(&one_request(&app.base, "no-such-model"))
+        .await
+        .expect("report");
     let f = &r.scenarios[0].summary.failures;
     assert!(
         f.keys().any(|k| k.starts_with("HTTP 404: model_not_found")),
@@ -237,22 +244,7 @@ async fn malformed_streams_errors_mid_stream_and_early_ends_are_failed_requests(
     ];
     for (body, reason) in cases {
         let url = canned_sse_server(body).await;
-        let a = args(&[
-            "--url",
-            &url,
-            "--modes",
-            "base",
-            "-c",
-            "1",
-            "--prompt-tokens",
-            "8",
-            "--min-requests",
-            "1",
-            "--model",
-            "m",
-            "--no-warmup",
-        ]);
-        let r = bench::run(&a).await.expect("report");
+        let r = bench::run(&one_request(&url, "m")).await.expect("report");
         let f = &r.scenarios[0].summary.failures;
         assert!(f.keys().any(|k| k.starts_with(reason)), "{reason}: {f:?}");
     }

@@ -21,7 +21,9 @@ use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use helpers::{tiny_adapter_files, write_long_context_model, write_tiny_model};
+use helpers::{
+    adapter_form, last_event, tiny_adapter_files, write_long_context_model, write_tiny_model,
+};
 
 /// A running `adapterd serve`.
 struct Server {
@@ -111,19 +113,9 @@ impl Server {
         config: Vec<u8>,
         weights: Vec<u8>,
     ) -> reqwest::Result<reqwest::Response> {
-        let form = reqwest::multipart::Form::new()
-            .text("name", name.to_owned())
-            .part(
-                "adapter_config.json",
-                reqwest::multipart::Part::bytes(config).file_name("adapter_config.json"),
-            )
-            .part(
-                "adapter_model.safetensors",
-                reqwest::multipart::Part::bytes(weights).file_name("adapter_model.safetensors"),
-            );
         self.client
             .post(format!("{}/v1/adapters", self.base))
-            .multipart(form)
+            .multipart(adapter_form(name, config, weights))
             .send()
             .await
     }
@@ -153,13 +145,24 @@ impl Server {
 
     /// Sends SIGTERM and waits (15 s at most) for the exit status.
     fn sigterm_and_wait(&mut self) -> std::process::ExitStatus {
+        let sent = self.sigterm();
+        self.wait_exit(sent)
+    }
+
+    /// Sends SIGTERM; returns the moment just before, from which deadlines count.
+    fn sigterm(&self) -> Instant {
         let pid = self.child.id().to_string();
+        let sent = Instant::now();
         assert!(Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .expect("kill")
             .success());
-        let sent = Instant::now();
+        sent
+    }
+
+    /// The exit status, which must come within 15 s of the SIGTERM `sent`.
+    fn wait_exit(&mut self, sent: Instant) -> std::process::ExitStatus {
         loop {
             if let Some(s) = self.child.try_wait().expect("wait") {
                 return s;
@@ -173,15 +176,7 @@ impl Server {
     }
 
     async fn generate(&self, body: Value) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("{}/v1/generate", self.base))
-            .json(&body)
-            .send()
-            .await
-            .expect("generate answered");
-        let status = r.status().as_u16();
-        (status, r.json().await.expect("JSON body"))
+        self.post_json("/v1/generate", &body).await
     }
 }
 
@@ -424,40 +419,17 @@ async fn sigterm_ends_a_stream_in_flight_cleanly_and_exits_0() {
         String::from_utf8_lossy(&first)
     );
 
-    let pid = server.child.id().to_string();
-    let sent = Instant::now();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    let sent = server.sigterm();
 
     // The stream ends — finished, or cut with a last error event — without a broken body.
-    let mut rest = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(15), body.next())
-        .await
-        .expect("the stream ended within the deadline")
-    {
-        rest.extend_from_slice(&chunk.expect("the stream was ended cleanly, not reset"));
-    }
-    let text = String::from_utf8_lossy(&rest);
-    let last = text.trim_end().rsplit("\n\n").next().unwrap_or_default();
+    let last = last_event(&mut body, Duration::from_secs(15)).await;
     eprintln!("last event after SIGTERM: {last}");
     assert!(
         last.contains("finish_reason")
             || (last.contains("event: error") && last.contains("shutting_down")),
         "the stream's last event: {last}"
     );
-    let status = loop {
-        if let Some(s) = server.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            sent.elapsed() < Duration::from_secs(15),
-            "adapterd still running 15 s after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = server.wait_exit(sent);
     assert!(status.success(), "exit status {status}");
     assert!(
         sent.elapsed() < Duration::from_secs(8),

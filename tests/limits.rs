@@ -12,11 +12,17 @@ mod helpers;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use helpers::{
-    error_code, spawn_app_in, spawn_app_with, spawn_app_with_auth_and, write_long_context_model,
+    error_code, last_event, spawn_app_with, spawn_app_with_auth_and, spawn_long_context_app_with,
 };
+
+/// The smallest generation: once it is answered 200, whatever held the slot or the budget has
+/// let go of it.
+fn one_token() -> Value {
+    json!({"prompt": "hi", "max_new_tokens": 1})
+}
 
 #[tokio::test]
 async fn a_tenant_over_its_token_rate_gets_429_naming_the_limit_and_others_do_not() {
@@ -27,13 +33,7 @@ async fn a_tenant_over_its_token_rate_gets_429_naming_the_limit_and_others_do_no
         200,
         "admitted: balance was positive"
     );
-    let resp = app
-        .a
-        .post(
-            "/v1/generate",
-            &json!({"prompt": "hi", "max_new_tokens": 1}),
-        )
-        .await;
+    let resp = app.a.post("/v1/generate", &one_token()).await;
     let retry: u64 = resp
         .headers()
         .get("retry-after")
@@ -76,12 +76,7 @@ async fn a_prompt_over_max_prompt_tokens_is_422_naming_the_setting() {
     .await;
     assert_eq!(code, "invalid_value");
     assert!(msg.contains("limits.max_prompt_tokens"), "{msg}");
-    let ok = app
-        .post(
-            "/v1/generate",
-            &json!({"prompt": "hi", "max_new_tokens": 1}),
-        )
-        .await;
+    let ok = app.post("/v1/generate", &one_token()).await;
     assert_eq!(ok.status(), 200);
 }
 
@@ -120,21 +115,14 @@ async fn a_client_that_stalls_mid_body_gets_408_and_does_not_hold_its_slot() {
         "{:?}",
         started.elapsed()
     );
-    let ok = app
-        .post(
-            "/v1/generate",
-            &json!({"prompt": "hi", "max_new_tokens": 1}),
-        )
-        .await;
+    let ok = app.post("/v1/generate", &one_token()).await;
     assert_eq!(ok.status(), 200, "the slot was given back");
 }
 
 #[tokio::test]
 async fn a_stream_past_stream_timeout_ends_with_an_error_event_and_frees_its_slot() {
-    let dir = tempfile::tempdir().expect("tempdir");
     // A long context, so the stream could run far longer than the limit.
-    write_long_context_model(&dir.path().join(helpers::TINY_MODEL_NAME));
-    let app = spawn_app_in(dir.path(), |s| {
+    let app = spawn_long_context_app_with(|s| {
         s.server.stream_timeout_seconds = 1;
         s.engine.max_new_tokens_limit = 65000;
         s.limits.max_concurrent_per_tenant = 1;
@@ -148,16 +136,7 @@ async fn a_stream_past_stream_timeout_ends_with_an_error_event_and_frees_its_slo
         )
         .await;
     assert_eq!(resp.status(), 200);
-    let mut body = resp.bytes_stream();
-    let mut text = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), body.next())
-        .await
-        .expect("the stream ended in time")
-    {
-        text.extend_from_slice(&chunk.expect("a clean end"));
-    }
-    let text = String::from_utf8_lossy(&text);
-    let last = text.trim_end().rsplit("\n\n").next().unwrap_or_default();
+    let last = last_event(&mut resp.bytes_stream(), Duration::from_secs(10)).await;
     assert!(
         last.starts_with("event: error") && last.contains("stream_timeout"),
         "{last}"
@@ -168,12 +147,7 @@ async fn a_stream_past_stream_timeout_ends_with_an_error_event_and_frees_its_slo
         "{:?}",
         started.elapsed()
     );
-    let ok = app
-        .post(
-            "/v1/generate",
-            &json!({"prompt": "hi", "max_new_tokens": 1}),
-        )
-        .await;
+    let ok = app.post("/v1/generate", &one_token()).await;
     assert_eq!(ok.status(), 200, "the slot was given back");
 }
 
@@ -234,9 +208,7 @@ async fn a_client_trickling_headers_or_idling_is_disconnected_at_the_header_time
 
 #[tokio::test]
 async fn a_tenant_with_too_many_queued_requests_gets_429_naming_the_limit() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_long_context_model(&dir.path().join(helpers::TINY_MODEL_NAME));
-    let app = spawn_app_in(dir.path(), |s| {
+    let app = spawn_long_context_app_with(|s| {
         s.engine.max_running = 1;
         s.engine.max_new_tokens_limit = 65000;
         s.limits.max_queued_per_tenant = 1;
@@ -251,15 +223,7 @@ async fn a_tenant_with_too_many_queued_requests_gets_429_naming_the_limit() {
     // The tenant's one queue place.
     let queued = app.post("/v1/generate", &long).await;
     assert_eq!(queued.status(), 200);
-    let (code, msg) = error_code(
-        app.post(
-            "/v1/generate",
-            &json!({"prompt": "hi", "max_new_tokens": 1}),
-        )
-        .await,
-        429,
-    )
-    .await;
+    let (code, msg) = error_code(app.post("/v1/generate", &one_token()).await, 429).await;
     assert_eq!(code, "limit_exceeded");
     assert!(msg.contains("limits.max_queued_per_tenant"), "{msg}");
 
@@ -268,12 +232,7 @@ async fn a_tenant_with_too_many_queued_requests_gets_429_naming_the_limit() {
     drop(queued);
     let started = Instant::now();
     loop {
-        let r = app
-            .post(
-                "/v1/generate",
-                &json!({"prompt": "hi", "max_new_tokens": 1}),
-            )
-            .await;
+        let r = app.post("/v1/generate", &one_token()).await;
         if r.status() == 200 {
             break;
         }

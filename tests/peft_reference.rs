@@ -14,10 +14,14 @@ use std::sync::{Arc, OnceLock};
 
 use adapterd::engine::lora::peft::{parse_peft, LoraLimits};
 use adapterd::engine::lora::LoraAdapter;
-use adapterd::engine::model::{Llama, SeqCache, SeqInput};
-use adapterd::engine::tokenizer::Tokenizer;
+use adapterd::engine::model::Llama;
 use candle_core::Device;
 use serde::Deserialize;
+
+#[path = "common/default_model.rs"]
+mod default_model;
+
+use default_model::{gguf_and_f32_copy, greedy, Models};
 
 const FIXTURES: [&str; 2] = ["lora_all7_r4", "rslora_r4"];
 
@@ -48,30 +52,10 @@ struct Case {
     base_tokens: Vec<u32>,
 }
 
-struct Models {
-    gguf: Llama,
-    f32: Llama,
-    tokenizer: Tokenizer,
-}
-
-/// The default model as loaded from its GGUF file, and the f32 Hugging Face copy adapterd
-/// exports from it (the base PEFT ran on), loaded once for all tests.
+/// The GGUF base and its f32 copy (the base PEFT ran on), loaded once for all tests.
 fn models() -> &'static Models {
     static M: OnceLock<Models> = OnceLock::new();
-    M.get_or_init(|| {
-        let gguf = adapterd::model_fetch::ensure_default_model(None).expect("default model");
-        let dev = Device::Cpu;
-        let q = adapterd::engine::load_model(&gguf, &dev).expect("load the GGUF");
-        let dir = tempfile::tempdir().unwrap();
-        adapterd::engine::model::export::export_hf_dir(&gguf, dir.path()).expect("export");
-        // The loader copies the weights out of the files, so the directory can go right away.
-        let hf = adapterd::engine::load_model(dir.path(), &dev).expect("load the f32 copy");
-        Models {
-            gguf: q.model,
-            f32: hf.model,
-            tokenizer: q.tokenizer,
-        }
-    })
+    M.get_or_init(gguf_and_f32_copy)
 }
 
 fn fixture_dir(name: &str) -> PathBuf {
@@ -93,51 +77,6 @@ fn load_fixture(name: &str, model: &Llama) -> (Arc<LoraAdapter>, Expected) {
     .unwrap_or_else(|e| panic!("{name}: adapterd refuses PEFT's adapter: {e}"));
     let expected: Expected = serde_json::from_slice(&read("expected.json")).unwrap();
     (Arc::new(adapter), expected)
-}
-
-/// Greedy decoding with the KV cache: each step's chosen token and its log-probability.
-fn greedy(
-    model: &Llama,
-    prompt: &[u32],
-    n: usize,
-    adapter: Option<&Arc<LoraAdapter>>,
-) -> (Vec<u32>, Vec<f32>) {
-    let mut cache = SeqCache::new(model.cfg.num_layers);
-    let mut input = prompt.to_vec();
-    let (mut toks, mut lps) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        let logits = model
-            .forward(&mut [SeqInput {
-                tokens: &input,
-                cache: &mut cache,
-                all_logits: false,
-                adapter: adapter.cloned(),
-            }])
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap()
-            .remove(0);
-        let (best, max) =
-            logits
-                .iter()
-                .copied()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |a, (i, v)| {
-                        if v > a.1 {
-                            (i, v)
-                        } else {
-                            a
-                        }
-                    },
-                );
-        let lse = max + logits.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
-        toks.push(best as u32);
-        lps.push(max - lse);
-        input = vec![best as u32];
-    }
-    (toks, lps)
 }
 
 fn agreeing_prefix(a: &[u32], b: &[u32]) -> usize {

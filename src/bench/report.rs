@@ -70,14 +70,21 @@ pub struct RunReport {
 
 impl RunReport {
     pub fn find(&self, mode: Mode, prompt_tokens: usize, concurrency: usize) -> Option<&Summary> {
-        self.scenarios
-            .iter()
-            .find(|s| {
-                s.scenario.mode == mode
-                    && s.scenario.prompt_tokens == prompt_tokens
-                    && s.scenario.concurrency == concurrency
-            })
+        self.find_scenario(mode, prompt_tokens, concurrency)
             .map(|s| &s.summary)
+    }
+
+    pub fn find_scenario(
+        &self,
+        mode: Mode,
+        prompt_tokens: usize,
+        concurrency: usize,
+    ) -> Option<&ScenarioReport> {
+        self.scenarios.iter().find(|s| {
+            s.scenario.mode == mode
+                && s.scenario.prompt_tokens == prompt_tokens
+                && s.scenario.concurrency == concurrency
+        })
     }
 }
 
@@ -160,17 +167,18 @@ pub fn render_cold(label: &str, c: &ColdReport) -> String {
         "{label} adapter first-request cost, {} adapters, {kind}:",
         c.pairs.len()
     );
-    let _ = writeln!(
-        s,
-        "| adapter | base TTFT ms | adapter TTFT ms | added ms |\n|---|---|---|---|"
+    write_table(
+        &mut s,
+        &["adapter", "base TTFT ms", "adapter TTFT ms", "added ms"],
+        c.pairs.iter().map(|p| {
+            vec![
+                p.adapter.clone(),
+                format!("{:.1}", p.base_ttft_ms),
+                format!("{:.1}", p.adapter_ttft_ms),
+                format!("{:.1}", p.added_ms),
+            ]
+        }),
     );
-    for p in &c.pairs {
-        let _ = writeln!(
-            s,
-            "| {} | {:.1} | {:.1} | {:.1} |",
-            p.adapter, p.base_ttft_ms, p.adapter_ttft_ms, p.added_ms
-        );
-    }
     let _ = write!(
         s,
         "added to TTFT, p50: {} ms (failed pairs: {})",
@@ -178,6 +186,19 @@ pub fn render_cold(label: &str, c: &ColdReport) -> String {
         c.failed
     );
     s
+}
+
+/// Appends a markdown table: the header row, its separator, then one line per row of cells.
+fn write_table(s: &mut String, header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
+    let _ = writeln!(
+        s,
+        "| {} |\n|{}",
+        header.join(" | "),
+        "---|".repeat(header.len())
+    );
+    for cells in rows {
+        let _ = writeln!(s, "| {} |", cells.join(" | "));
+    }
 }
 
 /// One llama-bench test: `pp500` (prompt processing) or `tg128` (generation), tokens/s.
@@ -266,13 +287,7 @@ pub fn compare(ours: &RunReport, peer: &RunReport, llama_bench: Option<&Value>) 
         let p = peer.find(Mode::Base, sc.prompt_tokens, sc.concurrency);
         let our_base = ours.find(Mode::Base, sc.prompt_tokens, sc.concurrency);
         let peer_rss = peer
-            .scenarios
-            .iter()
-            .find(|x| {
-                x.scenario.mode == Mode::Base
-                    && x.scenario.prompt_tokens == sc.prompt_tokens
-                    && x.scenario.concurrency == sc.concurrency
-            })
+            .find_scenario(Mode::Base, sc.prompt_tokens, sc.concurrency)
             .and_then(|x| x.peak_rss);
         ratios.push(RatioRow {
             id: s.id.clone(),
@@ -313,6 +328,28 @@ fn at_least(target: &str, measured: String, value: Option<f64>, goal: f64) -> Ta
     }
 }
 
+/// A target on the ratio of two throughputs: "a / b tok/s = ratio", then `note`.
+fn ratio_at_least(
+    target: &str,
+    a: Option<f64>,
+    b: Option<f64>,
+    note: &str,
+    goal: f64,
+) -> TargetRow {
+    let v = ratio(a, b);
+    at_least(
+        target,
+        format!(
+            "{} / {} tok/s = {}{note}",
+            fmt_opt(a, 1),
+            fmt_opt(b, 1),
+            fmt_ratio(v)
+        ),
+        v,
+        goal,
+    )
+}
+
 /// Issue 7's targets from the rows present (a target whose rows were not run says so).
 fn targets(ours: &RunReport, peer: &RunReport, lb: &[BenchRow]) -> Vec<TargetRow> {
     let (on, pn) = (&ours.label, &peer.label);
@@ -331,17 +368,12 @@ fn targets(ours: &RunReport, peer: &RunReport, lb: &[BenchRow]) -> Vec<TargetRow
         r.find(Mode::Base, short, 1)
             .and_then(|s| s.decode_tps_per_stream_p50)
     };
-    let (od, pd) = (dec(ours), dec(peer));
-    let v = ratio(od, pd);
-    out.push(at_least(
+    let od = dec(ours);
+    out.push(ratio_at_least(
         "single-stream decode ≥ 1.0× llama.cpp (server, 1 stream)",
-        format!(
-            "{} / {} tok/s = {} (base/p{short}/c1, {on}/{pn})",
-            fmt_opt(od, 1),
-            fmt_opt(pd, 1),
-            fmt_ratio(v)
-        ),
-        v,
+        od,
+        dec(peer),
+        &format!(" (base/p{short}/c1, {on}/{pn})"),
         1.0,
     ));
     if let Some(BenchRow {
@@ -350,11 +382,13 @@ fn targets(ours: &RunReport, peer: &RunReport, lb: &[BenchRow]) -> Vec<TargetRow
         ..
     }) = lb.iter().find(|r| r.test.starts_with("tg"))
     {
-        let v = ratio(od, Some(*tg));
-        out.push(at_least(
+        // llama-bench's rates come from JSON numbers, always finite: fmt_opt prints them as
+        // `{tg:.1}` would.
+        out.push(ratio_at_least(
             &format!("single-stream decode ≥ 1.0× llama-bench {name}"),
-            format!("{} / {tg:.1} tok/s = {}", fmt_opt(od, 1), fmt_ratio(v)),
-            v,
+            od,
+            Some(*tg),
+            "",
             1.0,
         ));
     }
@@ -382,39 +416,22 @@ fn targets(ours: &RunReport, peer: &RunReport, lb: &[BenchRow]) -> Vec<TargetRow
         v,
         0.8,
     ));
+    let agg8 = |r: &RunReport, mode: Mode, p: usize| r.find(mode, p, 8).map(|s| s.aggregate_tps);
     for &p in &prompts {
-        let (o, q) = (
-            ours.find(Mode::Base, p, 8).map(|s| s.aggregate_tps),
-            peer.find(Mode::Base, p, 8).map(|s| s.aggregate_tps),
-        );
-        let v = ratio(o, q);
-        out.push(at_least(
+        out.push(ratio_at_least(
             &format!("aggregate at 8 streams ≥ 1.5× llama-server (p{p})"),
-            format!(
-                "{} / {} tok/s = {}",
-                fmt_opt(o, 1),
-                fmt_opt(q, 1),
-                fmt_ratio(v)
-            ),
-            v,
+            agg8(ours, Mode::Base, p),
+            agg8(peer, Mode::Base, p),
+            "",
             1.5,
         ));
     }
     for &p in &prompts {
-        let (n, b) = (
-            ours.find(Mode::NAdapters, p, 8).map(|s| s.aggregate_tps),
-            ours.find(Mode::Base, p, 8).map(|s| s.aggregate_tps),
-        );
-        let v = ratio(n, b);
-        out.push(at_least(
+        out.push(ratio_at_least(
             &format!("8 streams over 8 adapters ≥ 0.85× 8 streams on the base (p{p})"),
-            format!(
-                "{} / {} tok/s = {}",
-                fmt_opt(n, 1),
-                fmt_opt(b, 1),
-                fmt_ratio(v)
-            ),
-            v,
+            agg8(ours, Mode::NAdapters, p),
+            agg8(ours, Mode::Base, p),
+            "",
             0.85,
         ));
     }
@@ -446,43 +463,54 @@ pub fn render_comparison(c: &Comparison) -> String {
         s,
         "Ratios {on}/{pn} (the peer's base row at the same prompt length and streams; TTFT and RSS: lower is better):\n"
     );
-    let _ = writeln!(
-        s,
-        "| scenario | decode per stream | aggregate | TTFT p50 | peak RSS | aggregate vs {on} base |\n|---|---|---|---|---|---|"
+    let vs_base = format!("aggregate vs {on} base");
+    write_table(
+        &mut s,
+        &[
+            "scenario",
+            "decode per stream",
+            "aggregate",
+            "TTFT p50",
+            "peak RSS",
+            &vs_base,
+        ],
+        c.ratios.iter().map(|r| {
+            vec![
+                r.id.clone(),
+                fmt_ratio(r.decode_per_stream),
+                fmt_ratio(r.aggregate),
+                fmt_ratio(r.ttft_p50),
+                fmt_ratio(r.peak_rss),
+                fmt_ratio(r.aggregate_vs_our_base),
+            ]
+        }),
     );
-    for r in &c.ratios {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} | {} |",
-            r.id,
-            fmt_ratio(r.decode_per_stream),
-            fmt_ratio(r.aggregate),
-            fmt_ratio(r.ttft_p50),
-            fmt_ratio(r.peak_rss),
-            fmt_ratio(r.aggregate_vs_our_base),
-        );
-    }
     if !c.llama_bench.is_empty() {
         let _ = writeln!(s, "\nllama-bench (same model file and threads):\n");
-        let _ = writeln!(s, "| test | tok/s |\n|---|---|");
-        for r in &c.llama_bench {
-            let _ = writeln!(
-                s,
-                "| {} | {:.1} ± {:.1} |",
-                r.test, r.tokens_per_s, r.stddev
-            );
-        }
+        write_table(
+            &mut s,
+            &["test", "tok/s"],
+            c.llama_bench.iter().map(|r| {
+                vec![
+                    r.test.clone(),
+                    format!("{:.1} ± {:.1}", r.tokens_per_s, r.stddev),
+                ]
+            }),
+        );
     }
     let _ = writeln!(s, "\nIssue 7 targets:\n");
-    let _ = writeln!(s, "| target | measured | verdict |\n|---|---|---|");
-    for t in &c.targets {
-        let verdict = match t.met {
-            Some(true) => "met",
-            Some(false) => "**not met**",
-            None => "not measured",
-        };
-        let _ = writeln!(s, "| {} | {} | {verdict} |", t.target, t.measured);
-    }
+    write_table(
+        &mut s,
+        &["target", "measured", "verdict"],
+        c.targets.iter().map(|t| {
+            let verdict = match t.met {
+                Some(true) => "met",
+                Some(false) => "**not met**",
+                None => "not measured",
+            };
+            vec![t.target.clone(), t.measured.clone(), verdict.to_owned()]
+        }),
+    );
     s
 }
 
@@ -539,18 +567,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn ratios_use_the_peers_base_row_and_targets_are_judged() {
-        let cold = ColdReport {
-            truly_cold: true,
+    /// A cold-adapter result with no pairs listed, only its p50.
+    fn cold_report(truly_cold: bool, added_ms_p50: f64) -> ColdReport {
+        ColdReport {
+            truly_cold,
             prompt_tokens: 16,
             pairs: Vec::new(),
-            added_ms_p50: Some(12.0),
+            added_ms_p50: Some(added_ms_p50),
             base_ttft_ms_p50: None,
             adapter_ttft_ms_p50: None,
             failed: 0,
             failures: BTreeMap::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn ratios_use_the_peers_base_row_and_targets_are_judged() {
+        let cold = cold_report(true, 12.0);
         let ours = run(
             "ours",
             vec![
@@ -626,16 +659,7 @@ mod tests {
 
     #[test]
     fn a_warm_cold_scenario_is_not_judged() {
-        let mut cold = ColdReport {
-            truly_cold: false,
-            prompt_tokens: 16,
-            pairs: Vec::new(),
-            added_ms_p50: Some(1.0),
-            base_ttft_ms_p50: None,
-            adapter_ttft_ms_p50: None,
-            failed: 0,
-            failures: BTreeMap::new(),
-        };
+        let mut cold = cold_report(false, 1.0);
         let ours = run(
             "ours",
             vec![row(Mode::Base, 16, 1, 1.0, 1.0, 1.0)],

@@ -42,7 +42,7 @@ async fn generate(app: &TestApp, prompt: &str, adapter: Option<&str>) -> String 
     if let Some(a) = adapter {
         body["adapter_id"] = json!(a);
     }
-    let v: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
+    let v = app.post_json("/v1/generate", &body).await;
     v["text"].as_str().unwrap_or_default().to_owned()
 }
 
@@ -66,7 +66,7 @@ async fn an_sft_job_trains_and_its_adapter_serves_immediately() {
     assert_eq!(done["dataset_sha256"].as_str().unwrap().len(), 64);
 
     // The adapter is registered with its lineage and answers with what it was taught.
-    let a: Value = app.get("/v1/adapters/learned").await.json().await.unwrap();
+    let a = app.get_json("/v1/adapters/learned").await;
     assert_eq!(a["source"], "finetune", "{a}");
     assert_eq!(a["job_id"], id.as_str());
     assert_eq!(a["lineage"]["dataset_sha256"], done["dataset_sha256"]);
@@ -80,12 +80,7 @@ async fn an_sft_job_trains_and_its_adapter_serves_immediately() {
     );
 
     // Events: queued, started, one metrics event per step with falling loss, success.
-    let ev: Value = app
-        .get(&format!("/v1/finetune/{id}/events"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let ev: Value = app.get_json(&format!("/v1/finetune/{id}/events")).await;
     let events = ev["data"].as_array().unwrap();
     let losses: Vec<f64> = events
         .iter()
@@ -105,15 +100,12 @@ async fn an_sft_job_trains_and_its_adapter_serves_immediately() {
 
     // The SSE form replays the same events and ends.
     let text = app
-        .get(&format!("/v1/finetune/{id}/events?stream=true"))
-        .await
-        .text()
-        .await
-        .unwrap();
+        .get_text(&format!("/v1/finetune/{id}/events?stream=true"))
+        .await;
     assert_eq!(text.matches("event: finetune.event").count(), events.len());
     assert!(text.contains("[DONE]"));
 
-    let list: Value = app.get("/v1/finetune").await.json().await.unwrap();
+    let list = app.get_json("/v1/finetune").await;
     assert_eq!(list["data"][0]["id"], id.as_str());
 }
 
@@ -140,7 +132,7 @@ async fn a_dpo_job_reports_rewards_and_registers_its_adapter() {
     assert!(m["reward_margin"].as_f64().unwrap() > 0.0, "{m}");
     assert_eq!(m["reward_accuracy"], 1.0);
     assert!(m["chosen_reward"].is_number() && m["rejected_reward"].is_number());
-    let a: Value = app.get("/v1/adapters/prefers").await.json().await.unwrap();
+    let a = app.get_json("/v1/adapters/prefers").await;
     assert_eq!(a["source"], "finetune");
 }
 
@@ -204,7 +196,7 @@ async fn bad_submissions_are_refused_naming_the_problem_and_store_nothing() {
     }
     let resp = app.post_raw("/v1/finetune", "{not json").await;
     error_code(resp, 400).await;
-    let list: Value = app.get("/v1/finetune").await.json().await.unwrap();
+    let list = app.get_json("/v1/finetune").await;
     assert_eq!(list["data"].as_array().unwrap().len(), 0);
     let (code, _) = error_code(app.get("/v1/finetune/ftjob-missing").await, 404).await;
     assert_eq!(code, "job_not_found");
@@ -220,28 +212,14 @@ async fn a_training_file_can_be_named_and_deleting_it_later_strands_nothing() {
             "file",
             reqwest::multipart::Part::bytes(jsonl.as_bytes().to_vec()).file_name("train.jsonl"),
         );
-    let f: Value = app
-        .client
-        .post(format!("{}/v1/files", app.base))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let f: Value = app.post_form("/v1/files", form).await.json().await.unwrap();
     let file_id = f["id"].as_str().unwrap().to_owned();
     let mut body = sft_job("fromfile", 4);
     body.as_object_mut().unwrap().remove("training_data");
     body["training_file"] = json!(file_id);
     let queued = submit(&app, &body).await;
     assert_eq!(queued["training_file"], file_id.as_str());
-    let resp = app
-        .client
-        .delete(format!("{}/v1/files/{file_id}", app.base))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.delete(&format!("/v1/files/{file_id}")).await;
     assert_eq!(resp.status().as_u16(), 200);
     app.run_jobs().await;
     let done = job(&app, queued["id"].as_str().unwrap()).await;
@@ -302,7 +280,7 @@ async fn tenant_b_cannot_see_cancel_or_follow_tenant_a_jobs() {
     )
     .await;
     assert_eq!(code, "job_not_found");
-    let list: Value = app.b.get("/v1/finetune").await.json().await.unwrap();
+    let list = app.b.get_json("/v1/finetune").await;
     assert!(list["data"].as_array().unwrap().is_empty());
     // The job still belongs to A and is untouched.
     assert_eq!(job(&app.a, &id).await["status"], "queued");
@@ -324,12 +302,7 @@ async fn a_tenant_with_too_many_active_jobs_gets_429() {
 
 /// sha256 of the adapter version the API reports.
 async fn adapter_sha(app: &TestApp, name: &str) -> String {
-    let a: Value = app
-        .get(&format!("/v1/adapters/{name}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let a: Value = app.get_json(&format!("/v1/adapters/{name}")).await;
     a["sha256"].as_str().unwrap().to_owned()
 }
 
@@ -410,12 +383,7 @@ async fn a_job_interrupted_by_a_restart_resumes_from_its_checkpoint_exactly() {
     assert_eq!(app.run_jobs().await, 1);
     let done = job(&app, &id).await;
     assert_eq!(done["status"], "succeeded", "{done}");
-    let ev: Value = app
-        .get(&format!("/v1/finetune/{id}/events"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let ev: Value = app.get_json(&format!("/v1/finetune/{id}/events")).await;
     let messages: Vec<String> = ev["data"]
         .as_array()
         .unwrap()

@@ -3,14 +3,14 @@
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::helpers::spawn_app;
+use crate::helpers::{spawn_app, sse_data, TestApp};
 
 #[tokio::test]
 async fn greedy_generation_is_deterministic_and_reports_usage() {
     let app = spawn_app().await;
     let body = json!({"prompt": "the cat", "max_new_tokens": 8, "temperature": 0});
-    let a: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
-    let b: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
+    let a = app.post_json("/v1/generate", &body).await;
+    let b = app.post_json("/v1/generate", &body).await;
     assert_eq!(a["text"], b["text"]);
     assert_eq!(a["model"], "tiny");
     assert!(a["id"].as_str().unwrap().starts_with("gen-"));
@@ -29,8 +29,8 @@ async fn same_seed_gives_same_text_and_logprobs_are_reported() {
     let app = spawn_app().await;
     let body = json!({"prompt": "in an", "max_new_tokens": 12, "temperature": 1.0, "seed": 42,
                       "logprobs": true, "top_logprobs": 3});
-    let a: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
-    let b: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
+    let a = app.post_json("/v1/generate", &body).await;
+    let b = app.post_json("/v1/generate", &body).await;
     assert_eq!(a["text"], b["text"]);
     let tokens = a["tokens"].as_array().unwrap();
     assert_eq!(
@@ -52,7 +52,7 @@ async fn same_seed_gives_same_text_and_logprobs_are_reported() {
 async fn chat_messages_use_the_chat_template() {
     let app = spawn_app().await;
     let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 4, "temperature": 0});
-    let v: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
+    let v = app.post_json("/v1/generate", &body).await;
     // <|im_start|> u s e r \n h i <|im_end|> \n <|im_start|> a s s i s t an t \n
     assert_eq!(v["usage"]["prompt_tokens"], 20, "{v}");
 }
@@ -61,15 +61,12 @@ async fn chat_messages_use_the_chat_template() {
 async fn streaming_sends_one_event_per_token_then_a_final_event() {
     let app = spawn_app().await;
     let body = json!({"prompt": "the", "max_new_tokens": 6, "temperature": 0, "stream": true});
-    let plain: Value = app
-        .post(
+    let plain = app
+        .post_json(
             "/v1/generate",
             &json!({"prompt": "the", "max_new_tokens": 6, "temperature": 0}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     let resp = app.post("/v1/generate", &body).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.headers()["content-type"]
@@ -77,9 +74,8 @@ async fn streaming_sends_one_event_per_token_then_a_final_event() {
         .unwrap()
         .starts_with("text/event-stream"));
     let raw = resp.text().await.unwrap();
-    let events: Vec<Value> = raw
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
+    let events: Vec<Value> = sse_data(&raw)
+        .iter()
         .map(|d| serde_json::from_str(d).unwrap())
         .collect();
     let last = events.last().unwrap();
@@ -102,7 +98,7 @@ async fn streaming_sends_one_event_per_token_then_a_final_event() {
 async fn stop_strings_end_generation_and_are_excluded() {
     let app = spawn_app().await;
     let base = json!({"prompt": "the", "max_new_tokens": 24, "temperature": 0});
-    let full: Value = app.post("/v1/generate", &base).await.json().await.unwrap();
+    let full = app.post_json("/v1/generate", &base).await;
     let text = full["text"].as_str().unwrap().to_owned();
     let chars: Vec<char> = text.chars().collect();
     if chars.len() < 4 {
@@ -112,7 +108,7 @@ async fn stop_strings_end_generation_and_are_excluded() {
     let cut_at = text.find(&stop).unwrap();
     let mut body = base.clone();
     body["stop"] = json!([stop]);
-    let v: Value = app.post("/v1/generate", &body).await.json().await.unwrap();
+    let v = app.post_json("/v1/generate", &body).await;
     assert_eq!(v["text"].as_str().unwrap(), &text[..cut_at]);
     assert_eq!(v["finish_reason"], "stop");
 }
@@ -132,32 +128,9 @@ async fn concurrent_requests_are_all_served_and_match_serial_results() {
     ];
     let mut serial = Vec::new();
     for p in prompts {
-        let v: Value = app
-            .post(
-                "/v1/generate",
-                &json!({"prompt": p, "max_new_tokens": 10, "temperature": 0}),
-            )
-            .await
-            .json()
-            .await
-            .unwrap();
-        serial.push(v["text"].clone());
+        serial.push(greedy_text(&app, p).await);
     }
-    let futs = prompts.iter().map(|p| {
-        let app = &app;
-        async move {
-            let v: Value = app
-                .post(
-                    "/v1/generate",
-                    &json!({"prompt": p, "max_new_tokens": 10, "temperature": 0}),
-                )
-                .await
-                .json()
-                .await
-                .unwrap();
-            v["text"].clone()
-        }
-    });
+    let futs = prompts.iter().map(|p| greedy_text(&app, p));
     let batched: Vec<Value> = futures::future::join_all(futs).await;
     assert_eq!(
         batched, serial,
@@ -175,17 +148,24 @@ async fn a_client_that_disconnects_frees_its_slot() {
     drop(stream);
     // With a single running slot, this only completes if the dropped stream's slot was freed.
     let v: Value = tokio::time::timeout(std::time::Duration::from_secs(60), async {
-        app.post("/v1/generate", &json!({"prompt": "a", "max_new_tokens": 2}))
+        app.post_json("/v1/generate", &json!({"prompt": "a", "max_new_tokens": 2}))
             .await
-            .json()
-            .await
-            .unwrap()
     })
     .await
     .expect("the slot was not freed");
     assert!(v["text"].is_string());
 }
 
-async fn spawn_app_one_slot() -> crate::helpers::TestApp {
+/// The serial and the batched side must send the very same request.
+async fn greedy_text(app: &TestApp, prompt: &str) -> Value {
+    app.post_json(
+        "/v1/generate",
+        &json!({"prompt": prompt, "max_new_tokens": 10, "temperature": 0}),
+    )
+    .await["text"]
+        .clone()
+}
+
+async fn spawn_app_one_slot() -> TestApp {
     crate::helpers::spawn_app_with(|s| s.engine.max_running = 1).await
 }

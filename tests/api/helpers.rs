@@ -59,6 +59,61 @@ impl TestApp {
             .await
             .expect("request failed")
     }
+
+    /// The body of `post` as JSON, whatever the status (callers that care assert it).
+    pub async fn post_json(&self, path: &str, body: &Value) -> Value {
+        self.post(path, body).await.json().await.expect("JSON body")
+    }
+
+    /// The body of `get` as JSON, whatever the status.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.get(path).await.json().await.expect("JSON body")
+    }
+
+    /// The body of `post` as text: an event stream, read to its end.
+    pub async fn post_text(&self, path: &str, body: &Value) -> String {
+        self.post(path, body).await.text().await.expect("text body")
+    }
+
+    /// The body of `get` as text.
+    pub async fn get_text(&self, path: &str) -> String {
+        self.get(path).await.text().await.expect("text body")
+    }
+}
+
+/// The `data:` payloads of an event stream, in order.
+pub fn sse_data(raw: &str) -> Vec<String> {
+    raw.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Reads what is left of an event stream, which must end cleanly (not be reset) with no gap
+/// longer than `within`, and returns its last event.
+#[allow(dead_code)]
+pub async fn last_event<B: AsRef<[u8]>>(
+    body: &mut (impl futures::Stream<Item = reqwest::Result<B>> + Unpin),
+    within: std::time::Duration,
+) -> String {
+    use futures::StreamExt;
+    let mut text = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(within, body.next())
+        .await
+        .expect("the stream ended within the deadline")
+    {
+        text.extend_from_slice(
+            chunk
+                .expect("the stream was ended cleanly, not reset")
+                .as_ref(),
+        );
+    }
+    let text = String::from_utf8_lossy(&text);
+    text.trim_end()
+        .rsplit("\n\n")
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Checks the error envelope and returns its code.
@@ -78,7 +133,26 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_in_tempdir(|_| {}, tweak).await
+}
+
+/// `spawn_app_with` on the tiny model with a 65536-token context (`write_long_context_model`).
+#[allow(dead_code)]
+pub async fn spawn_long_context_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_in_tempdir(
+        |dir| write_long_context_model(&dir.join(TINY_MODEL_NAME)),
+        tweak,
+    )
+    .await
+}
+
+/// Serves from a fresh temp directory, after `prepare` has written into it; the app owns it.
+async fn spawn_app_in_tempdir(
+    prepare: impl FnOnce(&Path),
+    tweak: impl FnOnce(&mut Settings),
+) -> TestApp {
     let dir = tempfile::tempdir().expect("tempdir");
+    prepare(dir.path());
     let mut app = spawn_app_in(dir.path(), tweak).await;
     app._dir = Some(dir);
     app
@@ -89,6 +163,12 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
 pub async fn spawn_app_in(dir: &Path, tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let mut s = test_settings(dir);
     tweak(&mut s);
+    serve(s).await
+}
+
+/// Builds the app from `s` and serves it in the background; the caller keeps the directories
+/// `s` names.
+pub async fn serve(s: Settings) -> TestApp {
     let app = Application::build(s).await.expect("app builds");
     let base = format!("http://{}", app.addr());
     let jobs = Some(app.jobs.clone());
@@ -108,9 +188,15 @@ pub fn test_settings(dir: &Path) -> Settings {
     if !model_dir.join("model.safetensors").exists() {
         write_tiny_model(&model_dir, 7);
     }
+    settings_serving(&model_dir, dir)
+}
+
+/// Settings serving the model at `model` (a GGUF file or a Hugging Face directory) on
+/// 127.0.0.1:0, with the database, adapter store and job files under `dir`.
+pub fn settings_serving(model: &Path, dir: &Path) -> Settings {
     let mut s = Settings::defaults().expect("defaults");
     s.server.bind = "127.0.0.1:0".into();
-    s.model.path = model_dir.display().to_string();
+    s.model.path = model.display().to_string();
     s.storage.adapters_dir = dir.join("adapters").display().to_string();
     s.storage.database_url = format!("sqlite://{}", dir.join("test.db").display());
     s.storage.jobs_dir = dir.join("jobs").display().to_string();
@@ -358,6 +444,20 @@ pub fn tiny_adapter_files(seed: u64, scale: f64) -> (Vec<u8>, Vec<u8>) {
     )
 }
 
+/// The multipart body of `POST /v1/adapters`.
+pub fn adapter_form(name: &str, config: Vec<u8>, weights: Vec<u8>) -> reqwest::multipart::Form {
+    reqwest::multipart::Form::new()
+        .text("name", name.to_owned())
+        .part(
+            "adapter_config.json",
+            reqwest::multipart::Part::bytes(config).file_name("adapter_config.json"),
+        )
+        .part(
+            "adapter_model.safetensors",
+            reqwest::multipart::Part::bytes(weights).file_name("adapter_model.safetensors"),
+        )
+}
+
 impl TestApp {
     /// Uploads an adapter through the multipart endpoint.
     pub async fn post_adapter(
@@ -366,18 +466,13 @@ impl TestApp {
         config: Vec<u8>,
         weights: Vec<u8>,
     ) -> reqwest::Response {
-        let form = reqwest::multipart::Form::new()
-            .text("name", name.to_owned())
-            .part(
-                "adapter_config.json",
-                reqwest::multipart::Part::bytes(config).file_name("adapter_config.json"),
-            )
-            .part(
-                "adapter_model.safetensors",
-                reqwest::multipart::Part::bytes(weights).file_name("adapter_model.safetensors"),
-            );
+        self.post_form("/v1/adapters", adapter_form(name, config, weights))
+            .await
+    }
+
+    pub async fn post_form(&self, path: &str, form: reqwest::multipart::Form) -> reqwest::Response {
         self.client
-            .post(format!("{}/v1/adapters", self.base))
+            .post(format!("{}{path}", self.base))
             .multipart(form)
             .send()
             .await

@@ -2,14 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{error_code, spawn_app};
-
-fn sse_data(raw: &str) -> Vec<String> {
-    raw.lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(str::to_owned)
-        .collect()
-}
+use crate::helpers::{error_code, spawn_app, sse_data};
 
 #[tokio::test]
 async fn chat_completion_has_the_openai_shape() {
@@ -17,12 +10,7 @@ async fn chat_completion_has_the_openai_shape() {
     let body = json!({"model": "tiny", "messages": [{"role": "system", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 5, "temperature": 0,
         "logprobs": true, "top_logprobs": 2});
-    let v: Value = app
-        .post("/v1/chat/completions", &body)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = app.post_json("/v1/chat/completions", &body).await;
     assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
     assert_eq!(v["object"], "chat.completion");
     assert!(v["created"].is_u64());
@@ -51,18 +39,9 @@ async fn chat_streaming_sends_role_deltas_finish_usage_and_done() {
     let app = spawn_app().await;
     let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
         "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
-    let plain: Value = app
-        .post("/v1/chat/completions", &json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let raw = app
-        .post("/v1/chat/completions", &body)
-        .await
-        .text()
-        .await
-        .unwrap();
+    let plain = app
+        .post_json("/v1/chat/completions", &json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0})).await;
+    let raw = app.post_text("/v1/chat/completions", &body).await;
     let data = sse_data(&raw);
     assert_eq!(data.last().unwrap(), "[DONE]");
     let chunks: Vec<Value> = data[..data.len() - 1]
@@ -95,17 +74,12 @@ async fn chat_streaming_sends_role_deltas_finish_usage_and_done() {
 async fn completions_stream_and_plain_agree() {
     let app = spawn_app().await;
     let body = json!({"model": "tiny", "prompt": "the", "max_tokens": 7, "temperature": 0});
-    let plain: Value = app
-        .post("/v1/completions", &body)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let plain: Value = app.post_json("/v1/completions", &body).await;
     assert_eq!(plain["object"], "text_completion");
     assert!(plain["id"].as_str().unwrap().starts_with("cmpl-"));
     let mut sb = body.clone();
     sb["stream"] = json!(true);
-    let raw = app.post("/v1/completions", &sb).await.text().await.unwrap();
+    let raw = app.post_text("/v1/completions", &sb).await;
     let data = sse_data(&raw);
     assert_eq!(data.last().unwrap(), "[DONE]");
     let text: String = data[..data.len() - 1]
@@ -121,12 +95,7 @@ async fn echo_with_logprobs_scores_the_prompt() {
     let app = spawn_app().await;
     let body =
         json!({"model": "tiny", "prompt": "the cat", "max_tokens": 0, "echo": true, "logprobs": 1});
-    let v: Value = app
-        .post("/v1/completions", &body)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = app.post_json("/v1/completions", &body).await;
     let c = &v["choices"][0];
     assert_eq!(c["text"], "the cat");
     let lp = &c["logprobs"];
@@ -144,7 +113,7 @@ async fn echo_with_logprobs_scores_the_prompt() {
 #[tokio::test]
 async fn models_lists_the_base_model_and_an_unknown_model_is_404() {
     let app = spawn_app().await;
-    let v: Value = app.get("/v1/models").await.json().await.unwrap();
+    let v = app.get_json("/v1/models").await;
     assert_eq!(v["object"], "list");
     assert_eq!(v["data"][0]["id"], "tiny");
     assert_eq!(v["data"][0]["object"], "model");
@@ -164,7 +133,7 @@ async fn models_lists_the_base_model_and_an_unknown_model_is_404() {
 #[tokio::test]
 async fn a_single_model_can_be_retrieved_by_id() {
     let app = spawn_app().await;
-    let v: Value = app.get("/v1/models/tiny").await.json().await.unwrap();
+    let v = app.get_json("/v1/models/tiny").await;
     assert_eq!(v["id"], "tiny");
     assert_eq!(v["object"], "model");
     let (code, _) = error_code(app.get("/v1/models/other").await, 404).await;
@@ -177,12 +146,7 @@ async fn tokens_that_split_a_character_report_their_raw_bytes() {
     // The tiny byte-level vocabulary has no merges for "é" (0xC3 0xA9): two byte tokens.
     let body =
         json!({"model": "tiny", "prompt": "é", "max_tokens": 0, "echo": true, "logprobs": 0});
-    let v: Value = app
-        .post("/v1/completions", &body)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = app.post_json("/v1/completions", &body).await;
     let lp = &v["choices"][0]["logprobs"];
     assert_eq!(lp["tokens"], json!(["bytes:\\xc3", "bytes:\\xa9"]));
     assert_eq!(lp["text_offset"], json!([0, 0]));
@@ -194,12 +158,7 @@ async fn chat_logprob_bytes_join_back_into_the_text() {
     let app = spawn_app().await;
     let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
         "temperature": 0, "logprobs": true});
-    let v: Value = app
-        .post("/v1/chat/completions", &body)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = app.post_json("/v1/chat/completions", &body).await;
     let bytes: Vec<u8> = v["choices"][0]["logprobs"]["content"]
         .as_array()
         .unwrap()
@@ -242,19 +201,19 @@ async fn features_we_do_not_implement_are_refused_by_name() {
 
 #[tokio::test]
 async fn ignore_eos_makes_completions_and_chat_generate_exactly_max_tokens() {
-    let app = crate::helpers::spawn_app().await;
+    let app = spawn_app().await;
     for (path, body) in [
         (
             "/v1/completions",
-            serde_json::json!({"model": "tiny", "prompt": "the", "max_tokens": 40, "ignore_eos": true}),
+            json!({"model": "tiny", "prompt": "the", "max_tokens": 40, "ignore_eos": true}),
         ),
         (
             "/v1/chat/completions",
-            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                                "max_tokens": 40, "ignore_eos": true}),
         ),
     ] {
-        let v: serde_json::Value = app.post(path, &body).await.json().await.unwrap();
+        let v = app.post_json(path, &body).await;
         assert_eq!(v["usage"]["completion_tokens"], 40, "{path}: {v}");
         assert_eq!(v["choices"][0]["finish_reason"], "length", "{path}: {v}");
     }
