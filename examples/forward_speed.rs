@@ -6,6 +6,9 @@
 //!  [--precision int8,f32] [--only prefill128,prefill500,decode1,decode4,decode8,decode16]
 //!  [--steps 32]`
 //!
+//! `decodeB@C` (any B, C ≤ 500) decodes B sequences after a C-token prompt each, for attention
+//! over a long cache (e.g. `--only decode1@500,decode8@500`).
+//!
 //! Thread settings mirror `adapterd serve --threads N`: candle's own pool at 1, our rayon pool
 //! at N, and the forward runs on a thread of that pool as the engine's does.
 
@@ -98,15 +101,22 @@ fn scenario(model: &Llama, name: &str, steps: usize) -> anyhow::Result<f64> {
         }])?;
         return Ok(n as f64 / t.elapsed().as_secs_f64());
     }
-    let batch: usize = name
+    // decodeB or decodeB@C: B sequences, each after a C-token prompt (16 by default).
+    let spec = name
         .strip_prefix("decode")
-        .ok_or_else(|| anyhow::anyhow!("unknown scenario {name}"))?
-        .parse()?;
+        .ok_or_else(|| anyhow::anyhow!("unknown scenario {name}"))?;
+    let (batch, context) = spec.split_once('@').unwrap_or((spec, "16"));
+    let (batch, context): (usize, usize) = (batch.parse()?, context.parse()?);
+    anyhow::ensure!(
+        (1..=prompt.len()).contains(&context),
+        "context of {name} must be 1..={}",
+        prompt.len()
+    );
     let mut caches: Vec<SeqCache> = (0..batch).map(|_| SeqCache::new(layers)).collect();
-    // A short prompt per sequence first, so attention has a cache to read.
+    // A prompt per sequence first, so attention has a cache to read.
     for c in caches.iter_mut() {
         model.forward(&mut [SeqInput {
-            tokens: &prompt[..16],
+            tokens: &prompt[..context],
             cache: c,
             all_logits: false,
             adapter: None,

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::cache::SeqCache;
 use super::config::ModelConfig;
-use super::decode_attention::decode_attention_cpu;
+use super::fused_attention::attention_cpu;
 use super::linear::Linear;
 use super::qmatmul::ActivationPrecision;
 use crate::engine::lora::{self, LoraAdapter, LoraPair, Module};
@@ -335,15 +335,12 @@ impl Llama {
             offsets.push(offset);
             offset += s.tokens.len();
         }
-        // The queries as plain values for the fused one-token path (CPU only; not copied for
-        // a step of prompts alone).
-        let one_token = batch.iter().any(|s| s.tokens.len() == 1);
-        let q_host: Option<Vec<f32>> =
-            if one_token && self.device.is_cpu() && q.dtype() == DType::F32 {
-                Some(q.flatten_all()?.to_vec1()?)
-            } else {
-                None
-            };
+        // The queries as plain values for the fused CPU pass.
+        let q_host: Option<Vec<f32>> = if self.device.is_cpu() && q.dtype() == DType::F32 {
+            Some(q.flatten_all()?.to_vec1()?)
+        } else {
+            None
+        };
         let one = |s: &mut SeqInput<'_>, offset: usize| -> Result<Tensor> {
             let n = s.tokens.len();
             let start = s.cache.len();
@@ -354,10 +351,10 @@ impl Llama {
             // capacity: candle's matmul takes that stride as it is, so no per-step copy of the
             // whole cache.
             let (k_all, v_all) = s.cache.append(layer_idx, &k_s, &v_s)?;
-            if let (1, Some(qv)) = (n, &q_host) {
-                let q_row = &qv[offset * nh * hd..(offset + 1) * nh * hd];
-                if let Some(o) = decode_attention_cpu(q_row, &k_all, &v_all, nh, scale as f32)? {
-                    return Tensor::from_vec(o, (1, nh * hd), &self.device);
+            if let Some(qv) = &q_host {
+                let q_rows = &qv[offset * nh * hd..(offset + n) * nh * hd];
+                if let Some(o) = attention_cpu(q_rows, &k_all, &v_all, nh, scale as f32)? {
+                    return Tensor::from_vec(o, (n, nh * hd), &self.device);
                 }
             }
             let q_s = q.narrow(0, offset, n)?.transpose(0, 1)?.contiguous()?;

@@ -3,8 +3,8 @@
 
 pub mod cache;
 pub mod config;
-mod decode_attention;
 pub mod export;
+mod fused_attention;
 pub mod linear;
 pub mod llama;
 pub mod load;
