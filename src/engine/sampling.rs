@@ -234,7 +234,7 @@ fn clean(x: f32) -> f32 {
 /// should get. No libm call and no branch, so loops over it vectorise: `f32::exp` is an
 /// opaque call and was most of the cost of a step over a 49k vocabulary.
 #[inline(always)]
-fn exp_neg(x: f32) -> f32 {
+pub(crate) fn exp_neg(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

@@ -11,6 +11,8 @@
 use candle_core::{CpuStorage, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::engine::sampling::exp_neg;
+
 /// `q` [n, heads, head_dim] (the n new tokens at positions start..start+n) against `k_all`,
 /// `v_all` [kv_heads, start+n, head_dim] (any strides, as the cache's views have): query i
 /// sees keys 0..=start+i, and query head h reads kv head h / group. Returns [n, heads ·
@@ -154,35 +156,13 @@ fn attend(q: &[f32], c: &CacheView<'_>, group: usize, scale: f32, out: &mut [f32
     }
 }
 
-/// Replaces every x in `p` by e^(x − max) and returns their sum. A polynomial exp (Cephes'
-/// expf: range reduction by ln 2, degree-5 polynomial, ~1 ulp) written in plain arithmetic so
-/// it vectorizes where this is inlined: libm's `expf` is a call per score, and at 500 tokens
-/// of context that was the softmax's whole cost.
+/// Replaces every x in `p` by e^(x − max) and returns their sum, with the sampler's
+/// polynomial exp ([`exp_neg`]): it vectorizes where this is inlined, while libm's `expf` is a
+/// call per score, and at 500 tokens of context that was the softmax's whole cost.
 #[inline(always)]
 fn exp_shifted(p: &mut [f32], max: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5·2²³: adding it rounds to an integer held in the low mantissa bits.
-    const MAGIC: f32 = 12_582_912.0;
     let mut sum = [0f32; 8];
-    let exp = |x: f32| {
-        // x ≤ 0 here (scores minus their max); below −87 the result is ~0 anyway.
-        let x = (x - max).max(-87.0);
-        let t = x * LOG2E + MAGIC;
-        let n = t - MAGIC;
-        let r = x - n * LN2_HI - n * LN2_LO;
-        let mut y = 1.987_569_2e-4;
-        y = y * r + 1.398_2e-3;
-        y = y * r + 8.333_452e-3;
-        y = y * r + 4.166_579_6e-2;
-        y = y * r + 1.666_666_5e-1;
-        y = y * r + 5e-1;
-        let y = y * r * r + r + 1.0;
-        // 2ⁿ from n's bits in t: t's bits are MAGIC's plus n.
-        let n_bits = t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
-        y * f32::from_bits(((n_bits + 127) as u32) << 23)
-    };
+    let exp = |x: f32| exp_neg(x - max);
     let mut chunks = p.chunks_exact_mut(8);
     for ch in &mut chunks {
         for (v, s) in ch.iter_mut().zip(sum.iter_mut()) {
@@ -259,18 +239,7 @@ mod tests {
                 .reshape((kv_heads, group * n, hd))
                 .unwrap();
             let scores = (q_g.matmul(&k_all.t().unwrap()).unwrap() * scale as f64).unwrap();
-            let mask: Vec<f32> = (0..n)
-                .flat_map(|i| {
-                    (0..len).map(move |j| {
-                        if j > start + i {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (n, len), &dev).unwrap();
+            let mask = crate::engine::model::llama::causal_mask(n, start, &dev).unwrap();
             let scores = scores
                 .reshape((kv_heads, group, n, len))
                 .unwrap()

@@ -409,7 +409,7 @@ impl Llama {
 }
 
 /// [n, start+n] additive mask: query i (at position start+i) sees keys 0..=start+i.
-fn causal_mask(n: usize, start: usize, device: &Device) -> Result<Tensor> {
+pub(super) fn causal_mask(n: usize, start: usize, device: &Device) -> Result<Tensor> {
     let len = start + n;
     let mask: Vec<f32> = (0..n)
         .flat_map(|i| {
