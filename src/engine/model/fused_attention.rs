@@ -71,14 +71,16 @@ pub fn attention_cpu(
     let group = heads / kv_heads;
     let start = len - n;
     let mut out = vec![0f32; n * width];
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     let row = |i: usize, q_row: &[f32], o_row: &mut [f32]| {
         let seen = CacheView {
             len: start + i + 1,
             ..view
         };
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
+        if avx2 {
+            // SAFETY: the features were detected above.
             unsafe { attend_avx2(q_row, &seen, group, scale, o_row) };
             return;
         }

@@ -34,13 +34,35 @@ pub(super) const STRIP: usize = 16;
 /// Bytes of the scale half of a record (16 f16 scales, 16 f16 offsets).
 const SCALE_BYTES: usize = 64;
 
-/// Bytes of one strip's record for one block.
-pub(super) fn record_bytes(format: BlockFormat) -> usize {
+/// Bytes of one strip's record for one block of format `f` (a `format_id`).
+const fn record_bytes_of(f: u8) -> usize {
     SCALE_BYTES
-        + match format {
-            BlockFormat::Q8_0 => STRIP * QK,
-            _ => STRIP * QK / 2,
+        + if f == Q8_0 {
+            STRIP * QK
+        } else {
+            STRIP * QK / 2
         }
+}
+
+/// [`record_bytes_of`] for a [`BlockFormat`].
+fn record_bytes(format: BlockFormat) -> usize {
+    record_bytes_of(match format {
+        BlockFormat::Q4_0 => Q4_0,
+        BlockFormat::Q4_1 => Q4_1,
+        BlockFormat::Q8_0 => Q8_0,
+    })
+}
+
+/// Where value `e` (0..32) of lane `l`'s block sits among a record's value bytes: the byte,
+/// and whether it is the high nibble (Q4 only; see the module docs for the layout).
+fn value_slot(format: BlockFormat, l: usize, e: usize) -> (usize, bool) {
+    let (k, p) = (e / 2, 2 * l + e % 2);
+    if format == BlockFormat::Q8_0 {
+        (k * 32 + p, false)
+    } else {
+        let (c, t) = (k / 4, k % 4);
+        (c * 64 + (t % 2) * 32 + p, t >= 2)
+    }
 }
 
 /// A weight [rows, cols] in strip layout: `strips` strips of `cols/32` records each.
@@ -74,24 +96,15 @@ impl Strips {
                         }
                         block_values(format, blk, &mut vals);
                         for (e, &v) in vals.iter().enumerate() {
-                            // k-step e/2, position 2l + e%2 (see the module docs).
-                            let (k, p) = (e / 2, 2 * l + e % 2);
-                            if format == BlockFormat::Q8_0 {
-                                quants[k * 32 + p] = v;
-                            } else {
-                                let (c, t) = (k / 4, k % 4);
-                                let byte = c * 64 + (t % 2) * 32 + p;
-                                quants[byte] |= if t < 2 { v } else { v << 4 };
-                            }
+                            let (byte, high) = value_slot(format, l, e);
+                            quants[byte] |= if high { v << 4 } else { v };
                         }
                     }
                 }
             });
         Self { data: out, strips }
     }
-}
 
-impl Strips {
     /// The GGUF blocks back (`rows` × `cols/32`), for the kernels that read that layout.
     pub fn to_gguf(&self, format: BlockFormat, rows: usize, cols: usize) -> Vec<u8> {
         let nb = cols / QK;
@@ -103,19 +116,10 @@ impl Strips {
                 let rec = &self.data[(s * nb + b) * rb..(s * nb + b + 1) * rb];
                 let (scales, quants) = rec.split_at(SCALE_BYTES);
                 blk[0..2].copy_from_slice(&scales[2 * l..2 * l + 2]);
-                let vals: [u8; QK] = std::array::from_fn(|e| {
-                    let (k, p) = (e / 2, 2 * l + e % 2);
-                    if format == BlockFormat::Q8_0 {
-                        quants[k * 32 + p]
-                    } else {
-                        let (c, t) = (k / 4, k % 4);
-                        let byte = quants[c * 64 + (t % 2) * 32 + p];
-                        if t < 2 {
-                            byte & 0x0F
-                        } else {
-                            byte >> 4
-                        }
-                    }
+                let vals: [u8; QK] = std::array::from_fn(|e| match value_slot(format, l, e) {
+                    (byte, false) if format == BlockFormat::Q8_0 => quants[byte],
+                    (byte, false) => quants[byte] & 0x0F,
+                    (byte, true) => quants[byte] >> 4,
                 });
                 match format {
                     BlockFormat::Q8_0 => blk[2..].copy_from_slice(&vals),
@@ -168,11 +172,11 @@ pub(super) unsafe fn matmul(
     outs: &[SharedOut],
 ) {
     let nb = cols / QK;
-    let counts: Vec<usize> = ws
+    let total: usize = ws
         .iter()
-        .map(|w| w.strips.as_ref().map_or(0, |s| s.strips))
-        .collect();
-    let total: usize = counts.iter().sum();
+        .filter_map(|w| w.strips.as_ref())
+        .map(|s| s.strips)
+        .sum();
     let run = |g0: usize, g1: usize| {
         for r0 in (0..n).step_by(PANEL) {
             let r1 = (r0 + PANEL).min(n);
@@ -182,10 +186,10 @@ pub(super) unsafe fn matmul(
                 &acts.sum[r0 * nb..r1 * nb],
             );
             let mut base = 0;
-            for ((w, out), &count) in ws.iter().zip(outs).zip(&counts) {
+            for (w, out) in ws.iter().zip(outs) {
                 let Some(s) = w.strips.as_ref() else { continue };
                 let rb = nb * record_bytes(w.format);
-                for st in g0.max(base)..g1.min(base + count) {
+                for st in g0.max(base)..g1.min(base + s.strips) {
                     let local = st - base;
                     // SAFETY: the caller's contract; the strip is inside `s.data`, and row
                     // r0..r1's columns local·16.. (lanes of them) are inside out_i and
@@ -204,7 +208,7 @@ pub(super) unsafe fn matmul(
                         )
                     };
                 }
-                base += count;
+                base += s.strips;
             }
         }
     };
@@ -280,12 +284,7 @@ mod x86 {
         sum: *const f32,
         cols: usize,
     ) -> [__m512; R] {
-        let rb = SCALE_BYTES
-            + if F == Q8_0 {
-                STRIP * QK
-            } else {
-                STRIP * QK / 2
-            };
+        let rb = record_bytes_of(F);
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..nb {
             let rec = strip.add(b * rb);
@@ -312,12 +311,11 @@ mod x86 {
                 }
             }
             let (dw, mw) = scales::<F>(rec);
-            let nbr = cols / QK;
             for (r, (a, dot)) in acc.iter_mut().zip(dots).enumerate() {
-                let dx = _mm512_set1_ps(*d.add(r * nbr + b));
+                let dx = _mm512_set1_ps(*d.add(r * nb + b));
                 *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, dx), *a);
                 if F != Q8_0 {
-                    *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(*sum.add(r * nbr + b)), *a);
+                    *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(*sum.add(r * nb + b)), *a);
                 }
             }
         }
@@ -363,12 +361,7 @@ mod x86 {
     ) {
         let nb = cols / QK;
         let n = q.len() / cols;
-        let vals = if F == Q8_0 {
-            STRIP * QK
-        } else {
-            STRIP * QK / 2
-        };
-        debug_assert!(strip.len() >= nb * (SCALE_BYTES + vals));
+        debug_assert!(strip.len() >= nb * record_bytes_of(F));
         debug_assert!(d.len() >= n * nb && sum.len() >= n * nb && lanes <= STRIP);
         let mask: __mmask16 = if lanes >= STRIP {
             0xFFFF
