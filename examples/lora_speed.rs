@@ -1,17 +1,18 @@
 //! Times one decode step's LoRA deltas (every adapted projection of every layer, 8 adapters ×
 //! 1 row each, real shapes of MODEL) per kernel, element type and threading, then a cold
-//! adapter's first request piece by piece (read, BLAKE3, parse, the whole verified load, and a
-//! 16-token prefill with the adapter against the base): `cargo run --release --example
+//! adapter's first request piece by piece (read, BLAKE3, parse and the whole verified load, of
+//! the f32 upload and of the f16 serving copy a cold load reads, then a 16-token prefill with
+//! the adapter against the base): `cargo run --release --example
 //! lora_speed -- MODEL.gguf [THREADS] [REPS]`. Prints medians; compare variants within a run.
 
 use std::time::Instant;
 
 use std::sync::Arc;
 
-use adapterd::adapters::{load_verified, Recorded, CONFIG_FILE, WEIGHTS_FILE};
+use adapterd::adapters::{load_verified, Recorded, CONFIG_FILE, SERVING_FILE, WEIGHTS_FILE};
 use adapterd::bench::adapters::{model_config, random_adapter, write_random_adapter};
 use adapterd::engine::lora::apply::{add_deltas_cpu_with, Kernel};
-use adapterd::engine::lora::peft::{parse_peft, LoraLimits};
+use adapterd::engine::lora::peft::{parse_peft, serving_weights, LoraLimits};
 use adapterd::engine::lora::{LoraAdapter, Module};
 use adapterd::engine::model::load::{load_gguf, read_gguf_header};
 use adapterd::engine::model::{Llama, ModelConfig, SeqCache, SeqInput};
@@ -189,6 +190,10 @@ fn cold(path: &std::path::Path, cfg: &ModelConfig, reps: usize) -> anyhow::Resul
         "blake3",
         "parse",
         "verified load",
+        "serving copy: read",
+        "serving copy: blake3",
+        "serving copy: parse",
+        "serving copy: verified load",
         "prefill base",
         "prefill cold",
         "prefill warm",
@@ -212,11 +217,41 @@ fn cold(path: &std::path::Path, cfg: &ModelConfig, reps: usize) -> anyhow::Resul
         drop(parse_peft(&config, &weights, cfg, &limits, &Device::Cpu)?);
         t[2].push(ms(t0));
         let t0 = Instant::now();
-        let adapter = Arc::new(load_verified(&dir, &Recorded::Blake3(hash), cfg, &limits)?);
+        drop(load_verified(
+            &dir,
+            WEIGHTS_FILE,
+            &Recorded::Blake3(hash),
+            cfg,
+            &limits,
+        )?);
         t[3].push(ms(t0));
-        t[4].push(prefill(&model, None)?);
-        t[5].push(prefill(&model, Some(adapter.clone()))?);
-        t[6].push(prefill(&model, Some(adapter))?);
+        // What the registry writes beside an upload and a cold load reads instead.
+        let serving = serving_weights(&parse_peft(&config, &weights, cfg, &limits, &Device::Cpu)?)?;
+        std::fs::write(dir.join(SERVING_FILE), &serving)?;
+        let t0 = Instant::now();
+        let serving = std::fs::read(dir.join(SERVING_FILE))?;
+        t[4].push(ms(t0));
+        let t0 = Instant::now();
+        let mut h = blake3::Hasher::new();
+        h.update(&config);
+        h.update(&serving);
+        let hash = h.finalize().to_hex().to_string();
+        t[5].push(ms(t0));
+        let t0 = Instant::now();
+        drop(parse_peft(&config, &serving, cfg, &limits, &Device::Cpu)?);
+        t[6].push(ms(t0));
+        let t0 = Instant::now();
+        let adapter = Arc::new(load_verified(
+            &dir,
+            SERVING_FILE,
+            &Recorded::Blake3(hash),
+            cfg,
+            &limits,
+        )?);
+        t[7].push(ms(t0));
+        t[8].push(prefill(&model, None)?);
+        t[9].push(prefill(&model, Some(adapter.clone()))?);
+        t[10].push(prefill(&model, Some(adapter))?);
     }
     println!("cold adapter, rank 16 on all modules, median of {reps}:");
     for (name, v) in names.iter().zip(t) {

@@ -11,13 +11,16 @@ use sha2::{Digest, Sha256};
 use sqlx::SqlitePool;
 
 use crate::engine::lora::cache::AdapterCache;
-use crate::engine::lora::peft::{parse_peft, LoraError, LoraLimits};
+use crate::engine::lora::peft::{parse_peft, serving_weights, LoraError, LoraLimits};
 use crate::engine::lora::LoraAdapter;
 use crate::engine::model::ModelConfig;
 use crate::store::adapters::{self as q, AdapterRow};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The weights as the engine serves them (f16 where they fit, PEFT's names), written beside
+/// the upload and verified against `serving_blake3` at every cold load; see [`load_stored`].
+pub const SERVING_FILE: &str = "serving.safetensors";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
@@ -174,24 +177,25 @@ pub enum Recorded {
     Sha256(String),
 }
 
-/// Reads a stored version's files from `dir`, checks they hash to `recorded`, and parses them:
-/// the whole cold load of an adapter.
+/// Reads a stored version's config and the weights file `weights_file` from `dir`, checks
+/// they hash to `recorded`, and parses them: the whole cold load of an adapter.
 ///
-/// The files must be the bytes that were validated at upload: a substitute written into the
-/// store behind the service's back (valid or not) is refused. Both checks run on the one copy
-/// read into memory (not a memory map, which a writer could change between hash and parse),
-/// so the bytes parsed are the bytes hashed. Hash and parse run side by side on the rayon
-/// pool, and BLAKE3 splits itself over whatever threads the parse leaves free (it is the
-/// longer of the two: ~4.5 ms for 20 MB on one core).
+/// The files must be the bytes that were validated (and, for [`SERVING_FILE`], written) at
+/// upload: a substitute written into the store behind the service's back (valid or not) is
+/// refused. Both checks run on the one copy read into memory (not a memory map, which a writer
+/// could change between hash and parse), so the bytes parsed are the bytes hashed. Hash and
+/// parse run side by side on the rayon pool, and BLAKE3 splits itself over whatever threads
+/// the parse leaves free (it is the longer of the two: ~4.5 ms for 20 MB on one core).
 pub fn load_verified(
     dir: &Path,
+    weights_file: &str,
     recorded: &Recorded,
     base: &ModelConfig,
     limits: &LoraLimits,
 ) -> Result<LoraAdapter, AdapterError> {
     let started = std::time::Instant::now();
     let config = std::fs::read(dir.join(CONFIG_FILE))?;
-    let weights = std::fs::read(dir.join(WEIGHTS_FILE))?;
+    let weights = std::fs::read(dir.join(weights_file))?;
     let read = started.elapsed();
     let (found, parsed) = rayon::join(
         || match recorded {
@@ -206,6 +210,7 @@ pub fn load_verified(
         || parse_peft(&config, &weights, base, limits, &Device::Cpu),
     );
     tracing::debug!(
+        file = weights_file,
         bytes = weights.len(),
         read_ms = read.as_secs_f64() * 1e3,
         verify_and_parse_ms = (started.elapsed() - read).as_secs_f64() * 1e3,
@@ -214,10 +219,40 @@ pub fn load_verified(
     let (Recorded::Blake3(want) | Recorded::Sha256(want)) = recorded;
     if found != *want {
         return Err(AdapterError::Storage(format!(
-            "stored files hash to {found}, not the recorded {want}"
+            "{weights_file} and {CONFIG_FILE} hash to {found}, not the recorded {want}"
         )));
     }
     Ok(parsed?)
+}
+
+/// The cold load of a stored version: its serving copy when the row records one, else (or
+/// when that copy is missing or fails its check) the uploaded files. The uploaded files stay
+/// the source of truth, so a damaged copy costs one slower load and a warning, never the
+/// adapter.
+pub fn load_stored(
+    dir: &Path,
+    row: &AdapterRow,
+    base: &ModelConfig,
+    limits: &LoraLimits,
+) -> Result<LoraAdapter, AdapterError> {
+    if let Some(hash) = &row.serving_blake3 {
+        let recorded = Recorded::Blake3(hash.clone());
+        match load_verified(dir, SERVING_FILE, &recorded, base, limits) {
+            Ok(adapter) => return Ok(adapter),
+            Err(e) => tracing::warn!(
+                tenant = row.tenant,
+                name = row.name,
+                version = row.version,
+                error = %e,
+                "the adapter's serving copy is unusable; loading the uploaded files"
+            ),
+        }
+    }
+    let recorded = match &row.blake3 {
+        Some(b) => Recorded::Blake3(b.clone()),
+        None => Recorded::Sha256(row.sha256.clone()),
+    };
+    load_verified(dir, WEIGHTS_FILE, &recorded, base, limits)
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -272,14 +307,16 @@ impl AdapterRegistry {
         validate_name("tenant", tenant)?;
         validate_name("name", name)?;
         let (base, limits) = (self.base.clone(), self.limits);
-        let (adapter, config, weights) = tokio::task::spawn_blocking(move || {
-            parse_peft(&config, &weights, &base, &limits, &Device::Cpu)
-                .map(|a| (a, config, weights))
+        let (adapter, config, weights, serving) = tokio::task::spawn_blocking(move || {
+            let adapter = parse_peft(&config, &weights, &base, &limits, &Device::Cpu)?;
+            let serving = serving_weights(&adapter)?;
+            Ok::<_, LoraError>((adapter, config, weights, serving))
         })
         .await
         .map_err(|e| AdapterError::Storage(e.to_string()))??;
         let sha = sha256_hex(&config, &weights);
         let fast_hash = blake3_hex(&config, &weights);
+        let serving_hash = blake3_hex(&config, &serving);
 
         let _guard = self.write_lock.lock().await;
         // Under the write lock, so concurrent uploads of one tenant cannot both pass the check.
@@ -293,7 +330,12 @@ impl AdapterRegistry {
             let (config, weights) = (config.clone(), weights.clone());
             tokio::task::spawn_blocking(move || -> std::io::Result<()> {
                 std::fs::create_dir_all(&tmp)?;
-                for (file, bytes) in [(CONFIG_FILE, &config), (WEIGHTS_FILE, &weights)] {
+                let files = [
+                    (CONFIG_FILE, &config),
+                    (WEIGHTS_FILE, &weights),
+                    (SERVING_FILE, &serving),
+                ];
+                for (file, bytes) in files {
                     let path = tmp.join(file);
                     std::fs::write(&path, bytes)?;
                     std::fs::File::open(&path)?.sync_all()?;
@@ -325,6 +367,7 @@ impl AdapterRegistry {
             size_bytes: weights.len() as i64,
             sha256: sha,
             blake3: Some(fast_hash),
+            serving_blake3: Some(serving_hash),
             source: source.to_owned(),
             job_id,
             created_at: now_rfc3339(),
@@ -388,16 +431,11 @@ impl AdapterRegistry {
         let dir = self.dir(tenant, &name, row.version);
         let (base, limits) = (self.base.clone(), self.limits);
         let started = std::time::Instant::now();
-        let (recorded_sha, recorded_blake3) = (row.sha256.clone(), row.blake3.clone());
-        let loaded = tokio::task::spawn_blocking(move || {
-            let recorded = match recorded_blake3 {
-                Some(b) => Recorded::Blake3(b),
-                None => Recorded::Sha256(recorded_sha),
-            };
-            load_verified(&dir, &recorded, &base, &limits)
-        })
-        .await
-        .map_err(|e| AdapterError::Storage(e.to_string()))?;
+        let stored = row.clone();
+        let loaded =
+            tokio::task::spawn_blocking(move || load_stored(&dir, &stored, &base, &limits))
+                .await
+                .map_err(|e| AdapterError::Storage(e.to_string()))?;
         let result = if loaded.is_ok() { "ok" } else { "error" };
         metrics::counter!(crate::metrics::ADAPTER_LOADS_TOTAL, "result" => result).increment(1);
         metrics::histogram!(crate::metrics::ADAPTER_LOAD_SECONDS)

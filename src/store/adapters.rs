@@ -20,12 +20,17 @@ pub struct AdapterRow {
     /// than the column. Internal: not part of the API's adapter object.
     #[serde(skip)]
     pub blake3: Option<String>,
+    /// BLAKE3 over the config then `serving.safetensors` (the weights as served, f16 where
+    /// they fit), verified when a cold load reads that copy; `None` on rows older than the
+    /// column, which load from the uploaded files. Internal, like `blake3`.
+    #[serde(skip)]
+    pub serving_blake3: Option<String>,
     pub source: String,
     pub job_id: Option<String>,
     pub created_at: String,
 }
 
-const COLUMNS: &str = "tenant, name, version, rank, alpha, target_modules, size_bytes, sha256, blake3, source, job_id, created_at";
+const COLUMNS: &str = "tenant, name, version, rank, alpha, target_modules, size_bytes, sha256, blake3, serving_blake3, source, job_id, created_at";
 
 /// The version a new upload of `name` gets: one past the highest ever used (deleted included,
 /// so a version number is never reused for different content).
@@ -41,8 +46,8 @@ pub async fn next_version(db: &SqlitePool, tenant: &str, name: &str) -> sqlx::Re
 
 pub async fn insert(db: &SqlitePool, row: &AdapterRow) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO adapters (tenant, name, version, rank, alpha, target_modules, size_bytes, sha256, blake3, source, job_id, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO adapters (tenant, name, version, rank, alpha, target_modules, size_bytes, sha256, blake3, serving_blake3, source, job_id, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&row.tenant)
     .bind(&row.name)
@@ -53,6 +58,7 @@ pub async fn insert(db: &SqlitePool, row: &AdapterRow) -> sqlx::Result<()> {
     .bind(row.size_bytes)
     .bind(&row.sha256)
     .bind(&row.blake3)
+    .bind(&row.serving_blake3)
     .bind(&row.source)
     .bind(&row.job_id)
     .bind(&row.created_at)

@@ -331,10 +331,11 @@ async fn a_corrupted_adapter_file_fails_that_adapter_with_a_clear_error_not_the_
     let first = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
     let (c, w) = tiny_adapter_files(1, 4.0);
     assert_eq!(first.post_adapter("broken", c, w).await.status(), 201);
-    let weights = dir
-        .path()
-        .join("adapters/default/broken/1/adapter_model.safetensors");
-    std::fs::write(&weights, b"truncated").unwrap();
+    // Both copies of the weights: the upload and the serving copy a cold load reads first.
+    let version = dir.path().join("adapters/default/broken/1");
+    for file in ["adapter_model.safetensors", "serving.safetensors"] {
+        std::fs::write(version.join(file), b"truncated").unwrap();
+    }
     // A fresh process has nothing cached, so it must read the damaged file.
     let second = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
     let (code, msg) = error_code(
@@ -362,11 +363,12 @@ async fn a_valid_substitute_written_into_the_store_is_refused_not_served() {
     let (c1, w1) = tiny_adapter_files(1, 4.0);
     let (_, w2) = tiny_adapter_files(2, 4.0);
     assert_eq!(first.post_adapter("victim", c1, w1).await.status(), 201);
-    // Someone with write access to the store swaps in other, perfectly valid weights.
-    let weights = dir
-        .path()
-        .join("adapters/default/victim/1/adapter_model.safetensors");
-    std::fs::write(&weights, &w2).unwrap();
+    // Someone with write access to the store swaps in other, perfectly valid weights, for
+    // both the upload and the serving copy.
+    let version = dir.path().join("adapters/default/victim/1");
+    for file in ["adapter_model.safetensors", "serving.safetensors"] {
+        std::fs::write(version.join(file), &w2).unwrap();
+    }
     let second = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
     let (code, msg) = error_code(
         second
@@ -438,10 +440,10 @@ async fn versions_stored_before_blake3_are_checked_against_their_sha256() {
         first.post_adapter("older", c1, w2.clone()).await.status(),
         201
     );
-    // What a database from before migration 0003 holds: no BLAKE3.
+    // What a database from before migration 0003 holds: no BLAKE3, no serving copy.
     let url = format!("sqlite://{}", dir.path().join("test.db").display());
     let db = adapterd::store::connect(&url).await.unwrap();
-    sqlx::query("UPDATE adapters SET blake3 = NULL")
+    sqlx::query("UPDATE adapters SET blake3 = NULL, serving_blake3 = NULL")
         .execute(&db)
         .await
         .unwrap();
@@ -465,4 +467,28 @@ async fn versions_stored_before_blake3_are_checked_against_their_sha256() {
     )
     .await;
     assert_eq!(code, "adapter_damaged");
+}
+
+#[tokio::test]
+async fn a_cold_load_reads_the_serving_copy_and_falls_back_to_the_upload_when_it_is_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    let (c1, w1) = tiny_adapter_files(1, 4.0);
+    let (_, w2) = tiny_adapter_files(2, 4.0);
+    assert_eq!(first.post_adapter("a", c1.clone(), w1).await.status(), 201);
+    assert_eq!(first.post_adapter("b", c1, w2).await.status(), 201);
+    let (lp_a, _) = first_logprob(&first, Some("a")).await;
+    let (lp_b, _) = first_logprob(&first, Some("b")).await;
+    assert_ne!(lp_a, lp_b);
+    let store = dir.path().join("adapters/default");
+    let copy = |n: &str| store.join(n).join("1").join("serving.safetensors");
+    let upload = |n: &str| store.join(n).join("1").join("adapter_model.safetensors");
+    // The serving copy is what a cold load reads: with the upload gone, `a` still serves.
+    std::fs::remove_file(upload("a")).unwrap();
+    // `b`'s serving copy is swapped for `a`'s, a valid file: its hash check refuses it and the
+    // upload serves instead.
+    std::fs::copy(copy("a"), copy("b")).unwrap();
+    let second = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    assert_eq!(first_logprob(&second, Some("a")).await.0, lp_a);
+    assert_eq!(first_logprob(&second, Some("b")).await.0, lp_b);
 }

@@ -21,7 +21,7 @@ use candle_core::Device;
 use super::LoraAdapter;
 use crate::engine::model::config::ModelConfig;
 
-pub use save::save_peft;
+pub use save::{save_peft, serving_weights};
 
 /// Server-side bounds on what an uploaded adapter may cost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

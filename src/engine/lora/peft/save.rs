@@ -160,6 +160,56 @@ fn to_bytes(t: &candle_core::Tensor) -> Result<(Vec<usize>, Vec<u8>), String> {
     Ok((dims, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
 }
 
+/// The adapter's tensors as they are resident (f16 where they narrowed, else f32), under
+/// PEFT's key names: the serving copy the registry writes beside an upload, so a cold load
+/// reads, hashes and converts half the bytes of an f32 upload. Paired with the uploaded
+/// `adapter_config.json` it parses through [`super::parse_peft`] to the same tensors, bit for
+/// bit, as the upload did.
+pub fn serving_weights(adapter: &LoraAdapter) -> Result<Vec<u8>, LoraError> {
+    let bad = |tensor: String, message: String| LoraError::Tensor { tensor, message };
+    let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (layer, lora) in adapter.layers.iter().enumerate() {
+        for module in Module::ALL {
+            let Some(pair) = lora.get(module) else {
+                continue;
+            };
+            for (side, t) in [(Side::A, &pair.a), (Side::B, &pair.b)] {
+                let name = tensor_name(layer, module, side);
+                let (dtype, bytes) = resident_bytes(t).map_err(|e| bad(name.clone(), e))?;
+                buffers.push((name, dtype, t.dims().to_vec(), bytes));
+            }
+        }
+    }
+    let views = buffers
+        .iter()
+        .map(|(name, dtype, dims, bytes)| {
+            TensorView::new(*dtype, dims.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| bad(name.clone(), e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize(views, None).map_err(|e| LoraError::Safetensors {
+        message: format!("could not serialize the serving copy: {e}"),
+    })
+}
+
+/// Little-endian bytes of a tensor in its own dtype (f16 or f32).
+fn resident_bytes(t: &candle_core::Tensor) -> Result<(Dtype, Vec<u8>), String> {
+    let read = |e: candle_core::Error| format!("could not be read back: {e}");
+    let flat = t.flatten_all().map_err(read)?;
+    match t.dtype() {
+        candle_core::DType::F16 => {
+            let v = flat.to_vec1::<half::f16>().map_err(read)?;
+            Ok((Dtype::F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        }
+        candle_core::DType::F32 => {
+            let v = flat.to_vec1::<f32>().map_err(read)?;
+            Ok((Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        }
+        other => Err(format!("dtype {other:?} is not one the engine serves")),
+    }
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), LoraError> {
     let io = |e: std::io::Error| LoraError::Io {
         path: path.display().to_string(),

@@ -519,6 +519,51 @@ fn a_pair_beyond_f16_range_is_served_in_f32_and_the_rest_in_f16() {
 }
 
 #[test]
+fn the_serving_copy_parses_to_the_same_tensors_bit_for_bit_and_half_the_bytes() {
+    let mut t: Vec<Raw> = pair(0, Module::V, 8).into();
+    t.extend(pair(1, Module::V, 8));
+    t.extend(pair(1, Module::Q, 8));
+    // Layer 0's pair stays f32 (1e5 is beyond f16); 0.1 is rounded when narrowed.
+    t[1].bytes[0..4].copy_from_slice(&1e5f32.to_le_bytes());
+    t[2].bytes[0..4].copy_from_slice(&0.1f32.to_le_bytes());
+    let cfg = config(json!({}));
+    let upload = file(&t);
+    let from_upload = parse(&cfg, &upload).expect("parses");
+    let serving = serving_weights(&from_upload).expect("serializes");
+    let from_copy = parse(&cfg, &serving).expect("the copy parses");
+    for (l, (x, y)) in from_upload.layers.iter().zip(&from_copy.layers).enumerate() {
+        for m in Module::ALL {
+            match (x.get(m), y.get(m)) {
+                (None, None) => {}
+                (Some(p), Some(q)) => {
+                    assert_eq!(p.scale, q.scale);
+                    for (u, v) in [(&p.a, &q.a), (&p.b, &q.b)] {
+                        assert_eq!(u.dtype(), v.dtype(), "layer {l} {m:?}");
+                        assert_eq!(u.dims(), v.dims());
+                        let bits = |t: &Tensor| {
+                            t.flatten_all()
+                                .and_then(|t| t.to_dtype(DType::F64))
+                                .and_then(|t| t.to_vec1::<f64>())
+                                .expect("readable")
+                        };
+                        assert_eq!(bits(u), bits(v), "layer {l} {m:?}");
+                    }
+                }
+                _ => panic!("layer {l} {m:?} present in only one of them"),
+            }
+        }
+    }
+    assert_eq!(from_copy.size_bytes, from_upload.size_bytes);
+    // Two pairs of three are f16: the copy is well under the f32 upload.
+    assert!(
+        serving.len() < upload.len() * 3 / 4,
+        "{} vs {}",
+        serving.len(),
+        upload.len()
+    );
+}
+
+#[test]
 fn refuses_non_finite_values() {
     let mut t: Vec<Raw> = pair(0, Module::V, 8).into();
     t[0].bytes[20..24].copy_from_slice(&f32::NAN.to_le_bytes());
@@ -532,6 +577,22 @@ fn refuses_non_finite_values() {
         parse(&config(json!({})), &file(&t)),
         &[name.as_str(), "inf"],
     );
+    // f16 files take a faster check; the answer is the same wherever the value is.
+    let (fan_in, _) = base_dims(&base(), Module::V);
+    for (at, bits) in [(3usize, 0x7e00u16), (510, 0xfc00)] {
+        let mut a = vec![half::f16::from_f32(0.25); 8 * fan_in];
+        a[at] = half::f16::from_bits(bits);
+        t[0] = Raw {
+            name: name.clone(),
+            dtype: Dtype::F16,
+            shape: vec![8, fan_in],
+            bytes: a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        refused(
+            parse(&config(json!({})), &file(&t)),
+            &[name.as_str(), &format!("element {at} ")],
+        );
+    }
 }
 
 #[test]
