@@ -7,15 +7,19 @@
 //!  [--steps 32]`
 //!
 //! `decodeB@C` (any B, C ≤ 500) decodes B sequences after a C-token prompt each, for attention
-//! over a long cache (e.g. `--only decode1@500,decode8@500`).
+//! over a long cache (e.g. `--only decode1@500,decode8@500`). A suffix `xA` gives the B
+//! sequences A distinct random rank-16 adapters on all seven modules, in f16 as the server
+//! holds them, sequence i on adapter i mod A (e.g. `decode8x8`, `decode8@500x8`).
 //!
 //! Thread settings mirror `adapterd serve --threads N`: candle's own pool at 1, our rayon pool
 //! at N, and the forward runs on a thread of that pool as the engine's does.
 
 use adapterd::engine::model::load::{load_gguf, load_hf_dir, read_gguf_header};
 use adapterd::engine::model::qmatmul::ActivationPrecision;
+use adapterd::engine::lora::LoraAdapter;
 use adapterd::engine::model::{Llama, SeqCache, SeqInput};
-use candle_core::Device;
+use candle_core::{DType, Device};
+use std::sync::Arc;
 use std::time::Instant;
 
 struct Args {
@@ -105,8 +109,16 @@ fn scenario(model: &Llama, name: &str, steps: usize) -> anyhow::Result<f64> {
     let spec = name
         .strip_prefix("decode")
         .ok_or_else(|| anyhow::anyhow!("unknown scenario {name}"))?;
+    let (spec, adapters) = spec.split_once('x').unwrap_or((spec, "0"));
     let (batch, context) = spec.split_once('@').unwrap_or((spec, "16"));
     let (batch, context): (usize, usize) = (batch.parse()?, context.parse()?);
+    let adapters: Vec<Arc<LoraAdapter>> = (0..adapters.parse::<u64>()?)
+        .map(|seed| served_adapter(model, seed))
+        .collect::<anyhow::Result<_>>()?;
+    let adapter_of = |i: usize| match adapters.len() {
+        0 => None,
+        a => Some(adapters[i % a].clone()),
+    };
     anyhow::ensure!(
         (1..=prompt.len()).contains(&context),
         "context of {name} must be 1..={}",
@@ -114,12 +126,12 @@ fn scenario(model: &Llama, name: &str, steps: usize) -> anyhow::Result<f64> {
     );
     let mut caches: Vec<SeqCache> = (0..batch).map(|_| SeqCache::new(layers)).collect();
     // A prompt per sequence first, so attention has a cache to read.
-    for c in caches.iter_mut() {
+    for (i, c) in caches.iter_mut().enumerate() {
         model.forward(&mut [SeqInput {
             tokens: &prompt[..context],
             cache: c,
             all_logits: false,
-            adapter: None,
+            adapter: adapter_of(i),
         }])?;
     }
     let tok = [200u32];
@@ -127,16 +139,29 @@ fn scenario(model: &Llama, name: &str, steps: usize) -> anyhow::Result<f64> {
     for _ in 0..steps {
         let mut inputs: Vec<SeqInput> = caches
             .iter_mut()
-            .map(|c| SeqInput {
+            .enumerate()
+            .map(|(i, c)| SeqInput {
                 tokens: &tok,
                 cache: c,
                 all_logits: false,
-                adapter: None,
+                adapter: adapter_of(i),
             })
             .collect();
         model.forward(&mut inputs)?;
     }
     Ok((steps * batch) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// A random rank-16 adapter on every module, with A and B in f16 as the server parses them.
+fn served_adapter(model: &Llama, seed: u64) -> anyhow::Result<Arc<LoraAdapter>> {
+    let mut a = adapterd::bench::adapters::random_adapter(&model.cfg, 16, seed)?;
+    for l in &mut a.layers {
+        for p in l.modules.iter_mut().flatten() {
+            p.a = p.a.to_dtype(DType::F16)?;
+            p.b = p.b.to_dtype(DType::F16)?;
+        }
+    }
+    Ok(Arc::new(a))
 }
 
 fn median(v: &mut [f64]) -> f64 {
