@@ -14,9 +14,9 @@
 //! Thread settings mirror `adapterd serve --threads N`: candle's own pool at 1, our rayon pool
 //! at N, and the forward runs on a thread of that pool as the engine's does.
 
+use adapterd::engine::lora::LoraAdapter;
 use adapterd::engine::model::load::{load_gguf, load_hf_dir, read_gguf_header};
 use adapterd::engine::model::qmatmul::ActivationPrecision;
-use adapterd::engine::lora::LoraAdapter;
 use adapterd::engine::model::{Llama, SeqCache, SeqInput};
 use candle_core::{DType, Device};
 use std::sync::Arc;

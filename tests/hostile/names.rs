@@ -124,7 +124,11 @@ fn assert_store_shape(dir: &Path) {
                 files.sort();
                 assert_eq!(
                     files,
-                    ["adapter_config.json", "adapter_model.safetensors"],
+                    [
+                        "adapter_config.json",
+                        "adapter_model.safetensors",
+                        "serving.safetensors"
+                    ],
                     "{an}/{vn}"
                 );
             }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 use half::{bf16, f16};
+use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
 use super::config::{module_path, AdapterConfig};
@@ -232,35 +233,64 @@ pub(super) fn load(
     // On the CPU the engine serves A and B as f16 (as PEFT and vLLM do at inference): the
     // delta pass is bound by reading them, and f16 halves the bytes (BENCHMARKS.md). A pair
     // with a value beyond f16's range stays f32. Other devices keep f32 for the tensor path.
+    //
+    // Pairs convert in parallel: a cold load's cost is mostly first touches of the fresh
+    // memory the tensors take (page faults, ~0.4 ms per MB on our VMs), which spread over the
+    // pool like the arithmetic does.
+    // Collected in order before the first error is taken, so a file with several bad tensors
+    // always names the same one.
+    let placed: Vec<Result<Placed, LoraError>> = checked
+        .into_par_iter()
+        .map(|c| {
+            let halves = if device.is_cpu() {
+                match (to_f16(&c.a.0, &c.a.1)?, to_f16(&c.b.0, &c.b.1)?) {
+                    (Some(a), Some(b)) => Some((a, b)),
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            let (a, b) = match halves {
+                Some((a, b)) => (
+                    place(&c.a.0, a, c.a.1.shape(), device)?,
+                    place(&c.b.0, b, c.b.1.shape(), device)?,
+                ),
+                None => (
+                    place(&c.a.0, to_f32(&c.a.0, &c.a.1)?, c.a.1.shape(), device)?,
+                    place(&c.b.0, to_f32(&c.b.0, &c.b.1)?, c.b.1.shape(), device)?,
+                ),
+            };
+            Ok(Placed {
+                layer: c.layer,
+                module: c.module,
+                pair: LoraPair {
+                    a,
+                    b,
+                    scale: c.scale,
+                },
+            })
+        })
+        .collect();
     let mut layers = vec![LayerLora::default(); base.num_layers];
     let mut resident_bytes = 0usize;
-    for c in checked {
-        let halves = if device.is_cpu() {
-            match (to_f16(&c.a.0, &c.a.1)?, to_f16(&c.b.0, &c.b.1)?) {
-                (Some(a), Some(b)) => Some((a, b)),
-                _ => None,
-            }
-        } else {
-            None
-        };
-        let (a, b) = match halves {
-            Some((a, b)) => (
-                place(&c.a.0, a, c.a.1.shape(), device)?,
-                place(&c.b.0, b, c.b.1.shape(), device)?,
-            ),
-            None => (
-                place(&c.a.0, to_f32(&c.a.0, &c.a.1)?, c.a.1.shape(), device)?,
-                place(&c.b.0, to_f32(&c.b.0, &c.b.1)?, c.b.1.shape(), device)?,
-            ),
-        };
-        resident_bytes += (a.elem_count() + b.elem_count()) * a.dtype().size_in_bytes();
-        layers[c.layer].modules[c.module.index()] = Some(LoraPair {
-            a,
-            b,
-            scale: c.scale,
-        });
+    for p in placed {
+        let Placed {
+            layer,
+            module,
+            pair,
+        } = p?;
+        resident_bytes +=
+            (pair.a.elem_count() + pair.b.elem_count()) * pair.a.dtype().size_in_bytes();
+        layers[layer].modules[module.index()] = Some(pair);
     }
     Ok((layers, resident_bytes))
+}
+
+/// One converted pair and where it goes.
+struct Placed {
+    layer: usize,
+    module: Module,
+    pair: LoraPair,
 }
 
 fn check_view(
