@@ -350,16 +350,17 @@ async fn a_truncated_adapter_file_fails_only_that_adapter() {
         );
     }
     server.kill9();
-    // Damage the stored weights while the server is down (the cache is gone with it).
-    let weights = dir
-        .path()
-        .join("adapters/default/bad/1/adapter_model.safetensors");
-    let len = std::fs::metadata(&weights).expect("stored weights").len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&weights)
-        .and_then(|f| f.set_len(len / 2))
-        .expect("truncate");
+    // Damage both stored copies of the weights (the upload and the serving copy a cold load
+    // reads first) while the server is down (the cache is gone with it).
+    for file in ["adapter_model.safetensors", "serving.safetensors"] {
+        let weights = dir.path().join("adapters/default/bad/1").join(file);
+        let len = std::fs::metadata(&weights).expect("stored weights").len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&weights)
+            .and_then(|f| f.set_len(len / 2))
+            .expect("truncate");
+    }
 
     let server = Server::start(dir.path(), "").await;
     let (status, v) = server
