@@ -10,7 +10,10 @@
 //! With many distinct adapters in a step the pass is bound by reading A and B (rank 16 on all
 //! seven modules is ~20 MB of f32 per adapter, more than the base's shared 92 MB at 8
 //! adapters), so it reads f16 copies where the parser made them (half the bytes) and splits
-//! the (group, row) items over the rayon pool the forward already runs on.
+//! the (group, block of rows) items over the rayon pool the forward already runs on. A block is
+//! up to four rows of one group (a prompt, or streams sharing an adapter): A is read and
+//! widened once for the block, not once per row, and B, small enough to stay in L2 for one
+//! projection, is then read once per row.
 
 use std::sync::OnceLock;
 
@@ -109,6 +112,13 @@ pub fn add_deltas_cpu_with(
         if let Some(&r) = rows.iter().find(|&&r| r as usize >= n) {
             candle_core::bail!("lora delta: row {r} of {n}");
         }
+        // A block owns its rows' outputs, so one group cannot list a row twice.
+        let mut seen = vec![false; n];
+        for &r in rows.iter() {
+            if std::mem::replace(&mut seen[r as usize], true) {
+                candle_core::bail!("lora delta: row {r} listed twice for one adapter");
+            }
+        }
         guards.push((pair.a.storage_and_layout(), pair.b.storage_and_layout()));
     }
     let mut pairs = Vec::with_capacity(groups.len());
@@ -146,6 +156,10 @@ pub fn add_deltas_cpu_with(
     ys.inplace_op2(xs, &op)?;
     Ok(true)
 }
+
+/// Rows of one group a task takes together: A is read and widened once for them all. Four
+/// keeps the A pass's accumulators and the shared A vector well inside AVX2's registers.
+const BLOCK_ROWS: usize = 4;
 
 /// A and B of one pair as the pass reads them.
 #[derive(Clone, Copy)]
@@ -204,39 +218,88 @@ impl DeltaOp<'_> {
         let parallel =
             self.parallel && macs >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1;
         if parallel {
-            // One item per (group, row), each owning its output row, so tasks need no locks.
-            // A row listed twice (two groups on one row) cannot be split that way; the
-            // forward never does that, but the sequential pass below handles it.
+            // One item per (group, block of its rows), each owning its output rows, so tasks
+            // need no locks. A row in two groups (which the forward never does) cannot be split
+            // that way; the sequential pass below handles it.
             let mut slots: Vec<Option<&mut [f32]>> =
                 y.chunks_exact_mut(out_dim).map(Some).collect();
             let mut items = Vec::new();
             let mut distinct = true;
             'pairs: for p in self.pairs {
-                for &r in p.rows {
-                    match slots.get_mut(r as usize).and_then(Option::take) {
-                        Some(yr) => items.push((p, r as usize, yr)),
-                        None => {
-                            distinct = false;
-                            break 'pairs;
+                for block in p.rows.chunks(BLOCK_ROWS) {
+                    let mut outs = Vec::with_capacity(block.len());
+                    for &r in block {
+                        match slots.get_mut(r as usize).and_then(Option::take) {
+                            Some(yr) => outs.push((r as usize, yr)),
+                            None => {
+                                distinct = false;
+                                break 'pairs;
+                            }
                         }
                     }
+                    items.push((p, outs));
                 }
             }
             if distinct {
-                items.into_par_iter().for_each(|(p, r, yr)| {
-                    self.item(p, &x[r * in_dim..(r + 1) * in_dim], yr);
+                items.into_par_iter().for_each(|(p, mut outs)| {
+                    self.block(p, x, &mut outs);
                 });
                 return;
             }
         }
+        // Group by group, so a row two groups share gets both deltas; the same blocks as the
+        // threaded split, so the results are the same bits. (Rows within a group are distinct:
+        // checked before the pass.)
         for p in self.pairs {
-            for &r in p.rows {
-                let r = r as usize;
-                self.item(
-                    p,
-                    &x[r * in_dim..(r + 1) * in_dim],
-                    &mut y[r * out_dim..(r + 1) * out_dim],
-                );
+            let mut slots: Vec<Option<&mut [f32]>> =
+                y.chunks_exact_mut(out_dim).map(Some).collect();
+            for block in p.rows.chunks(BLOCK_ROWS) {
+                let mut outs: Vec<(usize, &mut [f32])> = block
+                    .iter()
+                    .filter_map(|&r| Some((r as usize, slots.get_mut(r as usize)?.take()?)))
+                    .collect();
+                self.block(p, x, &mut outs);
+            }
+        }
+    }
+
+    /// ys[r] += B·(scale·A·x[r]) for the rows of one block (1..=BLOCK_ROWS of them).
+    fn block(&self, p: &Pair<'_>, x: &[f32], outs: &mut [(usize, &mut [f32])]) {
+        let in_dim = self.in_dim;
+        if outs.len() == 1 {
+            let (r, y) = &mut outs[0];
+            self.item(p, &x[*r * in_dim..(*r + 1) * in_dim], y);
+            return;
+        }
+        let (rows, rank) = (outs.len(), p.rank);
+        let mut stack = [0f32; BLOCK_ROWS * 64];
+        let mut heap = Vec::new();
+        let t = if rows * rank <= stack.len() {
+            &mut stack[..rows * rank]
+        } else {
+            heap.resize(rows * rank, 0f32);
+            &mut heap[..]
+        };
+        let mut xs: [&[f32]; BLOCK_ROWS] = [&[]; BLOCK_ROWS];
+        for (xr, (r, _)) in xs.iter_mut().zip(outs.iter()) {
+            *xr = &x[*r * in_dim..(*r + 1) * in_dim];
+        }
+        let xs = &xs[..rows];
+        let k = self.kernel;
+        match p.ab {
+            Ab::F32 { a, .. } => k.a_block_f32(a, in_dim, xs, p.scale, t),
+            Ab::F16 { a, .. } => k.a_block_f16(a, in_dim, xs, p.scale, t),
+        }
+        match p.ab {
+            Ab::F32 { b, .. } => {
+                for (tr, (_, y)) in t.chunks_exact(rank).zip(outs.iter_mut()) {
+                    k.b_pass_f32(b, tr, y);
+                }
+            }
+            Ab::F16 { b, .. } => {
+                for (tr, (_, y)) in t.chunks_exact(rank).zip(outs.iter_mut()) {
+                    k.b_pass_f16(b, tr, y);
+                }
             }
         }
     }
@@ -296,6 +359,38 @@ impl Kernel {
                 }
                 let tail: f32 = ar.iter().zip(xr).map(|(p, q)| widen(*p) * q).sum();
                 acc.iter().sum::<f32>() + tail
+            }
+        }
+    }
+
+    /// t[r·rank + k] = scale·A[k, :]·xs[r] for every row r of the block, A [rank, in] read
+    /// once for all of them (one row: the two-chain dot).
+    fn a_block_f32(self, a: &[f32], in_dim: usize, xs: &[&[f32]], scale: f32, t: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx2 && xs.len() > 1 {
+            // SAFETY: as in `dot_f32`.
+            unsafe { x86::a_block_f32(a, in_dim, xs, scale, t) };
+            return;
+        }
+        let rank = t.len() / xs.len().max(1);
+        for (x, tr) in xs.iter().zip(t.chunks_exact_mut(rank.max(1))) {
+            for (tj, aj) in tr.iter_mut().zip(a.chunks_exact(in_dim)) {
+                *tj = self.dot_f32(aj, x) * scale;
+            }
+        }
+    }
+
+    fn a_block_f16(self, a: &[f16], in_dim: usize, xs: &[&[f32]], scale: f32, t: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx2 && xs.len() > 1 {
+            // SAFETY: as in `dot_f32`.
+            unsafe { x86::a_block_f16(a, in_dim, xs, scale, t) };
+            return;
+        }
+        let rank = t.len() / xs.len().max(1);
+        for (x, tr) in xs.iter().zip(t.chunks_exact_mut(rank.max(1))) {
+            for (tj, aj) in tr.iter_mut().zip(a.chunks_exact(in_dim)) {
+                *tj = self.dot_f16(aj, x) * scale;
             }
         }
     }
@@ -460,6 +555,63 @@ mod x86 {
 
     kernels!(dot_f32, b_pass_f32, f32, load_f32);
     kernels!(dot_f16, b_pass_f16, f16, load_f16);
+
+    macro_rules! a_block {
+        ($name:ident, $fixed:ident, $t:ty, $load:ident) => {
+            /// A [rank, in] against 2..=4 input rows at once: each A vector is loaded (and
+            /// widened) once and multiplied into every row's accumulator.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(a: &[$t], in_dim: usize, xs: &[&[f32]], scale: f32, t: &mut [f32]) {
+                match xs.len() {
+                    2 => $fixed::<2>(a, in_dim, xs, scale, t),
+                    3 => $fixed::<3>(a, in_dim, xs, scale, t),
+                    4 => $fixed::<4>(a, in_dim, xs, scale, t),
+                    _ => {}
+                }
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $fixed<const R: usize>(
+                a: &[$t],
+                in_dim: usize,
+                xs: &[&[f32]],
+                scale: f32,
+                t: &mut [f32],
+            ) {
+                if in_dim == 0 || xs.len() != R || xs.iter().any(|x| x.len() < in_dim) {
+                    return;
+                }
+                let rank = (t.len() / R).min(a.len() / in_dim);
+                let full = in_dim / 8 * 8;
+                let mut xp = [std::ptr::null::<f32>(); R];
+                for r in 0..R {
+                    xp[r] = xs[r].as_ptr();
+                }
+                for k in 0..rank {
+                    let row = a.as_ptr().add(k * in_dim);
+                    let mut acc = [_mm256_setzero_ps(); R];
+                    let mut i = 0;
+                    while i < full {
+                        let av = $load(row.add(i));
+                        for r in 0..R {
+                            acc[r] = _mm256_fmadd_ps(av, _mm256_loadu_ps(xp[r].add(i)), acc[r]);
+                        }
+                        i += 8;
+                    }
+                    for r in 0..R {
+                        let mut s = hsum(acc[r]);
+                        for j in full..in_dim {
+                            s += f32::from(a[k * in_dim + j]) * xs[r][j];
+                        }
+                        t[r * rank + k] = s * scale;
+                    }
+                }
+            }
+        };
+    }
+
+    a_block!(a_block_f32, a_block_f32_rows, f32, load_f32);
+    a_block!(a_block_f16, a_block_f16_rows, f16, load_f16);
 }
 
 #[cfg(test)]

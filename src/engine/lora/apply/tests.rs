@@ -91,6 +91,36 @@ fn matches_the_composed_tensor_ops_on_the_listed_rows_only() {
 }
 
 #[test]
+fn blocks_of_rows_match_the_composed_ops() {
+    // Groups of 1, 5 and 7 rows: blocks of four plus remainders of 1..3; widths on and off
+    // the 8-wide steps.
+    for (d_in, d_out, rank) in [(64, 40, 16), (37, 23, 4), (576, 192, 16), (19, 9, 8)] {
+        let n = 13;
+        let xs = tensor(values(n * d_in, 1), (n, d_in));
+        let ys = tensor(values(n * d_out, 2), (n, d_out));
+        let rows: [&[u32]; 3] = [&[3], &[0, 2, 4, 6, 8], &[1, 5, 7, 9, 10, 11, 12]];
+        for dtype in [DType::F32, DType::F16] {
+            let ps: Vec<LoraPair> = (0..3)
+                .map(|i| pair(rank, d_in, d_out, 20 + i, dtype))
+                .collect();
+            let groups: Vec<(&LoraPair, &[u32])> = ps.iter().zip(rows).collect();
+            let want = composed(&ys, &xs, &groups);
+            for k in kernels() {
+                for parallel in [false, true] {
+                    let got = fused(&ys, &xs, &groups, k, parallel);
+                    for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                        assert!(
+                            (g - w).abs() <= 2e-3 * w.abs().max(1.0),
+                            "{k:?} {dtype:?} parallel {parallel} [{d_in}->{d_out} r{rank}]: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn f16_weights_stay_within_half_precision_of_the_f32_composition() {
     // q_proj-like shape; the reference multiplies the original f32 weights, so this bounds
     // what storing A/B as f16 costs, not just the kernel.
@@ -119,14 +149,18 @@ fn f16_weights_stay_within_half_precision_of_the_f32_composition() {
 
 #[test]
 fn the_threaded_split_gives_the_same_bits_as_one_thread() {
-    // Eight adapters, one row each: a decode step at gate_proj's shape.
-    let (n, d_in, d_out, rank) = (8, 576, 1536, 16);
+    // Eight adapters, one row each (a decode step at gate_proj's shape), and a prompt-like
+    // group of six rows (blocks of four and two).
+    let (streams, prompt, d_in, d_out, rank) = (8, 6, 576, 1536, 16);
+    let n = streams + prompt;
     let xs = tensor(values(n * d_in, 1), (n, d_in));
     let ys = tensor(values(n * d_out, 2), (n, d_out));
-    let pairs: Vec<LoraPair> = (0..n as u32)
+    let mut pairs: Vec<LoraPair> = (0..streams as u32)
         .map(|i| pair(rank, d_in, d_out, 10 + 2 * i, DType::F16))
         .collect();
-    let rows: Vec<[u32; 1]> = (0..n as u32).map(|i| [i]).collect();
+    pairs.push(pair(rank, d_in, d_out, 40, DType::F16));
+    let mut rows: Vec<Vec<u32>> = (0..streams as u32).map(|i| vec![i]).collect();
+    rows.push((streams as u32..n as u32).collect());
     let groups: Vec<(&LoraPair, &[u32])> = pairs
         .iter()
         .zip(&rows)
@@ -191,6 +225,7 @@ fn shapes_that_do_not_fit_are_an_error_not_a_panic() {
         scale: 1.0,
     };
     assert!(add_deltas_cpu(&ys, &xs, &[(&p, &[5])]).is_err());
+    assert!(add_deltas_cpu(&ys, &xs, &[(&p, &[1, 0, 1])]).is_err());
 }
 
 #[test]
