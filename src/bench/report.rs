@@ -328,6 +328,10 @@ fn at_least(target: &str, measured: String, value: Option<f64>, goal: f64) -> Ta
     }
 }
 
+/// Fewer rounds of requests than this at 8 streams make the adapter-vs-base ratio too noisy
+/// to quote without a warning.
+const FEW_ROUNDS: usize = 3;
+
 /// A target on the ratio of two throughputs: "a / b tok/s = ratio", then `note`.
 fn ratio_at_least(
     target: &str,
@@ -427,11 +431,27 @@ fn targets(ours: &RunReport, peer: &RunReport, lb: &[BenchRow]) -> Vec<TargetRow
         ));
     }
     for &p in &prompts {
+        // One round of 8 requests per scenario moves this ratio by ±10% between runs (the
+        // base row it divides by is as noisy as the adapter row): say so next to the number.
+        let rounds = [Mode::NAdapters, Mode::Base]
+            .iter()
+            .filter_map(|m| ours.find(*m, p, 8))
+            .map(|s| s.ok / 8)
+            .min()
+            .unwrap_or(0);
+        let note = if rounds < FEW_ROUNDS {
+            format!(
+                " (from {rounds} round(s) of 8 requests: ±10% run to run; \
+                 --min-requests 40 for a stable ratio)"
+            )
+        } else {
+            format!(" ({rounds} rounds of 8 requests)")
+        };
         out.push(ratio_at_least(
             &format!("8 streams over 8 adapters ≥ 0.85× 8 streams on the base (p{p})"),
             agg8(ours, Mode::NAdapters, p),
             agg8(ours, Mode::Base, p),
-            "",
+            &note,
             0.85,
         ));
     }
@@ -648,6 +668,16 @@ mod tests {
         assert_eq!(
             verdict("8 streams over 8 adapters ≥ 0.85× 8 streams on the base (p16)"),
             Some(false)
+        );
+        let adapters = c
+            .targets
+            .iter()
+            .find(|t| t.target.starts_with("8 streams over 8 adapters"))
+            .expect("the adapter target");
+        assert!(
+            adapters.measured.contains("from 1 round(s) of 8 requests"),
+            "{}",
+            adapters.measured
         );
         assert_eq!(verdict("cold adapter"), Some(true));
         let text = render_comparison(&c);
