@@ -241,13 +241,8 @@ fn cold(path: &std::path::Path, cfg: &ModelConfig, reps: usize) -> anyhow::Resul
         drop(parse_peft(&config, &serving, cfg, &limits, &Device::Cpu)?);
         t[6].push(ms(t0));
         let t0 = Instant::now();
-        let adapter = Arc::new(load_verified(
-            &dir,
-            SERVING_FILE,
-            &Recorded::Blake3(hash),
-            cfg,
-            &limits,
-        )?);
+        let adapter =
+            Arc::new(load_verified(&dir, SERVING_FILE, &Recorded::Blake3(hash), cfg, &limits)?.0);
         t[7].push(ms(t0));
         t[8].push(prefill(&model, None)?);
         t[9].push(prefill(&model, Some(adapter.clone()))?);

@@ -178,7 +178,8 @@ pub enum Recorded {
 }
 
 /// Reads a stored version's config and the weights file `weights_file` from `dir`, checks
-/// they hash to `recorded`, and parses them: the whole cold load of an adapter.
+/// they hash to `recorded`, and parses them: the whole cold load of an adapter. Returns the
+/// adapter and the config bytes it was parsed from.
 ///
 /// The files must be the bytes that were validated (and, for [`SERVING_FILE`], written) at
 /// upload: a substitute written into the store behind the service's back (valid or not) is
@@ -192,7 +193,7 @@ pub fn load_verified(
     recorded: &Recorded,
     base: &ModelConfig,
     limits: &LoraLimits,
-) -> Result<LoraAdapter, AdapterError> {
+) -> Result<(LoraAdapter, Vec<u8>), AdapterError> {
     let started = std::time::Instant::now();
     let config = std::fs::read(dir.join(CONFIG_FILE))?;
     let weights = std::fs::read(dir.join(weights_file))?;
@@ -222,7 +223,15 @@ pub fn load_verified(
             "{weights_file} and {CONFIG_FILE} hash to {found}, not the recorded {want}"
         )));
     }
-    Ok(parsed?)
+    Ok((parsed?, config))
+}
+
+/// What a cold load read: the adapter, the verified config bytes, and whether it came from the
+/// serving copy.
+pub struct Loaded {
+    pub adapter: LoraAdapter,
+    pub config: Vec<u8>,
+    pub from_serving_copy: bool,
 }
 
 /// The cold load of a stored version: its serving copy when the row records one, else (or
@@ -234,11 +243,17 @@ pub fn load_stored(
     row: &AdapterRow,
     base: &ModelConfig,
     limits: &LoraLimits,
-) -> Result<LoraAdapter, AdapterError> {
+) -> Result<Loaded, AdapterError> {
     if let Some(hash) = &row.serving_blake3 {
         let recorded = Recorded::Blake3(hash.clone());
         match load_verified(dir, SERVING_FILE, &recorded, base, limits) {
-            Ok(adapter) => return Ok(adapter),
+            Ok((adapter, config)) => {
+                return Ok(Loaded {
+                    adapter,
+                    config,
+                    from_serving_copy: true,
+                })
+            }
             Err(e) => tracing::warn!(
                 tenant = row.tenant,
                 name = row.name,
@@ -252,7 +267,36 @@ pub fn load_stored(
         Some(b) => Recorded::Blake3(b.clone()),
         None => Recorded::Sha256(row.sha256.clone()),
     };
-    load_verified(dir, WEIGHTS_FILE, &recorded, base, limits)
+    let (adapter, config) = load_verified(dir, WEIGHTS_FILE, &recorded, base, limits)?;
+    Ok(Loaded {
+        adapter,
+        config,
+        from_serving_copy: false,
+    })
+}
+
+/// (Re)writes a version's serving copy from an adapter just loaded and verified from its
+/// upload, with `config` the verified config bytes, and returns the copy's hash for the row.
+/// For versions stored before serving copies existed, and for a copy found damaged. The copy
+/// goes to a temp file first and is renamed into place, so a reader never sees half of it.
+pub fn write_serving_copy(
+    dir: &Path,
+    adapter: &LoraAdapter,
+    config: &[u8],
+) -> Result<String, AdapterError> {
+    let serving = serving_weights(adapter)?;
+    let tmp = dir.join(format!(".{SERVING_FILE}.{}", uuid::Uuid::new_v4().simple()));
+    let written = (|| -> std::io::Result<()> {
+        std::fs::write(&tmp, &serving)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, dir.join(SERVING_FILE))?;
+        fsync_dir(dir)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.into());
+    }
+    Ok(blake3_hex(config, &serving))
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -442,14 +486,51 @@ impl AdapterRegistry {
             .record(started.elapsed().as_secs_f64());
         // A stored adapter that no longer parses is damaged on disk: a storage error for this
         // adapter, not a client error and not a crash.
-        let adapter = Arc::new(loaded.map_err(|e| {
+        let loaded = loaded.map_err(|e| {
             tracing::error!(adapter = reference, error = %e, "stored adapter failed to load");
             AdapterError::Damaged(reference.to_owned())
-        })?);
+        })?;
+        let adapter = Arc::new(loaded.adapter);
+        if !loaded.from_serving_copy {
+            self.spawn_serving_copy(&row, adapter.clone(), loaded.config);
+        }
         let evicted = self.cache.insert(key, adapter.clone());
         metrics::counter!(crate::metrics::ADAPTER_CACHE_EVICTIONS_TOTAL).increment(evicted as u64);
         self.record_cache_gauges();
         Ok(Resolved { row, adapter })
+    }
+
+    /// Writes the serving copy of a version that was just loaded from its upload (stored before
+    /// serving copies existed, or its copy was damaged), in the background, and records its
+    /// hash, so the next cold load of it reads the copy. Best effort: a failure is a warning.
+    fn spawn_serving_copy(&self, row: &AdapterRow, adapter: Arc<LoraAdapter>, config: Vec<u8>) {
+        let (db, dir, row) = (
+            self.db.clone(),
+            self.dir(&row.tenant, &row.name, row.version),
+            row.clone(),
+        );
+        tokio::spawn(async move {
+            let written =
+                tokio::task::spawn_blocking(move || write_serving_copy(&dir, &adapter, &config))
+                    .await
+                    .map_err(|e| AdapterError::Storage(e.to_string()))
+                    .and_then(|r| r);
+            let recorded = match written {
+                Ok(hash) => q::set_serving_blake3(&db, &row.tenant, &row.name, row.version, &hash)
+                    .await
+                    .map_err(AdapterError::from),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = recorded {
+                tracing::warn!(
+                    tenant = row.tenant,
+                    name = row.name,
+                    version = row.version,
+                    error = %e,
+                    "could not write the adapter's serving copy; it keeps loading from the upload"
+                );
+            }
+        });
     }
 
     /// Start-up check: removes version directories no live row points at (a crash between

@@ -110,6 +110,26 @@ pub async fn versions(db: &SqlitePool, tenant: &str, name: &str) -> sqlx::Result
         .await
 }
 
+/// Records the hash of a version's (re)written serving copy.
+pub async fn set_serving_blake3(
+    db: &SqlitePool,
+    tenant: &str,
+    name: &str,
+    version: i64,
+    hash: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE adapters SET serving_blake3 = ? WHERE tenant = ? AND name = ? AND version = ?",
+    )
+    .bind(hash)
+    .bind(tenant)
+    .bind(name)
+    .bind(version)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 /// Soft-deletes every version of `name`; returns how many rows changed.
 pub async fn delete(db: &SqlitePool, tenant: &str, name: &str, now: &str) -> sqlx::Result<u64> {
     let r = sqlx::query(

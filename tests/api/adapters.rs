@@ -492,3 +492,44 @@ async fn a_cold_load_reads_the_serving_copy_and_falls_back_to_the_upload_when_it
     assert_eq!(first_logprob(&second, Some("a")).await.0, lp_a);
     assert_eq!(first_logprob(&second, Some("b")).await.0, lp_b);
 }
+
+#[tokio::test]
+async fn a_version_stored_before_serving_copies_gets_one_at_its_first_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    let (c, w) = tiny_adapter_files(1, 4.0);
+    assert_eq!(first.post_adapter("old", c, w).await.status(), 201);
+    let (lp, _) = first_logprob(&first, Some("old")).await;
+    // What a store from before migration 0004 holds: no copy, no hash for it.
+    let url = format!("sqlite://{}", dir.path().join("test.db").display());
+    let db = adapterd::store::connect(&url).await.unwrap();
+    sqlx::query("UPDATE adapters SET serving_blake3 = NULL")
+        .execute(&db)
+        .await
+        .unwrap();
+    let version = dir.path().join("adapters/default/old/1");
+    std::fs::remove_file(version.join("serving.safetensors")).unwrap();
+
+    let second = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    assert_eq!(first_logprob(&second, Some("old")).await.0, lp);
+    // Written in the background after that load, and recorded.
+    let mut recorded = None;
+    for _ in 0..100 {
+        recorded = sqlx::query_scalar::<_, Option<String>>(
+            "SELECT serving_blake3 FROM adapters WHERE name = 'old'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        if recorded.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(recorded.is_some(), "the copy's hash was never recorded");
+    assert!(version.join("serving.safetensors").exists());
+    // The next cold load reads the copy: it serves the same adapter without the upload.
+    std::fs::remove_file(version.join("adapter_model.safetensors")).unwrap();
+    let third = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
+    assert_eq!(first_logprob(&third, Some("old")).await.0, lp);
+}
