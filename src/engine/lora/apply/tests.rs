@@ -61,6 +61,32 @@ fn kernels() -> Vec<Kernel> {
         .collect()
 }
 
+/// The fused pass with every kernel, threaded and not, against the composed ops: within
+/// `tol`·max(|want|, 1) everywhere. Returns each result.
+fn every_split_matches(
+    ys: &Tensor,
+    xs: &Tensor,
+    groups: &[(&LoraPair, &[u32])],
+    tol: f32,
+    what: &str,
+) -> Vec<Vec<Vec<f32>>> {
+    let want = composed(ys, xs, groups);
+    let mut all = Vec::new();
+    for k in kernels() {
+        for parallel in [false, true] {
+            let got = fused(ys, xs, groups, k, parallel);
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!(
+                    (g - w).abs() <= tol * w.abs().max(1.0),
+                    "{k:?} parallel {parallel} {what}: {g} vs {w}"
+                );
+            }
+            all.push(got);
+        }
+    }
+    all
+}
+
 #[test]
 fn matches_the_composed_tensor_ops_on_the_listed_rows_only() {
     // Ranks and widths off the vector sizes as well as on them (8-wide blocks plus tails).
@@ -73,19 +99,10 @@ fn matches_the_composed_tensor_ops_on_the_listed_rows_only() {
             pair(rank, d_in, d_out, 5, DType::F32),
         );
         let groups: [(&LoraPair, &[u32]); 2] = [(&p1, &[0, 3]), (&p2, &[1, 4])];
-        let want = composed(&ys, &xs, &groups);
-        for k in kernels() {
-            for parallel in [false, true] {
-                let got = fused(&ys, &xs, &groups, k, parallel);
-                for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
-                    assert!(
-                        (g - w).abs() < 1e-4,
-                        "{k:?} {d_in}x{d_out} r{rank}: {g} vs {w}"
-                    );
-                }
-                // Row 2 belongs to no group: untouched.
-                assert_eq!(got[2], ys.to_vec2::<f32>().expect("ys")[2]);
-            }
+        for got in every_split_matches(&ys, &xs, &groups, 1e-4, &format!("{d_in}x{d_out} r{rank}"))
+        {
+            // Row 2 belongs to no group: untouched.
+            assert_eq!(got[2], ys.to_vec2::<f32>().expect("ys")[2]);
         }
     }
 }
@@ -108,18 +125,8 @@ fn blocks_of_rows_match_the_composed_ops() {
                 .map(|i| pair(rank, d_in, d_out, 20 + i, dtype))
                 .collect();
             let groups: Vec<(&LoraPair, &[u32])> = ps.iter().zip(rows).collect();
-            let want = composed(&ys, &xs, &groups);
-            for k in kernels() {
-                for parallel in [false, true] {
-                    let got = fused(&ys, &xs, &groups, k, parallel);
-                    for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
-                        assert!(
-                            (g - w).abs() <= 2e-3 * w.abs().max(1.0),
-                            "{k:?} {dtype:?} parallel {parallel} [{d_in}->{d_out} r{rank}]: {g} vs {w}"
-                        );
-                    }
-                }
-            }
+            let what = format!("{dtype:?} [{d_in}->{d_out} r{rank}]");
+            every_split_matches(&ys, &xs, &groups, 2e-3, &what);
         }
     }
 }
