@@ -299,6 +299,20 @@ pub fn write_serving_copy(
     Ok(blake3_hex(config, &serving))
 }
 
+/// Removes the temp files of serving-copy writes a crash interrupted (see
+/// [`write_serving_copy`]) from a live version's directory; returns how many.
+fn remove_stray_serving_temps(version_dir: &Path) -> usize {
+    let prefix = format!(".{SERVING_FILE}.");
+    let Ok(entries) = std::fs::read_dir(version_dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|f| f.file_name().to_string_lossy().starts_with(&prefix))
+        .filter(|f| std::fs::remove_file(f.path()).is_ok())
+        .count()
+}
+
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -534,8 +548,9 @@ impl AdapterRegistry {
     }
 
     /// Start-up check: removes version directories no live row points at (a crash between
-    /// rename and insert, or a delete interrupted before its files went) and temp dirs of
-    /// interrupted uploads. Returns how many were removed. Only names that pass
+    /// rename and insert, or a delete interrupted before its files went), temp dirs of
+    /// interrupted uploads and temp files of interrupted serving-copy writes. Returns how many
+    /// were removed. Only names that pass
     /// [`validate_name`] are looked at; anything else in the store is left alone.
     pub async fn reconcile(&self) -> Result<usize, AdapterError> {
         let mut removed = 0;
@@ -575,6 +590,8 @@ impl AdapterRegistry {
                             "removed an adapter directory no live version points at"
                         );
                         removed += 1;
+                    } else if !orphan && v.path().is_dir() {
+                        removed += remove_stray_serving_temps(&v.path());
                     }
                 }
             }

@@ -303,9 +303,14 @@ async fn start_up_removes_adapter_directories_no_version_points_at() {
     )
     .unwrap();
     std::fs::create_dir_all(store.join("real").join(".tmp-abc")).unwrap();
+    // And a serving copy's temp file a crash left inside a live version.
+    let stray = store.join("real/1/.serving.safetensors.0123abcd");
+    std::fs::write(&stray, b"half a copy").unwrap();
     let second = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
     assert!(!store.join("ghost").join("1").exists());
     assert!(!store.join("real").join(".tmp-abc").exists());
+    assert!(!stray.exists());
+    assert!(store.join("real/1/serving.safetensors").exists());
     assert!(store
         .join("real")
         .join("1")
