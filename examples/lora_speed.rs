@@ -203,47 +203,32 @@ fn cold(path: &std::path::Path, cfg: &ModelConfig, reps: usize) -> anyhow::Resul
     for i in 0..reps {
         let dir = scratch.path().join(i.to_string());
         write_random_adapter(cfg, "bench-base", 16, 1000 + i as u64, &dir)?;
-        let t0 = Instant::now();
+        // The upload, then the serving copy the registry writes beside it and a cold load
+        // reads instead: read, hash, parse, and the whole verified load, each.
         let config = std::fs::read(dir.join(CONFIG_FILE))?;
         let weights = std::fs::read(dir.join(WEIGHTS_FILE))?;
-        t[0].push(ms(t0));
-        let t0 = Instant::now();
-        let mut h = blake3::Hasher::new();
-        h.update(&config);
-        h.update(&weights);
-        let hash = h.finalize().to_hex().to_string();
-        t[1].push(ms(t0));
-        let t0 = Instant::now();
-        drop(parse_peft(&config, &weights, cfg, &limits, &Device::Cpu)?);
-        t[2].push(ms(t0));
-        let t0 = Instant::now();
-        drop(load_verified(
-            &dir,
-            WEIGHTS_FILE,
-            &Recorded::Blake3(hash),
-            cfg,
-            &limits,
-        )?);
-        t[3].push(ms(t0));
-        // What the registry writes beside an upload and a cold load reads instead.
         let serving = serving_weights(&parse_peft(&config, &weights, cfg, &limits, &Device::Cpu)?)?;
         std::fs::write(dir.join(SERVING_FILE), &serving)?;
-        let t0 = Instant::now();
-        let serving = std::fs::read(dir.join(SERVING_FILE))?;
-        t[4].push(ms(t0));
-        let t0 = Instant::now();
-        let mut h = blake3::Hasher::new();
-        h.update(&config);
-        h.update(&serving);
-        let hash = h.finalize().to_hex().to_string();
-        t[5].push(ms(t0));
-        let t0 = Instant::now();
-        drop(parse_peft(&config, &serving, cfg, &limits, &Device::Cpu)?);
-        t[6].push(ms(t0));
-        let t0 = Instant::now();
-        let adapter =
-            Arc::new(load_verified(&dir, SERVING_FILE, &Recorded::Blake3(hash), cfg, &limits)?.0);
-        t[7].push(ms(t0));
+        let mut adapter = None;
+        for (k, file) in [WEIGHTS_FILE, SERVING_FILE].into_iter().enumerate() {
+            let t0 = Instant::now();
+            let weights = std::fs::read(dir.join(file))?;
+            t[4 * k].push(ms(t0));
+            let t0 = Instant::now();
+            let mut h = blake3::Hasher::new();
+            h.update(&config);
+            h.update(&weights);
+            let hash = h.finalize().to_hex().to_string();
+            t[4 * k + 1].push(ms(t0));
+            let t0 = Instant::now();
+            drop(parse_peft(&config, &weights, cfg, &limits, &Device::Cpu)?);
+            t[4 * k + 2].push(ms(t0));
+            let t0 = Instant::now();
+            let loaded = load_verified(&dir, file, &Recorded::Blake3(hash), cfg, &limits)?.0;
+            t[4 * k + 3].push(ms(t0));
+            adapter = Some(Arc::new(loaded));
+        }
+        let adapter = adapter.context("two loads ran")?;
         t[8].push(prefill(&model, None)?);
         t[9].push(prefill(&model, Some(adapter.clone()))?);
         t[10].push(prefill(&model, Some(adapter))?);
