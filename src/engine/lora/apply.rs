@@ -239,52 +239,40 @@ impl DeltaOp<'_> {
             let mut items = Vec::new();
             let mut distinct = true;
             'pairs: for p in self.pairs {
-                for block in p.rows.chunks(block_rows(p.rows.len())) {
-                    let mut outs = Vec::with_capacity(block.len());
-                    for &r in block {
-                        match slots.get_mut(r as usize).and_then(Option::take) {
-                            Some(yr) => outs.push((r as usize, yr)),
-                            None => {
-                                distinct = false;
-                                break 'pairs;
-                            }
+                for rows in p.rows.chunks(block_rows(p.rows.len())) {
+                    match Block::take(rows, &mut slots) {
+                        Some(block) => items.push((p, block)),
+                        None => {
+                            distinct = false;
+                            break 'pairs;
                         }
                     }
-                    items.push((p, outs));
                 }
             }
             if distinct {
-                items.into_par_iter().for_each(|(p, mut outs)| {
-                    self.block(p, x, &mut outs);
-                });
+                items
+                    .into_par_iter()
+                    .for_each(|(p, block)| self.block(p, x, block));
                 return;
             }
         }
         // Group by group, so a row two groups share gets both deltas; the same blocks as the
         // threaded split, so the results are the same bits. (Rows within a group are distinct:
-        // checked before the pass.)
+        // checked before the pass, so every block takes its rows.)
         for p in self.pairs {
             let mut slots: Vec<Option<&mut [f32]>> =
                 y.chunks_exact_mut(out_dim).map(Some).collect();
-            for block in p.rows.chunks(block_rows(p.rows.len())) {
-                let mut outs: Vec<(usize, &mut [f32])> = block
-                    .iter()
-                    .filter_map(|&r| Some((r as usize, slots.get_mut(r as usize)?.take()?)))
-                    .collect();
-                self.block(p, x, &mut outs);
+            for rows in p.rows.chunks(block_rows(p.rows.len())) {
+                if let Some(block) = Block::take(rows, &mut slots) {
+                    self.block(p, x, block);
+                }
             }
         }
     }
 
-    /// ys[r] += B·(scale·A·x[r]) for the rows of one block (1..=BLOCK_ROWS of them).
-    fn block(&self, p: &Pair<'_>, x: &[f32], outs: &mut [(usize, &mut [f32])]) {
-        let in_dim = self.in_dim;
-        if outs.len() == 1 {
-            let (r, y) = &mut outs[0];
-            self.item(p, &x[*r * in_dim..(*r + 1) * in_dim], y);
-            return;
-        }
-        let (rows, rank) = (outs.len(), p.rank);
+    /// ys[r] += B·(scale·A·x[r]) for the rows of one block.
+    fn block(&self, p: &Pair<'_>, x: &[f32], mut block: Block<'_>) {
+        let (in_dim, rows, rank) = (self.in_dim, block.len, p.rank);
         let mut stack = [0f32; BLOCK_ROWS * 64];
         let mut heap = Vec::new();
         let t = if rows * rank <= stack.len() {
@@ -294,8 +282,8 @@ impl DeltaOp<'_> {
             &mut heap[..]
         };
         let mut xs: [&[f32]; BLOCK_ROWS] = [&[]; BLOCK_ROWS];
-        for (xr, (r, _)) in xs.iter_mut().zip(outs.iter()) {
-            *xr = &x[*r * in_dim..(*r + 1) * in_dim];
+        for (xr, r) in xs.iter_mut().zip(&block.rows[..rows]) {
+            *xr = &x[r * in_dim..(r + 1) * in_dim];
         }
         let xs = &xs[..rows];
         let k = self.kernel;
@@ -303,45 +291,40 @@ impl DeltaOp<'_> {
             Ab::F32 { a, .. } => k.a_block_f32(a, in_dim, xs, p.scale, t),
             Ab::F16 { a, .. } => k.a_block_f16(a, in_dim, xs, p.scale, t),
         }
-        match p.ab {
-            Ab::F32 { b, .. } => {
-                for (tr, (_, y)) in t.chunks_exact(rank).zip(outs.iter_mut()) {
-                    k.b_pass_f32(b, tr, y);
-                }
-            }
-            Ab::F16 { b, .. } => {
-                for (tr, (_, y)) in t.chunks_exact(rank).zip(outs.iter_mut()) {
-                    k.b_pass_f16(b, tr, y);
-                }
+        // rank ≥ 1 for every parsed adapter; max(1) keeps a rank-0 pair a no-op, not a panic.
+        let ys = block.ys.iter_mut().flatten();
+        for (tr, y) in t.chunks_exact(rank.max(1)).zip(ys) {
+            match p.ab {
+                Ab::F32 { b, .. } => k.b_pass_f32(b, tr, y),
+                Ab::F16 { b, .. } => k.b_pass_f16(b, tr, y),
             }
         }
     }
+}
 
-    /// y += B·(scale·A·x) for one row.
-    fn item(&self, p: &Pair<'_>, x: &[f32], y: &mut [f32]) {
-        let mut stack = [0f32; 128];
-        let mut heap = Vec::new();
-        let t = if p.rank <= stack.len() {
-            &mut stack[..p.rank]
-        } else {
-            heap.resize(p.rank, 0f32);
-            &mut heap[..]
+/// Up to [`BLOCK_ROWS`] rows of one group with their output rows: an item of the pass, kept
+/// on the stack (the decode step with 8 adapters makes 1,680 of them).
+struct Block<'y> {
+    rows: [usize; BLOCK_ROWS],
+    ys: [Option<&'y mut [f32]>; BLOCK_ROWS],
+    len: usize,
+}
+
+impl<'y> Block<'y> {
+    /// The block of `rows` (at most [`BLOCK_ROWS`]), taking each row's output out of `slots`;
+    /// `None` when one is missing or already taken.
+    fn take(rows: &[u32], slots: &mut [Option<&'y mut [f32]>]) -> Option<Self> {
+        let mut block = Block {
+            rows: [0; BLOCK_ROWS],
+            ys: Default::default(),
+            len: 0,
         };
-        let k = self.kernel;
-        match p.ab {
-            Ab::F32 { a, b } => {
-                for (tj, aj) in t.iter_mut().zip(a.chunks_exact(self.in_dim)) {
-                    *tj = k.dot_f32(aj, x) * p.scale;
-                }
-                k.b_pass_f32(b, t, y);
-            }
-            Ab::F16 { a, b } => {
-                for (tj, aj) in t.iter_mut().zip(a.chunks_exact(self.in_dim)) {
-                    *tj = k.dot_f16(aj, x) * p.scale;
-                }
-                k.b_pass_f16(b, t, y);
-            }
+        for (i, &r) in rows.iter().enumerate().take(BLOCK_ROWS) {
+            block.ys[i] = Some(slots.get_mut(r as usize)?.take()?);
+            block.rows[i] = r as usize;
+            block.len = i + 1;
         }
+        Some(block)
     }
 }
 
@@ -385,12 +368,7 @@ impl Kernel {
             unsafe { x86::a_block_f32(a, in_dim, xs, scale, t) };
             return;
         }
-        let rank = t.len() / xs.len().max(1);
-        for (x, tr) in xs.iter().zip(t.chunks_exact_mut(rank.max(1))) {
-            for (tj, aj) in tr.iter_mut().zip(a.chunks_exact(in_dim)) {
-                *tj = self.dot_f32(aj, x) * scale;
-            }
-        }
+        row_by_row(a, in_dim, xs, scale, t, |aj, x| self.dot_f32(aj, x));
     }
 
     fn a_block_f16(self, a: &[f16], in_dim: usize, xs: &[&[f32]], scale: f32, t: &mut [f32]) {
@@ -400,12 +378,7 @@ impl Kernel {
             unsafe { x86::a_block_f16(a, in_dim, xs, scale, t) };
             return;
         }
-        let rank = t.len() / xs.len().max(1);
-        for (x, tr) in xs.iter().zip(t.chunks_exact_mut(rank.max(1))) {
-            for (tj, aj) in tr.iter_mut().zip(a.chunks_exact(in_dim)) {
-                *tj = self.dot_f16(aj, x) * scale;
-            }
-        }
+        row_by_row(a, in_dim, xs, scale, t, |aj, x| self.dot_f16(aj, x));
     }
 
     /// y[o] += B[o, :]·t for B [y.len(), t.len()].
@@ -432,6 +405,23 @@ impl Kernel {
                     *yo += Kernel::Portable.dot_f16(bo, t);
                 }
             }
+        }
+    }
+}
+
+/// The A pass one input row at a time: t[r·rank + k] = scale·dot(A[k, :], xs[r]).
+fn row_by_row<T>(
+    a: &[T],
+    in_dim: usize,
+    xs: &[&[f32]],
+    scale: f32,
+    t: &mut [f32],
+    dot: impl Fn(&[T], &[f32]) -> f32,
+) {
+    let rank = t.len() / xs.len().max(1);
+    for (x, tr) in xs.iter().zip(t.chunks_exact_mut(rank.max(1))) {
+        for (tj, aj) in tr.iter_mut().zip(a.chunks_exact(in_dim.max(1))) {
+            *tj = dot(aj, x) * scale;
         }
     }
 }
