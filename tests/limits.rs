@@ -1,7 +1,8 @@
 //! The limits of issue 6 that live in the API layer, through the real app: the per-tenant
 //! token rate (429 + Retry-After naming `limits.tokens_per_minute`, other tenants unaffected),
 //! the prompt cap (`limits.max_prompt_tokens`), the request timeout for a client that stalls
-//! mid-body (408), the stream timeout (a last `error` event, and the slot is free again), and
+//! mid-body (408), the stream timeout (a last `error` event, and the slot is free again; a job's
+//! event stream ends the same way), and
 //! the connection-level header timeout (a client trickling its headers, or a keep-alive
 //! connection left idle, is closed).
 
@@ -149,6 +150,40 @@ async fn a_stream_past_stream_timeout_ends_with_an_error_event_and_frees_its_slo
     );
     let ok = app.post("/v1/generate", &one_token()).await;
     assert_eq!(ok.status(), 200, "the slot was given back");
+}
+
+#[tokio::test]
+async fn a_job_event_stream_is_bounded_by_stream_timeout_too() {
+    // The job is never run (the test app's job loop is off), so its event stream would wait
+    // for it forever.
+    let app = spawn_app_with(|s| s.server.stream_timeout_seconds = 1).await;
+    let job = json!({
+        "method": "sft",
+        "adapter_name": "waits",
+        "training_data": [{"prompt": "ab", "completion": "xyz"}],
+        "hyperparameters": {"rank": 8, "max_steps": 2},
+    });
+    let resp = app.post("/v1/finetune", &job).await;
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let started = Instant::now();
+    let resp = app
+        .get(&format!("/v1/finetune/{id}/events?stream=true"))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let last = last_event(&mut resp.bytes_stream(), Duration::from_secs(10)).await;
+    assert!(
+        last.starts_with("event: error") && last.contains("stream_timeout"),
+        "{last}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// Reads until the server closes the connection; `Err` if it is still open after `within`.

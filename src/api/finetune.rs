@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 
 use super::auth::Tenant;
 use super::extract::ApiJson;
+use super::limits::deadline::guard_stream;
 use super::{ApiError, AppState};
 use crate::adapters::{now_rfc3339, validate_name};
 use crate::engine::train::data::{DatasetLimits, Method};
@@ -405,5 +406,13 @@ async fn events(
             }
         }
     });
-    Ok(Sse::new(s).keep_alive(KeepAlive::default()).into_response())
+    // Bounded like a generation stream (`server.stream_timeout_seconds`, the shutdown cut), but
+    // holds no generation slot: watching a job is not generating.
+    let resp = Sse::new(s).keep_alive(KeepAlive::default()).into_response();
+    Ok(guard_stream(
+        resp,
+        None,
+        state.limits.stream_timeout,
+        state.limits.cut.clone(),
+    ))
 }

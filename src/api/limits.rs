@@ -196,7 +196,12 @@ fn hold_until_body_ends(
     if resp.body().size_hint().exact().is_some() {
         return resp;
     }
-    deadline::guard_stream(resp, permit, limits.stream_timeout, limits.cut.clone())
+    deadline::guard_stream(
+        resp,
+        Some(permit),
+        limits.stream_timeout,
+        limits.cut.clone(),
+    )
 }
 
 #[cfg(test)]

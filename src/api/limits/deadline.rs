@@ -93,8 +93,8 @@ struct Held {
 }
 
 impl Held {
-    fn new(permit: OwnedSemaphorePermit, limit: Duration) -> Self {
-        let permit = Arc::new(Mutex::new(Some(permit)));
+    fn new(permit: Option<OwnedSemaphorePermit>, limit: Duration) -> Self {
+        let permit = Arc::new(Mutex::new(permit));
         let (alive, gone) = oneshot::channel::<()>();
         let timer = permit.clone();
         tokio::spawn(async move {
@@ -121,11 +121,12 @@ impl Drop for Held {
 }
 
 /// Wraps a streamed body: it ends after `limit` or at the shutdown cut with a last `error`
-/// event, and `permit` is released when the body ends, is dropped, or `limit` passes —
-/// whichever comes first, even if the body is never polled again.
+/// event, and `permit` (a generation slot; `None` for streams that hold none, such as a job's
+/// events) is released when the body ends, is dropped, or `limit` passes — whichever comes
+/// first, even if the body is never polled again.
 pub fn guard_stream(
     resp: Response,
-    permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
     limit: Duration,
     cut: Cut,
 ) -> Response {
@@ -189,7 +190,7 @@ mod tests {
         let permit = sem.clone().try_acquire_owned().unwrap();
         let resp = guard_stream(
             endless(),
-            permit,
+            Some(permit),
             Duration::from_millis(100),
             Cut::default(),
         );
@@ -209,7 +210,12 @@ mod tests {
     async fn an_unread_stream_gives_its_slot_back_at_the_deadline() {
         let sem = Arc::new(Semaphore::new(1));
         let permit = sem.clone().try_acquire_owned().unwrap();
-        let resp = guard_stream(endless(), permit, Duration::from_millis(50), Cut::default());
+        let resp = guard_stream(
+            endless(),
+            Some(permit),
+            Duration::from_millis(50),
+            Cut::default(),
+        );
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(sem.available_permits(), 1, "freed though never polled");
         drop(resp);
@@ -220,7 +226,12 @@ mod tests {
         let sem = Arc::new(Semaphore::new(1));
         let permit = sem.clone().try_acquire_owned().unwrap();
         let cut = Cut::default();
-        let resp = guard_stream(endless(), permit, Duration::from_secs(60), cut.clone());
+        let resp = guard_stream(
+            endless(),
+            Some(permit),
+            Duration::from_secs(60),
+            cut.clone(),
+        );
         let reader = tokio::spawn(read_all(resp));
         tokio::time::sleep(Duration::from_millis(50)).await;
         cut.cut();
