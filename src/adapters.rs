@@ -435,10 +435,11 @@ impl AdapterRegistry {
             return Err(e.into());
         }
         let adapter = Arc::new(adapter);
-        self.cache.insert(
+        let evicted = self.cache.insert(
             (tenant.to_owned(), name.to_owned(), version),
             adapter.clone(),
         );
+        metrics::counter!(crate::metrics::ADAPTER_CACHE_EVICTIONS_TOTAL).increment(evicted as u64);
         self.record_cache_gauges();
         Ok(Resolved { row, adapter })
     }

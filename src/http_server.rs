@@ -22,21 +22,23 @@ use tokio::net::TcpListener;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Accepts connections on `listener` and serves `router` on each until `shutdown` resolves;
-/// then stops accepting, asks every open connection to finish its in-flight request and close
+/// then stops accepting (the caller still owns the listener: the start-up server hands it on to
+/// the API), asks every open connection to finish its in-flight request and close
 /// (idle ones close at once), and returns the handle whose `shutdown()` resolves when the last
 /// one has closed.
 pub async fn serve_until(
-    listener: TcpListener,
+    listener: &TcpListener,
     router: Router,
     header_timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> GracefulShutdown {
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1 only: hyper has no idle timeout for HTTP/2 connections, so a cleartext HTTP/2
+    // client could park sockets forever; OpenAI-compatible clients speak HTTP/1.1.
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
-    builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -64,6 +66,5 @@ pub async fn serve_until(
             }
         });
     }
-    drop(listener);
     graceful
 }

@@ -1,5 +1,5 @@
-//! Operations: `GET /health` (the process answers), `GET /ready` (the model is loaded and the
-//! engine accepts work) and `GET /metrics` (Prometheus text; on the API port, or alone on
+//! Operations: `GET /health` (the process answers, from the moment the port is bound), `GET
+//! /ready` (the model is loaded and the engine accepts work; 503 while starting) and `GET /metrics` (Prometheus text; on the API port, or alone on
 //! `server.metrics_bind`).
 
 use axum::extract::State;
@@ -15,6 +15,17 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+}
+
+/// Start-up: alive, not ready (see [`super::starting_router`]).
+pub fn starting_routes() -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(starting))
+}
+
+async fn starting() -> ApiError {
+    ApiError::unavailable("not ready: the server is starting and the model is loading")
 }
 
 pub fn metrics_routes() -> Router<AppState> {

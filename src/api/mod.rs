@@ -114,6 +114,24 @@ pub fn metrics_router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// What the port serves while the server starts (database, model, engine): `/health` answers
+/// that the process is alive, every other route 503 with Retry-After. Each response closes its
+/// connection, so a client's next request reaches the full API once it has taken over.
+pub fn starting_router() -> Router {
+    Router::new()
+        .merge(health::starting_routes())
+        .fallback(|| async {
+            ApiError::unavailable("the server is starting: the model is loading")
+        })
+        .layer(middleware::map_response(|mut resp: Response| async move {
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            resp
+        }))
+}
+
 async fn not_found() -> ApiError {
     ApiError::not_found("no such route")
 }
@@ -126,6 +144,22 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// The method as a metric label: hyper accepts any token as a method, and the metric is
+/// recorded before authentication, so anything outside the standard set counts as "other".
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// HTTP metrics labelled by the matched route pattern (never the raw URI, so labels stay bounded).
 async fn record_http_metrics(req: Request, next: Next) -> Response {
     let route = req
@@ -133,7 +167,7 @@ async fn record_http_metrics(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method());
     let start = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();

@@ -88,3 +88,92 @@ async fn metrics_bind_moves_metrics_to_its_own_port() {
         200
     );
 }
+
+#[tokio::test]
+async fn invented_methods_do_not_become_metric_labels() {
+    let app = spawn_app().await;
+    for m in ["XYZZY1", "XYZZY2"] {
+        let method = reqwest::Method::from_bytes(m.as_bytes()).unwrap();
+        let resp = app
+            .client
+            .request(method, format!("{}/v1/models", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_client_error(), "{m}: {}", resp.status());
+    }
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        !text.contains("XYZZY"),
+        "a client-chosen method became a label"
+    );
+    assert!(text.contains("method=\"other\""));
+}
+
+/// The port answers from the moment it is bound: while the model loads (here: a FIFO the
+/// loader blocks on) `/health` is 200 and everything else 503, and each answer closes its
+/// connection so the next request reaches the real API. A start that then fails frees the port.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_port_answers_while_the_model_loads_and_a_failed_start_frees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("slow.gguf");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut s = crate::helpers::settings_serving(&fifo, dir.path());
+    s.server.bind = format!("127.0.0.1:{port}");
+    let build = tokio::spawn(adapterd::app::Application::build(s));
+
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut health = None;
+    for _ in 0..100 {
+        if let Ok(r) = client.get(format!("{base}/health")).send().await {
+            health = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let health = health.expect("/health answered while the model loads");
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.headers()["connection"], "close");
+    for path in ["/ready", "/v1/models"] {
+        let r = client.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 503, "{path}");
+        assert_eq!(r.headers()["retry-after"], "1", "{path}");
+        let (code, msg) = crate::helpers::error_code(r, 503).await;
+        assert_eq!(code, "unavailable");
+        assert!(msg.contains("starting"), "{msg}");
+    }
+    let r = client
+        .post(format!("{base}/v1/generate"))
+        .json(&json!({"prompt": "the"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(
+        !build.is_finished(),
+        "the loader is still waiting on the FIFO"
+    );
+
+    // An empty "model" (the writer closes at once) fails the start.
+    tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(&fifo))
+        .await
+        .unwrap()
+        .unwrap();
+    let failed = build.await.unwrap();
+    assert!(
+        failed.is_err(),
+        "an empty model file cannot start the server"
+    );
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free again");
+}
