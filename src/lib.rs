@@ -35,5 +35,5 @@ pub mod model_fetch;
 pub mod scaling;
 pub mod store;
 
-/// The tenant of every caller while authentication is off (design §4).
+/// The tenant of every caller while authentication is off.
 pub const DEFAULT_TENANT: &str = "default";

@@ -1,7 +1,7 @@
 //! Names that try to leave the store or pass for another: `..`, `/`, `\`, NUL, Cyrillic and
 //! fullwidth look-alikes, very long strings — as adapter names, `name@version` references,
 //! path segments and file ids. Invalid ones are 4xx; valid ones behave normally; afterwards
-//! the store holds only `<tenant>/<name>/<version>/` with two files each, and nothing was
+//! the store holds only `<tenant>/<name>/<version>/` with its three files each, and nothing was
 //! created outside it.
 
 use std::path::Path;
