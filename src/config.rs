@@ -219,8 +219,10 @@ impl Settings {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.bind_addr()?;
         let e = &self.engine;
-        if e.max_running == 0 || e.max_step_tokens == 0 {
-            bail!("engine.max_running and engine.max_step_tokens must be at least 1");
+        if e.max_running == 0 || e.max_waiting == 0 || e.max_step_tokens == 0 {
+            bail!(
+                "engine.max_running, engine.max_waiting and engine.max_step_tokens must be at least 1"
+            );
         }
         if e.default_max_new_tokens == 0 || e.default_max_new_tokens > e.max_new_tokens_limit {
             bail!(
@@ -429,6 +431,11 @@ mod tests {
         s.server.request_timeout_seconds = 0;
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("server.request_timeout_seconds"), "{err}");
+        // A zero-length queue would refuse every request with 429.
+        let mut s = Settings::defaults().unwrap();
+        s.engine.max_waiting = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("engine.max_waiting"), "{err}");
     }
 
     #[test]

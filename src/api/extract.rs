@@ -24,7 +24,8 @@ where
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "payload_too_large",
-                    "request body exceeds server.max_body_bytes",
+                    "request body exceeds this route's limit (server.max_body_bytes; \
+                     POST /v1/finetune: 2 × datasets.max_file_bytes + 1 MiB)",
                 )
             } else {
                 ApiError::bad_request(format!("could not read the request body: {rej}"))

@@ -33,6 +33,11 @@ struct StreamOptions {
     include_usage: bool,
 }
 
+/// OpenAI's API takes `null` for an optional flag as leaving it unset, and some clients send it.
+fn null_is_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
 #[derive(Debug, Deserialize)]
 struct CompletionBody {
     model: String,
@@ -41,11 +46,11 @@ struct CompletionBody {
     temperature: Option<f32>,
     top_p: Option<f32>,
     n: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     stream: bool,
     stream_options: Option<StreamOptions>,
     logprobs: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     echo: bool,
     #[serde(default)]
     stop: StopSpec,
@@ -60,7 +65,7 @@ struct CompletionBody {
     logit_bias: Option<serde_json::Map<String, Value>>,
     /// vLLM's and llama.cpp's extension: generate past end-of-sequence tokens (benchmarks
     /// with fixed output lengths).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     ignore_eos: bool,
 }
 
@@ -81,10 +86,10 @@ struct ChatBody {
     temperature: Option<f32>,
     top_p: Option<f32>,
     n: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     stream: bool,
     stream_options: Option<StreamOptions>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     logprobs: bool,
     top_logprobs: Option<i64>,
     #[serde(default)]
@@ -101,7 +106,7 @@ struct ChatBody {
     functions: Option<Value>,
     response_format: Option<Value>,
     /// As in [`CompletionBody`].
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     ignore_eos: bool,
 }
 

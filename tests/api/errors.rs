@@ -128,8 +128,9 @@ async fn unknown_adapter_and_route_are_404() {
 async fn an_oversized_body_is_413_and_the_server_keeps_serving() {
     let app = spawn_app_with(|s| s.server.max_body_bytes = 2048).await;
     let big = json!({"prompt": "x".repeat(10_000)}).to_string();
-    let (code, _) = error_code(app.post_raw("/v1/generate", big).await, 413).await;
+    let (code, msg) = error_code(app.post_raw("/v1/generate", big).await, 413).await;
     assert_eq!(code, "payload_too_large");
+    assert!(msg.contains("server.max_body_bytes"), "{msg}");
     let ok: Value = app
         .post(
             "/v1/generate",

@@ -218,3 +218,23 @@ async fn ignore_eos_makes_completions_and_chat_generate_exactly_max_tokens() {
         assert_eq!(v["choices"][0]["finish_reason"], "length", "{path}: {v}");
     }
 }
+
+#[tokio::test]
+async fn null_flags_mean_unset_as_in_openai() {
+    let app = spawn_app().await;
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2, "stream": null, "logprobs": null, "ignore_eos": null});
+    let resp = app.post("/v1/chat/completions", &chat).await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion", "not streamed");
+    assert!(v["choices"][0]["logprobs"].is_null());
+    let completion = json!({"model": "tiny", "prompt": "the", "max_tokens": 2,
+        "stream": null, "echo": null, "ignore_eos": null});
+    let v: Value = app.post_json("/v1/completions", &completion).await;
+    assert_eq!(v["object"], "text_completion");
+    // A wrong type is still refused, naming the field.
+    let bad = json!({"model": "tiny", "prompt": "the", "stream": "yes"});
+    let (_, msg) = error_code(app.post("/v1/completions", &bad).await, 422).await;
+    assert!(msg.contains("stream"), "{msg}");
+}
