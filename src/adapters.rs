@@ -38,6 +38,10 @@ pub enum AdapterError {
     /// The tenant keeps as many adapter versions or bytes as its quota allows.
     #[error("{0}")]
     QuotaExceeded(String),
+    /// The job that trained the adapter was cancelled while it was being stored, so it was not
+    /// published.
+    #[error("job `{0}` is no longer running; its adapter was not published")]
+    JobNotRunning(String),
 }
 
 /// What one tenant may keep stored (`limits.max_adapter_versions_per_tenant`,
@@ -430,9 +434,9 @@ impl AdapterRegistry {
             job_id,
             created_at: now_rfc3339(),
         };
-        if let Err(e) = q::insert(&self.db, &row).await {
+        if let Err(e) = self.publish(&row).await {
             let _ = std::fs::remove_dir_all(&final_dir);
-            return Err(e.into());
+            return Err(e);
         }
         let adapter = Arc::new(adapter);
         let evicted = self.cache.insert(
@@ -442,6 +446,33 @@ impl AdapterRegistry {
         metrics::counter!(crate::metrics::ADAPTER_CACHE_EVICTIONS_TOTAL).increment(evicted as u64);
         self.record_cache_gauges();
         Ok(Resolved { row, adapter })
+    }
+
+    /// Makes a stored version visible. A version a job trained (`job_id`) is published in the
+    /// same transaction that marks the job succeeded, so a cancel racing the end of training
+    /// either lands first — then nothing is published and the job stays cancelled — or finds
+    /// the job finished: never a cancelled job with a live adapter.
+    async fn publish(&self, row: &AdapterRow) -> Result<(), AdapterError> {
+        let Some(job) = &row.job_id else {
+            return Ok(q::insert(&self.db, row).await?);
+        };
+        let mut tx = self.db.begin().await?;
+        q::insert(&mut *tx, row).await?;
+        let finished = crate::store::jobs::finish(
+            &mut *tx,
+            job,
+            "succeeded",
+            None,
+            Some(row.version),
+            &row.created_at,
+        )
+        .await?;
+        if !finished {
+            // Dropping the transaction rolls the insert back.
+            return Err(AdapterError::JobNotRunning(job.clone()));
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn check_quota(&self, tenant: &str, new_bytes: usize) -> Result<(), AdapterError> {
@@ -673,6 +704,101 @@ mod tests {
         for bad in ["x@0", "x@-1", "x@a", "@1", "X@1"] {
             assert!(parse_ref(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A cancel that lands while a trained adapter is being stored (after the runner's last
+    /// check) must leave a cancelled job and no published version — and a job still running
+    /// ends succeeded together with its version.
+    #[tokio::test]
+    async fn a_job_adapter_is_published_only_with_the_jobs_success() {
+        use crate::engine::model::config::{Arch, ModelConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let db = crate::store::connect(&url).await.unwrap();
+        let base = ModelConfig {
+            arch: Arch::Llama,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            vocab_size: 100,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 128,
+            tie_word_embeddings: true,
+        };
+        let files = dir.path().join("trained");
+        crate::bench::adapters::write_random_adapter(&base, "tiny", 4, 1, &files).unwrap();
+        let config = std::fs::read(files.join(CONFIG_FILE)).unwrap();
+        let weights = std::fs::read(files.join(WEIGHTS_FILE)).unwrap();
+        let limits = LoraLimits {
+            max_rank: 64,
+            max_bytes: 1 << 24,
+        };
+        let root = dir.path().join("adapters");
+        let registry = AdapterRegistry::new(db.clone(), root.clone(), base, limits, 1 << 24);
+        for (id, status) in [("job-cancelled", "cancelled"), ("job-running", "running")] {
+            sqlx::query(
+                "INSERT INTO finetune_jobs (id, tenant, method, status, adapter_name, request, \
+                 created_at) VALUES (?, 'default', 'sft', ?, 'learned', '{}', ?)",
+            )
+            .bind(id)
+            .bind(status)
+            .bind(now_rfc3339())
+            .execute(&db)
+            .await
+            .unwrap();
+        }
+        let status = |id: &'static str| {
+            let db = db.clone();
+            async move {
+                sqlx::query_as::<_, (String, Option<i64>)>(
+                    "SELECT status, adapter_version FROM finetune_jobs WHERE id = ?",
+                )
+                .bind(id)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+            }
+        };
+
+        let cancelled = registry
+            .create(
+                "default",
+                "learned",
+                config.clone(),
+                weights.clone(),
+                "finetune",
+                Some("job-cancelled".into()),
+            )
+            .await;
+        assert!(matches!(cancelled, Err(AdapterError::JobNotRunning(_))));
+        assert!(registry.find("default", "learned").await.is_err());
+        assert!(
+            !root.join("default/learned/1").exists(),
+            "its files went too"
+        );
+        assert_eq!(status("job-cancelled").await, ("cancelled".into(), None));
+
+        let done = registry
+            .create(
+                "default",
+                "learned",
+                config,
+                weights,
+                "finetune",
+                Some("job-running".into()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            done.row.version, 1,
+            "the rolled-back version number is free"
+        );
+        assert_eq!(status("job-running").await, ("succeeded".into(), Some(1)));
+        assert!(registry.find("default", "learned@1").await.is_ok());
     }
 
     #[test]

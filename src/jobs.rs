@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::SqlitePool;
 
-use crate::adapters::{now_rfc3339, AdapterRegistry, CONFIG_FILE, WEIGHTS_FILE};
+use crate::adapters::{now_rfc3339, AdapterError, AdapterRegistry, CONFIG_FILE, WEIGHTS_FILE};
 use crate::engine::model::Llama;
 use crate::engine::tokenizer::Tokenizer;
 use crate::engine::train::checkpoint::Checkpoint;
@@ -324,6 +324,7 @@ impl JobRunner {
             .await;
             return Ok(());
         }
+        // Registering also marks the job succeeded, in one transaction with the adapter's row.
         let created = self
             .adapters
             .create(
@@ -334,18 +335,22 @@ impl JobRunner {
                 "finetune",
                 Some(row.id.clone()),
             )
-            .await
-            .context("registering the trained adapter")?;
-        let version = created.row.version;
-        q::finish(
-            &self.db,
-            &row.id,
-            "succeeded",
-            None,
-            Some(version),
-            &now_rfc3339(),
-        )
-        .await?;
+            .await;
+        let version = match created {
+            Ok(c) => c.row.version,
+            Err(AdapterError::JobNotRunning(_)) => {
+                self.event(
+                    &row.id,
+                    "info",
+                    "cancelled while the adapter was being registered; it was not published",
+                    None,
+                )
+                .await;
+                let _ = std::fs::remove_dir_all(self.jobs_dir.join(&row.id));
+                return Ok(());
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("registering the trained adapter")),
+        };
         self.event(
             &row.id,
             "info",

@@ -43,6 +43,8 @@ impl From<AdapterError> for ApiError {
             ),
             AdapterError::Storage(m) => ApiError::internal(m),
             AdapterError::QuotaExceeded(m) => ApiError::quota_exceeded(m),
+            // Only the job runner registers with a job id; no route reaches this.
+            AdapterError::JobNotRunning(_) => ApiError::internal(&e),
         }
     }
 }

@@ -44,7 +44,8 @@ pub async fn next_version(db: &SqlitePool, tenant: &str, name: &str) -> sqlx::Re
     Ok(v.unwrap_or(0) + 1)
 }
 
-pub async fn insert(db: &SqlitePool, row: &AdapterRow) -> sqlx::Result<()> {
+/// `db`: the pool, or a transaction (a trained adapter is published with its job's success).
+pub async fn insert<'e>(db: impl sqlx::SqliteExecutor<'e>, row: &AdapterRow) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO adapters (tenant, name, version, rank, alpha, target_modules, size_bytes, sha256, blake3, serving_blake3, source, job_id, created_at) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -189,8 +189,11 @@ pub async fn set_checkpoint(db: &SqlitePool, id: &str, path: &str) -> sqlx::Resu
 }
 
 /// Moves a running job to a terminal status; false when it was no longer running (cancelled).
-pub async fn finish(
-    db: &SqlitePool,
+/// The job's copy of its dataset is dropped: only queued and running jobs need it (to start, or
+/// to resume after a restart), and a finished job keeps its `dataset_sha256` as lineage.
+/// `db`: the pool, or a transaction (the registry publishes a trained adapter in the same one).
+pub async fn finish<'e>(
+    db: impl sqlx::SqliteExecutor<'e>,
     id: &str,
     status: &str,
     error: Option<&str>,
@@ -198,8 +201,8 @@ pub async fn finish(
     now: &str,
 ) -> sqlx::Result<bool> {
     let r = sqlx::query(
-        "UPDATE finetune_jobs SET status = ?, error = ?, adapter_version = ?, finished_at = ? \
-         WHERE id = ? AND status = 'running'",
+        "UPDATE finetune_jobs SET status = ?, error = ?, adapter_version = ?, finished_at = ?, \
+         dataset = NULL WHERE id = ? AND status = 'running'",
     )
     .bind(status)
     .bind(error)
@@ -220,7 +223,7 @@ pub async fn cancel(
     now: &str,
 ) -> sqlx::Result<Option<JobRow>> {
     sqlx::query(
-        "UPDATE finetune_jobs SET status = 'cancelled', finished_at = ? \
+        "UPDATE finetune_jobs SET status = 'cancelled', finished_at = ?, dataset = NULL \
          WHERE tenant = ? AND id = ? AND status IN ('queued', 'running')",
     )
     .bind(now)
@@ -271,4 +274,70 @@ pub async fn events(
     .bind(limit)
     .fetch_all(db)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str) -> JobRow {
+        JobRow {
+            id: id.into(),
+            tenant: "default".into(),
+            method: "sft".into(),
+            status: "queued".into(),
+            adapter_name: "a".into(),
+            adapter_version: None,
+            request: "{}".into(),
+            step: 0,
+            total_steps: 2,
+            metrics: "{}".into(),
+            error: None,
+            checkpoint_path: None,
+            dataset_sha256: Some("00".into()),
+            training_file: None,
+            created_at: "2026-01-01T00:00:00Z".into(),
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    async fn dataset_bytes(db: &SqlitePool, id: &str) -> Option<i64> {
+        sqlx::query_scalar("SELECT length(dataset) FROM finetune_jobs WHERE id = ?")
+            .bind(id)
+            .fetch_one(db)
+            .await
+            .unwrap()
+    }
+
+    /// A job's dataset copy is kept while it may still run (queued, running, interrupted) and
+    /// dropped when it ends, however it ends; its hash stays as lineage.
+    #[tokio::test]
+    async fn a_finished_job_drops_its_dataset_and_keeps_its_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let db = crate::store::connect(&url).await.unwrap();
+        let now = "2026-01-01T00:00:01Z";
+        for id in ["ends", "cancelled-queued"] {
+            insert(&db, &job(id), b"{\"prompt\":\"a\",\"completion\":\"b\"}\n")
+                .await
+                .unwrap();
+        }
+        let (claimed, data) = claim_next(&db, now).await.unwrap().unwrap();
+        assert_eq!(claimed.id, "ends");
+        assert_eq!(data.len(), 32, "a running job still has its data");
+        requeue_interrupted(&db).await.unwrap();
+        let (_, data) = claim_next(&db, now).await.unwrap().unwrap();
+        assert_eq!(data.len(), 32, "and so does one resumed after a restart");
+        assert!(finish(&db, "ends", "failed", Some("x"), None, now)
+            .await
+            .unwrap());
+        assert_eq!(dataset_bytes(&db, "ends").await, None);
+        cancel(&db, "default", "cancelled-queued", now)
+            .await
+            .unwrap();
+        assert_eq!(dataset_bytes(&db, "cancelled-queued").await, None);
+        let kept = get(&db, "default", "ends").await.unwrap().unwrap();
+        assert_eq!(kept.dataset_sha256.as_deref(), Some("00"));
+    }
 }
