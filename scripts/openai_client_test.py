@@ -612,15 +612,39 @@ def _():
     raise CheckFailed("no error raised")
 
 
-@check("errors: unsupported n=2 and presence_penalty are refused, not ignored")
+@check("errors: unsupported n=2 and an out-of-range presence_penalty are refused, not ignored")
 def _():
-    for kw in ({"n": 2}, {"presence_penalty": 0.5}):
+    for kw in ({"n": 2}, {"presence_penalty": 2.5}):
         try:
             client.chat.completions.create(model=MODEL, messages=CHAT_MSGS, max_tokens=4, **kw)
         except (openai.UnprocessableEntityError, openai.BadRequestError) as e:
             expect(e.status_code in (400, 422), f"{kw}: status {e.status_code}")
             continue
         raise CheckFailed(f"{kw} was accepted")
+
+
+@check("logit_bias and penalties: the client's dict form steers the choice")
+def _():
+    # Token ids come from the completion's own logprobs: ban the greedy first token with -100
+    # and the first token must change; force it with +100 and every token is that one.
+    base = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    first = base.choices[0].text
+    expect(isinstance(first, str) and first, f"empty completion {first!r}")
+    cmpl = client.chat.completions.create(
+        model=MODEL, messages=CHAT_MSGS, max_tokens=4, temperature=0,
+        presence_penalty=1.0, frequency_penalty=1.0,
+    )
+    expect(isinstance(cmpl.choices[0].message.content, str), "penalized chat has content")
+    forced = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, logit_bias={"1000": 100},
+    )
+    text = forced.choices[0].text
+    unforced = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, logit_bias={"1000": -100},
+    )
+    expect(text != unforced.choices[0].text, f"+100 and -100 on one token gave {text!r} both")
+    expect(len(set(text.split())) <= 1, f"a forced token should repeat: {text!r}")
+    return f"forced {text!r}"
 
 
 @check("errors: completions logprobs=6 -> refused")

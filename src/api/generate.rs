@@ -40,6 +40,11 @@ pub struct GenerateBody {
     #[serde(default)]
     logprobs: bool,
     top_logprobs: Option<i64>,
+    /// OpenAI's penalties over the generated tokens, each in [-2, 2].
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    /// Token id (as a string) → bias in [-100, 100], added to that token's logit.
+    logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
     /// Generate exactly max_new_tokens, ignoring end-of-sequence (for benchmarks).
     #[serde(default)]
     ignore_eos: bool,
@@ -107,13 +112,19 @@ async fn generate(
             "`top_logprobs` needs `logprobs: true`",
         ));
     }
-    let sampling = SamplingParams::validate(
+    let mut sampling = SamplingParams::validate(
         body.temperature,
         body.top_p,
         body.top_k,
         body.seed,
         top_logprobs,
         1.0,
+    )?;
+    sampling.adjust = generation::logit_adjust(
+        &state,
+        body.presence_penalty,
+        body.frequency_penalty,
+        body.logit_bias.as_ref(),
     )?;
     let max_new_tokens =
         generation::check_lengths(&state, prompt.len(), body.max_new_tokens, "max_new_tokens")?;

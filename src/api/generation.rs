@@ -8,6 +8,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::{ApiError, AppState};
+use crate::engine::logit_adjust::LogitAdjust;
 use crate::engine::sampling::SamplingError;
 use crate::engine::scheduler::{
     FinishReason, GenEvent, GenerateRequest, SubmitError, TokenLogprob,
@@ -53,6 +54,34 @@ impl From<SamplingError> for ApiError {
     fn from(e: SamplingError) -> Self {
         ApiError::invalid_field(e.to_string())
     }
+}
+
+/// `presence_penalty`, `frequency_penalty` and `logit_bias` (an object of token ids, as
+/// strings, to numbers — OpenAI's form), validated against the tokenizer's vocabulary.
+pub fn logit_adjust(
+    state: &AppState,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    logit_bias: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Result<LogitAdjust, ApiError> {
+    let mut bias = Vec::new();
+    for (key, value) in logit_bias.into_iter().flatten() {
+        let token: u32 = key.trim().parse().map_err(|_| {
+            ApiError::invalid_field(format!("`logit_bias`: keys must be token ids, got {key:?}"))
+        })?;
+        let b = value.as_f64().ok_or_else(|| {
+            ApiError::invalid_field(format!(
+                "`logit_bias`: the bias for token {token} must be a number, got {value}"
+            ))
+        })?;
+        bias.push((token, b as f32));
+    }
+    Ok(LogitAdjust::validate(
+        presence_penalty,
+        frequency_penalty,
+        bias,
+        state.tokenizer.vocab_size(),
+    )?)
 }
 
 /// Resolves `max_new_tokens` and checks that prompt and generation fit the context.

@@ -133,34 +133,13 @@ fn refuse_unsupported_chat(body: &ChatBody) -> Result<(), ApiError> {
             "`response_format`: only {\"type\": \"text\"} is supported",
         ));
     }
-    refuse_logit_bias(&body.logit_bias)
-}
-
-fn refuse_logit_bias(bias: &Option<serde_json::Map<String, Value>>) -> Result<(), ApiError> {
-    if bias.as_ref().is_some_and(|b| !b.is_empty()) {
-        return Err(ApiError::invalid_field("`logit_bias` is not supported"));
-    }
     Ok(())
 }
 
 /// Options this server does not implement are refused by name rather than silently ignored.
-fn refuse_unsupported(
-    n: Option<i64>,
-    presence: Option<f32>,
-    frequency: Option<f32>,
-) -> Result<(), ApiError> {
+fn refuse_unsupported(n: Option<i64>) -> Result<(), ApiError> {
     if n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid_field("`n`: only n = 1 is supported"));
-    }
-    if presence.is_some_and(|p| p != 0.0) {
-        return Err(ApiError::invalid_field(
-            "`presence_penalty` is not supported (only 0)",
-        ));
-    }
-    if frequency.is_some_and(|p| p != 0.0) {
-        return Err(ApiError::invalid_field(
-            "`frequency_penalty` is not supported (only 0)",
-        ));
     }
     Ok(())
 }
@@ -212,11 +191,10 @@ async fn completions(
     ApiJson(body): ApiJson<CompletionBody>,
 ) -> Result<Response, ApiError> {
     let pinned = resolve_model(&state, &tenant, &body.model).await?;
-    refuse_unsupported(body.n, body.presence_penalty, body.frequency_penalty)?;
+    refuse_unsupported(body.n)?;
     if body.best_of.is_some_and(|b| b != 1) {
         return Err(ApiError::invalid_field("`best_of`: only 1 is supported"));
     }
-    refuse_logit_bias(&body.logit_bias)?;
     if body.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_field("`suffix` is not supported"));
     }
@@ -247,13 +225,19 @@ async fn completions(
             )))
         }
     };
-    let sampling = SamplingParams::validate(
+    let mut sampling = SamplingParams::validate(
         body.temperature,
         body.top_p,
         body.top_k,
         body.seed,
         logprobs,
         1.0,
+    )?;
+    sampling.adjust = generation::logit_adjust(
+        &state,
+        body.presence_penalty,
+        body.frequency_penalty,
+        body.logit_bias.as_ref(),
     )?;
     // OpenAI's default max_tokens for completions is 16.
     let max_new = generation::check_lengths(
@@ -389,7 +373,7 @@ async fn chat_completions(
     ApiJson(body): ApiJson<ChatBody>,
 ) -> Result<Response, ApiError> {
     let pinned = resolve_model(&state, &tenant, &body.model).await?;
-    refuse_unsupported(body.n, body.presence_penalty, body.frequency_penalty)?;
+    refuse_unsupported(body.n)?;
     refuse_unsupported_chat(&body)?;
     let prompt = chat_prompt(&state, body.messages, "messages")?;
     if !body.logprobs && body.top_logprobs.is_some_and(|n| n > 0) {
@@ -402,13 +386,19 @@ async fn chat_completions(
     } else {
         None
     };
-    let sampling = SamplingParams::validate(
+    let mut sampling = SamplingParams::validate(
         body.temperature,
         body.top_p,
         body.top_k,
         body.seed,
         top,
         1.0,
+    )?;
+    sampling.adjust = generation::logit_adjust(
+        &state,
+        body.presence_penalty,
+        body.frequency_penalty,
+        body.logit_bias.as_ref(),
     )?;
     let (field, max) = match (body.max_completion_tokens, body.max_tokens) {
         (Some(n), _) => ("max_completion_tokens", Some(n)),

@@ -16,6 +16,8 @@
 //!    the log-sum-exp of the raw logits; that is all greedy decoding costs, plus the top-n scan
 //!    when alternatives are asked for. The reported logprobs are the log-softmax of the *raw*
 //!    logits at temperature 1, whatever the sampling settings, as OpenAI and vLLM report them.
+//!    When the request asks for presence or frequency penalties or a `logit_bias`, steps 3–6
+//!    then choose from an adjusted copy of the logits ([`super::logit_adjust`]).
 //! 3. **Temperature.** `0` (anything below 1e-5, as in vLLM) means greedy: the argmax, ties
 //!    going to the lowest token id, with no random draw. Otherwise the weights are
 //!    `exp((x - max) / T)`.
@@ -33,6 +35,7 @@
 //! The same seed gives the same tokens for the same logits with the same build; the generator is
 //! `rand`'s `StdRng`, which does not promise the same stream across `rand` versions.
 
+use super::logit_adjust::{Adjuster, LogitAdjust};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Ordering;
@@ -55,6 +58,8 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// How many most-likely alternatives to report per position, `0..=20`.
     pub top_logprobs: usize,
+    /// Penalties and logit bias (default: none).
+    pub adjust: LogitAdjust,
 }
 
 /// A client value outside its allowed range; the API maps it to 422.
@@ -75,7 +80,11 @@ impl SamplingError {
         }
     }
 
-    fn out_of_range(field: &'static str, rule: &str, got: impl std::fmt::Display) -> Self {
+    pub(crate) fn out_of_range(
+        field: &'static str,
+        rule: &str,
+        got: impl std::fmt::Display,
+    ) -> Self {
         SamplingError::OutOfRange {
             field,
             message: format!("{field} must be {rule}, got {got}"),
@@ -92,6 +101,7 @@ impl SamplingParams {
             top_p: None,
             seed: None,
             top_logprobs: 0,
+            adjust: LogitAdjust::default(),
         }
     }
 
@@ -165,6 +175,7 @@ impl SamplingParams {
             top_p,
             seed,
             top_logprobs,
+            adjust: LogitAdjust::default(),
         })
     }
 
@@ -204,6 +215,8 @@ pub struct Sampler {
     pairs: Vec<(f32, u32)>,
     /// Per-token weights for plain temperature sampling, reused for the same reason.
     weights: Vec<f32>,
+    /// Penalties and bias, with the counts of the tokens this sequence generated.
+    adjuster: Adjuster,
 }
 
 /// Which tokens survived temperature/top-k/top-p, and their total unnormalised weight.
@@ -384,6 +397,7 @@ impl Sampler {
             None => StdRng::from_os_rng(),
         };
         Sampler {
+            adjuster: Adjuster::new(params.adjust.clone()),
             params,
             rng,
             pairs: Vec::new(),
@@ -407,12 +421,18 @@ impl Sampler {
             };
         };
         let top = top_logprobs(logits, self.params.top_logprobs, lse);
-        let token = if self.params.is_greedy() {
-            argmax
+        let token = if self.adjuster.is_noop() {
+            self.choose(logits, max, argmax)
         } else {
-            let kept = self.filter(logits, max);
-            self.draw(max, &kept).unwrap_or(argmax)
+            let adjusted = self.adjuster.apply(logits);
+            let token = match max_argmax_lse(&adjusted) {
+                Some((max, argmax, _)) => self.choose(&adjusted, max, argmax),
+                None => argmax,
+            };
+            self.adjuster.give_back(adjusted);
+            token
         };
+        self.adjuster.record(token);
         let logprob = logits
             .get(token as usize)
             .map_or(f32::NEG_INFINITY, |&x| clean(x) - lse);
@@ -420,6 +440,16 @@ impl Sampler {
             token,
             logprob,
             top,
+        }
+    }
+
+    /// Steps 3–6 on `logits` (raw or adjusted), whose maximum and argmax are given.
+    fn choose(&mut self, logits: &[f32], max: f32, argmax: u32) -> u32 {
+        if self.params.is_greedy() {
+            argmax
+        } else {
+            let kept = self.filter(logits, max);
+            self.draw(max, &kept).unwrap_or(argmax)
         }
     }
 
@@ -629,6 +659,7 @@ mod tests {
             top_p,
             seed: Some(seed),
             top_logprobs: 0,
+            adjust: LogitAdjust::default(),
         }
     }
 
@@ -992,6 +1023,7 @@ mod tests {
                 top_p: [None, Some(1e-6), Some(0.5), Some(0.95)][rng.random_range(0..4)],
                 seed: Some(rng.random()),
                 top_logprobs: rng.random_range(0..=20),
+                adjust: LogitAdjust::default(),
             };
             let out = Sampler::new(p.clone()).sample(&logits);
             let drawable = logits.iter().any(|&x| clean(x) > f32::NEG_INFINITY);
@@ -1047,7 +1079,8 @@ mod tests {
                 top_k: None,
                 top_p: None,
                 seed: None,
-                top_logprobs: 0
+                top_logprobs: 0,
+                adjust: LogitAdjust::default(),
             }
         );
         let ok = SamplingParams::validate(Some(0.0), Some(1.0), Some(0), Some(9), Some(20), 1.0)
@@ -1059,7 +1092,8 @@ mod tests {
                 top_k: None,
                 top_p: None,
                 seed: Some(9),
-                top_logprobs: 20
+                top_logprobs: 20,
+                adjust: LogitAdjust::default(),
             }
         );
         let ok =
@@ -1067,5 +1101,34 @@ mod tests {
         assert_eq!((ok.top_k, ok.top_p), (Some(40), Some(0.5)));
         let ok = SamplingParams::validate(None, None, Some(-1), None, None, 1.0).unwrap();
         assert_eq!(ok.top_k, None);
+    }
+
+    #[test]
+    fn adjustments_change_the_choice_but_not_the_reported_logprobs() {
+        let logits = [1.0, 2.0, 3.0, 0.5];
+        // A bias of +5 on token 0 makes it the greedy choice; its logprob is still the raw one.
+        let mut s = Sampler::new(SamplingParams {
+            adjust: LogitAdjust::validate(None, None, vec![(0, 5.0)], 4).unwrap(),
+            ..SamplingParams::greedy()
+        });
+        let out = s.sample(&logits);
+        assert_eq!(out.token, 0);
+        assert_close(f64::from(out.logprob), -2.460_773_489_156_851, 1e-6);
+        // A frequency penalty of 2 moves greedy decoding off a token once it has been
+        // chosen: 3 → 2 after one pick of token 2 (3 - 2 = 1 < 2), then 2 - 2 = 0 < 1.
+        let mut s = Sampler::new(SamplingParams {
+            adjust: LogitAdjust::validate(None, Some(2.0), vec![], 4).unwrap(),
+            ..SamplingParams::greedy()
+        });
+        let picks: Vec<u32> = (0..3).map(|_| s.sample(&logits).token).collect();
+        assert_eq!(picks, vec![2, 1, 0]);
+        // A bias of -100 bans a token even when sampling.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            adjust: LogitAdjust::validate(None, None, vec![(2, -100.0)], 4).unwrap(),
+            ..SamplingParams::greedy()
+        });
+        assert!((0..200).all(|_| s.sample(&logits).token != 2));
     }
 }

@@ -189,7 +189,6 @@ async fn features_we_do_not_implement_are_refused_by_name() {
             json!([{"type": "function", "function": {"name": "f"}}]),
         ),
         ("response_format", json!({"type": "json_object"})),
-        ("logit_bias", json!({"5": 10})),
         ("n", json!(2)),
     ] {
         let mut body = json!({"model": "tiny", "messages": msgs});
@@ -237,4 +236,65 @@ async fn null_flags_mean_unset_as_in_openai() {
     let bad = json!({"model": "tiny", "prompt": "the", "stream": "yes"});
     let (_, msg) = error_code(app.post("/v1/completions", &bad).await, 422).await;
     assert!(msg.contains("stream"), "{msg}");
+}
+
+#[tokio::test]
+async fn logit_bias_and_penalties_steer_the_choice_with_openai_semantics() {
+    let app = spawn_app().await;
+    let base = json!({"model": "tiny", "prompt": "the", "max_tokens": 6, "temperature": 0});
+    // +100 on one token forces it at every step (token 40 is a single byte of the tiny
+    // byte-level vocabulary).
+    let tok: Value = app
+        .post_json("/v1/detokenize", &json!({"tokens": [40]}))
+        .await;
+    let piece = tok["text"].as_str().unwrap().to_owned();
+    let mut forced = base.clone();
+    forced["logit_bias"] = json!({"40": 100});
+    let v: Value = app.post_json("/v1/completions", &forced).await;
+    assert_eq!(v["choices"][0]["text"], piece.repeat(6), "{v}");
+
+    // Penalties (native route, which reports token ids): at every step the chosen token must
+    // beat each reported alternative once both are penalized by what was generated before —
+    // reported logprobs are the raw ones, and log-softmax keeps the logits' differences.
+    let body = json!({"prompt": "the", "max_new_tokens": 12, "temperature": 0, "logprobs": true,
+        "top_logprobs": 5, "frequency_penalty": 1.5, "presence_penalty": 0.5});
+    let v: Value = app.post_json("/v1/generate", &body).await;
+    let tokens = v["tokens"].as_array().unwrap();
+    let mut counts = std::collections::HashMap::<u64, f64>::new();
+    let mut steered = 0;
+    for t in tokens {
+        let pen = |id: u64| counts.get(&id).map_or(0.0, |c| 1.5 * c + 0.5);
+        let chosen = t["id"].as_u64().unwrap();
+        let score = t["logprob"].as_f64().unwrap() - pen(chosen);
+        let top = t["top_logprobs"].as_array().unwrap();
+        for alt in top {
+            let alt_score = alt["logprob"].as_f64().unwrap() - pen(alt["id"].as_u64().unwrap());
+            assert!(
+                alt_score <= score + 1e-4,
+                "{t} lost to {alt} under the penalties"
+            );
+        }
+        steered += usize::from(top[0]["id"].as_u64() != Some(chosen));
+        *counts.entry(chosen).or_default() += 1.0;
+    }
+    assert!(steered > 0, "the penalties never changed a choice: {v}");
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3, "logit_bias": {"40": 100}, "temperature": 0});
+    let v: Value = app.post_json("/v1/chat/completions", &chat).await;
+    assert_eq!(v["choices"][0]["message"]["content"], piece.repeat(3));
+
+    // Bad values are 422 naming the field.
+    for (field, value) in [
+        ("logit_bias", json!({"not-a-token": 1})),
+        ("logit_bias", json!({"40": 500})),
+        ("logit_bias", json!({"99999999": 1})),
+        ("logit_bias", json!({"40": "high"})),
+        ("presence_penalty", json!(3.0)),
+        ("frequency_penalty", json!(-2.5)),
+    ] {
+        let mut body = base.clone();
+        body[field] = value.clone();
+        let (_, msg) = error_code(app.post("/v1/completions", &body).await, 422).await;
+        assert!(msg.contains(field), "{field}={value}: {msg}");
+    }
 }

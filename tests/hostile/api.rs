@@ -96,6 +96,9 @@ const GENERATE: &[&str] = &[
     "stream",
     "logprobs",
     "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
     "ignore_eos",
 ];
 const COMPLETIONS: &[&str] = &[
