@@ -612,9 +612,21 @@ def _():
     raise CheckFailed("no error raised")
 
 
-@check("errors: unsupported n=2 and an out-of-range presence_penalty are refused, not ignored")
+@check("n=3: three choices with indexes 0-2, usage summed over them")
 def _():
-    for kw in ({"n": 2}, {"presence_penalty": 2.5}):
+    r = client.chat.completions.create(model=MODEL, messages=CHAT_MSGS, max_tokens=4, n=3, seed=5)
+    expect([c.index for c in r.choices] == [0, 1, 2], f"indexes {[c.index for c in r.choices]}")
+    for c in r.choices:
+        expect(isinstance(c.message.content, str), "content is a string")
+    expect(is_int(r.usage.completion_tokens) and r.usage.completion_tokens <= 12, f"usage {r.usage}")
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, n=2, stream=True)
+    seen = {ch.choices[0].index for ch in stream if ch.choices}
+    expect(seen == {0, 1}, f"streamed indexes {seen}")
+
+
+@check("errors: out-of-range n=17 and presence_penalty=2.5 are refused, not ignored")
+def _():
+    for kw in ({"n": 17}, {"presence_penalty": 2.5}):
         try:
             client.chat.completions.create(model=MODEL, messages=CHAT_MSGS, max_tokens=4, **kw)
         except (openai.UnprocessableEntityError, openai.BadRequestError) as e:

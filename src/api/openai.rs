@@ -7,7 +7,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use futures::stream::{self, Stream};
+use futures::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -136,12 +136,47 @@ fn refuse_unsupported_chat(body: &ChatBody) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Options this server does not implement are refused by name rather than silently ignored.
-fn refuse_unsupported(n: Option<i64>) -> Result<(), ApiError> {
-    if n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid_field("`n`: only n = 1 is supported"));
+/// Most choices one request may ask for. Each choice is its own sequence in the engine (its
+/// own prefill, KV cache and token budget), so this bounds what one request can hold.
+pub const MAX_CHOICES: i64 = 16;
+
+/// `n`: how many choices to generate (default 1).
+fn choices_count(n: Option<i64>) -> Result<usize, ApiError> {
+    match n {
+        None => Ok(1),
+        Some(n) if (1..=MAX_CHOICES).contains(&n) => Ok(n as usize),
+        Some(n) => Err(ApiError::invalid_field(format!(
+            "`n` is {n}; allowed 1 to {MAX_CHOICES}"
+        ))),
     }
-    Ok(())
+}
+
+/// Submits `n` copies of `req`, one per choice. With a `seed`, choice `i` draws from
+/// `seed + i`, so the choices differ yet the response is reproducible. If one cannot be
+/// queued, the ones already submitted are dropped (the engine frees them at its next step).
+fn submit_choices(
+    state: &AppState,
+    tenant: &str,
+    req: GenerateRequest,
+    n: usize,
+) -> Result<Vec<tokio::sync::mpsc::UnboundedReceiver<GenEvent>>, ApiError> {
+    (0..n)
+        .map(|i| {
+            let mut r = req.clone();
+            r.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            generation::submit(state, tenant, r)
+        })
+        .collect()
+}
+
+/// Waits for every choice; the usage counts the prompt once, as OpenAI does.
+async fn collect_choices(
+    rxs: Vec<tokio::sync::mpsc::UnboundedReceiver<GenEvent>>,
+) -> Result<(Vec<Completion>, Value), ApiError> {
+    let done = futures::future::try_join_all(rxs.into_iter().map(generation::collect)).await?;
+    let prompt = done.first().map_or(0, |c| c.prompt_tokens);
+    let completion = done.iter().map(|c| c.completion_tokens).sum();
+    Ok((done, usage(prompt, completion)))
 }
 
 /// `model` is the base model's name or one of the caller's adapters (`name` or
@@ -191,7 +226,7 @@ async fn completions(
     ApiJson(body): ApiJson<CompletionBody>,
 ) -> Result<Response, ApiError> {
     let pinned = resolve_model(&state, &tenant, &body.model).await?;
-    refuse_unsupported(body.n)?;
+    let n = choices_count(body.n)?;
     if body.best_of.is_some_and(|b| b != 1) {
         return Err(ApiError::invalid_field("`best_of`: only 1 is supported"));
     }
@@ -262,7 +297,7 @@ async fn completions(
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
         queued_ticket: None,
     };
-    let rx = generation::submit(&state, &tenant, req)?;
+    let rxs = submit_choices(&state, &tenant, req, n)?;
     let id = generation::request_id("cmpl-");
     let created = generation::unix_now();
     if body.stream {
@@ -270,7 +305,7 @@ async fn completions(
         let s = stream_chunks(
             state.clone(),
             model_name(&state, &pinned),
-            rx,
+            rxs,
             id,
             created,
             Kind::Completion,
@@ -279,31 +314,38 @@ async fn completions(
         );
         return Ok(s.into_response());
     }
-    let c = generation::collect(rx).await?;
-    let mut text = c.text.clone();
-    let mut lp = Value::Null;
-    if logprobs.is_some() {
-        let mut entries = Vec::new();
-        if let Some(ids) = &echo_ids {
-            // The first prompt token has no context, hence no log-probability (null), as OpenAI.
-            if let Some(&first) = ids.first() {
-                entries.push((first, None, Vec::new()));
-            }
-            for t in c.prompt_logprobs.iter().flatten() {
-                entries.push((t.id, Some(t.logprob), t.top.clone()));
-            }
-        }
-        for t in &c.tokens {
-            entries.push((t.id, Some(t.logprob), t.top.clone()));
-        }
-        lp = completion_logprobs(&state.tokenizer, &entries);
-    }
-    if let Some(ids) = &echo_ids {
-        let p = state
+    let (done, usage_v) = collect_choices(rxs).await?;
+    let echoed = match &echo_ids {
+        Some(ids) => state
             .tokenizer
             .decode(ids, false)
-            .map_err(ApiError::internal)?;
-        text = format!("{p}{text}");
+            .map_err(ApiError::internal)?,
+        None => String::new(),
+    };
+    let mut choices = Vec::with_capacity(done.len());
+    for (index, c) in done.iter().enumerate() {
+        let mut lp = Value::Null;
+        if logprobs.is_some() {
+            let mut entries = Vec::new();
+            if let Some(ids) = &echo_ids {
+                // The first prompt token has no context, hence no log-probability (null), as
+                // OpenAI.
+                if let Some(&first) = ids.first() {
+                    entries.push((first, None, Vec::new()));
+                }
+                for t in c.prompt_logprobs.iter().flatten() {
+                    entries.push((t.id, Some(t.logprob), t.top.clone()));
+                }
+            }
+            for t in &c.tokens {
+                entries.push((t.id, Some(t.logprob), t.top.clone()));
+            }
+            lp = completion_logprobs(&state.tokenizer, &entries);
+        }
+        choices.push(
+            json!({"index": index, "text": format!("{echoed}{}", c.text), "logprobs": lp,
+            "finish_reason": finish_str(c.finish)}),
+        );
     }
     Ok(Json(json!({
         "id": id,
@@ -311,8 +353,8 @@ async fn completions(
         "created": created,
         "model": model_name(&state, &pinned),
         "system_fingerprint": null,
-        "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_str(c.finish)}],
-        "usage": usage(c.prompt_tokens, c.completion_tokens),
+        "choices": choices,
+        "usage": usage_v,
     }))
     .into_response())
 }
@@ -373,7 +415,7 @@ async fn chat_completions(
     ApiJson(body): ApiJson<ChatBody>,
 ) -> Result<Response, ApiError> {
     let pinned = resolve_model(&state, &tenant, &body.model).await?;
-    refuse_unsupported(body.n)?;
+    let n = choices_count(body.n)?;
     refuse_unsupported_chat(&body)?;
     let prompt = chat_prompt(&state, body.messages, "messages")?;
     if !body.logprobs && body.top_logprobs.is_some_and(|n| n > 0) {
@@ -415,7 +457,7 @@ async fn chat_completions(
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
         queued_ticket: None,
     };
-    let rx = generation::submit(&state, &tenant, req)?;
+    let rxs = submit_choices(&state, &tenant, req, n)?;
     let id = generation::request_id("chatcmpl-");
     let created = generation::unix_now();
     if body.stream {
@@ -423,7 +465,7 @@ async fn chat_completions(
         let s = stream_chunks(
             state.clone(),
             model_name(&state, &pinned),
-            rx,
+            rxs,
             id,
             created,
             Kind::Chat,
@@ -432,25 +474,32 @@ async fn chat_completions(
         );
         return Ok(s.into_response());
     }
-    let c: Completion = generation::collect(rx).await?;
-    let logprobs = if body.logprobs {
-        json!({"content": c.tokens.iter().map(|t| chat_logprob(&state.tokenizer, t)).collect::<Vec<_>>()})
-    } else {
-        Value::Null
-    };
+    let (done, usage_v) = collect_choices(rxs).await?;
+    let choices: Vec<Value> = done
+        .iter()
+        .enumerate()
+        .map(|(index, c)| {
+            let logprobs = if body.logprobs {
+                json!({"content": c.tokens.iter().map(|t| chat_logprob(&state.tokenizer, t)).collect::<Vec<_>>()})
+            } else {
+                Value::Null
+            };
+            json!({
+                "index": index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": logprobs,
+                "finish_reason": finish_str(c.finish),
+            })
+        })
+        .collect();
     Ok(Json(json!({
         "id": id,
         "object": "chat.completion",
         "created": created,
         "model": model_name(&state, &pinned),
         "system_fingerprint": null,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": c.text},
-            "logprobs": logprobs,
-            "finish_reason": finish_str(c.finish),
-        }],
-        "usage": usage(c.prompt_tokens, c.completion_tokens),
+        "choices": choices,
+        "usage": usage_v,
     }))
     .into_response())
 }
@@ -471,13 +520,16 @@ enum Kind {
     Chat,
 }
 
-/// Streams OpenAI chunks: for chat a first chunk with the assistant role, one chunk per
-/// piece of text, a last chunk with `finish_reason`, a usage chunk when asked, then `[DONE]`.
+/// Streams OpenAI chunks for `rxs` (one per choice, chunks tagged with its `index`): for chat a
+/// first chunk per choice with the assistant role, one chunk per piece of text as the choices
+/// produce them, a chunk with `finish_reason` as each ends, then — once all have ended — a
+/// usage chunk when asked (prompt counted once) and `[DONE]`. An error in any choice ends the
+/// stream with an error event and `[DONE]`.
 #[allow(clippy::too_many_arguments)]
 fn stream_chunks(
     state: AppState,
     model: String,
-    rx: tokio::sync::mpsc::UnboundedReceiver<GenEvent>,
+    rxs: Vec<tokio::sync::mpsc::UnboundedReceiver<GenEvent>>,
     id: String,
     created: u64,
     kind: Kind,
@@ -497,7 +549,11 @@ fn stream_chunks(
         Event::default().data(v.to_string())
     };
     let tok = state.tokenizer.clone();
-    let piece = move |text: String, token: Option<&TokenLogprob>, finish: Option<&str>| -> Value {
+    let piece = move |index: usize,
+                      text: String,
+                      token: Option<&TokenLogprob>,
+                      finish: Option<&str>|
+          -> Value {
         match kind {
             Kind::Completion => {
                 let lp = match (logprobs, token) {
@@ -506,7 +562,7 @@ fn stream_chunks(
                     }
                     _ => Value::Null,
                 };
-                json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": finish})
+                json!({"index": index, "text": text, "logprobs": lp, "finish_reason": finish})
             }
             Kind::Chat => {
                 let delta = if finish.is_some() && text.is_empty() {
@@ -518,78 +574,114 @@ fn stream_chunks(
                     (true, Some(t)) => json!({"content": [chat_logprob(&tok, t)]}),
                     _ => Value::Null,
                 };
-                json!({"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish})
             }
         }
     };
-    // Phases: 0 = role chunk (chat only), 1 = tokens, 2 = usage chunk, 3 = [DONE], 4 = end.
-    let start_phase = match kind {
-        Kind::Chat => 0,
-        Kind::Completion => 1,
+    let n = rxs.len();
+    // Each choice's events, tagged with its index, then `None` when its channel closes.
+    let merged = futures::stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| {
+        tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+            .map(move |ev| (i, Some(ev)))
+            .chain(stream::once(async move { (i, None) }))
+            .boxed()
+    }));
+    let mut pending = std::collections::VecDeque::new();
+    if let Kind::Chat = kind {
+        for i in 0..n {
+            let c = json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+            pending.push_back(chunk(c, None));
+        }
+    }
+    let init = Streaming {
+        merged,
+        pending,
+        done: vec![false; n],
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        over: false,
     };
-    let init = (rx, start_phase, None::<(usize, usize)>);
-    let events = stream::unfold(init, move |(mut rx, phase, used)| {
+    let events = stream::unfold(init, move |mut st| {
         let chunk = chunk.clone();
         let piece = piece.clone();
         async move {
-            match phase {
-                0 => {
-                    let c = json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
-                    Some((Ok(chunk(c, None)), (rx, 1, used)))
+            loop {
+                if let Some(ev) = st.pending.pop_front() {
+                    return Some((Ok(ev), st));
                 }
-                1 => loop {
-                    match rx.recv().await {
-                        Some(GenEvent::Token { token, text }) => {
-                            if text.is_empty() && !logprobs {
-                                continue;
-                            }
-                            return Some((
-                                Ok(chunk(piece(text, Some(&token), None), None)),
-                                (rx, 1, used),
-                            ));
-                        }
-                        Some(GenEvent::Text(text)) => {
-                            return Some((Ok(chunk(piece(text, None, None), None)), (rx, 1, used)));
-                        }
-                        Some(GenEvent::PromptLogprobs(_)) => continue,
-                        Some(GenEvent::Done {
-                            finish,
-                            prompt_tokens,
-                            completion_tokens,
-                        }) => {
-                            let next = if include_usage { 2 } else { 3 };
-                            let c = piece(String::new(), None, Some(finish_str(Some(finish))));
-                            return Some((
-                                Ok(chunk(c, None)),
-                                (rx, next, Some((prompt_tokens, completion_tokens))),
-                            ));
-                        }
-                        Some(GenEvent::Error(e)) => {
-                            let err = ApiError::internal(e);
-                            return Some((
-                                Ok(Event::default().data(err.to_json().to_string())),
-                                (rx, 3, used),
-                            ));
-                        }
-                        None => {
-                            let err = ApiError::unavailable(
-                                "the engine stopped before the request finished",
-                            );
-                            return Some((
-                                Ok(Event::default().data(err.to_json().to_string())),
-                                (rx, 3, used),
-                            ));
-                        }
+                if st.over {
+                    return None;
+                }
+                if st.done.iter().all(|&d| d) {
+                    if include_usage {
+                        let u = usage(st.prompt_tokens, st.completion_tokens);
+                        st.pending.push_back(chunk(Value::Null, Some(u)));
                     }
-                },
-                2 => {
-                    let (p, c) = used.unwrap_or((0, 0));
-                    Some((Ok(chunk(Value::Null, Some(usage(p, c)))), (rx, 3, used)))
+                    st.end(None);
+                    continue;
                 }
-                3 => Some((Ok(Event::default().data("[DONE]")), (rx, 4, used))),
-                _ => None,
+                let Some((i, ev)) = st.merged.next().await else {
+                    st.over = true;
+                    continue;
+                };
+                match ev {
+                    Some(GenEvent::Token { token, text }) => {
+                        if text.is_empty() && !logprobs {
+                            continue;
+                        }
+                        st.pending
+                            .push_back(chunk(piece(i, text, Some(&token), None), None));
+                    }
+                    Some(GenEvent::Text(text)) => {
+                        st.pending
+                            .push_back(chunk(piece(i, text, None, None), None));
+                    }
+                    Some(GenEvent::PromptLogprobs(_)) => {}
+                    Some(GenEvent::Done {
+                        finish,
+                        prompt_tokens,
+                        completion_tokens,
+                    }) => {
+                        st.done[i] = true;
+                        st.prompt_tokens = prompt_tokens;
+                        st.completion_tokens += completion_tokens;
+                        let c = piece(i, String::new(), None, Some(finish_str(Some(finish))));
+                        st.pending.push_back(chunk(c, None));
+                    }
+                    Some(GenEvent::Error(e)) => st.end(Some(ApiError::internal(e))),
+                    None if !st.done[i] => st.end(Some(ApiError::unavailable(
+                        "the engine stopped before the request finished",
+                    ))),
+                    None => {}
+                }
             }
         }
     });
     Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+/// Where a stream of choices stands.
+struct Streaming<S> {
+    merged: S,
+    /// Events ready to send, in order.
+    pending: std::collections::VecDeque<Event>,
+    /// Which choices have sent their `finish_reason`.
+    done: Vec<bool>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    /// `[DONE]` is queued (or every channel closed): nothing more after `pending`.
+    over: bool,
+}
+
+impl<S> Streaming<S> {
+    /// Queues the error (if any) as OpenAI streams it — a `data: {"error": …}` event — then
+    /// `[DONE]`, and ends the stream after them.
+    fn end(&mut self, error: Option<ApiError>) {
+        if let Some(err) = error {
+            self.pending
+                .push_back(Event::default().data(err.to_json().to_string()));
+        }
+        self.pending.push_back(Event::default().data("[DONE]"));
+        self.over = true;
+    }
 }

@@ -189,7 +189,7 @@ async fn features_we_do_not_implement_are_refused_by_name() {
             json!([{"type": "function", "function": {"name": "f"}}]),
         ),
         ("response_format", json!({"type": "json_object"})),
-        ("n", json!(2)),
+        ("n", json!(0)),
     ] {
         let mut body = json!({"model": "tiny", "messages": msgs});
         body[field] = value;
@@ -297,4 +297,96 @@ async fn logit_bias_and_penalties_steer_the_choice_with_openai_semantics() {
         let (_, msg) = error_code(app.post("/v1/completions", &body).await, 422).await;
         assert!(msg.contains(field), "{field}={value}: {msg}");
     }
+}
+
+#[tokio::test]
+async fn n_choices_each_get_an_index_and_the_usage_counts_the_prompt_once() {
+    let app = spawn_app().await;
+    let one: Value = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": "the", "max_tokens": 5, "temperature": 0}),
+        )
+        .await;
+    // Greedy: every choice is the same text.
+    let v: Value = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": "the", "max_tokens": 5, "temperature": 0, "n": 3}),
+        )
+        .await;
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["text"], one["choices"][0]["text"]);
+    }
+    let (p, c) = (
+        &v["usage"]["prompt_tokens"],
+        &v["usage"]["completion_tokens"],
+    );
+    assert_eq!(p, &one["usage"]["prompt_tokens"]);
+    assert_eq!(
+        c.as_u64().unwrap(),
+        3 * one["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+
+    // Sampled with a seed: choices draw from seed + i, so they differ and repeat exactly.
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 8, "temperature": 1, "seed": 11, "n": 4});
+    let a: Value = app.post_json("/v1/chat/completions", &body).await;
+    let b: Value = app.post_json("/v1/chat/completions", &body).await;
+    let texts = |v: &Value| -> Vec<String> {
+        v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["message"]["content"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(texts(&a), texts(&b));
+    let mut distinct = texts(&a);
+    distinct.sort();
+    distinct.dedup();
+    assert!(distinct.len() > 1, "{:?}", texts(&a));
+
+    // Streamed: a role chunk and a finish chunk per choice, the text of each choice equal to
+    // the non-streamed one, usage summed, one [DONE].
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let raw = app.post_text("/v1/chat/completions", &streamed).await;
+    let data = sse_data(&raw);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(data.iter().filter(|d| *d == "[DONE]").count(), 1);
+    let mut text = vec![String::new(); 4];
+    let mut roles = 0;
+    let mut finishes = 0;
+    let mut usage = Value::Null;
+    for d in &data[..data.len() - 1] {
+        let v: Value = serde_json::from_str(d).unwrap();
+        if let Some(c) = v["choices"].as_array().and_then(|c| c.first()) {
+            let i = c["index"].as_u64().unwrap() as usize;
+            roles += usize::from(c["delta"]["role"] == "assistant");
+            finishes += usize::from(!c["finish_reason"].is_null());
+            text[i] += c["delta"]["content"].as_str().unwrap_or_default();
+        } else {
+            usage = v["usage"].clone();
+        }
+    }
+    assert_eq!((roles, finishes), (4, 4));
+    assert_eq!(text, texts(&a));
+    assert_eq!(usage["completion_tokens"], a["usage"]["completion_tokens"]);
+    assert_eq!(usage["prompt_tokens"], a["usage"]["prompt_tokens"]);
+
+    let (_, msg) = error_code(
+        app.post(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": "x", "n": 17}),
+        )
+        .await,
+        422,
+    )
+    .await;
+    assert!(msg.contains("`n`"), "{msg}");
 }
