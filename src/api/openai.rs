@@ -1,6 +1,7 @@
 //! OpenAI-compatible `POST /v1/completions` and `POST /v1/chat/completions`: the request and
 //! response shapes the official client sends and parses, streaming (`data: {...}` chunks, then
-//! `data: [DONE]`), usage, finish_reason, logprobs, echo (prompt scoring), seed and stop.
+//! `data: [DONE]`), usage, finish_reason, logprobs, echo (prompt scoring), seed, stop, `n`
+//! choices, presence/frequency penalties and `logit_bias`.
 
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
