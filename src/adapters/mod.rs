@@ -3,11 +3,10 @@
 //! [`LoraAdapter`]. Write order is files first (temp dir, fsync, atomic rename), then the row:
 //! a crash leaves at worst an unlisted directory, never a listed adapter without files.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::Device;
-use sha2::{Digest, Sha256};
 use sqlx::SqlitePool;
 
 use crate::engine::lora::cache::AdapterCache;
@@ -15,6 +14,13 @@ use crate::engine::lora::peft::{parse_peft, serving_weights, LoraError, LoraLimi
 use crate::engine::lora::LoraAdapter;
 use crate::engine::model::ModelConfig;
 use crate::store::adapters::{self as q, AdapterRow};
+
+mod names;
+mod stored;
+
+pub use names::{parse_ref, validate_name};
+use stored::{blake3_hex, fsync_dir, remove_stray_serving_temps, sha256_hex};
+pub use stored::{load_stored, load_verified, write_serving_copy, Loaded, Recorded};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -73,45 +79,6 @@ impl From<std::io::Error> for AdapterError {
     }
 }
 
-/// Checks a tenant or adapter name: `[a-z0-9][a-z0-9._-]{0,63}`. Only names that pass ever
-/// become path components.
-pub fn validate_name(field: &str, name: &str) -> Result<(), AdapterError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.bytes().enumerate().all(|(i, b)| {
-            b.is_ascii_lowercase()
-                || b.is_ascii_digit()
-                || (i > 0 && matches!(b, b'.' | b'_' | b'-'))
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(AdapterError::InvalidName(format!(
-            "`{field}` must match [a-z0-9][a-z0-9._-]{{0,63}} (got {:?})",
-            name.chars().take(80).collect::<String>()
-        )))
-    }
-}
-
-/// Splits `name@version`.
-pub fn parse_ref(r: &str) -> Result<(String, Option<i64>), AdapterError> {
-    match r.split_once('@') {
-        None => {
-            validate_name("adapter", r)?;
-            Ok((r.to_owned(), None))
-        }
-        Some((name, v)) => {
-            validate_name("adapter", name)?;
-            let v: i64 = v.parse().ok().filter(|v| *v >= 1).ok_or_else(|| {
-                AdapterError::InvalidName(format!(
-                    "adapter version in `{r}` must be a positive integer"
-                ))
-            })?;
-            Ok((name.to_owned(), Some(v)))
-        }
-    }
-}
-
 /// A resolved adapter: the version row and the weights a request pins.
 #[derive(Clone)]
 pub struct Resolved {
@@ -154,171 +121,6 @@ pub fn now_rfc3339() -> String {
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-/// The recorded identity of an adapter version: sha256 over its config bytes, then its weights.
-fn sha256_hex(config: &[u8], weights: &[u8]) -> String {
-    let mut h = Sha256::new();
-    h.update(config);
-    h.update(weights);
-    hex::encode(h.finalize())
-}
-
-/// The integrity hash checked at every load: BLAKE3 over the same bytes as [`sha256_hex`].
-fn blake3_hex(config: &[u8], weights: &[u8]) -> String {
-    let mut h = blake3::Hasher::new();
-    h.update(config);
-    h.update(weights);
-    h.finalize().to_hex().to_string()
-}
-
-/// The hash recorded for a stored version, which its files must still have.
-#[derive(Clone, Debug)]
-pub enum Recorded {
-    /// Hex BLAKE3 over config then weights (every row since BLAKE3 was added).
-    Blake3(String),
-    /// Hex sha256 over the same bytes, for rows from before.
-    Sha256(String),
-}
-
-/// Reads a stored version's config and the weights file `weights_file` from `dir`, checks
-/// they hash to `recorded`, and parses them: the whole cold load of an adapter. Returns the
-/// adapter and the config bytes it was parsed from.
-///
-/// The files must be the bytes that were validated (and, for [`SERVING_FILE`], written) at
-/// upload: a substitute written into the store behind the service's back (valid or not) is
-/// refused. Both checks run on the one copy read into memory (not a memory map, which a writer
-/// could change between hash and parse), so the bytes parsed are the bytes hashed. Hash and
-/// parse run side by side on the rayon pool, and BLAKE3 splits itself over whatever threads
-/// the parse leaves free (it is the longer of the two: ~4.5 ms for 20 MB on one core).
-pub fn load_verified(
-    dir: &Path,
-    weights_file: &str,
-    recorded: &Recorded,
-    base: &ModelConfig,
-    limits: &LoraLimits,
-) -> Result<(LoraAdapter, Vec<u8>), AdapterError> {
-    let started = std::time::Instant::now();
-    let config = std::fs::read(dir.join(CONFIG_FILE))?;
-    let weights = std::fs::read(dir.join(weights_file))?;
-    let read = started.elapsed();
-    let (found, parsed) = rayon::join(
-        || match recorded {
-            Recorded::Blake3(_) => {
-                let mut h = blake3::Hasher::new();
-                h.update(&config);
-                h.update_rayon(&weights);
-                h.finalize().to_hex().to_string()
-            }
-            Recorded::Sha256(_) => sha256_hex(&config, &weights),
-        },
-        || parse_peft(&config, &weights, base, limits, &Device::Cpu),
-    );
-    tracing::debug!(
-        file = weights_file,
-        bytes = weights.len(),
-        read_ms = read.as_secs_f64() * 1e3,
-        verify_and_parse_ms = (started.elapsed() - read).as_secs_f64() * 1e3,
-        "adapter files read, hashed and parsed"
-    );
-    let (Recorded::Blake3(want) | Recorded::Sha256(want)) = recorded;
-    if found != *want {
-        return Err(AdapterError::Storage(format!(
-            "{weights_file} and {CONFIG_FILE} hash to {found}, not the recorded {want}"
-        )));
-    }
-    Ok((parsed?, config))
-}
-
-/// What a cold load read: the adapter, the verified config bytes, and whether it came from the
-/// serving copy.
-pub struct Loaded {
-    pub adapter: LoraAdapter,
-    pub config: Vec<u8>,
-    pub from_serving_copy: bool,
-}
-
-/// The cold load of a stored version: its serving copy when the row records one, else (or
-/// when that copy is missing or fails its check) the uploaded files. The uploaded files stay
-/// the source of truth, so a damaged copy costs one slower load and a warning, never the
-/// adapter.
-pub fn load_stored(
-    dir: &Path,
-    row: &AdapterRow,
-    base: &ModelConfig,
-    limits: &LoraLimits,
-) -> Result<Loaded, AdapterError> {
-    if let Some(hash) = &row.serving_blake3 {
-        let recorded = Recorded::Blake3(hash.clone());
-        match load_verified(dir, SERVING_FILE, &recorded, base, limits) {
-            Ok((adapter, config)) => {
-                return Ok(Loaded {
-                    adapter,
-                    config,
-                    from_serving_copy: true,
-                })
-            }
-            Err(e) => tracing::warn!(
-                tenant = row.tenant,
-                name = row.name,
-                version = row.version,
-                error = %e,
-                "the adapter's serving copy is unusable; loading the uploaded files"
-            ),
-        }
-    }
-    let recorded = match &row.blake3 {
-        Some(b) => Recorded::Blake3(b.clone()),
-        None => Recorded::Sha256(row.sha256.clone()),
-    };
-    let (adapter, config) = load_verified(dir, WEIGHTS_FILE, &recorded, base, limits)?;
-    Ok(Loaded {
-        adapter,
-        config,
-        from_serving_copy: false,
-    })
-}
-
-/// (Re)writes a version's serving copy from an adapter just loaded and verified from its
-/// upload, with `config` the verified config bytes, and returns the copy's hash for the row.
-/// For versions stored before serving copies existed, and for a copy found damaged. The copy
-/// goes to a temp file first and is renamed into place, so a reader never sees half of it.
-pub fn write_serving_copy(
-    dir: &Path,
-    adapter: &LoraAdapter,
-    config: &[u8],
-) -> Result<String, AdapterError> {
-    let serving = serving_weights(adapter)?;
-    let tmp = dir.join(format!(".{SERVING_FILE}.{}", uuid::Uuid::new_v4().simple()));
-    let written = (|| -> std::io::Result<()> {
-        std::fs::write(&tmp, &serving)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, dir.join(SERVING_FILE))?;
-        fsync_dir(dir)
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.into());
-    }
-    Ok(blake3_hex(config, &serving))
-}
-
-/// Removes the temp files of serving-copy writes a crash interrupted (see
-/// [`write_serving_copy`]) from a live version's directory; returns how many.
-fn remove_stray_serving_temps(version_dir: &Path) -> usize {
-    let prefix = format!(".{SERVING_FILE}.");
-    let Ok(entries) = std::fs::read_dir(version_dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|f| f.file_name().to_string_lossy().starts_with(&prefix))
-        .filter(|f| std::fs::remove_file(f.path()).is_ok())
-        .count()
-}
-
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 impl AdapterRegistry {
@@ -672,139 +474,4 @@ impl AdapterRegistry {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_follow_the_documented_pattern() {
-        for ok in ["a", "support", "v1.2_x-y", &"a".repeat(64)] {
-            validate_name("name", ok).unwrap();
-        }
-        for bad in [
-            "",
-            "A",
-            "-a",
-            ".a",
-            "..",
-            "a/b",
-            "a\0",
-            "é",
-            "ѕupport",
-            &"a".repeat(65),
-            "a b",
-        ] {
-            assert!(validate_name("name", bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn references_split_name_and_version() {
-        assert_eq!(parse_ref("x").unwrap(), ("x".into(), None));
-        assert_eq!(parse_ref("x@3").unwrap(), ("x".into(), Some(3)));
-        for bad in ["x@0", "x@-1", "x@a", "@1", "X@1"] {
-            assert!(parse_ref(bad).is_err(), "{bad}");
-        }
-    }
-
-    /// A cancel that lands while a trained adapter is being stored (after the runner's last
-    /// check) must leave a cancelled job and no published version — and a job still running
-    /// ends succeeded together with its version.
-    #[tokio::test]
-    async fn a_job_adapter_is_published_only_with_the_jobs_success() {
-        use crate::engine::model::config::{Arch, ModelConfig};
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let db = crate::store::connect(&url).await.unwrap();
-        let base = ModelConfig {
-            arch: Arch::Llama,
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 16,
-            vocab_size: 100,
-            rope_theta: 10_000.0,
-            rms_norm_eps: 1e-5,
-            max_position_embeddings: 128,
-            tie_word_embeddings: true,
-        };
-        let files = dir.path().join("trained");
-        crate::bench::adapters::write_random_adapter(&base, "tiny", 4, 1, &files).unwrap();
-        let config = std::fs::read(files.join(CONFIG_FILE)).unwrap();
-        let weights = std::fs::read(files.join(WEIGHTS_FILE)).unwrap();
-        let limits = LoraLimits {
-            max_rank: 64,
-            max_bytes: 1 << 24,
-        };
-        let root = dir.path().join("adapters");
-        let registry = AdapterRegistry::new(db.clone(), root.clone(), base, limits, 1 << 24);
-        for (id, status) in [("job-cancelled", "cancelled"), ("job-running", "running")] {
-            sqlx::query(
-                "INSERT INTO finetune_jobs (id, tenant, method, status, adapter_name, request, \
-                 created_at) VALUES (?, 'default', 'sft', ?, 'learned', '{}', ?)",
-            )
-            .bind(id)
-            .bind(status)
-            .bind(now_rfc3339())
-            .execute(&db)
-            .await
-            .unwrap();
-        }
-        let status = |id: &'static str| {
-            let db = db.clone();
-            async move {
-                sqlx::query_as::<_, (String, Option<i64>)>(
-                    "SELECT status, adapter_version FROM finetune_jobs WHERE id = ?",
-                )
-                .bind(id)
-                .fetch_one(&db)
-                .await
-                .unwrap()
-            }
-        };
-
-        let cancelled = registry
-            .create(
-                "default",
-                "learned",
-                config.clone(),
-                weights.clone(),
-                "finetune",
-                Some("job-cancelled".into()),
-            )
-            .await;
-        assert!(matches!(cancelled, Err(AdapterError::JobNotRunning(_))));
-        assert!(registry.find("default", "learned").await.is_err());
-        assert!(
-            !root.join("default/learned/1").exists(),
-            "its files went too"
-        );
-        assert_eq!(status("job-cancelled").await, ("cancelled".into(), None));
-
-        let done = registry
-            .create(
-                "default",
-                "learned",
-                config,
-                weights,
-                "finetune",
-                Some("job-running".into()),
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            done.row.version, 1,
-            "the rolled-back version number is free"
-        );
-        assert_eq!(status("job-running").await, ("succeeded".into(), Some(1)));
-        assert!(registry.find("default", "learned@1").await.is_ok());
-    }
-
-    #[test]
-    fn timestamps_are_rfc3339_utc() {
-        let t = now_rfc3339();
-        assert_eq!(t.len(), 20, "{t}");
-        assert!(t.starts_with("20") && t.ends_with('Z'));
-    }
-}
+mod tests;

@@ -1,0 +1,137 @@
+//! Registry tests: names and references, timestamps, and publishing a trained adapter only
+//! with its job's success.
+
+use super::*;
+
+#[test]
+fn names_follow_the_documented_pattern() {
+    for ok in ["a", "support", "v1.2_x-y", &"a".repeat(64)] {
+        validate_name("name", ok).unwrap();
+    }
+    for bad in [
+        "",
+        "A",
+        "-a",
+        ".a",
+        "..",
+        "a/b",
+        "a\0",
+        "é",
+        "ѕupport",
+        &"a".repeat(65),
+        "a b",
+    ] {
+        assert!(validate_name("name", bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn references_split_name_and_version() {
+    assert_eq!(parse_ref("x").unwrap(), ("x".into(), None));
+    assert_eq!(parse_ref("x@3").unwrap(), ("x".into(), Some(3)));
+    for bad in ["x@0", "x@-1", "x@a", "@1", "X@1"] {
+        assert!(parse_ref(bad).is_err(), "{bad}");
+    }
+}
+
+/// A cancel that lands while a trained adapter is being stored (after the runner's last
+/// check) must leave a cancelled job and no published version — and a job still running
+/// ends succeeded together with its version.
+#[tokio::test]
+async fn a_job_adapter_is_published_only_with_the_jobs_success() {
+    use crate::engine::model::config::{Arch, ModelConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let db = crate::store::connect(&url).await.unwrap();
+    let base = ModelConfig {
+        arch: Arch::Llama,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        vocab_size: 100,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+        max_position_embeddings: 128,
+        tie_word_embeddings: true,
+    };
+    let files = dir.path().join("trained");
+    crate::bench::adapters::write_random_adapter(&base, "tiny", 4, 1, &files).unwrap();
+    let config = std::fs::read(files.join(CONFIG_FILE)).unwrap();
+    let weights = std::fs::read(files.join(WEIGHTS_FILE)).unwrap();
+    let limits = LoraLimits {
+        max_rank: 64,
+        max_bytes: 1 << 24,
+    };
+    let root = dir.path().join("adapters");
+    let registry = AdapterRegistry::new(db.clone(), root.clone(), base, limits, 1 << 24);
+    for (id, status) in [("job-cancelled", "cancelled"), ("job-running", "running")] {
+        sqlx::query(
+            "INSERT INTO finetune_jobs (id, tenant, method, status, adapter_name, request, \
+             created_at) VALUES (?, 'default', 'sft', ?, 'learned', '{}', ?)",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(now_rfc3339())
+        .execute(&db)
+        .await
+        .unwrap();
+    }
+    let status = |id: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query_as::<_, (String, Option<i64>)>(
+                "SELECT status, adapter_version FROM finetune_jobs WHERE id = ?",
+            )
+            .bind(id)
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
+    };
+
+    let cancelled = registry
+        .create(
+            "default",
+            "learned",
+            config.clone(),
+            weights.clone(),
+            "finetune",
+            Some("job-cancelled".into()),
+        )
+        .await;
+    assert!(matches!(cancelled, Err(AdapterError::JobNotRunning(_))));
+    assert!(registry.find("default", "learned").await.is_err());
+    assert!(
+        !root.join("default/learned/1").exists(),
+        "its files went too"
+    );
+    assert_eq!(status("job-cancelled").await, ("cancelled".into(), None));
+
+    let done = registry
+        .create(
+            "default",
+            "learned",
+            config,
+            weights,
+            "finetune",
+            Some("job-running".into()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        done.row.version, 1,
+        "the rolled-back version number is free"
+    );
+    assert_eq!(status("job-running").await, ("succeeded".into(), Some(1)));
+    assert!(registry.find("default", "learned@1").await.is_ok());
+}
+
+#[test]
+fn timestamps_are_rfc3339_utc() {
+    let t = now_rfc3339();
+    assert_eq!(t.len(), 20, "{t}");
+    assert!(t.starts_with("20") && t.ends_with('Z'));
+}
