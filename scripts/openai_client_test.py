@@ -446,6 +446,16 @@ def _():
     expect(check_completion(r, CMPL_N).text == state["cmpl_greedy"], f"token-id prompt gave {r.choices[0].text!r}")
 
 
+@check("completions: a batch of prompts (strings and token-id lists) gives a choice per prompt")
+def _():
+    tok = client.post("/tokenize", body={"text": PROMPT, "add_special_tokens": False}, cast_to=object)
+    for batch in ([PROMPT, "Once upon a time"], [tok["tokens"], tok["tokens"]]):
+        r = client.completions.create(model=MODEL, prompt=batch, max_tokens=CMPL_N, temperature=0)
+        expect([c.index for c in r.choices] == [0, 1], f"indexes {[c.index for c in r.choices]}")
+        expect(r.choices[0].text == state["cmpl_greedy"], f"first prompt gave {r.choices[0].text!r}")
+        expect(r.usage.prompt_tokens > state["cmpl_usage"].prompt_tokens, f"usage {r.usage}")
+
+
 @check("completions: logprobs=2")
 def _():
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=CMPL_N, temperature=0, logprobs=2)

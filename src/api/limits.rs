@@ -113,6 +113,11 @@ impl TenantLimits {
         self.tokens.refund(tenant, tokens);
     }
 
+    /// `limits.max_queued_per_tenant`: also the most sequences one request may submit at once.
+    pub fn max_queued(&self) -> usize {
+        self.max_queued
+    }
+
     /// A place in the engine queue for one of `tenant`'s requests, or the 429 to answer. The
     /// place is given back when the ticket is dropped (the engine drops it on admission).
     pub fn try_queue(&self, tenant: &str) -> Result<QueuedTicket, ApiError> {

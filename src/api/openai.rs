@@ -76,7 +76,11 @@ enum PromptIn {
     Text(String),
     Texts(Vec<String>),
     Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
 }
+
+/// Most prompts one completions request may carry (each × `n` is a sequence in the engine).
+pub const MAX_PROMPTS: usize = 64;
 
 #[derive(Debug, Deserialize)]
 struct ChatBody {
@@ -152,6 +156,21 @@ fn choices_count(n: Option<i64>) -> Result<usize, ApiError> {
     }
 }
 
+/// Refuses (422) a request whose `sequences` (prompts × `n`) could never all be queued at once —
+/// a 429 would tell the client to retry what can never succeed.
+fn check_fits_queue(state: &AppState, sequences: usize) -> Result<(), ApiError> {
+    let (tenant_cap, engine_cap) = (state.limits.max_queued(), state.engine.max_waiting());
+    if sequences > tenant_cap.min(engine_cap) {
+        return Err(ApiError::invalid_field(format!(
+            "`n` × the number of prompts is {sequences}; this server queues at most {} \
+             sequences for one request (limits.max_queued_per_tenant = {tenant_cap}, \
+             engine.max_waiting = {engine_cap})",
+            tenant_cap.min(engine_cap)
+        )));
+    }
+    Ok(())
+}
+
 /// Submits `n` copies of `req`, one per choice. With a `seed`, choice `i` draws from
 /// `seed + i`, so the choices differ yet the response is reproducible. If one cannot be
 /// queued, the ones already submitted are dropped (the engine frees them at its next step).
@@ -170,14 +189,46 @@ fn submit_choices(
         .collect()
 }
 
-/// Waits for every choice; the usage counts the prompt once, as OpenAI does.
+/// Waits for every choice (`n` per prompt, prompt after prompt); the usage counts each prompt
+/// once, as OpenAI does.
 async fn collect_choices(
     rxs: Vec<tokio::sync::mpsc::UnboundedReceiver<GenEvent>>,
+    n: usize,
 ) -> Result<(Vec<Completion>, Value), ApiError> {
     let done = futures::future::try_join_all(rxs.into_iter().map(generation::collect)).await?;
-    let prompt = done.first().map_or(0, |c| c.prompt_tokens);
+    let prompt = done.iter().step_by(n.max(1)).map(|c| c.prompt_tokens).sum();
     let completion = done.iter().map(|c| c.completion_tokens).sum();
     Ok((done, usage(prompt, completion)))
+}
+
+/// The completions `prompt`: a string, a list of strings, token ids, or a list of token-id
+/// lists (the batched forms evaluation harnesses send), at most [`MAX_PROMPTS`].
+fn completion_prompts(state: &AppState, prompt: PromptIn) -> Result<Vec<Vec<u32>>, ApiError> {
+    let vocab = state.tokenizer.vocab_size() as u32;
+    let ids = |ids: Vec<u32>| -> Result<Vec<u32>, ApiError> {
+        match ids.iter().find(|&&id| id >= vocab) {
+            Some(bad) => Err(ApiError::invalid_field(format!(
+                "`prompt`: token id {bad} is outside the vocabulary of {vocab}"
+            ))),
+            None => Ok(ids),
+        }
+    };
+    let prompts = match prompt {
+        PromptIn::Text(t) => vec![text_prompt(state, &t, "prompt")?],
+        PromptIn::Texts(v) => v
+            .iter()
+            .map(|t| text_prompt(state, t, "prompt"))
+            .collect::<Result<_, _>>()?,
+        PromptIn::Tokens(t) => vec![ids(t)?],
+        PromptIn::TokenLists(v) => v.into_iter().map(ids).collect::<Result<_, _>>()?,
+    };
+    if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid_field(format!(
+            "`prompt`: a list of {} prompts; allowed 1 to {MAX_PROMPTS}",
+            prompts.len()
+        )));
+    }
+    Ok(prompts)
 }
 
 /// `model` is the base model's name or one of the caller's adapters (`name` or
@@ -234,24 +285,7 @@ async fn completions(
     if body.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_field("`suffix` is not supported"));
     }
-    let prompt = match body.prompt {
-        PromptIn::Text(t) => text_prompt(&state, &t, "prompt")?,
-        PromptIn::Texts(v) if v.len() == 1 => text_prompt(&state, &v[0], "prompt")?,
-        PromptIn::Texts(_) => {
-            return Err(ApiError::invalid_field(
-                "`prompt`: exactly one prompt per request is supported",
-            ))
-        }
-        PromptIn::Tokens(ids) => {
-            let vocab = state.tokenizer.vocab_size() as u32;
-            if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
-                return Err(ApiError::invalid_field(format!(
-                    "`prompt`: token id {bad} is outside the vocabulary of {vocab}"
-                )));
-            }
-            ids
-        }
-    };
+    let prompts = completion_prompts(&state, body.prompt)?;
     let logprobs = match body.logprobs {
         None => None,
         Some(n) if (0..=5).contains(&n) => Some(n),
@@ -275,30 +309,38 @@ async fn completions(
         body.frequency_penalty,
         body.logit_bias.as_ref(),
     )?;
-    // OpenAI's default max_tokens for completions is 16.
-    let max_new = generation::check_lengths(
-        &state,
-        prompt.len(),
-        Some(body.max_tokens.unwrap_or(16)),
-        "max_tokens",
-    )?;
     if body.stream && body.echo {
         return Err(ApiError::invalid_field(
             "`echo` is not supported with `stream`",
         ));
     }
-    let echo_ids = body.echo.then(|| prompt.clone());
-    let req = GenerateRequest {
-        prompt,
-        max_new_tokens: max_new,
-        sampling,
-        stop: body.stop.into_vec("stop")?,
-        prompt_logprobs: body.echo && logprobs.is_some(),
-        ignore_eos: body.ignore_eos,
-        adapter: pinned.as_ref().map(|p| p.adapter.clone()),
-        queued_ticket: None,
-    };
-    let rxs = submit_choices(&state, &tenant, req, n)?;
+    let stop = body.stop.into_vec("stop")?;
+    let mut reqs = Vec::with_capacity(prompts.len());
+    for prompt in &prompts {
+        // OpenAI's default max_tokens for completions is 16.
+        let max_new = generation::check_lengths(
+            &state,
+            prompt.len(),
+            Some(body.max_tokens.unwrap_or(16)),
+            "max_tokens",
+        )?;
+        reqs.push(GenerateRequest {
+            prompt: prompt.clone(),
+            max_new_tokens: max_new,
+            sampling: sampling.clone(),
+            stop: stop.clone(),
+            prompt_logprobs: body.echo && logprobs.is_some(),
+            ignore_eos: body.ignore_eos,
+            adapter: pinned.as_ref().map(|p| p.adapter.clone()),
+            queued_ticket: None,
+        });
+    }
+    check_fits_queue(&state, prompts.len() * n)?;
+    // Choice `p * n + i` is the i-th sample of prompt p, OpenAI's order.
+    let mut rxs = Vec::with_capacity(reqs.len() * n);
+    for req in reqs {
+        rxs.extend(submit_choices(&state, &tenant, req, n)?);
+    }
     let id = generation::request_id("cmpl-");
     let created = generation::unix_now();
     if body.stream {
@@ -310,25 +352,27 @@ async fn completions(
             id,
             created,
             Kind::Completion,
+            n,
             logprobs.is_some(),
             include_usage,
         );
         return Ok(s.into_response());
     }
-    let (done, usage_v) = collect_choices(rxs).await?;
-    let echoed = match &echo_ids {
-        Some(ids) => state
-            .tokenizer
-            .decode(ids, false)
-            .map_err(ApiError::internal)?,
-        None => String::new(),
-    };
+    let (done, usage_v) = collect_choices(rxs, n).await?;
     let mut choices = Vec::with_capacity(done.len());
     for (index, c) in done.iter().enumerate() {
+        let echo_ids = body.echo.then(|| &prompts[index / n]);
+        let echoed = match echo_ids {
+            Some(ids) => state
+                .tokenizer
+                .decode(ids, false)
+                .map_err(ApiError::internal)?,
+            None => String::new(),
+        };
         let mut lp = Value::Null;
         if logprobs.is_some() {
             let mut entries = Vec::new();
-            if let Some(ids) = &echo_ids {
+            if let Some(ids) = echo_ids {
                 // The first prompt token has no context, hence no log-probability (null), as
                 // OpenAI.
                 if let Some(&first) = ids.first() {
@@ -458,6 +502,7 @@ async fn chat_completions(
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
         queued_ticket: None,
     };
+    check_fits_queue(&state, n)?;
     let rxs = submit_choices(&state, &tenant, req, n)?;
     let id = generation::request_id("chatcmpl-");
     let created = generation::unix_now();
@@ -470,12 +515,13 @@ async fn chat_completions(
             id,
             created,
             Kind::Chat,
+            n,
             body.logprobs,
             include_usage,
         );
         return Ok(s.into_response());
     }
-    let (done, usage_v) = collect_choices(rxs).await?;
+    let (done, usage_v) = collect_choices(rxs, n).await?;
     let choices: Vec<Value> = done
         .iter()
         .enumerate()
@@ -534,6 +580,7 @@ fn stream_chunks(
     id: String,
     created: u64,
     kind: Kind,
+    n: usize,
     logprobs: bool,
     include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {
@@ -579,7 +626,7 @@ fn stream_chunks(
             }
         }
     };
-    let n = rxs.len();
+    let choices = rxs.len();
     // Each choice's events, tagged with its index, then `None` when its channel closes.
     let merged = futures::stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| {
         tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
@@ -589,7 +636,7 @@ fn stream_chunks(
     }));
     let mut pending = std::collections::VecDeque::new();
     if let Kind::Chat = kind {
-        for i in 0..n {
+        for i in 0..choices {
             let c = json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
             pending.push_back(chunk(c, None));
         }
@@ -597,7 +644,7 @@ fn stream_chunks(
     let init = Streaming {
         merged,
         pending,
-        done: vec![false; n],
+        done: vec![false; choices],
         prompt_tokens: 0,
         completion_tokens: 0,
         over: false,
@@ -644,7 +691,10 @@ fn stream_chunks(
                         completion_tokens,
                     }) => {
                         st.done[i] = true;
-                        st.prompt_tokens = prompt_tokens;
+                        // Each prompt once: choice i is sample i % n of prompt i / n.
+                        if i % n.max(1) == 0 {
+                            st.prompt_tokens += prompt_tokens;
+                        }
                         st.completion_tokens += completion_tokens;
                         let c = piece(i, String::new(), None, Some(finish_str(Some(finish))));
                         st.pending.push_back(chunk(c, None));

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{error_code, spawn_app, sse_data};
+use crate::helpers::{error_code, spawn_app, spawn_app_with, sse_data};
 
 #[tokio::test]
 async fn chat_completion_has_the_openai_shape() {
@@ -389,4 +389,102 @@ async fn n_choices_each_get_an_index_and_the_usage_counts_the_prompt_once() {
     )
     .await;
     assert!(msg.contains("`n`"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_list_of_prompts_gives_n_choices_per_prompt_in_order() {
+    let app = spawn_app().await;
+    let single = |prompt: &str| json!({"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0});
+    let a: Value = app.post_json("/v1/completions", &single("the")).await;
+    let b: Value = app.post_json("/v1/completions", &single("a cat")).await;
+    let ids: Value = app
+        .post_json("/v1/tokenize", &json!({"text": "a cat"}))
+        .await;
+    for prompt in [
+        json!(["the", "a cat"]),
+        json!(["the", ids["tokens"].clone()]),
+    ] {
+        if prompt[1].is_array() {
+            // Token-id lists: both entries as ids.
+            let the: Value = app.post_json("/v1/tokenize", &json!({"text": "the"})).await;
+            let mut lists = prompt.clone();
+            lists[0] = the["tokens"].clone();
+            let body = json!({"model": "tiny", "prompt": lists, "max_tokens": 4,
+                "temperature": 0, "n": 2});
+            let v: Value = app.post_json("/v1/completions", &body).await;
+            check_batch(&v, &a, &b);
+            continue;
+        }
+        let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0,
+            "n": 2});
+        let v: Value = app.post_json("/v1/completions", &body).await;
+        check_batch(&v, &a, &b);
+        // Echo puts each choice's own prompt in front.
+        let mut echo = body.clone();
+        echo["echo"] = json!(true);
+        let v: Value = app.post_json("/v1/completions", &echo).await;
+        assert!(v["choices"][0]["text"].as_str().unwrap().starts_with("the"));
+        assert!(v["choices"][3]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("a cat"));
+        // Streamed: every index, and the usage counts each prompt once.
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        streamed["stream_options"] = json!({"include_usage": true});
+        let raw = app.post_text("/v1/completions", &streamed).await;
+        let mut text = vec![String::new(); 4];
+        let mut usage = Value::Null;
+        for d in sse_data(&raw).iter().filter(|d| *d != "[DONE]") {
+            let v: Value = serde_json::from_str(d).unwrap();
+            match v["choices"].as_array().and_then(|c| c.first()) {
+                Some(c) => {
+                    text[c["index"].as_u64().unwrap() as usize] += c["text"].as_str().unwrap()
+                }
+                None => usage = v["usage"].clone(),
+            }
+        }
+        let want: Vec<&str> = [&a, &a, &b, &b]
+            .iter()
+            .map(|r| r["choices"][0]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(text, want);
+        assert_eq!(usage["prompt_tokens"], v["usage"]["prompt_tokens"]);
+    }
+    for bad in [json!([]), json!(vec!["x"; 65]), json!([[1, 2], [99999999]])] {
+        let body = json!({"model": "tiny", "prompt": bad});
+        let (_, msg) = error_code(app.post("/v1/completions", &body).await, 422).await;
+        assert!(msg.contains("prompt"), "{msg}");
+    }
+}
+
+/// Choices 0–1 are prompt 0's (`a`), 2–3 prompt 1's (`b`); greedy, so each equals the single
+/// request's text; the usage counts each prompt once and every completion.
+fn check_batch(v: &Value, a: &Value, b: &Value) {
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4, "{v}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let want = if i < 2 { a } else { b };
+        assert_eq!(c["text"], want["choices"][0]["text"], "choice {i}");
+    }
+    let sum = |key: &str| a["usage"][key].as_u64().unwrap() + b["usage"][key].as_u64().unwrap();
+    assert_eq!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap(),
+        sum("prompt_tokens")
+    );
+    assert_eq!(
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+        2 * sum("completion_tokens")
+    );
+}
+
+#[tokio::test]
+async fn more_sequences_than_the_queue_can_ever_hold_is_422_not_429() {
+    let app = spawn_app_with(|s| s.limits.max_queued_per_tenant = 4).await;
+    let body = json!({"model": "tiny", "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 1});
+    let (_, msg) = error_code(app.post("/v1/completions", &body).await, 422).await;
+    assert!(msg.contains("limits.max_queued_per_tenant = 4"), "{msg}");
+    let body = json!({"model": "tiny", "prompt": ["a", "b"], "n": 2, "max_tokens": 1});
+    assert_eq!(app.post("/v1/completions", &body).await.status(), 200);
 }

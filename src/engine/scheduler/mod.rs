@@ -118,6 +118,11 @@ struct Submission {
 }
 
 impl EngineHandle {
+    /// `engine.max_waiting`: the most requests the queue holds.
+    pub fn max_waiting(&self) -> usize {
+        self.max_waiting
+    }
+
     /// Enqueues a request. Fails at once when `max_waiting` requests are already queued.
     pub fn submit(
         &self,
