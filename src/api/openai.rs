@@ -201,6 +201,30 @@ async fn collect_choices(
     Ok((done, usage(prompt, completion)))
 }
 
+/// From each prompt's `best_of` completions (consecutive in `done`), the `n` with the highest
+/// mean token log-probability, best first; all of them when `best_of == n`, in order.
+fn keep_best(done: Vec<Completion>, best_of: usize, n: usize) -> Vec<Completion> {
+    if best_of == n {
+        return done;
+    }
+    let mean = |c: &Completion| {
+        let sum: f64 = c.tokens.iter().map(|t| f64::from(t.logprob)).sum();
+        if c.tokens.is_empty() {
+            f64::NEG_INFINITY
+        } else {
+            sum / c.tokens.len() as f64
+        }
+    };
+    let mut kept = Vec::with_capacity(done.len() / best_of * n);
+    let mut it = done.into_iter().peekable();
+    while it.peek().is_some() {
+        let mut group: Vec<Completion> = it.by_ref().take(best_of).collect();
+        group.sort_by(|a, b| mean(b).total_cmp(&mean(a)));
+        kept.extend(group.into_iter().take(n));
+    }
+    kept
+}
+
 /// The completions `prompt`: a string, a list of strings, token ids, or a list of token-id
 /// lists (the batched forms evaluation harnesses send), at most [`MAX_PROMPTS`].
 fn completion_prompts(state: &AppState, prompt: PromptIn) -> Result<Vec<Vec<u32>>, ApiError> {
@@ -279,8 +303,21 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let pinned = resolve_model(&state, &tenant, &body.model).await?;
     let n = choices_count(body.n)?;
-    if body.best_of.is_some_and(|b| b != 1) {
-        return Err(ApiError::invalid_field("`best_of`: only 1 is supported"));
+    // best_of: generate this many per prompt, return the n with the highest mean token
+    // log-probability (OpenAI's "best").
+    let best_of = match body.best_of {
+        None => n,
+        Some(b) if b >= n as i64 && b <= MAX_CHOICES => b as usize,
+        Some(b) => {
+            return Err(ApiError::invalid_field(format!(
+                "`best_of` is {b}; allowed `n` ({n}) to {MAX_CHOICES}"
+            )))
+        }
+    };
+    if body.stream && best_of > n {
+        return Err(ApiError::invalid_field(
+            "`best_of` greater than `n` cannot be streamed: the best are known only at the end",
+        ));
     }
     if body.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_field("`suffix` is not supported"));
@@ -335,11 +372,11 @@ async fn completions(
             queued_ticket: None,
         });
     }
-    check_fits_queue(&state, prompts.len() * n)?;
+    check_fits_queue(&state, prompts.len() * best_of)?;
     // Choice `p * n + i` is the i-th sample of prompt p, OpenAI's order.
-    let mut rxs = Vec::with_capacity(reqs.len() * n);
+    let mut rxs = Vec::with_capacity(reqs.len() * best_of);
     for req in reqs {
-        rxs.extend(submit_choices(&state, &tenant, req, n)?);
+        rxs.extend(submit_choices(&state, &tenant, req, best_of)?);
     }
     let id = generation::request_id("cmpl-");
     let created = generation::unix_now();
@@ -358,7 +395,8 @@ async fn completions(
         );
         return Ok(s.into_response());
     }
-    let (done, usage_v) = collect_choices(rxs, n).await?;
+    let (done, usage_v) = collect_choices(rxs, best_of).await?;
+    let done = keep_best(done, best_of, n);
     let mut choices = Vec::with_capacity(done.len());
     for (index, c) in done.iter().enumerate() {
         let echo_ids = body.echo.then(|| &prompts[index / n]);

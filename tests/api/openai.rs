@@ -488,3 +488,54 @@ async fn more_sequences_than_the_queue_can_ever_hold_is_422_not_429() {
     let body = json!({"model": "tiny", "prompt": ["a", "b"], "n": 2, "max_tokens": 1});
     assert_eq!(app.post("/v1/completions", &body).await.status(), 200);
 }
+
+#[tokio::test]
+async fn best_of_returns_the_samples_with_the_highest_mean_logprob() {
+    let app = spawn_app().await;
+    // n = 4 with a seed yields exactly the candidates best_of = 4 draws (seed + i).
+    let all: Value = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": "the", "max_tokens": 6, "temperature": 1,
+                "seed": 3, "n": 4, "logprobs": 0}),
+        )
+        .await;
+    let mut ranked: Vec<(f64, String)> = all["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let lps = c["logprobs"]["token_logprobs"].as_array().unwrap();
+            let mean = lps.iter().map(|l| l.as_f64().unwrap()).sum::<f64>() / lps.len() as f64;
+            (mean, c["text"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let best: Value = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": "the", "max_tokens": 6, "temperature": 1,
+                "seed": 3, "n": 2, "best_of": 4}),
+        )
+        .await;
+    let texts: Vec<&str> = best["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, vec![ranked[0].1.as_str(), ranked[1].1.as_str()]);
+    assert_eq!(best["choices"][1]["index"], 1);
+    // Every candidate's tokens are counted, as OpenAI bills them.
+    assert_eq!(
+        best["usage"]["completion_tokens"],
+        all["usage"]["completion_tokens"]
+    );
+    for body in [
+        json!({"model": "tiny", "prompt": "x", "n": 3, "best_of": 2}),
+        json!({"model": "tiny", "prompt": "x", "best_of": 2, "stream": true}),
+    ] {
+        let (_, msg) = error_code(app.post("/v1/completions", &body).await, 422).await;
+        assert!(msg.contains("best_of"), "{msg}");
+    }
+}
