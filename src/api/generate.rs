@@ -43,6 +43,8 @@ pub struct GenerateBody {
     /// OpenAI's penalties over the generated tokens, each in [-2, 2].
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    /// vLLM's and Hugging Face's extension: over prompt and output tokens, in (0, 2], 1 = off.
+    repetition_penalty: Option<f32>,
     /// Token id (as a string) → bias in [-100, 100], added to that token's logit.
     logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
     /// Generate exactly max_new_tokens, ignoring end-of-sequence (for benchmarks).
@@ -124,6 +126,7 @@ async fn generate(
         &state,
         body.presence_penalty,
         body.frequency_penalty,
+        body.repetition_penalty,
         body.logit_bias.as_ref(),
     )?;
     let max_new_tokens =

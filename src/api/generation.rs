@@ -56,12 +56,14 @@ impl From<SamplingError> for ApiError {
     }
 }
 
-/// `presence_penalty`, `frequency_penalty` and `logit_bias` (an object of token ids, as
-/// strings, to numbers — OpenAI's form), validated against the tokenizer's vocabulary.
+/// `presence_penalty`, `frequency_penalty`, `repetition_penalty` (vLLM's extension) and
+/// `logit_bias` (an object of token ids, as strings, to numbers — OpenAI's form), validated
+/// against the tokenizer's vocabulary.
 pub fn logit_adjust(
     state: &AppState,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
     logit_bias: Option<&serde_json::Map<String, serde_json::Value>>,
 ) -> Result<LogitAdjust, ApiError> {
     let mut bias = Vec::new();
@@ -81,7 +83,8 @@ pub fn logit_adjust(
         frequency_penalty,
         bias,
         state.tokenizer.vocab_size(),
-    )?)
+    )?
+    .with_repetition_penalty(repetition_penalty)?)
 }
 
 /// Resolves `max_new_tokens` and checks that prompt and generation fit the context.

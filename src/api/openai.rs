@@ -58,6 +58,8 @@ struct CompletionBody {
     seed: Option<u64>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    /// vLLM's and Hugging Face's extension: over prompt and output tokens, in (0, 2], 1 = off.
+    repetition_penalty: Option<f32>,
     best_of: Option<i64>,
     suffix: Option<String>,
     #[serde(rename = "user")]
@@ -102,6 +104,8 @@ struct ChatBody {
     seed: Option<u64>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    /// vLLM's and Hugging Face's extension: over prompt and output tokens, in (0, 2], 1 = off.
+    repetition_penalty: Option<f32>,
     #[serde(rename = "user")]
     _user: Option<String>,
     top_k: Option<i64>,
@@ -344,6 +348,7 @@ async fn completions(
         &state,
         body.presence_penalty,
         body.frequency_penalty,
+        body.repetition_penalty,
         body.logit_bias.as_ref(),
     )?;
     if body.stream && body.echo {
@@ -523,6 +528,7 @@ async fn chat_completions(
         &state,
         body.presence_penalty,
         body.frequency_penalty,
+        body.repetition_penalty,
         body.logit_bias.as_ref(),
     )?;
     let (field, max) = match (body.max_completion_tokens, body.max_tokens) {

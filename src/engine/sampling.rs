@@ -392,12 +392,17 @@ pub fn score(logits: &[f32], token: u32, top_n: usize) -> Sampled {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
+        Self::for_prompt(params, &[])
+    }
+
+    /// A sampler for a sequence with this `prompt` (which a repetition penalty covers).
+    pub fn for_prompt(params: SamplingParams, prompt: &[u32]) -> Self {
         let rng = match params.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
         Sampler {
-            adjuster: Adjuster::new(params.adjust.clone()),
+            adjuster: Adjuster::new(params.adjust.clone(), prompt),
             params,
             rng,
             pairs: Vec::new(),

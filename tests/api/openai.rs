@@ -539,3 +539,22 @@ async fn best_of_returns_the_samples_with_the_highest_mean_logprob() {
         assert!(msg.contains("best_of"), "{msg}");
     }
 }
+
+#[tokio::test]
+async fn repetition_penalty_is_accepted_everywhere_and_bounded() {
+    let app = spawn_app().await;
+    let greedy = json!({"prompt": "the", "max_new_tokens": 12, "temperature": 0});
+    let plain: Value = app.post_json("/v1/generate", &greedy).await;
+    let mut penalized = greedy.clone();
+    penalized["repetition_penalty"] = json!(2.0);
+    let v: Value = app.post_json("/v1/generate", &penalized).await;
+    assert_ne!(v["text"], plain["text"], "a strong penalty changed nothing");
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3, "repetition_penalty": 1.2});
+    assert_eq!(app.post("/v1/chat/completions", &chat).await.status(), 200);
+    for bad in [json!(0), json!(2.5), json!(-1)] {
+        let body = json!({"model": "tiny", "prompt": "x", "repetition_penalty": bad});
+        let (_, msg) = error_code(app.post("/v1/completions", &body).await, 422).await;
+        assert!(msg.contains("repetition_penalty"), "{msg}");
+    }
+}

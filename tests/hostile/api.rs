@@ -98,6 +98,7 @@ const GENERATE: &[&str] = &[
     "top_logprobs",
     "presence_penalty",
     "frequency_penalty",
+    "repetition_penalty",
     "logit_bias",
     "ignore_eos",
 ];

@@ -277,7 +277,7 @@ impl Engine {
 
     fn enqueue(&mut self, sub: Submission) {
         let seq = Sequence {
-            sampler: Sampler::new(sub.req.sampling.clone()),
+            sampler: Sampler::for_prompt(sub.req.sampling.clone(), &sub.req.prompt),
             decoder: IncrementalDecoder::new(self.tokenizer.clone(), true),
             stop: StopMatcher::new(sub.req.stop.clone()),
             cache: SeqCache::new(self.model.cfg.num_layers),
