@@ -39,24 +39,10 @@ fn references_split_name_and_version() {
 /// ends succeeded together with its version.
 #[tokio::test]
 async fn a_job_adapter_is_published_only_with_the_jobs_success() {
-    use crate::engine::model::config::{Arch, ModelConfig};
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
     let db = crate::store::connect(&url).await.unwrap();
-    let base = ModelConfig {
-        arch: Arch::Llama,
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 16,
-        vocab_size: 100,
-        rope_theta: 10_000.0,
-        rms_norm_eps: 1e-5,
-        max_position_embeddings: 128,
-        tie_word_embeddings: true,
-    };
+    let base = ModelConfig::tiny_for_tests();
     let files = dir.path().join("trained");
     crate::bench::adapters::write_random_adapter(&base, "tiny", 4, 1, &files).unwrap();
     let config = std::fs::read(files.join(CONFIG_FILE)).unwrap();

@@ -223,3 +223,25 @@ struct HfConfig {
     tie_word_embeddings: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
 }
+
+#[cfg(test)]
+impl ModelConfig {
+    /// A tiny llama shape for unit tests of adapters (hidden 64, 2 layers, 4 heads of 16, 2 kv
+    /// heads, intermediate 128, vocabulary 100).
+    pub(crate) fn tiny_for_tests() -> Self {
+        ModelConfig {
+            arch: Arch::Llama,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            vocab_size: 100,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 128,
+            tie_word_embeddings: true,
+        }
+    }
+}

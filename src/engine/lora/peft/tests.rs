@@ -11,23 +11,10 @@ use super::config::pattern_matches;
 use super::weights::{base_dims, tensor_name, Side};
 use super::*;
 use crate::engine::lora::{LayerLora, LoraPair, Module};
-use crate::engine::model::config::{Arch, ModelConfig};
+use crate::engine::model::config::ModelConfig;
 
 fn base() -> ModelConfig {
-    ModelConfig {
-        arch: Arch::Llama,
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 16,
-        vocab_size: 100,
-        rope_theta: 10_000.0,
-        rms_norm_eps: 1e-5,
-        max_position_embeddings: 128,
-        tie_word_embeddings: true,
-    }
+    ModelConfig::tiny_for_tests()
 }
 
 /// A PEFT config for r 8, alpha 16 on q_proj and v_proj, with `patch`'s fields overriding.
