@@ -45,6 +45,8 @@ pub struct GenerateBody {
     frequency_penalty: Option<f32>,
     /// vLLM's and Hugging Face's extension: over prompt and output tokens, in (0, 2], 1 = off.
     repetition_penalty: Option<f32>,
+    /// vLLM's and llama.cpp's extension: drop tokens under min_p × the best one's probability.
+    min_p: Option<f32>,
     /// Token id (as a string) → bias in [-100, 100], added to that token's logit.
     logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
     /// Generate exactly max_new_tokens, ignoring end-of-sequence (for benchmarks).
@@ -121,7 +123,8 @@ async fn generate(
         body.seed,
         top_logprobs,
         1.0,
-    )?;
+    )?
+    .with_min_p(body.min_p)?;
     sampling.adjust = generation::logit_adjust(
         &state,
         body.presence_penalty,

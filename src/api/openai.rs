@@ -60,6 +60,8 @@ struct CompletionBody {
     frequency_penalty: Option<f32>,
     /// vLLM's and Hugging Face's extension: over prompt and output tokens, in (0, 2], 1 = off.
     repetition_penalty: Option<f32>,
+    /// vLLM's and llama.cpp's extension: drop tokens under min_p × the best one's probability.
+    min_p: Option<f32>,
     best_of: Option<i64>,
     suffix: Option<String>,
     #[serde(rename = "user")]
@@ -106,6 +108,8 @@ struct ChatBody {
     frequency_penalty: Option<f32>,
     /// vLLM's and Hugging Face's extension: over prompt and output tokens, in (0, 2], 1 = off.
     repetition_penalty: Option<f32>,
+    /// vLLM's and llama.cpp's extension: drop tokens under min_p × the best one's probability.
+    min_p: Option<f32>,
     #[serde(rename = "user")]
     _user: Option<String>,
     top_k: Option<i64>,
@@ -343,7 +347,8 @@ async fn completions(
         body.seed,
         logprobs,
         1.0,
-    )?;
+    )?
+    .with_min_p(body.min_p)?;
     sampling.adjust = generation::logit_adjust(
         &state,
         body.presence_penalty,
@@ -523,7 +528,8 @@ async fn chat_completions(
         body.seed,
         top,
         1.0,
-    )?;
+    )?
+    .with_min_p(body.min_p)?;
     sampling.adjust = generation::logit_adjust(
         &state,
         body.presence_penalty,

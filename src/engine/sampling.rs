@@ -29,6 +29,8 @@
 //!    probability whose mass reaches `top_p`; the token that crosses the threshold is kept, so
 //!    at least one token always survives. Tokens too light to matter are dropped first, and the
 //!    prefix is then found by bisecting with partial selections, never a sort of the vocabulary.
+//!    Then **min-p** (when asked): of the survivors, keep those whose weight is at least `min_p`
+//!    times the largest (the maximum always stays), as vLLM applies it, after top-k and top-p.
 //! 6. **Draw.** One uniform number from the sequence's generator picks a token from the kept
 //!    weights (categorical draw by cumulative sum).
 //!
@@ -60,6 +62,9 @@ pub struct SamplingParams {
     pub top_logprobs: usize,
     /// Penalties and logit bias (default: none).
     pub adjust: LogitAdjust,
+    /// `None` = off; otherwise in `(0, 1]`: drop tokens less likely than `min_p` times the
+    /// most likely one (after temperature, top-k and top-p, as vLLM applies it).
+    pub min_p: Option<f32>,
 }
 
 /// A client value outside its allowed range; the API maps it to 422.
@@ -102,6 +107,7 @@ impl SamplingParams {
             seed: None,
             top_logprobs: 0,
             adjust: LogitAdjust::default(),
+            min_p: None,
         }
     }
 
@@ -176,7 +182,24 @@ impl SamplingParams {
             seed,
             top_logprobs,
             adjust: LogitAdjust::default(),
+            min_p: None,
         })
+    }
+
+    /// `min_p`: in `[0, 1]`; `0` and `None` both mean off.
+    pub fn with_min_p(mut self, min_p: Option<f32>) -> Result<Self, SamplingError> {
+        self.min_p = match min_p {
+            None => None,
+            Some(p) if p.is_finite() && (0.0..=1.0).contains(&p) => (p > 0.0).then_some(p),
+            Some(p) => {
+                return Err(SamplingError::out_of_range(
+                    "min_p",
+                    "a number between 0 and 1 (0 is off)",
+                    p,
+                ))
+            }
+        };
+        Ok(self)
     }
 
     fn is_greedy(&self) -> bool {
@@ -460,6 +483,48 @@ impl Sampler {
 
     /// Steps 3–5: decide which tokens stay in the running and their total weight.
     fn filter(&mut self, logits: &[f32], max: f32) -> Kept {
+        let kept = self.truncate(logits, max);
+        match self.params.min_p {
+            Some(min_p) => self.apply_min_p(kept, max, min_p),
+            None => kept,
+        }
+    }
+
+    /// Min-p, last: keeps the survivors whose weight (relative to the maximum's, which is 1
+    /// and always kept) reaches `min_p`, i.e. logit ≥ max + T·ln(min_p).
+    fn apply_min_p(&mut self, kept: Kept, max: f32, min_p: f32) -> Kept {
+        let inv_t = 1.0 / self.params.temperature;
+        match kept {
+            Kept::All { .. } => {
+                for w in &mut self.weights {
+                    if *w < min_p {
+                        *w = 0.0;
+                    }
+                }
+                Kept::All {
+                    total: blocked_sum(&self.weights, |w| w),
+                }
+            }
+            Kept::Pairs { len, .. } => {
+                let floor = max + self.params.temperature * min_p.ln();
+                let mut n = 0;
+                for i in 0..len {
+                    if self.pairs[i].0 >= floor {
+                        self.pairs.swap(n, i);
+                        n += 1;
+                    }
+                }
+                let total = self.pairs[..n]
+                    .iter()
+                    .map(|&(x, _)| f64::from(exp_neg((x - max) * inv_t)))
+                    .sum();
+                Kept::Pairs { len: n, total }
+            }
+        }
+    }
+
+    /// Temperature, top-k and top-p: which tokens stay in the running, and their total weight.
+    fn truncate(&mut self, logits: &[f32], max: f32) -> Kept {
         let temperature = self.params.temperature;
         let inv_t = 1.0 / temperature;
         let weight = move |x: f32| exp_neg((x - max) * inv_t);

@@ -558,3 +558,32 @@ async fn repetition_penalty_is_accepted_everywhere_and_bounded() {
         assert!(msg.contains("repetition_penalty"), "{msg}");
     }
 }
+
+#[tokio::test]
+async fn min_p_of_one_is_greedy_and_out_of_range_is_422() {
+    let app = spawn_app().await;
+    // min_p = 1 keeps only the most likely token: any seed at any temperature gives the
+    // greedy text.
+    let greedy: Value = app
+        .post_json(
+            "/v1/generate",
+            &json!({"prompt": "the", "max_new_tokens": 8, "temperature": 0}),
+        )
+        .await;
+    for seed in [1, 2, 3] {
+        let v: Value = app
+            .post_json(
+                "/v1/generate",
+                &json!({"prompt": "the", "max_new_tokens": 8, "temperature": 1.5,
+                    "seed": seed, "min_p": 1.0}),
+            )
+            .await;
+        assert_eq!(v["text"], greedy["text"], "seed {seed}");
+    }
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3, "min_p": 0.1});
+    assert_eq!(app.post("/v1/chat/completions", &chat).await.status(), 200);
+    let bad = json!({"model": "tiny", "prompt": "x", "min_p": 1.5});
+    let (_, msg) = error_code(app.post("/v1/completions", &bad).await, 422).await;
+    assert!(msg.contains("min_p"), "{msg}");
+}

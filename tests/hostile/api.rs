@@ -99,6 +99,7 @@ const GENERATE: &[&str] = &[
     "presence_penalty",
     "frequency_penalty",
     "repetition_penalty",
+    "min_p",
     "logit_bias",
     "ignore_eos",
 ];

@@ -11,6 +11,7 @@ fn params(temperature: f32, top_k: Option<usize>, top_p: Option<f32>, seed: u64)
         seed: Some(seed),
         top_logprobs: 0,
         adjust: LogitAdjust::default(),
+        min_p: None,
     }
 }
 
@@ -375,6 +376,7 @@ fn random_inputs_never_panic_or_pick_masked_tokens() {
             seed: Some(rng.random()),
             top_logprobs: rng.random_range(0..=20),
             adjust: LogitAdjust::default(),
+            min_p: None,
         };
         let out = Sampler::new(p.clone()).sample(&logits);
         let drawable = logits.iter().any(|&x| clean(x) > f32::NEG_INFINITY);
@@ -432,6 +434,7 @@ fn validation_defaults_and_normalisation() {
             seed: None,
             top_logprobs: 0,
             adjust: LogitAdjust::default(),
+            min_p: None,
         }
     );
     let ok =
@@ -445,6 +448,7 @@ fn validation_defaults_and_normalisation() {
             seed: Some(9),
             top_logprobs: 20,
             adjust: LogitAdjust::default(),
+            min_p: None,
         }
     );
     let ok = SamplingParams::validate(Some(2.0), Some(0.5), Some(40), None, Some(0), 1.0).unwrap();
@@ -480,4 +484,53 @@ fn adjustments_change_the_choice_but_not_the_reported_logprobs() {
         ..SamplingParams::greedy()
     });
     assert!((0..200).all(|_| s.sample(&logits).token != 2));
+}
+
+#[test]
+fn min_p_keeps_tokens_at_least_min_p_times_as_likely_as_the_best() {
+    // Weights at T = 1 relative to the best: 1, e^-1 ≈ 0.37, e^-2 ≈ 0.14, e^-3 ≈ 0.05.
+    let logits = [3.0, 2.0, 1.0, 0.0];
+    for (top_k, top_p, want) in [
+        (None, None, vec![0, 1]),
+        (Some(3), None, vec![0, 1]),
+        (None, Some(0.99), vec![0, 1]),
+        (Some(1), None, vec![0]),
+    ] {
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k,
+            top_p,
+            seed: Some(1),
+            ..SamplingParams::greedy()
+        }
+        .with_min_p(Some(0.2))
+        .unwrap();
+        let mut s = Sampler::new(p);
+        let d = s.distribution(&logits);
+        let ids: Vec<u32> = d.iter().map(|&(i, _)| i).collect();
+        assert_eq!(ids, want, "top_k {top_k:?} top_p {top_p:?}");
+        let total: f64 = d.iter().map(|&(_, p)| p).sum();
+        assert!((total - 1.0).abs() < 1e-6, "renormalised: {total}");
+    }
+    // Temperature flattens the distribution first: at T = 2 the weights are 1, 0.61, 0.37 and
+    // 0.22, so min_p 0.3 keeps three tokens.
+    let p = SamplingParams {
+        temperature: 2.0,
+        ..SamplingParams::greedy()
+    }
+    .with_min_p(Some(0.3))
+    .unwrap();
+    let d = Sampler::new(p).distribution(&logits);
+    assert_eq!(d.iter().map(|&(i, _)| i).collect::<Vec<_>>(), vec![0, 1, 2]);
+    for bad in [-0.1, 1.5, f32::NAN] {
+        let e = SamplingParams::greedy().with_min_p(Some(bad)).unwrap_err();
+        assert_eq!(e.field(), "min_p");
+    }
+    assert_eq!(
+        SamplingParams::greedy()
+            .with_min_p(Some(0.0))
+            .unwrap()
+            .min_p,
+        None
+    );
 }
