@@ -14,6 +14,7 @@ with `N passed, M failed`; exits non-zero on any failure. Generations stay short
 """
 
 import asyncio
+import json
 import math
 import os
 import sys
@@ -667,6 +668,24 @@ def _():
     expect(text != unforced.choices[0].text, f"+100 and -100 on one token gave {text!r} both")
     expect(len(set(text.split())) <= 1, f"a forced token should repeat: {text!r}")
     return f"forced {text!r}"
+
+
+@check("response_format json_object: the reply is one JSON object")
+def _():
+    msgs = [{"role": "user", "content": "Describe Paris as a JSON object with the keys country and population."}]
+    r = client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=64, temperature=0,
+        response_format={"type": "json_object"},
+    )
+    c = r.choices[0]
+    content = c.message.content
+    expect(isinstance(content, str) and content.lstrip().startswith("{"), f"content {content!r}")
+    if c.finish_reason == "stop":
+        obj = json.loads(content)
+        expect(isinstance(obj, dict), f"not an object: {obj!r}")
+    else:
+        expect(c.finish_reason == "length", f"finish_reason {c.finish_reason}")
+    return f"{c.finish_reason}: {content!r}"
 
 
 @check("errors: completions logprobs=6 -> refused")

@@ -49,6 +49,8 @@ pub struct GenerateBody {
     min_p: Option<f32>,
     /// Token id (as a string) → bias in [-100, 100], added to that token's logit.
     logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
+    /// `{"type": "text"}` (default) or `{"type": "json_object"}`, as OpenAI's chat route.
+    response_format: Option<serde_json::Value>,
     /// Generate exactly max_new_tokens, ignoring end-of-sequence (for benchmarks).
     #[serde(default)]
     ignore_eos: bool,
@@ -141,6 +143,7 @@ async fn generate(
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: false,
         ignore_eos: body.ignore_eos,
+        json_object: generation::json_mode(body.response_format.as_ref(), body.ignore_eos)?,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
         queued_ticket: None,
     };

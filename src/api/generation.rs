@@ -56,6 +56,28 @@ impl From<SamplingError> for ApiError {
     }
 }
 
+/// `response_format`: absent, null or `{"type": "text"}` → false; `{"type": "json_object"}` →
+/// JSON mode (not with `ignore_eos`, which would keep generating past the closed object);
+/// anything else (`json_schema` included) is refused by name.
+pub fn json_mode(format: Option<&serde_json::Value>, ignore_eos: bool) -> Result<bool, ApiError> {
+    let kind = match format {
+        None | Some(serde_json::Value::Null) => return Ok(false),
+        Some(f) => f.get("type").and_then(serde_json::Value::as_str),
+    };
+    match kind {
+        Some("text") => Ok(false),
+        Some("json_object") if ignore_eos => Err(ApiError::invalid_field(
+            "`response_format` json_object ends at the closed object; it cannot be combined \
+             with `ignore_eos`",
+        )),
+        Some("json_object") => Ok(true),
+        _ => Err(ApiError::invalid_field(
+            "`response_format`: {\"type\": \"text\"} and {\"type\": \"json_object\"} are supported \
+             (not json_schema)",
+        )),
+    }
+}
+
 /// `presence_penalty`, `frequency_penalty`, `repetition_penalty` (vLLM's extension) and
 /// `logit_bias` (an object of token ids, as strings, to numbers — OpenAI's form), validated
 /// against the tokenizer's vocabulary.

@@ -1,6 +1,7 @@
 //! The engine: model weights, tokenizer, sampling and the scheduler thread. Nothing here knows
 //! HTTP or SQL; the API talks to it through an `EngineHandle`.
 
+pub mod json_mode;
 pub mod logit_adjust;
 pub mod model;
 pub mod sampling;

@@ -37,6 +37,7 @@
 //! The same seed gives the same tokens for the same logits with the same build; the generator is
 //! `rand`'s `StdRng`, which does not promise the same stream across `rand` versions.
 
+use super::json_mode::JsonConstraint;
 use super::logit_adjust::{Adjuster, LogitAdjust};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -207,6 +208,9 @@ impl SamplingParams {
     }
 }
 
+/// JSON mode: refused draws before every token is checked at once (a full check costs about
+/// one vocabulary's worth of token checks; most steps need one or two draws).
+const REDRAWS: usize = 32;
 /// Temperatures below this are treated as 0 (greedy), as vLLM does: `1 / T` would overflow
 /// long before, and the distribution is a point mass in all but exact ties anyway.
 const GREEDY_BELOW: f32 = 1e-5;
@@ -240,6 +244,8 @@ pub struct Sampler {
     weights: Vec<f32>,
     /// Penalties and bias, with the counts of the tokens this sequence generated.
     adjuster: Adjuster,
+    /// JSON mode: only tokens that keep the text a JSON object prefix (see `json_mode`).
+    constraint: Option<JsonConstraint>,
 }
 
 /// Which tokens survived temperature/top-k/top-p, and their total unnormalised weight.
@@ -426,11 +432,17 @@ impl Sampler {
         };
         Sampler {
             adjuster: Adjuster::new(params.adjust.clone(), prompt),
+            constraint: None,
             params,
             rng,
             pairs: Vec::new(),
             weights: Vec::new(),
         }
+    }
+
+    /// Constrains every later choice to `constraint` (JSON mode).
+    pub fn constrain(&mut self, constraint: JsonConstraint) {
+        self.constraint = Some(constraint);
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -449,7 +461,12 @@ impl Sampler {
             };
         };
         let top = top_logprobs(logits, self.params.top_logprobs, lse);
-        let token = if self.adjuster.is_noop() {
+        let token = if let Some(mut c) = self.constraint.take() {
+            let token = self.choose_constrained(logits, argmax, &c);
+            c.accept(token);
+            self.constraint = Some(c);
+            token
+        } else if self.adjuster.is_noop() {
             self.choose(logits, max, argmax)
         } else {
             let adjusted = self.adjuster.apply(logits);
@@ -469,6 +486,52 @@ impl Sampler {
             logprob,
             top,
         }
+    }
+
+    /// JSON mode: the end-of-sequence token once the object is complete; otherwise the usual
+    /// choice (after any adjustments), redrawn without each token the constraint refuses. After
+    /// [`REDRAWS`] refusals every token is checked at once instead.
+    fn choose_constrained(&mut self, logits: &[f32], argmax: u32, c: &JsonConstraint) -> u32 {
+        if c.finished() {
+            if let Some(eos) = c.eos() {
+                return eos;
+            }
+        }
+        let mut buf = if self.adjuster.is_noop() {
+            logits.to_vec()
+        } else {
+            self.adjuster.apply(logits)
+        };
+        let mut chosen = None;
+        for _ in 0..REDRAWS {
+            let Some((max, top, _)) = max_argmax_lse(&buf) else {
+                break;
+            };
+            let t = self.choose(&buf, max, top);
+            if c.allows(t) {
+                chosen = Some(t);
+                break;
+            }
+            if let Some(x) = buf.get_mut(t as usize) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        let token = chosen.unwrap_or_else(|| {
+            for (t, x) in buf.iter_mut().enumerate() {
+                if *x > f32::NEG_INFINITY && !c.allows(t as u32) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            match max_argmax_lse(&buf) {
+                Some((max, top, _)) => self.choose(&buf, max, top),
+                // Nothing can continue the text: end if possible, else the raw argmax.
+                None => c.eos().unwrap_or(argmax),
+            }
+        });
+        if !self.adjuster.is_noop() {
+            self.adjuster.give_back(buf);
+        }
+        token
     }
 
     /// Steps 3–6 on `logits` (raw or adjusted), whose maximum and argmax are given.

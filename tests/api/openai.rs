@@ -188,7 +188,7 @@ async fn features_we_do_not_implement_are_refused_by_name() {
             "tools",
             json!([{"type": "function", "function": {"name": "f"}}]),
         ),
-        ("response_format", json!({"type": "json_object"})),
+        ("response_format", json!({"type": "json_schema"})),
         ("n", json!(0)),
     ] {
         let mut body = json!({"model": "tiny", "messages": msgs});
@@ -586,4 +586,56 @@ async fn min_p_of_one_is_greedy_and_out_of_range_is_422() {
     let bad = json!({"model": "tiny", "prompt": "x", "min_p": 1.5});
     let (_, msg) = error_code(app.post("/v1/completions", &bad).await, 422).await;
     assert!(msg.contains("min_p"), "{msg}");
+}
+
+#[tokio::test]
+async fn json_object_mode_yields_a_json_object_prefix_and_ends_when_it_closes() {
+    use adapterd::engine::json_mode::JsonPrefix;
+    let app = spawn_app().await;
+    for seed in [1, 2, 3, 4] {
+        let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "json"}],
+            "max_tokens": 40, "temperature": 1, "seed": seed,
+            "response_format": {"type": "json_object"}});
+        let v: Value = app.post_json("/v1/chat/completions", &body).await;
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        let mut p = JsonPrefix::default();
+        assert!(
+            text.bytes().all(|b| p.push(b)),
+            "not a JSON prefix: {text:?}"
+        );
+        if v["choices"][0]["finish_reason"] == "stop" {
+            let parsed: Value = serde_json::from_str(text).expect("a complete object parses");
+            assert!(parsed.is_object());
+        } else {
+            assert!(
+                !p.is_complete(),
+                "a complete object must end the generation: {text:?}"
+            );
+        }
+    }
+    // The native route takes the same field.
+    let v: Value = app
+        .post_json(
+            "/v1/generate",
+            &json!({"prompt": "x", "max_new_tokens": 5, "response_format": {"type": "json_object"}}),
+        )
+        .await;
+    assert!(
+        v["text"].as_str().unwrap().trim_start().starts_with('{'),
+        "{v}"
+    );
+    for (format, extra) in [
+        (json!({"type": "json_schema", "json_schema": {}}), json!({})),
+        (json!({"type": "json_object"}), json!({"ignore_eos": true})),
+    ] {
+        let mut body = json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+            "response_format": format});
+        if let Some(o) = extra.as_object() {
+            for (k, val) in o {
+                body[k] = val.clone();
+            }
+        }
+        let (_, msg) = error_code(app.post("/v1/chat/completions", &body).await, 422).await;
+        assert!(msg.contains("response_format"), "{msg}");
+    }
 }

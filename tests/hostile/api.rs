@@ -101,6 +101,7 @@ const GENERATE: &[&str] = &[
     "repetition_penalty",
     "min_p",
     "logit_bias",
+    "response_format",
     "ignore_eos",
 ];
 const COMPLETIONS: &[&str] = &[

@@ -142,15 +142,6 @@ fn refuse_unsupported_chat(body: &ChatBody) -> Result<(), ApiError> {
             "`tools`/`functions`: tool calling is not supported",
         ));
     }
-    let text_format = body
-        .response_format
-        .as_ref()
-        .is_none_or(|f| f.is_null() || f.get("type").and_then(Value::as_str) == Some("text"));
-    if !text_format {
-        return Err(ApiError::invalid_field(
-            "`response_format`: only {\"type\": \"text\"} is supported",
-        ));
-    }
     Ok(())
 }
 
@@ -269,6 +260,7 @@ async fn completions(
             stop: stop.clone(),
             prompt_logprobs: body.echo && logprobs.is_some(),
             ignore_eos: body.ignore_eos,
+            json_object: false,
             adapter: pinned.as_ref().map(|p| p.adapter.clone()),
             queued_ticket: None,
         });
@@ -390,6 +382,7 @@ async fn chat_completions(
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: false,
         ignore_eos: body.ignore_eos,
+        json_object: generation::json_mode(body.response_format.as_ref(), body.ignore_eos)?,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
         queued_ticket: None,
     };

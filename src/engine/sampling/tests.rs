@@ -534,3 +534,33 @@ fn min_p_keeps_tokens_at_least_min_p_times_as_likely_as_the_best() {
         None
     );
 }
+
+#[test]
+fn json_mode_skips_refused_tokens_and_ends_when_the_object_closes() {
+    use crate::engine::json_mode::{JsonConstraint, Vocabulary};
+    use std::sync::Arc;
+    // Token 0 ("x") is always the model's favourite and never valid JSON here.
+    let vocab = Arc::new(Vocabulary {
+        bytes: ["x", "{", "}", "\"k\":1", ""]
+            .iter()
+            .map(|t| t.as_bytes().into())
+            .collect(),
+        eos: vec![4],
+    });
+    let logits = [9.0, 1.0, 2.0, 3.0, 8.0];
+    let mut s = Sampler::new(SamplingParams::greedy());
+    s.constrain(JsonConstraint::new(vocab.clone()));
+    let picks: Vec<u32> = (0..4).map(|_| s.sample(&logits).token).collect();
+    // "x" and end-of-sequence (the two favourites) are refused until the object closes: "{",
+    // then the pair (3.0 beats "}" at 2.0), then "}", then end-of-sequence at once.
+    assert_eq!(picks, vec![1, 3, 2, 4]);
+    // Sampling at a high temperature obeys the same constraint.
+    let mut s = Sampler::new(SamplingParams {
+        temperature: 2.0,
+        seed: Some(5),
+        ..SamplingParams::greedy()
+    });
+    s.constrain(JsonConstraint::new(vocab));
+    let first = s.sample(&logits).token;
+    assert_eq!(first, 1, "only '{{' can start the object");
+}

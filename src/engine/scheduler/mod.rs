@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc as tokio_mpsc;
 
+use crate::engine::json_mode::{JsonConstraint, Vocabulary};
 use crate::engine::lora::LoraAdapter;
 use crate::engine::model::{Llama, SeqCache, SeqInput};
 use crate::engine::sampling::{Sampler, SamplingParams};
@@ -30,6 +31,9 @@ pub struct GenerateRequest {
     pub prompt_logprobs: bool,
     /// Keep generating past end-of-sequence tokens (benchmarks: fixed output lengths).
     pub ignore_eos: bool,
+    /// JSON mode: every token keeps the text a prefix of one JSON object, and the sequence
+    /// ends when the object closes (`json_mode`).
+    pub json_object: bool,
     /// The adapter version this request was pinned to when it was accepted; a later upload
     /// of the same name does not change it.
     pub adapter: Option<Arc<LoraAdapter>>,
@@ -185,6 +189,7 @@ pub fn spawn(
                 tokenizer,
                 state: State::new(limits),
                 waiting,
+                vocabulary: None,
             };
             // Marks the engine dead however the thread ends, a panic included.
             struct Alive(Arc<AtomicBool>);
@@ -241,6 +246,8 @@ struct Engine {
     tokenizer: Arc<Tokenizer>,
     state: State<Sequence>,
     waiting: Arc<AtomicUsize>,
+    /// Every token's bytes, built at the first JSON-mode request.
+    vocabulary: Option<Arc<Vocabulary>>,
 }
 
 impl Engine {
@@ -275,9 +282,27 @@ impl Engine {
         }
     }
 
+    fn vocabulary(&mut self) -> Arc<Vocabulary> {
+        let tok = &self.tokenizer;
+        self.vocabulary
+            .get_or_insert_with(|| {
+                Arc::new(Vocabulary {
+                    bytes: (0..tok.vocab_size() as u32)
+                        .map(|id| tok.token_bytes(id).into_boxed_slice())
+                        .collect(),
+                    eos: tok.eos_token_ids().to_vec(),
+                })
+            })
+            .clone()
+    }
+
     fn enqueue(&mut self, sub: Submission) {
+        let mut sampler = Sampler::for_prompt(sub.req.sampling.clone(), &sub.req.prompt);
+        if sub.req.json_object {
+            sampler.constrain(JsonConstraint::new(self.vocabulary()));
+        }
         let seq = Sequence {
-            sampler: Sampler::for_prompt(sub.req.sampling.clone(), &sub.req.prompt),
+            sampler,
             decoder: IncrementalDecoder::new(self.tokenizer.clone(), true),
             stop: StopMatcher::new(sub.req.stop.clone()),
             cache: SeqCache::new(self.model.cfg.num_layers),
