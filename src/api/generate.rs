@@ -14,7 +14,6 @@ use super::auth::Tenant;
 use super::extract::ApiJson;
 use super::generation::{self, chat_prompt, text_prompt, MessageIn, StopSpec};
 use super::{ApiError, AppState};
-use crate::engine::sampling::SamplingParams;
 use crate::engine::scheduler::{GenEvent, GenerateRequest, TokenLogprob};
 use crate::engine::tokenizer::Tokenizer;
 
@@ -118,22 +117,7 @@ async fn generate(
             "`top_logprobs` needs `logprobs: true`",
         ));
     }
-    let mut sampling = SamplingParams::validate(
-        body.temperature,
-        body.top_p,
-        body.top_k,
-        body.seed,
-        top_logprobs,
-        1.0,
-    )?
-    .with_min_p(body.min_p)?;
-    sampling.adjust = generation::logit_adjust(
-        &state,
-        body.presence_penalty,
-        body.frequency_penalty,
-        body.repetition_penalty,
-        body.logit_bias.as_ref(),
-    )?;
+    let sampling = generation::sampling_params!(&state, body, top_logprobs);
     let max_new_tokens =
         generation::check_lengths(&state, prompt.len(), body.max_new_tokens, "max_new_tokens")?;
     let req = GenerateRequest {

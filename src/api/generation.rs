@@ -56,6 +56,32 @@ impl From<SamplingError> for ApiError {
     }
 }
 
+/// Validates the sampling fields of a request body — every generation route names them alike
+/// (`temperature`, `top_p`, `top_k`, `seed`, `min_p`, `presence_penalty`, `frequency_penalty`,
+/// `repetition_penalty`, `logit_bias`) — in one order for all of them; `?` returns the 422.
+macro_rules! sampling_params {
+    ($state:expr, $body:expr, $top_logprobs:expr) => {{
+        let mut params = $crate::engine::sampling::SamplingParams::validate(
+            $body.temperature,
+            $body.top_p,
+            $body.top_k,
+            $body.seed,
+            $top_logprobs,
+            1.0,
+        )?
+        .with_min_p($body.min_p)?;
+        params.adjust = $crate::api::generation::logit_adjust(
+            $state,
+            $body.presence_penalty,
+            $body.frequency_penalty,
+            $body.repetition_penalty,
+            $body.logit_bias.as_ref(),
+        )?;
+        params
+    }};
+}
+pub(crate) use sampling_params;
+
 /// `response_format`: absent, null or `{"type": "text"}` → false; `{"type": "json_object"}` →
 /// JSON mode (not with `ignore_eos`, which would keep generating past the closed object);
 /// anything else (`json_schema` included) is refused by name.

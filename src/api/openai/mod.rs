@@ -15,7 +15,6 @@ use super::extract::ApiJson;
 use super::generation::{self, chat_prompt, MessageIn, StopSpec};
 use super::{ApiError, AppState};
 use crate::adapters::{AdapterError, Resolved};
-use crate::engine::sampling::SamplingParams;
 use crate::engine::scheduler::{FinishReason, GenerateRequest};
 
 mod choices;
@@ -222,22 +221,7 @@ async fn completions(
             )))
         }
     };
-    let mut sampling = SamplingParams::validate(
-        body.temperature,
-        body.top_p,
-        body.top_k,
-        body.seed,
-        logprobs,
-        1.0,
-    )?
-    .with_min_p(body.min_p)?;
-    sampling.adjust = generation::logit_adjust(
-        &state,
-        body.presence_penalty,
-        body.frequency_penalty,
-        body.repetition_penalty,
-        body.logit_bias.as_ref(),
-    )?;
+    let sampling = generation::sampling_params!(&state, body, logprobs);
     if body.stream && body.echo {
         return Err(ApiError::invalid_field(
             "`echo` is not supported with `stream`",
@@ -354,22 +338,7 @@ async fn chat_completions(
     } else {
         None
     };
-    let mut sampling = SamplingParams::validate(
-        body.temperature,
-        body.top_p,
-        body.top_k,
-        body.seed,
-        top,
-        1.0,
-    )?
-    .with_min_p(body.min_p)?;
-    sampling.adjust = generation::logit_adjust(
-        &state,
-        body.presence_penalty,
-        body.frequency_penalty,
-        body.repetition_penalty,
-        body.logit_bias.as_ref(),
-    )?;
+    let sampling = generation::sampling_params!(&state, body, top);
     let (field, max) = match (body.max_completion_tokens, body.max_tokens) {
         (Some(n), _) => ("max_completion_tokens", Some(n)),
         (None, n) => ("max_tokens", n),
