@@ -66,17 +66,57 @@ enum Container {
     Array,
 }
 
+/// Deepest nesting accepted (serde_json's default recursion limit is 128 too).
+pub const MAX_DEPTH: u32 = 128;
+
+/// The open containers as bits (1 = object), innermost lowest: a `Copy` stack, so checking a
+/// candidate token clones no heap memory — a step may check the whole vocabulary.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stack {
+    bits: u128,
+    depth: u32,
+}
+
+impl Stack {
+    fn push(&mut self, c: Container) -> bool {
+        if self.depth == MAX_DEPTH {
+            return false;
+        }
+        self.bits = (self.bits << 1) | u128::from(c == Container::Object);
+        self.depth += 1;
+        true
+    }
+
+    fn last(&self) -> Option<Container> {
+        let top = if self.bits & 1 == 1 {
+            Container::Object
+        } else {
+            Container::Array
+        };
+        (self.depth > 0).then_some(top)
+    }
+
+    fn pop(&mut self) {
+        self.bits >>= 1;
+        self.depth -= 1;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.depth == 0
+    }
+}
+
 /// An incremental check that the bytes pushed so far are a prefix of one JSON object.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct JsonPrefix {
-    stack: Vec<Container>,
+    stack: Stack,
     state: State,
 }
 
 impl Default for JsonPrefix {
     fn default() -> Self {
         JsonPrefix {
-            stack: Vec::new(),
+            stack: Stack::default(),
             state: State::Start,
         }
     }
@@ -178,14 +218,8 @@ impl JsonPrefix {
 
     fn start_value(&mut self, b: u8) -> bool {
         self.state = match b {
-            b'{' => {
-                self.stack.push(Container::Object);
-                State::ObjectFirst
-            }
-            b'[' => {
-                self.stack.push(Container::Array);
-                State::ArrayFirst
-            }
+            b'{' if self.stack.push(Container::Object) => State::ObjectFirst,
+            b'[' if self.stack.push(Container::Array) => State::ArrayFirst,
             b'"' => State::Str {
                 key: false,
                 escape: Escape::None,
@@ -203,7 +237,7 @@ impl JsonPrefix {
 
     /// Closes the innermost container if it is `which`.
     fn close(&mut self, which: Container) -> bool {
-        if self.stack.last() != Some(&which) {
+        if self.stack.last() != Some(which) {
             return false;
         }
         self.stack.pop();
@@ -312,7 +346,7 @@ impl JsonConstraint {
         if bytes.is_empty() {
             return false;
         }
-        let mut text = self.text.clone();
+        let mut text = self.text;
         bytes.iter().all(|&b| text.push(b))
     }
 
@@ -402,5 +436,14 @@ mod tests {
         assert!(!c.allows(6), "no end before the object closes");
         c.accept(4);
         assert!(c.finished() && c.allows(6) && c.eos() == Some(6));
+    }
+
+    #[test]
+    fn nesting_deeper_than_the_limit_is_refused() {
+        let deep = format!("{{\"a\":{}", "[".repeat(MAX_DEPTH as usize - 1));
+        assert!(accepts(&deep).is_some());
+        assert!(accepts(&format!("{deep}[")).is_none());
+        let closed = format!("{deep}{}}}", "]".repeat(MAX_DEPTH as usize - 1));
+        assert!(accepts(&closed).unwrap().is_complete());
     }
 }
