@@ -16,8 +16,9 @@
 //!    the log-sum-exp of the raw logits; that is all greedy decoding costs, plus the top-n scan
 //!    when alternatives are asked for. The reported logprobs are the log-softmax of the *raw*
 //!    logits at temperature 1, whatever the sampling settings, as OpenAI and vLLM report them.
-//!    When the request asks for presence or frequency penalties or a `logit_bias`, steps 3–6
-//!    then choose from an adjusted copy of the logits ([`super::logit_adjust`]).
+//!    When the request asks for penalties (presence, frequency, repetition) or a `logit_bias`,
+//!    steps 3–6 then choose from an adjusted copy of the logits ([`super::logit_adjust`]); in
+//!    JSON mode they are repeated without each token [`super::json_mode`] refuses.
 //! 3. **Temperature.** `0` (anything below 1e-5, as in vLLM) means greedy: the argmax, ties
 //!    going to the lowest token id, with no random draw. Otherwise the weights are
 //!    `exp((x - max) / T)`.
@@ -213,6 +214,7 @@ impl SamplingParams {
 /// pass over the vocabulary's bytes, so a client that biases refused tokens up (which forces
 /// the full check every step) costs about a millisecond per step; most steps need one draw.
 const REDRAWS: usize = 8;
+
 /// Temperatures below this are treated as 0 (greedy), as vLLM does: `1 / T` would overflow
 /// long before, and the distribution is a point mass in all but exact ties anyway.
 const GREEDY_BELOW: f32 = 1e-5;
