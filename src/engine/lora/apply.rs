@@ -101,7 +101,10 @@ pub fn add_deltas_cpu_with(
 
     // The read guards of every A and B live until the pass is done.
     let mut guards = Vec::with_capacity(groups.len());
-    for (pair, rows) in groups {
+    // Which group last listed each row (group index + 1): one buffer for every group's
+    // duplicate check, not one per group in this per-projection call.
+    let mut seen_in = vec![0usize; n];
+    for (g, (pair, rows)) in groups.iter().enumerate() {
         let (rank, a_in) = pair.a.dims2()?;
         let (b_out, b_rank) = pair.b.dims2()?;
         if a_in != in_dim || b_out != out_dim || b_rank != rank {
@@ -113,9 +116,8 @@ pub fn add_deltas_cpu_with(
             candle_core::bail!("lora delta: row {r} of {n}");
         }
         // A block owns its rows' outputs, so one group cannot list a row twice.
-        let mut seen = vec![false; n];
         for &r in rows.iter() {
-            if std::mem::replace(&mut seen[r as usize], true) {
+            if std::mem::replace(&mut seen_in[r as usize], g + 1) == g + 1 {
                 candle_core::bail!("lora delta: row {r} listed twice for one adapter");
             }
         }
