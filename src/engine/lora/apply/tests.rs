@@ -237,6 +237,8 @@ fn shapes_that_do_not_fit_are_an_error_not_a_panic() {
     };
     assert!(add_deltas_cpu(&ys, &xs, &[(&p, &[5])]).is_err());
     assert!(add_deltas_cpu(&ys, &xs, &[(&p, &[1, 0, 1])]).is_err());
+    // One row in two groups is not a duplicate: each group adds its own delta.
+    assert!(add_deltas_cpu(&ys, &xs, &[(&p, &[0, 1]), (&p, &[1])]).is_ok());
 }
 
 #[test]
