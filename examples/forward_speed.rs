@@ -17,7 +17,7 @@
 use adapterd::engine::lora::LoraAdapter;
 use adapterd::engine::model::load::{load_gguf, load_hf_dir, read_gguf_header};
 use adapterd::engine::model::qmatmul::ActivationPrecision;
-use adapterd::engine::model::{Llama, SeqCache, SeqInput};
+use adapterd::engine::model::{Kernels, Llama, SeqCache, SeqInput};
 use candle_core::{DType, Device};
 use std::sync::Arc;
 use std::time::Instant;
@@ -172,10 +172,10 @@ fn median(v: &mut [f64]) -> f64 {
 fn run(args: &Args) -> anyhow::Result<()> {
     let path = std::path::Path::new(&args.model);
     let mut model = if path.is_dir() {
-        load_hf_dir(path, &Device::Cpu)?
+        load_hf_dir(path, &Device::Cpu, Kernels::Native)?
     } else {
         let (ct, mut f) = read_gguf_header(path)?;
-        load_gguf(path, &ct, &mut f, &Device::Cpu)?
+        load_gguf(path, &ct, &mut f, &Device::Cpu, Kernels::Native)?
     };
     println!(
         "threads {} · repeat {} · steps {} · isa {:?}",

@@ -15,7 +15,7 @@ use adapterd::engine::lora::apply::{add_deltas_cpu_with, Kernel};
 use adapterd::engine::lora::peft::{parse_peft, serving_weights, LoraLimits};
 use adapterd::engine::lora::{LoraAdapter, Module};
 use adapterd::engine::model::load::{load_gguf, read_gguf_header};
-use adapterd::engine::model::{Llama, ModelConfig, SeqCache, SeqInput};
+use adapterd::engine::model::{Kernels, Llama, ModelConfig, SeqCache, SeqInput};
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 
@@ -182,7 +182,7 @@ fn prefill(model: &Llama, adapter: Option<Arc<LoraAdapter>>) -> anyhow::Result<f
 /// A cold adapter's first request, piece by piece, over `reps` fresh adapters on disk.
 fn cold(path: &std::path::Path, cfg: &ModelConfig, reps: usize) -> anyhow::Result<()> {
     let (ct, mut f) = read_gguf_header(path)?;
-    let model = load_gguf(path, &ct, &mut f, &Device::Cpu)?;
+    let model = load_gguf(path, &ct, &mut f, &Device::Cpu, Kernels::Native)?;
     let limits = LoraLimits::default();
     let scratch = tempfile::tempdir()?;
     let names = [
@@ -224,7 +224,15 @@ fn cold(path: &std::path::Path, cfg: &ModelConfig, reps: usize) -> anyhow::Resul
             drop(parse_peft(&config, &weights, cfg, &limits, &Device::Cpu)?);
             t[4 * k + 2].push(ms(t0));
             let t0 = Instant::now();
-            let loaded = load_verified(&dir, file, &Recorded::Blake3(hash), cfg, &limits)?.0;
+            let loaded = load_verified(
+                &dir,
+                file,
+                &Recorded::Blake3(hash),
+                cfg,
+                &limits,
+                &Device::Cpu,
+            )?
+            .0;
             t[4 * k + 3].push(ms(t0));
             adapter = Some(Arc::new(loaded));
         }

@@ -11,7 +11,7 @@
 
 use adapterd::engine::model::load::{load_gguf, read_gguf_header};
 use adapterd::engine::model::qmatmul::ActivationPrecision;
-use adapterd::engine::model::{Llama, SeqCache, SeqInput};
+use adapterd::engine::model::{Kernels, Llama, SeqCache, SeqInput};
 use adapterd::engine::tokenizer::Tokenizer;
 use candle_core::Device;
 
@@ -93,7 +93,7 @@ fn main() -> anyhow::Result<()> {
     let path = std::path::Path::new(&path);
     let (ct, mut f) = read_gguf_header(path)?;
     let tok = Tokenizer::from_gguf(&ct)?;
-    let mut model = load_gguf(path, &ct, &mut f, &Device::Cpu)?;
+    let mut model = load_gguf(path, &ct, &mut f, &Device::Cpu, Kernels::Native)?;
     let (mut agree, mut total, mut worst_lp, mut worst_gap) = (0usize, 0usize, 0f32, 0f32);
     let mut dlp_all = Vec::new();
     let mut prefix_sum = 0usize;

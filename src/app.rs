@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use candle_core::Device;
 use tokio::net::TcpListener;
 
 use crate::adapters::AdapterRegistry;
@@ -86,7 +85,8 @@ async fn assemble(settings: &Settings, separate_metrics: bool) -> anyhow::Result
         let path = resolve_model_path(&s)?;
         tracing::info!(model = %path.display(), "loading model");
         let started = std::time::Instant::now();
-        let mut loaded = engine::load_model(&path, &Device::Cpu)
+        let device = s.device_spec()?.resolve().map_err(anyhow::Error::msg)?;
+        let mut loaded = engine::load_model_with(&path, &device, s.kernels_for(&device)?)
             .with_context(|| format!("loading model {}", path.display()))?;
         loaded
             .model
@@ -94,6 +94,8 @@ async fn assemble(settings: &Settings, separate_metrics: bool) -> anyhow::Result
         tracing::info!(
             model = %loaded.name,
             layers = loaded.model.cfg.num_layers,
+            device = %engine::device::describe(loaded.model.device()),
+            kernels = ?loaded.model.kernels(),
             seconds = started.elapsed().as_secs_f64(),
             "model loaded"
         );
@@ -118,7 +120,8 @@ async fn assemble(settings: &Settings, separate_metrics: bool) -> anyhow::Result
         .with_quota(crate::adapters::AdapterQuota {
             max_versions: settings.limits.max_adapter_versions_per_tenant,
             max_bytes: settings.limits.max_adapter_bytes_per_tenant,
-        }),
+        })
+        .with_device(loaded.model.device().clone()),
     );
     adapters
         .reconcile()

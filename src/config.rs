@@ -99,6 +99,11 @@ pub struct ModelSettings {
     pub threads: usize,
     /// How quantized matmuls round activations: "int16" (default), "int8" or "f32".
     pub activations: String,
+    /// Where the model runs: "cpu" (default), "cuda", "cuda:N" or "auto".
+    pub device: String,
+    /// "auto" (adapterd's CPU kernels on the CPU, candle's ops on a GPU) or "portable"
+    /// (candle's ops everywhere: what a GPU runs, to check the CPU kernels against).
+    pub kernels: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -153,6 +158,9 @@ pub struct Overrides {
     /// CPU threads for tensor work (0: one per core).
     #[arg(long, env = "ADAPTERD_THREADS")]
     pub threads: Option<usize>,
+    /// Where the model runs: cpu, cuda, cuda:N or auto (a GPU needs a `--features cuda` build).
+    #[arg(long, env = "ADAPTERD_DEVICE")]
+    pub device: Option<String>,
     /// Adapter store directory.
     #[arg(long, env = "ADAPTERD_ADAPTERS_DIR")]
     pub adapters_dir: Option<String>,
@@ -204,6 +212,9 @@ impl Settings {
         if let Some(v) = o.threads {
             s.model.threads = v;
         }
+        if let Some(v) = &o.device {
+            s.model.device = v.clone();
+        }
         if let Some(v) = &o.adapters_dir {
             s.storage.adapters_dir = v.clone();
         }
@@ -218,6 +229,8 @@ impl Settings {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         self.bind_addr()?;
+        self.device_spec()?;
+        self.kernels_for(&candle_core::Device::Cpu)?;
         let e = &self.engine;
         if e.max_running == 0 || e.max_waiting == 0 || e.max_step_tokens == 0 {
             bail!(
@@ -334,6 +347,27 @@ impl Settings {
             .map_err(|e: String| anyhow::anyhow!("model.activations: {e}"))
     }
 
+    /// `model.device` parsed (resolving it to a device happens at start, in `app`).
+    pub fn device_spec(&self) -> anyhow::Result<crate::engine::device::DeviceSpec> {
+        self.model
+            .device
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("model.device: {e}"))
+    }
+
+    /// The forward's kernels for a model on `device` (`model.kernels`).
+    pub fn kernels_for(
+        &self,
+        device: &candle_core::Device,
+    ) -> anyhow::Result<crate::engine::model::Kernels> {
+        use crate::engine::model::Kernels;
+        match self.model.kernels.trim() {
+            "auto" => Ok(Kernels::for_device(device)),
+            "portable" => Ok(Kernels::Portable),
+            other => bail!("model.kernels: `{other}` is not \"auto\" or \"portable\""),
+        }
+    }
+
     /// Where `/metrics` gets its own listener, if `server.metrics_bind` is set.
     pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
         let bind = self.server.metrics_bind.trim();
@@ -411,6 +445,32 @@ mod tests {
         };
         let err = Settings::load(&o).unwrap_err().to_string();
         assert!(err.contains("server.bind"), "{err}");
+    }
+
+    #[test]
+    fn the_device_flag_overrides_and_a_bad_device_is_refused_by_name() {
+        let o = Overrides {
+            device: Some("cuda:1".into()),
+            ..Default::default()
+        };
+        let s = Settings::load(&o).unwrap();
+        assert_eq!(
+            s.device_spec().unwrap(),
+            crate::engine::device::DeviceSpec::Cuda(1)
+        );
+        assert_eq!(
+            Settings::defaults().unwrap().device_spec().unwrap(),
+            crate::engine::device::DeviceSpec::Cpu
+        );
+        let o = Overrides {
+            device: Some("tpu:0".into()),
+            ..Default::default()
+        };
+        let err = format!("{:#}", Settings::load(&o).unwrap_err());
+        assert!(
+            err.contains("model.device") && err.contains("tpu:0"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -46,7 +46,11 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         .context("--hyperparameters is not a valid hyperparameters object")?;
     let path = crate::app::resolve_model_path(&settings)?;
     eprintln!("loading {}", path.display());
-    let loaded = crate::engine::load_model(&path, &candle_core::Device::Cpu)
+    let device = settings
+        .device_spec()?
+        .resolve()
+        .map_err(anyhow::Error::msg)?;
+    let loaded = crate::engine::load_model_with(&path, &device, settings.kernels_for(&device)?)
         .with_context(|| format!("loading model {}", path.display()))?;
     let hyper = request
         .resolve(

@@ -93,6 +93,8 @@ pub struct AdapterRegistry {
     limits: LoraLimits,
     cache: AdapterCache,
     quota: AdapterQuota,
+    /// Where resolved adapters live: the model's device.
+    device: Device,
     /// Serialises version allocation + rename per process (SQLite serialises the rest).
     write_lock: tokio::sync::Mutex<()>,
 }
@@ -138,6 +140,7 @@ impl AdapterRegistry {
             limits,
             cache: AdapterCache::new(cache_bytes),
             quota: AdapterQuota::default(),
+            device: Device::Cpu,
             write_lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -145,6 +148,12 @@ impl AdapterRegistry {
     /// Caps what each tenant may keep stored (default: no practical cap).
     pub fn with_quota(mut self, quota: AdapterQuota) -> Self {
         self.quota = quota;
+        self
+    }
+
+    /// Resolved adapters are loaded onto `device` (the model's; the CPU by default).
+    pub fn with_device(mut self, device: Device) -> Self {
+        self.device = device;
         self
     }
 
@@ -321,13 +330,14 @@ impl AdapterRegistry {
         }
         metrics::counter!(crate::metrics::ADAPTER_CACHE_MISSES_TOTAL).increment(1);
         let dir = self.dir(tenant, &name, row.version);
-        let (base, limits) = (self.base.clone(), self.limits);
+        let (base, limits, device) = (self.base.clone(), self.limits, self.device.clone());
         let started = std::time::Instant::now();
         let stored = row.clone();
-        let loaded =
-            tokio::task::spawn_blocking(move || load_stored(&dir, &stored, &base, &limits))
-                .await
-                .map_err(|e| AdapterError::Storage(e.to_string()))?;
+        let loaded = tokio::task::spawn_blocking(move || {
+            load_stored(&dir, &stored, &base, &limits, &device)
+        })
+        .await
+        .map_err(|e| AdapterError::Storage(e.to_string()))?;
         let result = if loaded.is_ok() { "ok" } else { "error" };
         metrics::counter!(crate::metrics::ADAPTER_LOADS_TOTAL, "result" => result).increment(1);
         metrics::histogram!(crate::metrics::ADAPTER_LOAD_SECONDS)

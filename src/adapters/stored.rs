@@ -53,6 +53,7 @@ pub fn load_verified(
     recorded: &Recorded,
     base: &ModelConfig,
     limits: &LoraLimits,
+    device: &Device,
 ) -> Result<(LoraAdapter, Vec<u8>), AdapterError> {
     let started = std::time::Instant::now();
     let config = std::fs::read(dir.join(CONFIG_FILE))?;
@@ -68,7 +69,7 @@ pub fn load_verified(
             }
             Recorded::Sha256(_) => sha256_hex(&config, &weights),
         },
-        || parse_peft(&config, &weights, base, limits, &Device::Cpu),
+        || parse_peft(&config, &weights, base, limits, device),
     );
     tracing::debug!(
         file = weights_file,
@@ -103,10 +104,11 @@ pub fn load_stored(
     row: &AdapterRow,
     base: &ModelConfig,
     limits: &LoraLimits,
+    device: &Device,
 ) -> Result<Loaded, AdapterError> {
     if let Some(hash) = &row.serving_blake3 {
         let recorded = Recorded::Blake3(hash.clone());
-        match load_verified(dir, SERVING_FILE, &recorded, base, limits) {
+        match load_verified(dir, SERVING_FILE, &recorded, base, limits, device) {
             Ok((adapter, config)) => {
                 return Ok(Loaded {
                     adapter,
@@ -127,7 +129,7 @@ pub fn load_stored(
         Some(b) => Recorded::Blake3(b.clone()),
         None => Recorded::Sha256(row.sha256.clone()),
     };
-    let (adapter, config) = load_verified(dir, WEIGHTS_FILE, &recorded, base, limits)?;
+    let (adapter, config) = load_verified(dir, WEIGHTS_FILE, &recorded, base, limits, device)?;
     Ok(Loaded {
         adapter,
         config,

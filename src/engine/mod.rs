@@ -1,6 +1,7 @@
 //! The engine: model weights, tokenizer, sampling and the scheduler thread. Nothing here knows
 //! HTTP or SQL; the API talks to it through an `EngineHandle`.
 
+pub mod device;
 pub mod json_mode;
 pub mod logit_adjust;
 pub mod model;
@@ -14,7 +15,7 @@ use std::path::Path;
 
 use candle_core::Device;
 
-use model::{load, Llama, ModelError};
+use model::{load, Kernels, Llama, ModelError};
 use tokenizer::Tokenizer;
 
 /// A loaded base model and its tokenizer.
@@ -27,6 +28,16 @@ pub struct LoadedModel {
 
 /// Loads a `.gguf` file or a Hugging Face model directory onto `device`.
 pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
+    load_model_with(path, device, Kernels::for_device(device))
+}
+
+/// [`load_model`] with the kernels chosen: `Portable` on the CPU runs exactly the ops a GPU
+/// would (the tests compare it with `Native`).
+pub fn load_model_with(
+    path: &Path,
+    device: &Device,
+    kernels: Kernels,
+) -> Result<LoadedModel, ModelError> {
     let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -36,7 +47,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, ModelErro
         message: format!("tokenizer: {e}"),
     };
     if path.is_dir() {
-        let model = load::load_hf_dir(path, device)?;
+        let model = load::load_hf_dir(path, device, kernels)?;
         let tokenizer = Tokenizer::from_hf_dir(path).map_err(tok_err)?;
         Ok(LoadedModel {
             model,
@@ -46,7 +57,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, ModelErro
     } else {
         let (content, mut file) = load::read_gguf_header(path)?;
         let tokenizer = Tokenizer::from_gguf(&content).map_err(tok_err)?;
-        let model = load::load_gguf(path, &content, &mut file, device)?;
+        let model = load::load_gguf(path, &content, &mut file, device, kernels)?;
         Ok(LoadedModel {
             model,
             tokenizer,

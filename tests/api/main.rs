@@ -9,3 +9,4 @@ mod generate;
 mod helpers;
 mod openai;
 mod ops;
+mod portable;

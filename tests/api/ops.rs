@@ -177,3 +177,21 @@ async fn the_port_answers_while_the_model_loads_and_a_failed_start_frees_it() {
     );
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free again");
 }
+
+/// Asking a CPU-only build for a GPU stops the start with a message naming the setting and
+/// the feature, instead of silently serving from the CPU.
+#[tokio::test]
+async fn a_gpu_device_without_the_cuda_feature_is_a_clear_start_error() {
+    if adapterd::engine::device::cuda_built() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = crate::helpers::test_settings(dir.path());
+    s.model.device = "cuda:0".into();
+    let err = match adapterd::app::Application::build(s).await {
+        Ok(_) => panic!("a CPU-only build started on model.device = cuda:0"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("model.device = cuda:0"), "{err}");
+    assert!(err.contains("`cuda` feature"), "{err}");
+}

@@ -39,6 +39,28 @@ pub struct Layer {
     pub mlp: Mlp,
 }
 
+/// Which code runs the forward's heavy operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// adapterd's CPU kernels: the quantized matmul (`qmatmul`), the fused decode attention and
+    /// the fused LoRA pass. CPU only.
+    Native,
+    /// candle's own ops only (quantized matmul, rope, softmax, matmul, index_add): what runs on
+    /// a GPU. On the CPU it is the reference the GPU path is tested by.
+    Portable,
+}
+
+impl Kernels {
+    /// Native on the CPU, portable elsewhere.
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            Self::Native
+        } else {
+            Self::Portable
+        }
+    }
+}
+
 /// Frozen weights and the RoPE tables; immutable, shared (`Arc`) by every sequence.
 #[derive(Debug, Clone)]
 pub struct Llama {
@@ -50,6 +72,7 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    kernels: Kernels,
     precision: ActivationPrecision,
 }
 
@@ -108,19 +131,21 @@ fn project(
     module: Module,
     groups: &[AdapterGroup],
     precision: ActivationPrecision,
+    native: bool,
 ) -> Result<Tensor> {
     let ys = lin.forward(xs, precision)?;
-    add_deltas(ys, xs, layer, module, groups)
+    add_deltas(ys, xs, layer, module, groups, native)
 }
 
 /// `ys` plus scale·B(A·x) on the rows of every group whose adapter adapts `module` here: one
-/// fused pass on the CPU ([`lora::apply`]), candle ops elsewhere.
+/// fused pass with the native kernels ([`lora::apply`]), candle ops otherwise.
 fn add_deltas(
     mut ys: Tensor,
     xs: &Tensor,
     layer: usize,
     module: Module,
     groups: &[AdapterGroup],
+    native: bool,
 ) -> Result<Tensor> {
     let adapted: Vec<(&AdapterGroup, &LoraPair)> = groups
         .iter()
@@ -132,18 +157,23 @@ fn add_deltas(
     if adapted.is_empty() {
         return Ok(ys);
     }
-    let fused: Vec<(&LoraPair, &[u32])> = adapted
-        .iter()
-        .map(|(g, p)| (*p, g.row_ids.as_slice()))
-        .collect();
-    // In place: `ys` is this projection's fresh output, owned here.
-    if lora::apply::add_deltas_cpu(&ys, xs, &fused)? {
-        return Ok(ys);
+    if native {
+        let fused: Vec<(&LoraPair, &[u32])> = adapted
+            .iter()
+            .map(|(g, p)| (*p, g.row_ids.as_slice()))
+            .collect();
+        // In place: `ys` is this projection's fresh output, owned here.
+        if lora::apply::add_deltas_cpu(&ys, xs, &fused)? {
+            return Ok(ys);
+        }
     }
     for (g, pair) in adapted {
         let x = xs.index_select(&g.rows, 0)?;
-        let delta = (x.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * pair.scale)?;
-        ys = ys.index_add(&g.rows, &delta, 0)?;
+        // A/B are f16 when they were parsed for the CPU's fused pass; candle's matmul wants
+        // one dtype.
+        let (a, b) = (pair.a.to_dtype(x.dtype())?, pair.b.to_dtype(x.dtype())?);
+        let delta = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * pair.scale)?;
+        ys = ys.index_add(&g.rows, &delta.to_dtype(ys.dtype())?, 0)?;
     }
     Ok(ys)
 }
@@ -155,11 +185,12 @@ fn project_many<const N: usize>(
     layer: usize,
     groups: &[AdapterGroup],
     precision: ActivationPrecision,
+    native: bool,
 ) -> Result<[Tensor; N]> {
     let bases = Linear::forward_many(&lins.map(|(l, _)| l), xs, precision)?;
     let mut out = Vec::with_capacity(N);
     for (ys, (_, module)) in bases.into_iter().zip(lins) {
-        out.push(add_deltas(ys, xs, layer, module, groups)?);
+        out.push(add_deltas(ys, xs, layer, module, groups, native)?);
     }
     out.try_into()
         .map_err(|_| candle_core::Error::Msg("fused projection count".into()))
@@ -184,6 +215,7 @@ impl Llama {
             cos,
             sin,
             device: device.clone(),
+            kernels: Kernels::for_device(device),
             precision: ActivationPrecision::default(),
         })
     }
@@ -200,6 +232,20 @@ impl Llama {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Runs the forward on candle's ops alone, as on a GPU (the loader also keeps quantized
+    /// weights in candle's form for such a model: see `load::load_gguf`).
+    pub(crate) fn use_portable_kernels(&mut self) {
+        self.kernels = Kernels::Portable;
+    }
+
+    fn native(&self) -> bool {
+        self.kernels == Kernels::Native
     }
 
     /// The RoPE tables, cos and sin, each [max_positions, head_dim/2] (half-rotated layout).
@@ -255,6 +301,7 @@ impl Llama {
                 li,
                 &groups,
                 self.precision,
+                self.native(),
             )?;
             let act = (candle_nn::ops::silu(&gate)? * up)?;
             let h = project(
@@ -264,6 +311,7 @@ impl Llama {
                 Module::Down,
                 &groups,
                 self.precision,
+                self.native(),
             )?;
             xs = (xs2 + h)?;
         }
@@ -317,6 +365,7 @@ impl Llama {
             layer_idx,
             groups,
             self.precision,
+            self.native(),
         )?;
         let q = q.reshape((rows, nh, 1, hd))?;
         let k = k.reshape((rows, nkv, 1, hd))?;
@@ -336,7 +385,7 @@ impl Llama {
             offset += s.tokens.len();
         }
         // The queries as plain values for the fused CPU pass.
-        let q_host: Option<Vec<f32>> = if self.device.is_cpu() && q.dtype() == DType::F32 {
+        let q_host: Option<Vec<f32>> = if self.native() && q.dtype() == DType::F32 {
             Some(q.flatten_all()?.to_vec1()?)
         } else {
             None
@@ -404,6 +453,7 @@ impl Llama {
             Module::O,
             groups,
             self.precision,
+            self.native(),
         )
     }
 }

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{Arch, ModelConfig};
 use super::linear::{Linear, Weight};
-use super::llama::{Attention, Layer, Llama, Mlp};
+use super::llama::{Attention, Kernels, Layer, Llama, Mlp};
 use super::qmatmul::QWeight;
 use super::ModelError;
 
@@ -32,14 +32,18 @@ pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, File), Model
     Ok((content, file))
 }
 
-/// Loads a GGUF model whose header was read by [`read_gguf_header`].
+/// Loads a GGUF model whose header was read by [`read_gguf_header`]. `Kernels::Native` (CPU
+/// only) repacks Q4_0/Q4_1/Q8_0 matrices for adapterd's kernel; `Portable` keeps candle's form.
 pub fn load_gguf(
     path: &Path,
     ct: &gguf_file::Content,
     file: &mut File,
     device: &Device,
+    kernels: Kernels,
 ) -> Result<Llama, ModelError> {
+    let native = check_kernels(device, kernels)?;
     let cfg = ModelConfig::from_gguf(ct)?;
+    let qlinear = |w: QTensor, bias: Option<Tensor>| qlinear(w, bias, native);
     let mut get = |name: &str| -> Result<QTensor, ModelError> {
         ct.tensor(file, name, device)
             .map_err(|e| file_err(path, format!("tensor {name}: {e}")))
@@ -90,13 +94,28 @@ pub fn load_gguf(
         });
     }
     check_shapes(&cfg, &embed, &layers)?;
-    Ok(Llama::new(cfg, embed, layers, norm, lm_head, device)?)
+    let mut model = Llama::new(cfg, embed, layers, norm, lm_head, device)?;
+    if !native {
+        model.use_portable_kernels();
+    }
+    Ok(model)
 }
 
-fn qlinear(w: QTensor, bias: Option<Tensor>) -> Result<Linear, ModelError> {
+/// Whether the native kernels run; they exist for the CPU alone.
+fn check_kernels(device: &Device, kernels: Kernels) -> Result<bool, ModelError> {
+    match kernels {
+        Kernels::Native if !device.is_cpu() => Err(ModelError::InvalidConfig(
+            "adapterd's native kernels run on the CPU only".into(),
+        )),
+        Kernels::Native => Ok(true),
+        Kernels::Portable => Ok(false),
+    }
+}
+
+fn qlinear(w: QTensor, bias: Option<Tensor>, native: bool) -> Result<Linear, ModelError> {
     let (out, inp) = w.shape().dims2()?;
     // The block kernel is CPU code; on a GPU candle's own quantized matmul runs instead.
-    if w.device().is_cpu() {
+    if native && w.device().is_cpu() {
         if let Some(k) = QWeight::from_qtensor(&w)? {
             return Ok(Linear::new(Weight::Blocks(Arc::new(k)), bias, out, inp));
         }
@@ -190,8 +209,9 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     Ok(files)
 }
 
-/// Loads a Hugging Face model directory; weights are converted to f32 on the CPU.
-pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Llama, ModelError> {
+/// Loads a Hugging Face model directory; weights are converted to f32 on the CPU, f16 on a GPU.
+pub fn load_hf_dir(dir: &Path, device: &Device, kernels: Kernels) -> Result<Llama, ModelError> {
+    let native = check_kernels(device, kernels)?;
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, e))?;
     let cfg = ModelConfig::from_hf_json(&text)?;
@@ -250,14 +270,12 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Llama, ModelError> {
     }
     check_shapes(&cfg, &embed, &layers)?;
     let embed = embed.to_dtype(DType::F32)?;
-    Ok(Llama::new(
-        cfg,
-        embed,
-        layers,
-        norm.to_dtype(DType::F32)?,
-        lm_head,
-        device,
-    )?)
+    let norm = norm.to_dtype(DType::F32)?;
+    let mut model = Llama::new(cfg, embed, layers, norm, lm_head, device)?;
+    if !native {
+        model.use_portable_kernels();
+    }
+    Ok(model)
 }
 
 /// Every matrix must have the shape the config implies; a mismatch would otherwise surface as

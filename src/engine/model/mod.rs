@@ -12,7 +12,7 @@ pub mod qmatmul;
 
 pub use cache::SeqCache;
 pub use config::{Arch, ModelConfig};
-pub use llama::{Llama, SeqInput};
+pub use llama::{Kernels, Llama, SeqInput};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

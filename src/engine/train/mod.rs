@@ -5,6 +5,7 @@
 //! (`crate::jobs`) drives it.
 
 pub mod checkpoint;
+mod composed;
 pub mod data;
 pub mod forward;
 pub mod frozen;

@@ -489,3 +489,100 @@ fn same_seed_same_adapter_and_resume_continues_exactly() {
         .is_err());
     let _ = Module::ALL;
 }
+
+/// The composed ops a portable model (a GPU) trains with give the fused CPU kernels' loss and
+/// gradients, on a packed batch of two sequences of different lengths.
+#[test]
+fn composed_training_ops_match_the_fused_kernels() {
+    let fused = tiny(3, false);
+    let mut composed = fused.clone();
+    composed.use_portable_kernels();
+    let h = hyper(Method::Sft, |_| {});
+    let lora = TrainableLora::init(&fused, &h, &Device::Cpu).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for (name, var) in lora.named_vars() {
+        if name.ends_with(".b") {
+            let n = var.as_tensor().elem_count();
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-0.2..0.2)).collect();
+            var.set(&Tensor::from_vec(v, var.as_tensor().dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let (t1, t2): (Vec<u32>, Vec<u32>) =
+        (vec![2, 7, 1, 8, 2, 8], vec![5, 9, 3, 3, 14, 30, 6, 1, 0]);
+    let (m1, m2) = (
+        vec![false, false, true, true, true, true],
+        vec![false, true, false, true, true, true, true, false, true],
+    );
+    let seqs = [
+        Scored {
+            tokens: &t1,
+            targets: &m1,
+        },
+        Scored {
+            tokens: &t2,
+            targets: &m2,
+        },
+    ];
+    let run = |model: &Llama| {
+        let logp = target_logprobs(model, Some(&lora), &seqs).unwrap();
+        let loss = super::loss::sft_loss(&logp, 10).unwrap();
+        let grads = loss.backward().unwrap();
+        let g: Vec<Vec<f32>> = lora
+            .named_vars()
+            .iter()
+            .map(|(name, v)| {
+                grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{name} got no gradient"))
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect();
+        (logp.to_vec1::<f32>().unwrap(), g)
+    };
+    let (lp_f, g_f) = run(&fused);
+    let (lp_c, g_c) = run(&composed);
+    assert_eq!(lp_f.len(), 10);
+    for (a, b) in lp_f.iter().zip(&lp_c) {
+        assert!((a - b).abs() < 1e-4, "log-prob {a} vs {b}");
+    }
+    for (i, (a, b)) in g_f.iter().zip(&g_c).enumerate() {
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0, "variable {i} has a zero gradient");
+        for (x, y) in a.iter().zip(b) {
+            assert!(
+                (x - y).abs() <= 1e-3 * scale + 1e-6,
+                "variable {i}: {x} vs {y}"
+            );
+        }
+    }
+}
+
+/// A trainer over a portable model takes the same steps as over the fused kernels.
+#[test]
+fn a_portable_model_trains_like_the_cpu_one() {
+    let fused = Arc::new(tiny(6, false));
+    let mut portable = (*fused).clone();
+    portable.use_portable_kernels();
+    let portable = Arc::new(portable);
+    let h = hyper(Method::Sft, |r| r.max_steps = Some(3));
+    let losses = |model: &Arc<Llama>| {
+        let mut t = Trainer::new(model.clone(), h.clone(), Examples::Sft(sft_data())).unwrap();
+        let mut out = Vec::new();
+        while !t.is_done() {
+            out.push(t.step().unwrap().loss);
+        }
+        (out, adapter_values(&t))
+    };
+    let ((lf, af), (lp, ap)) = (losses(&fused), losses(&portable));
+    assert_eq!(lf.len(), 3);
+    for (a, b) in lf.iter().zip(&lp) {
+        assert!((a - b).abs() < 1e-4, "loss {a} vs {b}");
+    }
+    for (a, b) in af.iter().flatten().zip(ap.iter().flatten()) {
+        assert!((a - b).abs() < 1e-4, "adapter value {a} vs {b}");
+    }
+}

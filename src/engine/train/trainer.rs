@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -65,7 +65,7 @@ impl Trainer {
         if examples.is_empty() {
             candle_core::bail!("no training examples");
         }
-        let lora = TrainableLora::init(&model, &hyper, &Device::Cpu)?;
+        let lora = TrainableLora::init(&model, &hyper, model.device())?;
         let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
         let opt = AdamW::new(&vars, hyper.weight_decay)?;
         let total_steps = hyper.total_steps(examples.len());
@@ -241,7 +241,8 @@ impl Trainer {
                     t.dims(),
                     var.as_tensor().dims()
                 );
-                Ok(t.clone())
+                // Checkpoints are read onto the CPU; the parameters live on the model's device.
+                Ok(t.to_device(self.model.device())?)
             };
             var.set(&get(&ck.vars)?)?;
             self.opt.m[i] = get(&ck.adam_m)?;
@@ -385,7 +386,7 @@ fn dpo_step(
                 .ok_or_else(|| candle_core::Error::Msg("reference log-prob missing".into()))?;
             refs.extend([c, r]);
         }
-        let refs = Tensor::from_vec(refs, (mb.len(), 2), &Device::Cpu)?;
+        let refs = Tensor::from_vec(refs, (mb.len(), 2), model.device())?;
         let policy = pair_logps(model, Some(lora), &seqs)?;
         let col = |t: &Tensor, i: usize| t.narrow(1, i, 1).and_then(|c| c.squeeze(1));
         let (pc, pr) = (col(&policy, 0)?, col(&policy, 1)?);
