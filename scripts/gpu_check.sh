@@ -24,17 +24,16 @@
 #   1. nvidia-smi (device, driver, compute capability).
 #   2. LD_LIBRARY_PATH from the Python environment's NVIDIA packages (site-packages/nvidia/cu13/lib
 #      for CUDA 13 wheels, nvidia/*/lib for older per-library wheels); `ldd` must resolve all.
-#   3. Serves with GPU_ARGS, runs greedy completions (with logprobs), checks the process holds
-#      GPU memory, and runs the benchmark harness at 1, 8 and 32 concurrent streams.
-#   4. Serves with CPU_ARGS, runs the same completions, and compares: greedy tokens equal,
-#      logprobs within LOGPROB_TOL.
-#
-# Device selection does not exist yet: `adapterd serve` has no --device flag and no config key
-# for it, and loads the model on the CPU whatever the build (src/app.rs, Device::Cpu). So today
-# both servers run on the CPU, step 3 WARNs that the server holds no GPU memory, and the
-# comparison is CPU against CPU: the check shows that the cuda binary loads, serves and
-# benchmarks on the GPU machine, not that anything runs on the GPU. GPU_ARGS / CPU_ARGS (empty by
-# default) are the serve flags for each server once there is a way to pick the device.
+#   3. Serves with GPU_ARGS (default `--device cuda:0`), runs greedy completions (with
+#      logprobs), checks the process holds GPU memory, trains a small SFT adapter through
+#      /v1/finetune and generates with it, and runs the benchmark harness at 1, 8 and 32
+#      concurrent streams with and without adapters.
+#   4. Serves with CPU_ARGS (default `--device cpu`), runs the same completions and scores, and
+#      compares the two servers' teacher-forced logprobs of five fixed texts (echo, max_tokens
+#      0): every token within SCORE_MAX_TOL, the mean within SCORE_MEAN_TOL. Greedy agreement
+#      is reported, not required: candle's quantized matmul rounds activations to 8 bits where
+#      the CPU kernels round to 16, which moves logprobs by up to ~0.3 at a few tokens and can
+#      flip near-tied greedy choices (measured with model.kernels = "portable" on the CPU).
 #
 # The benchmark is `adapterd bench --url URL --concurrency 1,8,32 --modes base --model-file MODEL
 # --server-pid PID --json FILE` (src/bench/mod.rs; docs/benchmarking.md). BENCH_MODES picks the
@@ -73,13 +72,14 @@ fi
 OUT="${OUT:-/tmp/adapterd-gpu-check}"
 BIN="${BIN:-target/release/adapterd}"
 MODEL="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
-GPU_ARGS="${GPU_ARGS:-}"
-CPU_ARGS="${CPU_ARGS:-}"
-BENCH_MODES="${BENCH_MODES:-base}"
+GPU_ARGS="${GPU_ARGS:---device cuda:0}"
+CPU_ARGS="${CPU_ARGS:---device cpu}"
+BENCH_MODES="${BENCH_MODES:-base,n-adapters}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 CONCURRENCY="${CONCURRENCY:-1,8,32}"
 MAX_TOKENS="${MAX_TOKENS:-32}"
-LOGPROB_TOL="${LOGPROB_TOL:-0.05}"
+SCORE_MAX_TOL="${SCORE_MAX_TOL:-0.5}"
+SCORE_MEAN_TOL="${SCORE_MEAN_TOL:-0.1}"
 GPU_PORT="${GPU_PORT:-18601}"
 CPU_PORT="${CPU_PORT:-18602}"
 
@@ -184,7 +184,54 @@ completions() {
   echo "$name completions done after $(elapsed)"
 }
 
-# 3. GPU: serve, completions, memory check, benchmark.
+# Texts both servers score teacher-forced (echo, nothing generated): per-token logprobs of the
+# same tokens, so one rounding-level difference cannot send the two down different paths.
+SCORED=(
+  "The capital of France is Paris. It is known for the Eiffel Tower, the Louvre museum and its cafés, and about two million people live in the city itself."
+  "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
+  "Once upon a time, in a small village, there lived a young girl who loved to read. Every evening she sat by the fire with a book."
+  "The three primary colors are red, yellow and blue. Mixing two of them gives a secondary color: orange, green or purple."
+  "Water boils at a temperature of 100 degrees Celsius at sea level; at higher altitudes the air pressure is lower and it boils sooner."
+)
+score_texts() {
+  local name="$1" port="$2" model
+  model="$(curl -fsS --max-time 10 "http://127.0.0.1:$port/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')" || return 1
+  : > "$RES/scored_$name.jsonl"
+  for t in "${SCORED[@]}"; do
+    python3 -c 'import json,sys; print(json.dumps({"model": sys.argv[1], "prompt": sys.argv[2].replace("\\n", "\n"), "max_tokens": 0, "echo": True, "logprobs": 1}))' \
+      "$model" "$t" \
+      | curl -fsS --max-time 60 -H 'content-type: application/json' -d @- "http://127.0.0.1:$port/v1/completions" \
+      >> "$RES/scored_$name.jsonl" || return 1
+    echo >> "$RES/scored_$name.jsonl"
+  done
+}
+
+# finetune_smoke PORT: a 20-step SFT job on the server's device, then a generation with it.
+finetune_smoke() {
+  local port="$1" id status
+  id="$(python3 -c 'import json; print(json.dumps({"method": "sft", "adapter_name": "gpu-smoke",
+    "training_data": [{"prompt": "Say hi", "completion": "hi there"}, {"prompt": "Say bye", "completion": "bye now"}],
+    "hyperparameters": {"rank": 8, "max_steps": 20, "batch_size": 2, "learning_rate": 0.002, "seed": 1}}))' \
+    | curl -fsS --max-time 30 -H 'content-type: application/json' -d @- "http://127.0.0.1:$port/v1/finetune" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')" || { note "FAIL: finetune submit"; return 0; }
+  for _ in $(seq 1 120); do
+    status="$(curl -fsS --max-time 10 "http://127.0.0.1:$port/v1/finetune/$id" | tee "$RES/finetune_job.json" \
+      | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])')" || status=unknown
+    [[ "$status" == succeeded || "$status" == failed || "$status" == cancelled ]] && break
+    sleep 1
+  done
+  curl -fsS --max-time 10 "http://127.0.0.1:$port/v1/finetune/$id/events" > "$RES/finetune_events.json" || true
+  if [[ "$status" != succeeded ]]; then note "FAIL: GPU finetune job $status (finetune_job.json)"; return 0; fi
+  if curl -fsS --max-time 30 -H 'content-type: application/json' \
+       -d '{"prompt": "Say hi", "adapter_id": "gpu-smoke", "temperature": 0, "max_new_tokens": 8}' \
+       "http://127.0.0.1:$port/v1/generate" > "$RES/finetune_generate.json"; then
+    note "OK: GPU finetune succeeded after $(elapsed); its adapter answered: $(cat "$RES/finetune_generate.json")"
+  else
+    note "FAIL: generating with the trained adapter"
+  fi
+}
+
+# 3. GPU: serve, completions, memory check, finetune, benchmark.
 gpu_ok=0
 if start_server gpu "$GPU_PORT" $GPU_ARGS; then
   gpu_ok=1
@@ -192,9 +239,11 @@ if start_server gpu "$GPU_PORT" $GPU_ARGS; then
     | tee "$RES/gpu_processes.csv" || true
   grep -q "^$SERVER_PID," "$RES/gpu_processes.csv" 2>/dev/null \
     && note "OK: server pid $SERVER_PID holds GPU memory" \
-    || note "WARN: server pid $SERVER_PID not listed by nvidia-smi (running on the CPU?)"
+    || note "FAIL: server pid $SERVER_PID not listed by nvidia-smi (running on the CPU?)"
   completions gpu "$GPU_PORT" || { note "FAIL: GPU completions"; gpu_ok=0; }
+  score_texts gpu "$GPU_PORT" || { note "FAIL: GPU scoring"; gpu_ok=0; }
   grep -iE 'device|cuda' "$RES/server_gpu.log" | head -5 || true
+  finetune_smoke "$GPU_PORT"
   echo "== bench (gpu)"
   # shellcheck disable=SC2086
   if timeout 240 "$BIN" bench --url "http://127.0.0.1:$GPU_PORT" --concurrency "$CONCURRENCY" \
@@ -210,31 +259,36 @@ fi
 # 4. CPU: the same completions, then compare.
 if start_server cpu "$CPU_PORT" $CPU_ARGS; then
   completions cpu "$CPU_PORT" || note "FAIL: CPU completions"
+  score_texts cpu "$CPU_PORT" || note "FAIL: CPU scoring"
   stop_server
 fi
-if [[ $gpu_ok = 1 && -s "$RES/completions_cpu.jsonl" ]]; then
-  python3 - "$RES/completions_gpu.jsonl" "$RES/completions_cpu.jsonl" "$LOGPROB_TOL" <<'PY' | tee -a "$STATUS"
+if [[ $gpu_ok = 1 && -s "$RES/completions_cpu.jsonl" && -s "$RES/scored_cpu.jsonl" ]]; then
+  python3 - "$RES" "$SCORE_MAX_TOL" "$SCORE_MEAN_TOL" <<'PY' | tee -a "$STATUS"
 import json, sys
-gpu, cpu = ([json.loads(l) for l in open(f) if l.strip()] for f in sys.argv[1:3])
-tol = float(sys.argv[3])
-bad = 0
-for i, (g, c) in enumerate(zip(gpu, cpu)):
-    gl, cl = g["choices"][0]["logprobs"], c["choices"][0]["logprobs"]
-    gt, ct = gl["tokens"], cl["tokens"]
+res, max_tol, mean_tol = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+load = lambda f: [json.loads(l) for l in open(f"{res}/{f}") if l.strip()]
+# Greedy agreement is reported, not required: a rounding-level difference at a near tie sends
+# the two servers down different (equally valid) paths.
+for i, (g, c) in enumerate(zip(load("completions_gpu.jsonl"), load("completions_cpu.jsonl"))):
+    gt, ct = g["choices"][0]["logprobs"]["tokens"], c["choices"][0]["logprobs"]["tokens"]
     same = next((k for k, (a, b) in enumerate(zip(gt, ct)) if a != b), min(len(gt), len(ct)))
-    n = min(len(gt), len(ct))
-    # logprobs compared only over the common greedy prefix (after a divergence they condition on different text)
-    d = max((abs(a - b) for a, b in zip(gl["token_logprobs"][:same], cl["token_logprobs"][:same])
-             if a is not None and b is not None), default=0.0)
-    ok = gt == ct and d <= tol
+    print(f"INFO: greedy prompt {i}: first {same}/{min(len(gt), len(ct))} tokens equal")
+bad, diffs = 0, []
+for i, (g, c) in enumerate(zip(load("scored_gpu.jsonl"), load("scored_cpu.jsonl"))):
+    gl, cl = g["choices"][0]["logprobs"], c["choices"][0]["logprobs"]
+    if gl["tokens"] != cl["tokens"]:
+        bad += 1; print(f"FAIL: scored text {i}: the servers tokenized it differently"); continue
+    d = [abs(a - b) for a, b in zip(gl["token_logprobs"], cl["token_logprobs"]) if a is not None and b is not None]
+    diffs += d
+    ok = max(d) <= max_tol
     bad += not ok
-    print(f"prompt {i}: {'OK' if ok else 'MISMATCH'} tokens equal {same}/{n}, max |dlogprob| {d:.4f}")
-    if gt != ct:
-        print(f"  gpu: {g['choices'][0]['text']!r}\n  cpu: {c['choices'][0]['text']!r}")
-print(f"{'OK' if bad == 0 else 'FAIL'}: GPU vs CPU greedy agreement, {len(gpu) - bad}/{len(gpu)} prompts (tol {tol})")
+    print(f"{'OK' if ok else 'FAIL'}: scored text {i}: {len(d)} tokens, max |dlogprob| {max(d):.4f}, mean {sum(d)/len(d):.4f}")
+mean = sum(diffs) / max(len(diffs), 1)
+ok = bad == 0 and mean <= mean_tol
+print(f"{'OK' if ok else 'FAIL'}: GPU vs CPU teacher-forced logprobs over {len(diffs)} tokens: mean |d| {mean:.4f} (tol {mean_tol}), max tol {max_tol}")
 PY
 else
-  note "FAIL: no GPU/CPU comparison (a server or its completions failed)"
+  note "FAIL: no GPU/CPU comparison (a server, its completions or its scoring failed)"
 fi
 
 echo "== summary (status.txt)"
