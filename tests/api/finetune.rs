@@ -337,8 +337,12 @@ async fn a_job_interrupted_by_a_restart_resumes_from_its_checkpoint_exactly() {
         .await
         .unwrap();
     let spec: JobSpec = serde_json::from_str(&request).unwrap();
+    // The same device and kernels the servers use, or the steps would not match bit for bit.
+    let s = crate::helpers::test_settings(dir.path());
+    let device = s.device_spec().unwrap().resolve().unwrap();
+    let kernels = s.kernels_for(&device).unwrap();
     let loaded =
-        adapterd::engine::load_model(&dir.path().join("tiny"), &candle_core::Device::Cpu).unwrap();
+        adapterd::engine::load_model_with(&dir.path().join("tiny"), &device, kernels).unwrap();
     let mut jsonl = Vec::new();
     for r in sft_records().as_array().unwrap() {
         jsonl.extend(serde_json::to_vec(r).unwrap());

@@ -200,6 +200,13 @@ pub fn settings_serving(model: &Path, dir: &Path) -> Settings {
     s.storage.adapters_dir = dir.join("adapters").display().to_string();
     s.storage.database_url = format!("sqlite://{}", dir.join("test.db").display());
     s.storage.jobs_dir = dir.join("jobs").display().to_string();
+    // The suite runs where the product would: a `--features cuda` build on a machine with a GPU
+    // serves from it ("auto"), any other from the CPU. ADAPTERD_TEST_DEVICE pins it;
+    // ADAPTERD_TEST_KERNELS=portable runs the GPU code path on the CPU.
+    s.model.device = std::env::var("ADAPTERD_TEST_DEVICE").unwrap_or_else(|_| "auto".into());
+    if let Ok(k) = std::env::var("ADAPTERD_TEST_KERNELS") {
+        s.model.kernels = k;
+    }
     // Tests run jobs deterministically with `TestApp::run_jobs`.
     s.finetune.autostart = false;
     s
