@@ -27,11 +27,14 @@ async fn greedy(app: &TestApp, prompt: &str, adapter: Option<&str>) -> (String, 
     (v["text"].as_str().unwrap().to_owned(), logprobs)
 }
 
+/// Same text, logprobs within 2e-2: the portable path holds the tiny model's matrices in f16
+/// (as a GPU does; measured differences ~2e-3), and candle's f16 matmul rounds differently
+/// for different row counts, so a batched step differs from a lone one by as much.
 fn assert_close(what: &str, a: &(String, Vec<f64>), b: &(String, Vec<f64>)) {
     assert_eq!(a.0, b.0, "{what}: text");
     assert_eq!(a.1.len(), b.1.len(), "{what}: token count");
     for (x, y) in a.1.iter().zip(&b.1) {
-        assert!((x - y).abs() < 1e-3, "{what}: logprob {x} vs {y}");
+        assert!((x - y).abs() < 2e-2, "{what}: logprob {x} vs {y}");
     }
 }
 

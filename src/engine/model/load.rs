@@ -220,26 +220,32 @@ pub fn load_hf_dir(dir: &Path, device: &Device, kernels: Kernels) -> Result<Llam
     // nobody truncates them while the process runs.
     let st = unsafe { MmapedSafetensors::multi(&files) }
         .map_err(|e| file_err(dir, format!("safetensors: {e}")))?;
-    let dtype = if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::F16
-    };
-    let get = |name: &str| -> Result<Tensor, ModelError> {
+    // Matrices: f32 for the native kernels; f16 on the portable path (a GPU's tensor cores
+    // want it, and it halves the memory), multiplied by candle with f32 activations in and out.
+    // Vectors (norms, biases) and the embedding rows stay f32 everywhere: the activations are f32.
+    let get_as = |name: &str, dtype: DType| -> Result<Tensor, ModelError> {
         st.load(name, device)
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| file_err(dir, format!("tensor {name}: {e}")))
     };
+    let get = |name: &str| get_as(name, DType::F32);
+    let matrix_dtype = if native { DType::F32 } else { DType::F16 };
     let dense = |w: Tensor, b: Option<Tensor>| -> Result<Linear, ModelError> {
         let (out, inp) = w.dims2()?;
-        Ok(Linear::new(Weight::Candle(QMatMul::Tensor(w)), b, out, inp))
+        let w = if native {
+            QMatMul::Tensor(w)
+        } else {
+            QMatMul::TensorF16(w.to_dtype(DType::F16)?)
+        };
+        Ok(Linear::new(Weight::Candle(w), b, out, inp))
     };
+    let matrix = |name: &str| get_as(name, matrix_dtype);
     let embed = get("model.embed_tokens.weight")?;
     let norm = get("model.norm.weight")?;
     let lm_head = if cfg.tie_word_embeddings {
         dense(embed.clone(), None)?
     } else {
-        dense(get("lm_head.weight")?, None)?
+        dense(matrix("lm_head.weight")?, None)?
     };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
@@ -251,16 +257,17 @@ pub fn load_hf_dir(dir: &Path, device: &Device, kernels: Kernels) -> Result<Llam
                 Ok(None)
             }
         };
-        let w = |name: &str| get(&format!("{p}.{name}.weight"));
+        let w = |name: &str| matrix(&format!("{p}.{name}.weight"));
+        let norm = |name: &str| get(&format!("{p}.{name}.weight"));
         layers.push(Layer {
-            input_norm: w("input_layernorm")?,
+            input_norm: norm("input_layernorm")?,
             attn: Attention {
                 q_proj: dense(w("self_attn.q_proj")?, bias("q_proj")?)?,
                 k_proj: dense(w("self_attn.k_proj")?, bias("k_proj")?)?,
                 v_proj: dense(w("self_attn.v_proj")?, bias("v_proj")?)?,
                 o_proj: dense(w("self_attn.o_proj")?, None)?,
             },
-            post_attn_norm: w("post_attention_layernorm")?,
+            post_attn_norm: norm("post_attention_layernorm")?,
             mlp: Mlp {
                 gate_proj: dense(w("mlp.gate_proj")?, None)?,
                 up_proj: dense(w("mlp.up_proj")?, None)?,
@@ -269,8 +276,6 @@ pub fn load_hf_dir(dir: &Path, device: &Device, kernels: Kernels) -> Result<Llam
         });
     }
     check_shapes(&cfg, &embed, &layers)?;
-    let embed = embed.to_dtype(DType::F32)?;
-    let norm = norm.to_dtype(DType::F32)?;
     let mut model = Llama::new(cfg, embed, layers, norm, lm_head, device)?;
     if !native {
         model.use_portable_kernels();
