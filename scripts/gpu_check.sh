@@ -240,6 +240,9 @@ if start_server gpu "$GPU_PORT" $GPU_ARGS; then
   grep -q "^$SERVER_PID," "$RES/gpu_processes.csv" 2>/dev/null \
     && note "OK: server pid $SERVER_PID holds GPU memory" \
     || note "FAIL: server pid $SERVER_PID not listed by nvidia-smi (running on the CPU?)"
+  grep -q '"device":"cuda' "$RES/ready_gpu.json" \
+    && note "OK: /ready says $(cat "$RES/ready_gpu.json")" \
+    || note "FAIL: /ready does not name a cuda device: $(cat "$RES/ready_gpu.json")"
   completions gpu "$GPU_PORT" || { note "FAIL: GPU completions"; gpu_ok=0; }
   score_texts gpu "$GPU_PORT" || { note "FAIL: GPU scoring"; gpu_ok=0; }
   grep -iE 'device|cuda' "$RES/server_gpu.log" | head -5 || true

@@ -134,6 +134,11 @@ async fn assemble(settings: &Settings, separate_metrics: bool) -> anyhow::Result
     };
     let tokenizer = Arc::new(loaded.tokenizer);
     let model = Arc::new(loaded.model);
+    let device = engine::device::describe(model.device());
+    let kernels = match model.kernels() {
+        engine::model::Kernels::Native => "native",
+        engine::model::Kernels::Portable => "portable",
+    };
     let jobs = Arc::new(JobRunner::new(
         db.clone(),
         model.clone(),
@@ -175,6 +180,8 @@ async fn assemble(settings: &Settings, separate_metrics: bool) -> anyhow::Result
             default_max_new_tokens: e.default_max_new_tokens,
             max_new_tokens_limit: e.max_new_tokens_limit,
             created: api::generation::unix_now(),
+            device,
+            kernels,
         }),
         metrics: crate::metrics::install(),
         adapters,

@@ -40,7 +40,13 @@ async fn health() -> Json<Value> {
 /// unless the engine thread has gone.
 async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     if state.engine.is_alive() {
-        Ok(Json(json!({"status": "ready", "model": state.model.name})))
+        let m = &state.model;
+        Ok(Json(json!({
+            "status": "ready",
+            "model": m.name,
+            "device": m.device,
+            "kernels": m.kernels,
+        })))
     } else {
         Err(ApiError::unavailable("the engine has stopped"))
     }

@@ -59,6 +59,10 @@ pub struct ServedModel {
     pub max_new_tokens_limit: usize,
     /// Unix seconds when the model was loaded (`created` in /v1/models).
     pub created: u64,
+    /// Where the model runs (`cpu`, `cuda:0`; `/ready`).
+    pub device: String,
+    /// Which forward runs it: `native` (adapterd's CPU kernels) or `portable` (candle's ops).
+    pub kernels: &'static str,
 }
 
 /// The API. `with_metrics`: also serve `/metrics` (false when it has its own listener,

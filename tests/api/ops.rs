@@ -10,6 +10,15 @@ async fn health_ready_and_metrics_answer() {
     assert_eq!(app.get("/health").await.status(), 200);
     let r: Value = app.get("/ready").await.json().await.unwrap();
     assert_eq!(r["status"], "ready");
+    if !adapterd::engine::device::cuda_built() {
+        // A CPU-only build serves from the CPU, on the native kernels unless told otherwise.
+        assert_eq!(r["device"], "cpu", "{r}");
+        let want = match std::env::var("ADAPTERD_TEST_KERNELS").as_deref() {
+            Ok("portable") => "portable",
+            _ => "native",
+        };
+        assert_eq!(r["kernels"], want, "{r}");
+    }
     let _ = app
         .post(
             "/v1/generate",
