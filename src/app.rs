@@ -167,6 +167,7 @@ async fn assemble(settings: &Settings, separate_metrics: bool) -> anyhow::Result
             max_running: e.max_running,
             max_waiting: e.max_waiting,
             max_step_tokens: e.max_step_tokens,
+            prefix_cache_bytes: e.prefix_cache_bytes,
         },
     )
     .context("starting the engine thread")?;

@@ -112,6 +112,8 @@ pub struct EngineSettings {
     pub max_running: usize,
     pub max_waiting: usize,
     pub max_step_tokens: usize,
+    /// Bytes of prompt-prefix keys and values kept for reuse (0: off).
+    pub prefix_cache_bytes: usize,
     pub default_max_new_tokens: usize,
     pub max_new_tokens_limit: usize,
 }

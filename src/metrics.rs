@@ -12,6 +12,8 @@ pub const INTER_TOKEN_LATENCY_SECONDS: &str = "adapterd_inter_token_latency_seco
 pub const E2E_REQUEST_LATENCY_SECONDS: &str = "adapterd_e2e_request_latency_seconds";
 pub const REQUEST_QUEUE_SECONDS: &str = "adapterd_request_queue_seconds";
 pub const PROMPT_TOKENS_TOTAL: &str = "adapterd_prompt_tokens_total";
+pub const PREFIX_CACHE_HIT_TOKENS_TOTAL: &str = "adapterd_prefix_cache_hit_tokens_total";
+pub const PREFIX_CACHE_BYTES: &str = "adapterd_prefix_cache_bytes";
 pub const GENERATION_TOKENS_TOTAL: &str = "adapterd_generation_tokens_total";
 pub const REQUESTS_RUNNING: &str = "adapterd_requests_running";
 pub const REQUESTS_WAITING: &str = "adapterd_requests_waiting";
@@ -100,6 +102,14 @@ fn describe() {
         "Time a request waited before running"
     );
     describe_counter!(PROMPT_TOKENS_TOTAL, "Prompt tokens accepted by the engine");
+    describe_counter!(
+        PREFIX_CACHE_HIT_TOKENS_TOTAL,
+        "Prompt tokens not computed because a cached prefix held them"
+    );
+    describe_gauge!(
+        PREFIX_CACHE_BYTES,
+        "Bytes of prompt-prefix keys and values kept for reuse"
+    );
     describe_counter!(GENERATION_TOKENS_TOTAL, "Tokens generated");
     describe_gauge!(REQUESTS_RUNNING, "Sequences in the running batch");
     describe_gauge!(REQUESTS_WAITING, "Requests queued for the engine");

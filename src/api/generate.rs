@@ -129,6 +129,7 @@ async fn generate(
         ignore_eos: body.ignore_eos,
         json_object: generation::json_mode(body.response_format.as_ref(), body.ignore_eos)?,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
+        cache_scope: 0, // set by generation::submit
         queued_ticket: None,
     };
     let with_top = top_logprobs.is_some_and(|n| n > 0);
@@ -155,7 +156,8 @@ async fn generate(
         "adapter_version": adapter_fields.1,
         "text": c.text,
         "finish_reason": c.finish.map(|f| f.as_str()),
-        "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
+        "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                  "cached_tokens": c.cached_tokens},
     });
     if let Some(t) = tokens {
         out["tokens"] = json!(t);
@@ -211,6 +213,7 @@ fn sse(
                     GenEvent::Done {
                         finish,
                         prompt_tokens,
+                        cached_tokens,
                         completion_tokens,
                     } => {
                         let d = json!({
@@ -220,7 +223,8 @@ fn sse(
                             "adapter_version": adapter_fields.1,
                             "text": text,
                             "finish_reason": finish.as_str(),
-                            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+                            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                      "cached_tokens": cached_tokens},
                         });
                         return Some((
                             Ok(Event::default().data(d.to_string())),

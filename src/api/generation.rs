@@ -185,6 +185,14 @@ pub fn check_lengths(
     Ok(max_new)
 }
 
+/// The engine reuses cached prompt prefixes only between requests of one tenant.
+fn cache_scope(tenant: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    tenant.hash(&mut h);
+    h.finish()
+}
+
 /// Hands a checked request to the engine for `tenant`: charges its prompt tokens plus
 /// `max_new_tokens` to the tenant's `limits.tokens_per_minute` first (429 when spent), and
 /// gives back what was not generated when the request ends, however it ends.
@@ -196,6 +204,7 @@ pub fn submit(
     let limits = &state.limits;
     let (reserved, max_new) = (req.prompt.len() + req.max_new_tokens, req.max_new_tokens);
     let mut req = req;
+    req.cache_scope = cache_scope(tenant);
     req.queued_ticket = Some(Arc::new(limits.try_queue(tenant)?));
     limits.charge_tokens(tenant, reserved)?;
     let rx = state.engine.submit(req).map_err(|e| {
@@ -259,6 +268,8 @@ pub struct Completion {
     pub prompt_logprobs: Option<Vec<TokenLogprob>>,
     pub finish: Option<FinishReason>,
     pub prompt_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
 }
 
@@ -276,10 +287,12 @@ pub async fn collect(mut rx: UnboundedReceiver<GenEvent>) -> Result<Completion, 
             GenEvent::Done {
                 finish,
                 prompt_tokens,
+                cached_tokens,
                 completion_tokens,
             } => {
                 c.finish = Some(finish);
                 c.prompt_tokens = prompt_tokens;
+                c.cached_tokens = cached_tokens;
                 c.completion_tokens = completion_tokens;
                 return Ok(c);
             }

@@ -10,3 +10,4 @@ mod helpers;
 mod openai;
 mod ops;
 mod portable;
+mod prefix_cache;

@@ -69,8 +69,9 @@ pub(super) async fn collect_choices(
 ) -> Result<(Vec<Completion>, Value), ApiError> {
     let done = futures::future::try_join_all(rxs.into_iter().map(generation::collect)).await?;
     let prompt = done.iter().step_by(n.max(1)).map(|c| c.prompt_tokens).sum();
+    let cached = done.iter().step_by(n.max(1)).map(|c| c.cached_tokens).sum();
     let completion = done.iter().map(|c| c.completion_tokens).sum();
-    Ok((done, usage(prompt, completion)))
+    Ok((done, usage(prompt, cached, completion)))
 }
 
 /// From each prompt's `best_of` completions (consecutive in `done`), the `n` with the highest

@@ -181,8 +181,12 @@ fn finish_str(f: Option<FinishReason>) -> &'static str {
     }
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// OpenAI's usage object; `cached` (prompt tokens from the prefix cache) goes where OpenAI
+/// reports its own prompt caching.
+fn usage(prompt: usize, cached: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion,
+           "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
 async fn completions(
@@ -246,6 +250,7 @@ async fn completions(
             ignore_eos: body.ignore_eos,
             json_object: false,
             adapter: pinned.as_ref().map(|p| p.adapter.clone()),
+            cache_scope: 0, // set by generation::submit
             queued_ticket: None,
         });
     }
@@ -353,6 +358,7 @@ async fn chat_completions(
         ignore_eos: body.ignore_eos,
         json_object: generation::json_mode(body.response_format.as_ref(), body.ignore_eos)?,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
+        cache_scope: 0, // set by generation::submit
         queued_ticket: None,
     };
     check_fits_queue(&state, n)?;

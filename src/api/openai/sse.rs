@@ -95,6 +95,7 @@ pub(super) fn stream_chunks(
         pending,
         done: vec![false; choices],
         prompt_tokens: 0,
+        cached_tokens: 0,
         completion_tokens: 0,
         over: false,
     };
@@ -111,7 +112,7 @@ pub(super) fn stream_chunks(
                 }
                 if st.done.iter().all(|&d| d) {
                     if include_usage {
-                        let u = usage(st.prompt_tokens, st.completion_tokens);
+                        let u = usage(st.prompt_tokens, st.cached_tokens, st.completion_tokens);
                         st.pending.push_back(chunk(Value::Null, Some(u)));
                     }
                     st.end(None);
@@ -137,12 +138,14 @@ pub(super) fn stream_chunks(
                     Some(GenEvent::Done {
                         finish,
                         prompt_tokens,
+                        cached_tokens,
                         completion_tokens,
                     }) => {
                         st.done[i] = true;
                         // Each prompt once: choice i is sample i % n of prompt i / n.
                         if i % n.max(1) == 0 {
                             st.prompt_tokens += prompt_tokens;
+                            st.cached_tokens += cached_tokens;
                         }
                         st.completion_tokens += completion_tokens;
                         let c = piece(i, String::new(), None, Some(finish_str(Some(finish))));
@@ -168,6 +171,7 @@ struct Streaming<S> {
     /// Which choices have sent their `finish_reason`.
     done: Vec<bool>,
     prompt_tokens: usize,
+    cached_tokens: usize,
     completion_tokens: usize,
     /// `[DONE]` is queued (or every channel closed): nothing more after `pending`.
     over: bool,

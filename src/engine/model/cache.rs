@@ -9,6 +9,16 @@ use candle_nn::kv_cache::KvCache;
 /// small and long ones do not copy on every token.
 const GROW_BY: usize = 128;
 
+/// `t` in storage of its own: a view into the growing cache buffer would keep the whole
+/// buffer alive.
+fn owned(t: Tensor) -> Result<Tensor> {
+    if t.is_contiguous() {
+        t.copy()
+    } else {
+        t.contiguous()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SeqCache {
     layers: Vec<KvCache>,
@@ -49,5 +59,40 @@ impl SeqCache {
     /// Called once per forward, after every layer has appended `n` positions.
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
+    }
+
+    /// An owned copy of every layer's keys and values for positions `0..len`, each
+    /// [kv_heads, len, head_dim]: what a prefix cache keeps after the cache itself is gone.
+    pub fn copy_prefix(&self, len: usize) -> Result<Vec<(Tensor, Tensor)>> {
+        if len > self.len {
+            candle_core::bail!("prefix of {len} positions from a cache of {}", self.len);
+        }
+        self.layers
+            .iter()
+            .map(|c| {
+                let (Some(k), Some(v)) = (c.k()?, c.v()?) else {
+                    candle_core::bail!("copying the prefix of an empty cache");
+                };
+                Ok((owned(k.narrow(1, 0, len)?)?, owned(v.narrow(1, 0, len)?)?))
+            })
+            .collect()
+    }
+
+    /// A cache holding the first `len` positions of `prefix` (as from [`Self::copy_prefix`]),
+    /// with room reserved for what follows.
+    pub fn from_prefix(prefix: &[(Tensor, Tensor)], len: usize) -> Result<Self> {
+        let capacity = len.div_ceil(GROW_BY).max(1) * GROW_BY;
+        let layers = prefix
+            .iter()
+            .map(|(k, v)| {
+                let mut c = KvCache::new(1, capacity);
+                c.append(
+                    &k.narrow(1, 0, len)?.contiguous()?,
+                    &v.narrow(1, 0, len)?.contiguous()?,
+                )?;
+                Ok(c)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers, len })
     }
 }

@@ -2,6 +2,7 @@
 //! a time over every active sequence (continuous batching), samples, detokenizes, applies stop
 //! strings and streams events back. The HTTP side holds only an [`EngineHandle`].
 
+pub mod prefix_cache;
 pub mod state;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,6 +19,7 @@ use crate::engine::sampling::{Sampler, SamplingParams};
 use crate::engine::stop::StopMatcher;
 use crate::engine::tokenizer::{IncrementalDecoder, Tokenizer};
 use crate::metrics as m;
+use prefix_cache::PrefixCache;
 use state::{BatchLimits, Schedulable, State};
 
 /// A request the API has already validated (lengths fit the context, parameters in range).
@@ -37,6 +39,9 @@ pub struct GenerateRequest {
     /// The adapter version this request was pinned to when it was accepted; a later upload
     /// of the same name does not change it.
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// Requests reuse each other's cached prompt prefixes only within one scope (the API
+    /// passes one per tenant), so nobody can time their way to another tenant's prompts.
+    pub cache_scope: u64,
     /// Held while the request waits in the queue and dropped when it starts running (or goes
     /// away): lets the caller count its own queued requests (per tenant) without the engine
     /// knowing who they belong to.
@@ -86,6 +91,8 @@ pub enum GenEvent {
     Done {
         finish: FinishReason,
         prompt_tokens: usize,
+        /// Prompt tokens taken from the prefix cache instead of computed.
+        cached_tokens: usize,
         completion_tokens: usize,
     },
     Error(String),
@@ -104,6 +111,8 @@ pub struct EngineConfig {
     pub max_running: usize,
     pub max_waiting: usize,
     pub max_step_tokens: usize,
+    /// Bytes of prompt-prefix keys and values kept for reuse (0: off).
+    pub prefix_cache_bytes: usize,
 }
 
 /// Cheap to clone; what the HTTP side uses to reach the engine.
@@ -181,6 +190,7 @@ pub fn spawn(
         max_running: cfg.max_running.max(1),
         max_step_tokens: cfg.max_step_tokens.max(1),
     };
+    let prefix_cache_bytes = cfg.prefix_cache_bytes;
     std::thread::Builder::new()
         .name("adapterd-engine".into())
         .spawn(move || {
@@ -190,6 +200,7 @@ pub fn spawn(
                 state: State::new(limits),
                 waiting,
                 vocabulary: None,
+                prefixes: PrefixCache::new(prefix_cache_bytes),
             };
             // Marks the engine dead however the thread ends, a panic included.
             struct Alive(Arc<AtomicBool>);
@@ -224,6 +235,8 @@ struct Sequence {
     cache: SeqCache,
     /// Prompt tokens already fed to the model.
     fed: usize,
+    /// Of those, how many came from the prefix cache.
+    cached: usize,
     generated: Vec<u32>,
     /// The last sampled token, fed at the next step.
     next_input: Option<u32>,
@@ -248,6 +261,7 @@ struct Engine {
     waiting: Arc<AtomicUsize>,
     /// Every token's bytes, built at the first JSON-mode request.
     vocabulary: Option<Arc<Vocabulary>>,
+    prefixes: PrefixCache,
 }
 
 impl Engine {
@@ -272,6 +286,7 @@ impl Engine {
                     s.req.queued_ticket = None;
                     ::metrics::histogram!(m::REQUEST_QUEUE_SECONDS)
                         .record(now.duration_since(s.enqueued).as_secs_f64());
+                    reuse_prefix(&mut self.prefixes, s);
                 }
             }
             ::metrics::gauge!(m::REQUESTS_RUNNING).set(self.state.running.len() as f64);
@@ -307,6 +322,7 @@ impl Engine {
             stop: StopMatcher::new(sub.req.stop.clone()),
             cache: SeqCache::new(self.model.cfg.num_layers),
             fed: 0,
+            cached: 0,
             generated: Vec::new(),
             next_input: None,
             prompt_logprobs: Vec::new(),
@@ -407,6 +423,15 @@ impl Engine {
                 if s.prompt_remaining() > 0 {
                     continue;
                 }
+                if let Err(e) = self.prefixes.insert(
+                    s.req.cache_scope,
+                    s.req.adapter.as_ref(),
+                    &s.req.prompt,
+                    &s.cache,
+                ) {
+                    tracing::warn!(error = %e, "keeping a prompt prefix failed");
+                }
+                ::metrics::gauge!(m::PREFIX_CACHE_BYTES).set(self.prefixes.bytes() as f64);
                 if s.req.prompt_logprobs {
                     let lp = std::mem::take(&mut s.prompt_logprobs);
                     let _ = s.events.send(GenEvent::PromptLogprobs(lp));
@@ -428,6 +453,24 @@ impl Engine {
             let mut s = self.state.running.swap_remove(i);
             finish(&mut s, reason);
         }
+    }
+}
+
+/// Starts `s` from the longest cached prefix of its prompt, if any. Scoring requests read their
+/// whole prompt: they need a logit row for every prompt token.
+fn reuse_prefix(prefixes: &mut PrefixCache, s: &mut Sequence) {
+    if s.req.prompt_logprobs || s.fed > 0 {
+        return;
+    }
+    match prefixes.lookup(s.req.cache_scope, s.req.adapter.as_ref(), &s.req.prompt) {
+        Ok(Some(hit)) => {
+            s.cache = hit.cache;
+            s.fed = hit.tokens;
+            s.cached = hit.tokens;
+            ::metrics::counter!(m::PREFIX_CACHE_HIT_TOKENS_TOTAL).increment(hit.tokens as u64);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "reusing a cached prompt prefix failed"),
     }
 }
 
@@ -493,6 +536,7 @@ fn finish(s: &mut Sequence, reason: FinishReason) {
     let _ = s.events.send(GenEvent::Done {
         finish: reason,
         prompt_tokens: s.req.prompt.len(),
+        cached_tokens: s.cached,
         completion_tokens: s.generated.len(),
     });
 }

@@ -1,0 +1,119 @@
+//! Prompt-prefix reuse through the API: a request whose prompt starts like an earlier one
+//! reports the reused tokens (`usage.cached_tokens`; OpenAI's
+//! `usage.prompt_tokens_details.cached_tokens`) and answers as it would without the cache;
+//! tenants and adapters never share.
+
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_app, spawn_app_with, spawn_app_with_auth, tiny_adapter_files, TestApp};
+
+/// ~50 tokens with the tiny byte-level tokenizer: three whole 16-token blocks.
+const SYSTEM: &str = "You are a careful assistant; answer briefly and politely.\n";
+
+async fn generate(app: &TestApp, prompt: &str, adapter: Option<&str>) -> Value {
+    let mut body = json!({"prompt": prompt, "temperature": 0, "max_new_tokens": 8,
+                          "logprobs": true, "ignore_eos": true});
+    if let Some(a) = adapter {
+        body["adapter_id"] = json!(a);
+    }
+    let resp = app.post("/v1/generate", &body).await;
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.json().await.unwrap()
+}
+
+fn cached(v: &Value) -> u64 {
+    v["usage"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no usage.cached_tokens in {v}"))
+}
+
+fn logprobs(v: &Value) -> Vec<f64> {
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["logprob"].as_f64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_shared_prefix_is_reused_and_the_answer_does_not_change() {
+    let app = spawn_app().await;
+    let plain = spawn_app_with(|s| s.engine.prefix_cache_bytes = 0).await;
+    let (first, second) = (format!("{SYSTEM}ab"), format!("{SYSTEM}the cat"));
+    let n: Value = app.post_json("/v1/tokenize", &json!({"text": first})).await;
+    assert!(n["tokens"].as_array().unwrap().len() > 48, "{n}");
+
+    assert_eq!(cached(&generate(&app, &first, None).await), 0);
+    let hit = generate(&app, &second, None).await;
+    let reused = cached(&hit);
+    assert!(reused >= 48 && reused % 16 == 0, "{hit}");
+    assert!(reused < hit["usage"]["prompt_tokens"].as_u64().unwrap());
+
+    // The same request without any cache: the same text, the same logprobs (the cached keys
+    // and values are the ones a fresh prefill computes, up to summation order).
+    let want = generate(&plain, &second, None).await;
+    assert_eq!(cached(&want), 0);
+    assert_eq!(hit["text"], want["text"]);
+    for (a, b) in logprobs(&hit).iter().zip(logprobs(&want)) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+
+    // OpenAI's field, on completions and on chat (whose template is itself a shared prefix).
+    let c = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": format!("{SYSTEM}xyz"), "max_tokens": 2}),
+        )
+        .await;
+    assert!(
+        c["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() >= Some(48),
+        "{c}"
+    );
+    let chat = |content: &str| {
+        json!({"model": "tiny", "max_tokens": 2,
+               "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]})
+    };
+    app.post_json("/v1/chat/completions", &chat("hello")).await;
+    let c = app.post_json("/v1/chat/completions", &chat("bye")).await;
+    assert!(
+        c["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() >= Some(48),
+        "{c}"
+    );
+
+    // Scoring reads the whole prompt: no reuse.
+    let scored = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": second, "max_tokens": 0, "echo": true,
+                    "logprobs": 1}),
+        )
+        .await;
+    assert_eq!(
+        scored["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{scored}"
+    );
+}
+
+#[tokio::test]
+async fn tenants_and_adapters_do_not_share_prefixes() {
+    let app = spawn_app_with_auth().await;
+    let (p, q) = (format!("{SYSTEM}one"), format!("{SYSTEM}two"));
+    assert_eq!(cached(&generate(&app.a, &p, None).await), 0);
+    assert!(cached(&generate(&app.a, &q, None).await) > 0);
+    assert_eq!(
+        cached(&generate(&app.b, &q, None).await),
+        0,
+        "tenant b must not reuse tenant a's prompt"
+    );
+
+    let (config, weights) = tiny_adapter_files(3, 2.0);
+    let resp = app.a.post_adapter("mine", config, weights).await;
+    assert_eq!(resp.status().as_u16(), 201);
+    assert_eq!(
+        cached(&generate(&app.a, &p, Some("mine")).await),
+        0,
+        "the base's keys and values are not the adapter's"
+    );
+    assert!(cached(&generate(&app.a, &q, Some("mine")).await) > 0);
+}
