@@ -47,7 +47,7 @@ async fn a_shared_prefix_is_reused_and_the_answer_does_not_change() {
     assert_eq!(cached(&generate(&app, &first, None).await), 0);
     let hit = generate(&app, &second, None).await;
     let reused = cached(&hit);
-    assert!(reused >= 48 && reused % 16 == 0, "{hit}");
+    assert!(reused >= 48 && reused.is_multiple_of(16), "{hit}");
     assert!(reused < hit["usage"]["prompt_tokens"].as_u64().unwrap());
 
     // The same request without any cache: the same text, the same logprobs (the cached keys
