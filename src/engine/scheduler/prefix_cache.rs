@@ -41,7 +41,7 @@ impl Scope {
 
 struct Entry {
     scope: Scope,
-    _adapter: Option<Weak<LoraAdapter>>,
+    adapter: Option<Weak<LoraAdapter>>,
     /// A whole number of blocks.
     tokens: Vec<u32>,
     /// Per layer (keys, values), each [kv_heads, tokens.len(), head_dim].
@@ -162,6 +162,9 @@ impl PrefixCache {
         if bytes > self.budget {
             return Ok(());
         }
+        if self.used + bytes > self.budget {
+            self.evict_orphans();
+        }
         while self.used + bytes > self.budget {
             self.evict_oldest();
         }
@@ -175,7 +178,7 @@ impl PrefixCache {
             id,
             Entry {
                 scope: key,
-                _adapter: adapter.map(Arc::downgrade),
+                adapter: adapter.map(Arc::downgrade),
                 tokens: prompt[..len].to_vec(),
                 kv,
                 bytes,
@@ -185,13 +188,30 @@ impl PrefixCache {
         Ok(())
     }
 
-    fn evict_oldest(&mut self) {
-        let Some((&id, _)) = self.entries.iter().min_by_key(|(_, e)| e.last_used) else {
-            return;
-        };
+    /// Entries whose adapter version is no longer resident can never be hit again (a reload
+    /// is another allocation): they go before any live one.
+    fn evict_orphans(&mut self) {
+        let dead: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.adapter.as_ref().is_some_and(|w| w.strong_count() == 0))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in dead {
+            self.remove(id);
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
         if let Some(e) = self.entries.remove(&id) {
             self.used -= e.bytes;
             self.index.retain(|_, v| *v != id);
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        if let Some((&id, _)) = self.entries.iter().min_by_key(|(_, e)| e.last_used) {
+            self.remove(id);
         }
     }
 }
@@ -275,6 +295,32 @@ mod tests {
         pc.insert(7, Some(&a), &p, &cache_of(&p)).unwrap();
         assert!(pc.lookup(7, Some(&a), &p).unwrap().is_some());
         assert!(pc.lookup(7, None, &p).unwrap().is_some());
+    }
+
+    #[test]
+    fn entries_of_an_unloaded_adapter_go_first() {
+        let entry = 2 * LAYERS * 2 * 32 * 4 * 4;
+        let mut pc = PrefixCache::new(2 * entry);
+        let adapter = || {
+            Arc::new(LoraAdapter {
+                layers: Vec::new(),
+                rank: 1,
+                alpha: 1.0,
+                use_rslora: false,
+                target_modules: Vec::new(),
+                size_bytes: 0,
+            })
+        };
+        let (a, b, c) = (prompt(1, 33), prompt(2, 33), prompt(3, 33));
+        let gone = adapter();
+        pc.insert(0, None, &a, &cache_of(&a)).unwrap();
+        pc.insert(0, Some(&gone), &b, &cache_of(&b)).unwrap();
+        drop(gone);
+        // `a` is the least recently used, but `b`'s adapter is gone: `b` makes room.
+        pc.insert(0, None, &c, &cache_of(&c)).unwrap();
+        assert!(pc.lookup(0, None, &a).unwrap().is_some());
+        assert!(pc.lookup(0, None, &c).unwrap().is_some());
+        assert_eq!(pc.bytes(), 2 * entry);
     }
 
     #[test]
