@@ -95,6 +95,52 @@ async fn a_shared_prefix_is_reused_and_the_answer_does_not_change() {
     );
 }
 
+/// A chat's next turn sends the whole conversation again: the reply of the previous turn is
+/// reused as well as its prompt.
+#[tokio::test]
+async fn the_next_turn_reuses_the_previous_reply() {
+    let app = spawn_app().await;
+    let first = app
+        .post_json(
+            "/v1/generate",
+            &json!({"prompt": SYSTEM, "temperature": 0, "max_new_tokens": 24,
+                    "logprobs": true, "ignore_eos": true}),
+        )
+        .await;
+    let reply: Vec<u64> = first["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    let prompt: Value = app
+        .post_json("/v1/tokenize", &json!({"text": SYSTEM}))
+        .await;
+    let mut ids: Vec<u64> = prompt["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    let prompt_blocks = ids.len() / 16;
+    ids.extend(&reply);
+    // The cache holds the prompt and all of the reply but its last token.
+    let held = ids.len() - 1;
+    assert!(held / 16 > prompt_blocks, "the reply must complete a block");
+    ids.extend([10, 11, 12]);
+    let next = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": ids, "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(
+        next["usage"]["prompt_tokens_details"]["cached_tokens"],
+        held / 16 * 16,
+        "{next}"
+    );
+}
+
 #[tokio::test]
 async fn tenants_and_adapters_do_not_share_prefixes() {
     let app = spawn_app_with_auth().await;

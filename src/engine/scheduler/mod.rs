@@ -452,7 +452,29 @@ impl Engine {
         for (i, reason) in finished {
             let mut s = self.state.running.swap_remove(i);
             finish(&mut s, reason);
+            self.keep_conversation(&s);
         }
+    }
+
+    /// A finished sequence's cache also holds its reply (all but the last token, which was
+    /// never fed): a chat's next turn sends the whole conversation again, so prompt + reply
+    /// is the prefix it will start with.
+    fn keep_conversation(&mut self, s: &Sequence) {
+        let cached = s.cache.len();
+        // Only when the reply completed a block the prompt's entry does not already hold.
+        if cached / prefix_cache::BLOCK <= s.req.prompt.len() / prefix_cache::BLOCK {
+            return;
+        }
+        let tokens: Vec<u32> = s.req.prompt.iter().chain(&s.generated).copied().collect();
+        if let Err(e) = self.prefixes.insert(
+            s.req.cache_scope,
+            s.req.adapter.as_ref(),
+            &tokens[..cached.min(tokens.len())],
+            &s.cache,
+        ) {
+            tracing::warn!(error = %e, "keeping a finished conversation's prefix failed");
+        }
+        ::metrics::gauge!(m::PREFIX_CACHE_BYTES).set(self.prefixes.bytes() as f64);
     }
 }
 
