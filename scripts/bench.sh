@@ -15,7 +15,8 @@
 # MODES (base,one-adapter,n-adapters,cold; llama.cpp always runs base only), PEER_SLOTS (16),
 # LLAMA_CPP_DIR (default: built or reused by scripts/build_llamacpp.sh), PEER=0 (skip
 # llama.cpp), OUT (results directory; default a new /tmp/adapterd-bench.*), OUR_PORT, PEER_PORT,
-# ADAPTERD (a prebuilt adapterd binary, e.g. an older commit's for an A/B run; skips the build).
+# ADAPTERD (a prebuilt adapterd binary, e.g. an older commit's for an A/B run; skips the build),
+# ADAPTERD_SETTINGS (TOML appended to adapterd's config, e.g. $'[engine]\nprefix_cache_bytes = 0').
 # Extra arguments go to both harness runs (e.g. --min-requests, --requests-per-stream,
 # --cold-adapters); give the matrix axes through the variables above, not as flags.
 set -euo pipefail
@@ -102,6 +103,7 @@ cat >"$OUT/adapterd.toml" <<EOF
 adapters_dir = "$OUT/adapters"
 database_url = "sqlite://$OUT/adapterd.db"
 jobs_dir = "$OUT/jobs"
+${ADAPTERD_SETTINGS:-}
 EOF
 start_adapterd() {
     "$ADAPTERD" serve --config "$OUT/adapterd.toml" --model "$MODEL" \
