@@ -162,7 +162,7 @@ start_server() {
   note "FAIL: $name server not ready in 120 s"; tail -20 "$RES/server_$name.log"; return 1
 }
 
-# completions NAME PORT: greedy completions with logprobs, one JSON line per prompt.
+# What each server completes greedily (with logprobs): `completions NAME PORT`, below.
 PROMPTS=(
   "The capital of France is"
   "def fibonacci(n):"
@@ -170,19 +170,24 @@ PROMPTS=(
   "The three primary colors are"
   "Water boils at a temperature of"
 )
-completions() {
-  local name="$1" port="$2" model
+# post_each NAME PORT FILE MODE TEXT...: one /v1/completions call per text, one JSON line each in
+# $RES/FILE_NAME.jsonl. MODE generate: greedy, MAX_TOKENS, logprobs; score: echo, max_tokens 0.
+post_each() {
+  local name="$1" port="$2" file="$3" mode="$4" model; shift 4
   model="$(curl -fsS --max-time 10 "http://127.0.0.1:$port/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')" || return 1
-  : > "$RES/completions_$name.jsonl"
-  for p in "${PROMPTS[@]}"; do
-    python3 -c 'import json,sys; print(json.dumps({"model": sys.argv[1], "prompt": sys.argv[2], "max_tokens": int(sys.argv[3]), "temperature": 0, "logprobs": 1}))' \
-      "$model" "$p" "$MAX_TOKENS" \
+  : > "$RES/${file}_$name.jsonl"
+  for t in "$@"; do
+    python3 -c 'import json,sys
+model, text, mode, n = sys.argv[1], sys.argv[2].replace("\\n", "\n"), sys.argv[3], int(sys.argv[4])
+body = {"model": model, "prompt": text, "logprobs": 1}
+body.update({"max_tokens": n, "temperature": 0} if mode == "generate" else {"max_tokens": 0, "echo": True})
+print(json.dumps(body))' "$model" "$t" "$mode" "$MAX_TOKENS" \
       | curl -fsS --max-time 60 -H 'content-type: application/json' -d @- "http://127.0.0.1:$port/v1/completions" \
-      >> "$RES/completions_$name.jsonl" || return 1
-    echo >> "$RES/completions_$name.jsonl"
+      >> "$RES/${file}_$name.jsonl" || return 1
+    echo >> "$RES/${file}_$name.jsonl"
   done
-  echo "$name completions done after $(elapsed)"
 }
+completions() { post_each "$1" "$2" completions generate "${PROMPTS[@]}" && echo "$1 completions done after $(elapsed)"; }
 
 # Texts both servers score teacher-forced (echo, nothing generated): per-token logprobs of the
 # same tokens, so one rounding-level difference cannot send the two down different paths.
@@ -193,18 +198,7 @@ SCORED=(
   "The three primary colors are red, yellow and blue. Mixing two of them gives a secondary color: orange, green or purple."
   "Water boils at a temperature of 100 degrees Celsius at sea level; at higher altitudes the air pressure is lower and it boils sooner."
 )
-score_texts() {
-  local name="$1" port="$2" model
-  model="$(curl -fsS --max-time 10 "http://127.0.0.1:$port/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')" || return 1
-  : > "$RES/scored_$name.jsonl"
-  for t in "${SCORED[@]}"; do
-    python3 -c 'import json,sys; print(json.dumps({"model": sys.argv[1], "prompt": sys.argv[2].replace("\\n", "\n"), "max_tokens": 0, "echo": True, "logprobs": 1}))' \
-      "$model" "$t" \
-      | curl -fsS --max-time 60 -H 'content-type: application/json' -d @- "http://127.0.0.1:$port/v1/completions" \
-      >> "$RES/scored_$name.jsonl" || return 1
-    echo >> "$RES/scored_$name.jsonl"
-  done
-}
+score_texts() { post_each "$1" "$2" scored score "${SCORED[@]}"; }
 
 # finetune_smoke PORT: a 20-step SFT job on the server's device, then a generation with it.
 finetune_smoke() {

@@ -120,14 +120,7 @@ mod tests {
     use super::*;
 
     fn adapter(bytes: usize) -> Arc<LoraAdapter> {
-        Arc::new(LoraAdapter {
-            layers: Vec::new(),
-            rank: 1,
-            alpha: 1.0,
-            use_rslora: false,
-            target_modules: Vec::new(),
-            size_bytes: bytes,
-        })
+        LoraAdapter::empty_for_tests(bytes)
     }
 
     fn key(n: &str) -> AdapterKey {

@@ -100,3 +100,19 @@ pub struct LoraAdapter {
     /// Bytes the A/B tensors take in memory (for the resident-cache budget).
     pub size_bytes: usize,
 }
+
+#[cfg(test)]
+impl LoraAdapter {
+    /// An adapter with no layers that claims `size_bytes`: for tests of the caches, which only
+    /// look at identity and size.
+    pub(crate) fn empty_for_tests(size_bytes: usize) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            layers: Vec::new(),
+            rank: 1,
+            alpha: 1.0,
+            use_rslora: false,
+            target_modules: Vec::new(),
+            size_bytes,
+        })
+    }
+}

@@ -284,14 +284,7 @@ mod tests {
         let p = prompt(1, 40);
         pc.insert(7, None, &p, &cache_of(&p)).unwrap();
         assert!(pc.lookup(8, None, &p).unwrap().is_none(), "another tenant");
-        let a = Arc::new(LoraAdapter {
-            layers: Vec::new(),
-            rank: 1,
-            alpha: 1.0,
-            use_rslora: false,
-            target_modules: Vec::new(),
-            size_bytes: 0,
-        });
+        let a = LoraAdapter::empty_for_tests(0);
         assert!(pc.lookup(7, Some(&a), &p).unwrap().is_none(), "an adapter");
         pc.insert(7, Some(&a), &p, &cache_of(&p)).unwrap();
         assert!(pc.lookup(7, Some(&a), &p).unwrap().is_some());
@@ -302,18 +295,8 @@ mod tests {
     fn entries_of_an_unloaded_adapter_go_first() {
         let entry = 2 * LAYERS * 2 * 32 * 4 * 4;
         let mut pc = PrefixCache::new(2 * entry);
-        let adapter = || {
-            Arc::new(LoraAdapter {
-                layers: Vec::new(),
-                rank: 1,
-                alpha: 1.0,
-                use_rslora: false,
-                target_modules: Vec::new(),
-                size_bytes: 0,
-            })
-        };
         let (a, b, c) = (prompt(1, 33), prompt(2, 33), prompt(3, 33));
-        let gone = adapter();
+        let gone = LoraAdapter::empty_for_tests(0);
         pc.insert(0, None, &a, &cache_of(&a)).unwrap();
         pc.insert(0, Some(&gone), &b, &cache_of(&b)).unwrap();
         drop(gone);

@@ -216,13 +216,9 @@ fn sft_loss_of(model: &Llama, lora: &TrainableLora) -> candle_core::Tensor {
     super::loss::sft_loss(&logp, 4).unwrap()
 }
 
-#[test]
-fn lora_gradients_match_finite_differences_and_reach_every_variable() {
-    let model = tiny(3, true);
-    let h = hyper(Method::Sft, |_| {});
-    let lora = TrainableLora::init(&model, &h, &Device::Cpu).unwrap();
-    // PEFT starts B at zero, where A's gradient vanishes; perturb B so both are exercised.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+/// PEFT starts B at zero, where A's gradient vanishes: random B values exercise both.
+fn perturb_b(lora: &TrainableLora, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for (name, var) in lora.named_vars() {
         if name.ends_with(".b") {
             let n = var.as_tensor().elem_count();
@@ -231,6 +227,14 @@ fn lora_gradients_match_finite_differences_and_reach_every_variable() {
                 .unwrap();
         }
     }
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_and_reach_every_variable() {
+    let model = tiny(3, true);
+    let h = hyper(Method::Sft, |_| {});
+    let lora = TrainableLora::init(&model, &h, &Device::Cpu).unwrap();
+    perturb_b(&lora, 9);
     let loss = sft_loss_of(&model, &lora);
     let grads = loss.backward().unwrap();
     let named = lora.named_vars();
@@ -499,15 +503,7 @@ fn composed_training_ops_match_the_fused_kernels() {
     composed.use_portable_kernels();
     let h = hyper(Method::Sft, |_| {});
     let lora = TrainableLora::init(&fused, &h, &Device::Cpu).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-    for (name, var) in lora.named_vars() {
-        if name.ends_with(".b") {
-            let n = var.as_tensor().elem_count();
-            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-0.2..0.2)).collect();
-            var.set(&Tensor::from_vec(v, var.as_tensor().dims(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
+    perturb_b(&lora, 9);
     let (t1, t2): (Vec<u32>, Vec<u32>) =
         (vec![2, 7, 1, 8, 2, 8], vec![5, 9, 3, 3, 14, 30, 6, 1, 0]);
     let (m1, m2) = (
