@@ -141,6 +141,36 @@ async fn the_next_turn_reuses_the_previous_reply() {
     );
 }
 
+/// The process-wide count of prompt tokens served from the cache (other tests in this binary
+/// only add to it).
+async fn hit_tokens(app: &TestApp) -> u64 {
+    let text = app.get_text("/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("adapterd_prefix_cache_hit_tokens_total "))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
+/// `n` choices read one prompt: one of them computes it, the others wait for it and start from
+/// its cached prefix. (Prefill in 16-token steps, so the twins arrive while it runs.)
+#[tokio::test]
+async fn choices_of_one_prompt_compute_it_once() {
+    let app = spawn_app_with(|s| s.engine.max_step_tokens = 16).await;
+    let before = hit_tokens(&app).await;
+    let v = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": format!("{SYSTEM}x"), "n": 4, "max_tokens": 2,
+                    "temperature": 1.0, "seed": 5}),
+        )
+        .await;
+    assert_eq!(v["choices"].as_array().unwrap().len(), 4, "{v}");
+    let reused = hit_tokens(&app).await - before;
+    assert!(
+        reused >= 3 * 48,
+        "three choices reused the first one's 48 tokens: {reused}"
+    );
+}
+
 #[tokio::test]
 async fn tenants_and_adapters_do_not_share_prefixes() {
     let app = spawn_app_with_auth().await;

@@ -237,6 +237,9 @@ struct Sequence {
     fed: usize,
     /// Of those, how many came from the prefix cache.
     cached: usize,
+    /// Waiting for a twin (same scope, adapter and prompt) to finish reading the prompt, to
+    /// start from its cached prefix instead of computing the same keys and values again.
+    parked: bool,
     generated: Vec<u32>,
     /// The last sampled token, fed at the next step.
     next_input: Option<u32>,
@@ -251,6 +254,29 @@ struct Sequence {
 impl Schedulable for Sequence {
     fn prompt_remaining(&self) -> usize {
         self.req.prompt.len() - self.fed
+    }
+
+    fn is_parked(&self) -> bool {
+        self.parked
+    }
+}
+
+impl Sequence {
+    /// Whether `other` reads the very prompt this one does, where a cached prefix of one
+    /// serves the other.
+    fn twin_of(&self, other: &Sequence) -> bool {
+        self.req.cache_scope == other.req.cache_scope
+            && match (&self.req.adapter, &other.req.adapter) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+            && self.req.prompt == other.req.prompt
+    }
+
+    /// Whether a twin's prefix could serve this sequence at all.
+    fn can_wait_for_twin(&self) -> bool {
+        self.fed == 0 && !self.req.prompt_logprobs && self.req.prompt.len() > prefix_cache::BLOCK
     }
 }
 
@@ -288,7 +314,9 @@ impl Engine {
                         .record(now.duration_since(s.enqueued).as_secs_f64());
                     reuse_prefix(&mut self.prefixes, s);
                 }
+                self.park_twins(first);
             }
+            self.unpark_twins();
             ::metrics::gauge!(m::REQUESTS_RUNNING).set(self.state.running.len() as f64);
             ::metrics::gauge!(m::REQUESTS_WAITING).set(self.state.waiting.len() as f64);
             if !self.state.running.is_empty() {
@@ -323,6 +351,7 @@ impl Engine {
             cache: SeqCache::new(self.model.cfg.num_layers),
             fed: 0,
             cached: 0,
+            parked: false,
             generated: Vec::new(),
             next_input: None,
             prompt_logprobs: Vec::new(),
@@ -348,6 +377,9 @@ impl Engine {
 
     fn step(&mut self) {
         let plan = self.state.plan();
+        if plan.is_empty() {
+            return;
+        }
         ::metrics::histogram!(m::BATCH_SIZE).record(plan.len() as f64);
         // Inputs per planned sequence: a prompt chunk, or the last sampled token.
         let mut inputs: Vec<(usize, Vec<u32>, bool)> = Vec::with_capacity(plan.len());
@@ -453,6 +485,43 @@ impl Engine {
             let mut s = self.state.running.swap_remove(i);
             finish(&mut s, reason);
             self.keep_conversation(&s);
+        }
+    }
+
+    /// Sequences admitted from `first` on that missed the prefix cache but have a twin still
+    /// reading the same prompt (`n` choices, `best_of`, a repeated prompt) wait for it: one
+    /// prefill instead of several.
+    fn park_twins(&mut self, first: usize) {
+        if !self.prefixes.enabled() {
+            return;
+        }
+        let running = &mut self.state.running;
+        for i in first..running.len() {
+            if !running[i].can_wait_for_twin() {
+                continue;
+            }
+            let leader = running.iter().enumerate().any(|(j, t)| {
+                j != i && !t.parked && t.prompt_remaining() > 0 && t.twin_of(&running[i])
+            });
+            running[i].parked = leader;
+        }
+    }
+
+    /// Parked sequences whose twin has read its prompt (or gone) start, from the prefix the
+    /// twin left.
+    fn unpark_twins(&mut self) {
+        let running = &mut self.state.running;
+        for i in 0..running.len() {
+            if !running[i].parked {
+                continue;
+            }
+            let waiting = running
+                .iter()
+                .any(|t| !t.parked && t.prompt_remaining() > 0 && t.twin_of(&running[i]));
+            if !waiting {
+                running[i].parked = false;
+                reuse_prefix(&mut self.prefixes, &mut running[i]);
+            }
         }
     }
 

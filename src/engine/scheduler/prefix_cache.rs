@@ -95,6 +95,10 @@ impl PrefixCache {
         self.used
     }
 
+    pub fn enabled(&self) -> bool {
+        self.budget > 0
+    }
+
     /// The longest cached whole-block prefix of `prompt` in this scope, leaving at least one
     /// prompt token to compute (its logits choose the first new token).
     pub fn lookup(

@@ -21,6 +21,12 @@ pub struct BatchLimits {
 pub trait Schedulable {
     /// Prompt tokens not yet fed to the model.
     fn prompt_remaining(&self) -> usize;
+
+    /// Holding its place without taking part in steps (waiting for a twin's prefill, whose
+    /// cached prefix it will then reuse).
+    fn is_parked(&self) -> bool {
+        false
+    }
 }
 
 /// The running set and the waiting line.
@@ -64,13 +70,15 @@ impl<S: Schedulable> State<S> {
         let decoding = self
             .running
             .iter()
-            .filter(|s| s.prompt_remaining() == 0)
+            .filter(|s| !s.is_parked() && s.prompt_remaining() == 0)
             .count();
         let mut budget = self.limits.max_step_tokens.saturating_sub(decoding);
         let mut plan = Vec::with_capacity(self.running.len());
         for (i, s) in self.running.iter().enumerate() {
             let remaining = s.prompt_remaining();
-            if remaining == 0 {
+            if s.is_parked() {
+                continue;
+            } else if remaining == 0 {
                 plan.push((i, 1));
             } else if budget > 0 {
                 let n = remaining.min(budget);
@@ -84,7 +92,11 @@ impl<S: Schedulable> State<S> {
             .iter()
             .all(|&(i, _)| self.running[i].prompt_remaining() == 0)
         {
-            if let Some(i) = self.running.iter().position(|s| s.prompt_remaining() > 0) {
+            if let Some(i) = self
+                .running
+                .iter()
+                .position(|s| !s.is_parked() && s.prompt_remaining() > 0)
+            {
                 plan.push((i, 1));
                 plan.sort_unstable();
             }
@@ -102,6 +114,36 @@ mod tests {
         fn prompt_remaining(&self) -> usize {
             self.0
         }
+    }
+
+    /// (prompt remaining, parked)
+    struct Twin(usize, bool);
+    impl Schedulable for Twin {
+        fn prompt_remaining(&self) -> usize {
+            self.0
+        }
+        fn is_parked(&self) -> bool {
+            self.1
+        }
+    }
+
+    #[test]
+    fn parked_sequences_take_no_part_and_no_budget() {
+        let mut s = State::new(BatchLimits {
+            max_running: 8,
+            max_step_tokens: 10,
+        });
+        s.running
+            .extend([Twin(0, false), Twin(6, true), Twin(9, false), Twin(0, true)]);
+        // One decode token; the parked prefill and decode get nothing.
+        assert_eq!(s.plan(), vec![(0, 1), (2, 9)]);
+        // Only parked prefills beside decodes: no starvation fallback picks them.
+        let mut s = State::new(BatchLimits {
+            max_running: 8,
+            max_step_tokens: 1,
+        });
+        s.running.extend([Twin(0, false), Twin(5, true)]);
+        assert_eq!(s.plan(), vec![(0, 1)]);
     }
 
     fn state(max_running: usize, max_step_tokens: usize) -> State<Fake> {
