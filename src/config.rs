@@ -476,6 +476,22 @@ mod tests {
     }
 
     #[test]
+    fn kernels_follow_the_device_unless_portable_is_asked() {
+        use crate::engine::model::Kernels;
+        let mut s = Settings::defaults().unwrap();
+        let cpu = candle_core::Device::Cpu;
+        assert_eq!(s.kernels_for(&cpu).unwrap(), Kernels::Native);
+        s.model.kernels = "portable".into();
+        assert_eq!(s.kernels_for(&cpu).unwrap(), Kernels::Portable);
+        s.model.kernels = "fast".into();
+        let err = s.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("model.kernels") && err.contains("fast"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn flags_turn_auth_on_and_limits_are_validated() {
         let o = Overrides {
             auth: true,
