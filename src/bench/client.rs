@@ -31,6 +31,8 @@ pub struct RequestSpec {
     /// Unique per request: the prompt starts with it.
     pub id: u64,
     pub prompt_tokens: usize,
+    /// Leading words every prompt of the run shares (`--shared-prefix-tokens`).
+    pub shared_prefix: usize,
     pub max_tokens: usize,
     /// The adapter to use, None for the base.
     pub adapter: Option<String>,
@@ -40,7 +42,7 @@ pub struct RequestSpec {
 /// does the same work; the OpenAI body carries llama.cpp's `n_predict`/`ignore_eos`/
 /// `cache_prompt` extensions (other OpenAI-compatible servers ignore unknown fields).
 pub fn request_body(t: &Target, r: &RequestSpec) -> (String, Value) {
-    let prompt = build_prompt(r.prompt_tokens, r.id);
+    let prompt = build_prompt(r.prompt_tokens, r.id, r.shared_prefix);
     match t.api {
         Api::Native => {
             let mut b = json!({
@@ -64,7 +66,9 @@ pub fn request_body(t: &Target, r: &RequestSpec) -> (String, Value) {
                 "stream_options": {"include_usage": true},
                 "n_predict": r.max_tokens,
                 "ignore_eos": true,
-                "cache_prompt": false,
+                // llama.cpp reuses a slot's previous prompt only when asked; with a shared
+                // prefix both servers may reuse it (adapterd's cache is on by default).
+                "cache_prompt": r.shared_prefix > 0,
             });
             if let Some(m) = r.adapter.as_ref().or(t.base_model.as_ref()) {
                 b["model"] = json!(m);

@@ -83,6 +83,11 @@ pub struct RunArgs {
     /// New tokens per request (EOS ignored where the server allows it).
     #[arg(short, long, default_value_t = 128)]
     pub max_tokens: usize,
+    /// Every prompt starts with the same this many words (~tokens), a shared system prompt,
+    /// before its own id: measures prefix reuse (llama.cpp is then sent `cache_prompt: true`).
+    /// 0: every prompt differs from its first token.
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix_tokens: usize,
     /// Requests each stream sends back to back, at least.
     #[arg(long, default_value_t = 1)]
     pub requests_per_stream: usize,
@@ -366,6 +371,7 @@ pub async fn run(a: &RunArgs) -> Result<RunReport> {
         let spec = RequestSpec {
             id: next_id,
             prompt_tokens: a.prompt_tokens.first().copied().unwrap_or(16),
+            shared_prefix: 0,
             max_tokens: a.max_tokens,
             adapter: None,
         };
@@ -433,6 +439,7 @@ async fn run_scenario(
             let spec = RequestSpec {
                 id: *next_id,
                 prompt_tokens: 8,
+                shared_prefix: 0,
                 max_tokens: 1,
                 adapter: adapter_for(s),
             };
@@ -450,6 +457,7 @@ async fn run_scenario(
             RequestSpec {
                 id: id0 + (s * sc.requests_per_stream + k) as u64,
                 prompt_tokens: sc.prompt_tokens,
+                shared_prefix: a.shared_prefix_tokens,
                 max_tokens: a.max_tokens,
                 adapter: adapter_for(s),
             }
@@ -478,6 +486,7 @@ async fn cold_scenario(
         let spec = |adapter: Option<String>| RequestSpec {
             id: *next_id,
             prompt_tokens: a.cold_prompt_tokens,
+            shared_prefix: 0,
             max_tokens: 1,
             adapter,
         };

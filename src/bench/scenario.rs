@@ -161,13 +161,23 @@ const WORDS: &[&str] = &[
 ];
 
 /// A prompt of roughly `tokens` tokens that starts with `id`, so no two requests of a run share
-/// a prefix and no server's prefix cache can skip prefill. The servers report the exact count
-/// (`usage.prompt_tokens`), which the report shows.
-pub fn build_prompt(tokens: usize, id: u64) -> String {
+/// a prefix and no server's prefix cache can skip prefill — unless `shared` > 0: then every
+/// prompt starts with the same `shared` words (a common system prompt), and only what follows
+/// is the request's own. The servers report the exact count (`usage.prompt_tokens`), which the
+/// report shows.
+pub fn build_prompt(tokens: usize, id: u64, shared: usize) -> String {
+    let shared = shared.min(tokens.saturating_sub(1));
+    let mut s: String = (0..shared)
+        .map(|i| WORDS[i % WORDS.len()])
+        .collect::<Vec<_>>()
+        .join(" ");
     let id_text = id.to_string();
-    let mut s = format!("Request {id_text}:");
+    if !s.is_empty() {
+        s.push(' ');
+    }
+    s.push_str(&format!("Request {id_text}:"));
     // "Request", ":" and one token per digit (Llama-family tokenizers split digits).
-    let prefix_tokens = 2 + id_text.len();
+    let prefix_tokens = shared + 2 + id_text.len();
     let offset = (id as usize).wrapping_mul(7) % WORDS.len();
     for i in 0..tokens.saturating_sub(prefix_tokens).max(1) {
         s.push(' ');
@@ -254,12 +264,24 @@ mod tests {
 
     #[test]
     fn prompts_start_with_their_id_and_have_about_the_requested_length() {
-        let p = build_prompt(16, 42);
+        let p = build_prompt(16, 42, 0);
         assert!(p.starts_with("Request 42: "));
         // 16 tokens ≈ prefix (4) + 12 words.
         assert_eq!(p.split(' ').count(), 2 + 12);
-        assert_ne!(build_prompt(500, 1), build_prompt(500, 2));
-        assert_eq!(build_prompt(500, 7).split(' ').count(), 2 + 497);
-        assert!(build_prompt(1, 123456).ends_with(|c: char| c.is_alphabetic()));
+        assert_ne!(build_prompt(500, 1, 0), build_prompt(500, 2, 0));
+        assert_eq!(build_prompt(500, 7, 0).split(' ').count(), 2 + 497);
+        assert!(build_prompt(1, 123456, 0).ends_with(|c: char| c.is_alphabetic()));
+    }
+
+    #[test]
+    fn a_shared_prefix_is_the_same_words_then_the_request_id() {
+        let (a, b) = (build_prompt(500, 1, 400), build_prompt(500, 2, 400));
+        let shared = |p: &str| p.split(' ').take(400).collect::<Vec<_>>().join(" ");
+        assert_eq!(shared(&a), shared(&b));
+        assert_ne!(a, b);
+        assert_eq!(a.split(' ').nth(400), Some("Request"));
+        assert_eq!(a.split(' ').count(), 400 + 2 + 97);
+        // Never longer than the prompt itself.
+        assert!(build_prompt(16, 3, 400).split(' ').count() < 20);
     }
 }
