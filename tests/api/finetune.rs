@@ -14,7 +14,7 @@ fn sft_records() -> Value {
     ])
 }
 
-fn sft_job(name: &str, steps: usize) -> Value {
+pub(crate) fn sft_job(name: &str, steps: usize) -> Value {
     json!({
         "method": "sft",
         "adapter_name": name,
@@ -25,13 +25,13 @@ fn sft_job(name: &str, steps: usize) -> Value {
     })
 }
 
-async fn submit(app: &TestApp, body: &Value) -> Value {
+pub(crate) async fn submit(app: &TestApp, body: &Value) -> Value {
     let resp = app.post("/v1/finetune", body).await;
     assert_eq!(resp.status().as_u16(), 202);
     resp.json().await.unwrap()
 }
 
-async fn job(app: &TestApp, id: &str) -> Value {
+pub(crate) async fn job(app: &TestApp, id: &str) -> Value {
     let resp = app.get(&format!("/v1/finetune/{id}")).await;
     assert_eq!(resp.status().as_u16(), 200);
     resp.json().await.unwrap()

@@ -4,6 +4,7 @@
 
 use serde_json::{json, Value};
 
+use crate::finetune::{job, sft_job, submit};
 use crate::helpers::{spawn_app, spawn_app_with, tiny_adapter_files, TestApp};
 
 async fn portable_app() -> TestApp {
@@ -78,25 +79,12 @@ async fn the_portable_kernels_serve_what_the_native_ones_serve() {
 #[tokio::test]
 async fn a_portable_server_trains_an_adapter_that_serves() {
     let app = portable_app().await;
-    let body = json!({
-        "method": "sft",
-        "adapter_name": "learned",
-        "training_data": [
-            {"prompt": "ab", "completion": "xyz"},
-            {"prompt": "cd", "completion": "uvw"},
-        ],
-        "hyperparameters": {"rank": 8, "alpha": 16, "learning_rate": 0.01, "batch_size": 2,
-                            "max_steps": 40, "warmup_steps": 0, "lr_scheduler": "constant",
-                            "seed": 3},
-    });
-    let resp = app.post("/v1/finetune", &body).await;
-    assert_eq!(resp.status().as_u16(), 202);
-    let id = resp.json::<Value>().await.unwrap()["id"]
+    let id = submit(&app, &sft_job("learned", 40)).await["id"]
         .as_str()
         .unwrap()
         .to_owned();
     assert_eq!(app.run_jobs().await, 1);
-    let done = app.get_json(&format!("/v1/finetune/{id}")).await;
+    let done = job(&app, &id).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     for (prompt, want) in [("ab", "xyz"), ("cd", "uvw")] {
         let v = app
