@@ -127,7 +127,8 @@ async fn the_next_turn_reuses_the_previous_reply() {
     // The cache holds the prompt and all of the reply but its last token.
     let held = ids.len() - 1;
     assert!(held / 16 > prompt_blocks, "the reply must complete a block");
-    ids.extend([10, 11, 12]);
+    // The next user turn: 20 more tokens.
+    ids.extend(10..30);
     let next = app
         .post_json(
             "/v1/completions",
@@ -138,6 +139,21 @@ async fn the_next_turn_reuses_the_previous_reply() {
         next["usage"]["prompt_tokens_details"]["cached_tokens"],
         held / 16 * 16,
         "{next}"
+    );
+    // That turn started from a cached prefix, so its own blocks were kept only when it
+    // finished: the turn after it still finds all of them.
+    assert!(ids.len() / 16 > held / 16);
+    ids.extend([40, 41, 42]);
+    let third = app
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": ids, "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(
+        third["usage"]["prompt_tokens_details"]["cached_tokens"],
+        (ids.len() - 3) / 16 * 16,
+        "{third}"
     );
 }
 

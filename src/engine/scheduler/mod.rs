@@ -240,6 +240,8 @@ struct Sequence {
     /// Waiting for a twin (same scope, adapter and prompt) to finish reading the prompt, to
     /// start from its cached prefix instead of computing the same keys and values again.
     parked: bool,
+    /// Its prompt's whole blocks went to the prefix cache when the prefill ended.
+    prompt_kept: bool,
     generated: Vec<u32>,
     /// The last sampled token, fed at the next step.
     next_input: Option<u32>,
@@ -352,6 +354,7 @@ impl Engine {
             fed: 0,
             cached: 0,
             parked: false,
+            prompt_kept: false,
             generated: Vec::new(),
             next_input: None,
             prompt_logprobs: Vec::new(),
@@ -433,6 +436,7 @@ impl Engine {
 
         let mut row = 0;
         let mut finished = Vec::new();
+        let mut prefilled = Vec::new();
         for (i, toks, all) in &inputs {
             let s = &mut self.state.running[*i];
             let rows = if *all { toks.len() } else { 1 };
@@ -455,15 +459,7 @@ impl Engine {
                 if s.prompt_remaining() > 0 {
                     continue;
                 }
-                if let Err(e) = self.prefixes.insert(
-                    s.req.cache_scope,
-                    s.req.adapter.as_ref(),
-                    &s.req.prompt,
-                    &s.cache,
-                ) {
-                    tracing::warn!(error = %e, "keeping a prompt prefix failed");
-                }
-                ::metrics::gauge!(m::PREFIX_CACHE_BYTES).set(self.prefixes.bytes() as f64);
+                prefilled.push(*i);
                 if s.req.prompt_logprobs {
                     let lp = std::mem::take(&mut s.prompt_logprobs);
                     let _ = s.events.send(GenEvent::PromptLogprobs(lp));
@@ -479,6 +475,9 @@ impl Engine {
             if let Some(reason) = emit_token(s, last, &self.tokenizer) {
                 finished.push((*i, reason));
             }
+        }
+        for i in prefilled {
+            self.keep_prompt(i);
         }
         finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
@@ -525,13 +524,38 @@ impl Engine {
         }
     }
 
+    /// Running sequence `i` has just read its prompt: its whole blocks go to the prefix cache
+    /// when others can use them now — it computed a prompt nobody had cached, or twins wait
+    /// for it. A sequence that started from a cached prefix added only its own turn, which
+    /// its finished conversation will leave anyway ([`Self::keep_conversation`]): copying it
+    /// now would be a second copy of the same keys and values.
+    fn keep_prompt(&mut self, i: usize) {
+        let running = &self.state.running;
+        let s = &running[i];
+        let twins_wait = running.iter().any(|t| t.parked && t.twin_of(s));
+        if s.cached > 0 && !twins_wait {
+            return;
+        }
+        if let Err(e) = self.prefixes.insert(
+            s.req.cache_scope,
+            s.req.adapter.as_ref(),
+            &s.req.prompt,
+            &s.cache,
+        ) {
+            tracing::warn!(error = %e, "keeping a prompt prefix failed");
+        }
+        self.state.running[i].prompt_kept = true;
+        ::metrics::gauge!(m::PREFIX_CACHE_BYTES).set(self.prefixes.bytes() as f64);
+    }
+
     /// A finished sequence's cache also holds its reply (all but the last token, which was
     /// never fed): a chat's next turn sends the whole conversation again, so prompt + reply
     /// is the prefix it will start with.
     fn keep_conversation(&mut self, s: &Sequence) {
         let cached = s.cache.len();
-        // Only when the reply completed a block the prompt's entry does not already hold.
-        if cached / prefix_cache::BLOCK <= s.req.prompt.len() / prefix_cache::BLOCK {
+        // Unless the prompt is kept already and the reply completed no block beyond it.
+        if s.prompt_kept && cached / prefix_cache::BLOCK <= s.req.prompt.len() / prefix_cache::BLOCK
+        {
             return;
         }
         let tokens: Vec<u32> = s.req.prompt.iter().chain(&s.generated).copied().collect();
