@@ -1,8 +1,8 @@
 //! Prompt-prefix reuse: the keys and values of prompts already read (and of finished replies),
-//! kept in blocks of [`BLOCK`] tokens — copied out of the sequences' caches when their prefill
-//! ends and when they finish — so a new request whose prompt starts with one of them (the chat
-//! template and a system prompt, a few-shot preamble, a conversation's earlier turns) skips
-//! that part of its prefill.
+//! kept in blocks of [`BLOCK`] tokens — copied out of the sequences' caches when a prefill of
+//! an uncached prompt ends and when a sequence finishes (the engine decides which) — so a new
+//! request whose prompt starts with one of them (the chat template and a system prompt, a
+//! few-shot preamble, a conversation's earlier turns) skips that part of its prefill.
 //!
 //! Entries are found by the hash of each whole-block prefix and then compared token by token,
 //! so a hash collision costs a miss, never a wrong cache. Reuse happens only within one scope
