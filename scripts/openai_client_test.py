@@ -110,6 +110,9 @@ def check_usage(u, max_completion=None, completion=None):
         )
     if completion is not None:
         expect(u.completion_tokens == completion, f"completion_tokens {u.completion_tokens} != {completion}")
+    d = u.prompt_tokens_details
+    expect(d is not None and is_int(d.cached_tokens), f"usage.prompt_tokens_details = {d!r}")
+    expect(0 <= d.cached_tokens < u.prompt_tokens, f"cached_tokens {d.cached_tokens} of {u.prompt_tokens}")
 
 
 def check_chat(resp, max_tokens):
@@ -231,6 +234,21 @@ def _():
     state["chat_greedy_finish"] = c.finish_reason
     state["chat_greedy_usage"] = r.usage
     return repr(c.message.content)
+
+
+@check("chat: a repeated system prompt is reused (usage.prompt_tokens_details.cached_tokens)")
+def _():
+    system = {"role": "system", "content": "You answer questions about geography in one short sentence, "
+              "naming the country and the continent, and never add anything else."}
+    first = client.chat.completions.create(
+        model=MODEL, messages=[system, {"role": "user", "content": "Where is Lima?"}], max_tokens=4, temperature=0)
+    second = client.chat.completions.create(
+        model=MODEL, messages=[system, {"role": "user", "content": "Where is Oslo?"}], max_tokens=4, temperature=0)
+    check_usage(second.usage, max_completion=4)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    expect(cached >= 16 and cached % 16 == 0, f"cached_tokens = {cached} (first request: "
+           f"{first.usage.prompt_tokens_details.cached_tokens})")
+    return f"{cached} of {second.usage.prompt_tokens} prompt tokens reused"
 
 
 @check("chat: max_tokens reached -> finish_reason length")
