@@ -167,6 +167,24 @@ impl PrefixCache {
         if bytes > self.budget {
             return Ok(());
         }
+        // Entries the new one extends (a conversation's earlier turns) are wholly inside it:
+        // they go, and their blocks are found in the new entry.
+        let mut subsumed: Vec<u64> = hashes
+            .iter()
+            .filter_map(|h| self.index.get(&(key, *h)).copied())
+            .filter(|id| {
+                self.entries.get(id).is_some_and(|e| {
+                    e.scope == key
+                        && e.tokens.len() <= len
+                        && e.tokens[..] == prompt[..e.tokens.len()]
+                })
+            })
+            .collect();
+        subsumed.sort_unstable();
+        subsumed.dedup();
+        for id in subsumed {
+            self.remove(id);
+        }
         if self.used + bytes > self.budget {
             self.evict_orphans();
         }
@@ -293,6 +311,31 @@ mod tests {
         pc.insert(7, Some(&a), &p, &cache_of(&p)).unwrap();
         assert!(pc.lookup(7, Some(&a), &p).unwrap().is_some());
         assert!(pc.lookup(7, None, &p).unwrap().is_some());
+    }
+
+    #[test]
+    fn an_entry_that_extends_another_replaces_it() {
+        let mut pc = PrefixCache::new(1 << 20);
+        let per_token = 2 * LAYERS * 2 * 4 * 4;
+        let turn2 = prompt(1, 70);
+        let turn1 = &turn2[..40];
+        pc.insert(0, None, turn1, &cache_of(turn1)).unwrap();
+        assert_eq!(pc.bytes(), 32 * per_token);
+        pc.insert(0, None, &turn2, &cache_of(&turn2)).unwrap();
+        // Only the longer entry is left, and it serves both.
+        assert_eq!(pc.bytes(), 64 * per_token);
+        assert_eq!(pc.lookup(0, None, turn1).unwrap().unwrap().tokens, 32);
+        assert_eq!(pc.lookup(0, None, &turn2).unwrap().unwrap().tokens, 64);
+        // A different continuation of the same start is not inside it: both stay.
+        let mut other = turn2[..20].to_vec();
+        other.extend(prompt(2, 30));
+        pc.insert(0, None, &other, &cache_of(&other)).unwrap();
+        assert_eq!(pc.bytes(), (64 + 48) * per_token);
+        // Nor is another scope's entry.
+        pc.insert(9, None, turn1, &cache_of(turn1)).unwrap();
+        pc.insert(9, None, &turn2, &cache_of(&turn2)).unwrap();
+        assert_eq!(pc.bytes(), (64 + 48 + 64) * per_token);
+        assert!(pc.lookup(0, None, &turn2).unwrap().is_some());
     }
 
     #[test]
