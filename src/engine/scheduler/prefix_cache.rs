@@ -189,7 +189,10 @@ impl PrefixCache {
             self.evict_orphans();
         }
         while self.used + bytes > self.budget {
-            self.evict_oldest();
+            // Never spin in the engine thread: with nothing left to evict, keep nothing.
+            if !self.evict_oldest() {
+                return Ok(());
+            }
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -232,10 +235,17 @@ impl PrefixCache {
         }
     }
 
-    fn evict_oldest(&mut self) {
-        if let Some((&id, _)) = self.entries.iter().min_by_key(|(_, e)| e.last_used) {
+    /// Whether there was an entry to evict.
+    fn evict_oldest(&mut self) -> bool {
+        let oldest = self
+            .entries
+            .iter()
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(&id, _)| id);
+        if let Some(id) = oldest {
             self.remove(id);
         }
+        oldest.is_some()
     }
 }
 
