@@ -706,6 +706,44 @@ def _():
     return f"{c.finish_reason}: {content!r}"
 
 
+@check("structured output: chat.completions.parse with a Pydantic model")
+def _():
+    from typing import List, Optional
+    import pydantic
+    from typing_extensions import Annotated
+
+    Short = Annotated[str, pydantic.Field(max_length=24)]
+
+    class City(pydantic.BaseModel):
+        name: Short
+        country: Short
+        population: int
+        languages: Annotated[List[Short], pydantic.Field(max_length=3)]
+        is_capital: bool
+        nickname: Optional[Short]
+
+    # `parse` left `beta` in newer clients.
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    msgs = [{"role": "user", "content": "Describe Paris as JSON with its name, country, "
+             "population, languages, whether it is a capital, and its nickname."}]
+    r = parse(model=MODEL, messages=msgs, max_tokens=200, temperature=0, response_format=City)
+    c = r.choices[0]
+    expect(c.finish_reason == "stop", f"finish_reason {c.finish_reason}: {c.message.content!r}")
+    city = c.message.parsed
+    expect(isinstance(city, City), f"parsed {city!r}")
+    expect(list(json.loads(c.message.content)) == list(City.model_fields),
+           f"keys out of the schema's order: {c.message.content!r}")
+    # A schema the server cannot enforce is refused, not ignored.
+    expect_error(
+        lambda: client.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=8,
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "string", "pattern": "^a"}}}),
+        (openai.UnprocessableEntityError, openai.BadRequestError), 422,
+    )
+    return f"{city!r}"
+
+
 @check("errors: completions logprobs=6 -> refused")
 def _():
     return expect_error(

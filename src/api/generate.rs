@@ -48,7 +48,8 @@ pub struct GenerateBody {
     min_p: Option<f32>,
     /// Token id (as a string) → bias in [-100, 100], added to that token's logit.
     logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
-    /// `{"type": "text"}` (default) or `{"type": "json_object"}`, as OpenAI's chat route.
+    /// `{"type": "text"}` (default), `{"type": "json_object"}` or `{"type": "json_schema", ...}`,
+    /// as OpenAI's chat route.
     response_format: Option<serde_json::Value>,
     /// Generate exactly max_new_tokens, ignoring end-of-sequence (for benchmarks).
     #[serde(default)]
@@ -127,7 +128,10 @@ async fn generate(
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: false,
         ignore_eos: body.ignore_eos,
-        json_object: generation::json_mode(body.response_format.as_ref(), body.ignore_eos)?,
+        response_format: generation::response_format(
+            body.response_format.as_ref(),
+            body.ignore_eos,
+        )?,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
         cache_scope: 0, // set by generation::submit
         queued_ticket: None,

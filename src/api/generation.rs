@@ -8,6 +8,8 @@ use serde::Deserialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::{ApiError, AppState};
+use crate::engine::json_mode::ResponseFormat;
+use crate::engine::json_schema::Schema;
 use crate::engine::logit_adjust::LogitAdjust;
 use crate::engine::sampling::SamplingError;
 use crate::engine::scheduler::{
@@ -82,26 +84,73 @@ macro_rules! sampling_params {
 }
 pub(crate) use sampling_params;
 
-/// `response_format`: absent, null or `{"type": "text"}` → false; `{"type": "json_object"}` →
-/// JSON mode (not with `ignore_eos`, which would keep generating past the closed object);
-/// anything else (`json_schema` included) is refused by name.
-pub fn json_mode(format: Option<&serde_json::Value>, ignore_eos: bool) -> Result<bool, ApiError> {
+/// `response_format`: absent, null or `{"type": "text"}` → plain text; `{"type":
+/// "json_object"}` → JSON mode; `{"type": "json_schema", "json_schema": {"name", "schema",
+/// "strict"?, "description"?}}` → the schema, compiled here so a refused one is a 422 naming
+/// the place in it. Neither constrained form goes with `ignore_eos`, which would keep
+/// generating past the complete value.
+pub fn response_format(
+    format: Option<&serde_json::Value>,
+    ignore_eos: bool,
+) -> Result<ResponseFormat, ApiError> {
     let kind = match format {
-        None | Some(serde_json::Value::Null) => return Ok(false),
+        None | Some(serde_json::Value::Null) => return Ok(ResponseFormat::Text),
         Some(f) => f.get("type").and_then(serde_json::Value::as_str),
     };
-    match kind {
-        Some("text") => Ok(false),
-        Some("json_object") if ignore_eos => Err(ApiError::invalid_field(
-            "`response_format` json_object ends at the closed object; it cannot be combined \
-             with `ignore_eos`",
-        )),
-        Some("json_object") => Ok(true),
-        _ => Err(ApiError::invalid_field(
-            "`response_format`: {\"type\": \"text\"} and {\"type\": \"json_object\"} are supported \
-             (not json_schema)",
-        )),
+    let format = match kind {
+        Some("text") => return Ok(ResponseFormat::Text),
+        Some("json_object") => ResponseFormat::JsonObject,
+        Some("json_schema") => json_schema(format.and_then(|f| f.get("json_schema")))?,
+        _ => {
+            return Err(ApiError::invalid_field(
+                "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\"",
+            ))
+        }
+    };
+    if ignore_eos {
+        return Err(ApiError::invalid_field(
+            "`response_format` json_object and json_schema end at the complete value; they \
+             cannot be combined with `ignore_eos`",
+        ));
     }
+    Ok(format)
+}
+
+fn json_schema(spec: Option<&serde_json::Value>) -> Result<ResponseFormat, ApiError> {
+    let Some(spec) = spec.and_then(serde_json::Value::as_object) else {
+        return Err(ApiError::invalid_field(
+            "`response_format.json_schema` must be an object with a `schema`",
+        ));
+    };
+    if let Some(name) = spec.get("name") {
+        let ok = name.as_str().is_some_and(|n| {
+            (1..=64).contains(&n.len())
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+        if !ok {
+            return Err(ApiError::invalid_field(
+                "`response_format.json_schema.name` must be 1-64 letters, digits, `_` or `-`",
+            ));
+        }
+    }
+    if spec
+        .get("strict")
+        .is_some_and(|s| !s.is_boolean() && !s.is_null())
+    {
+        return Err(ApiError::invalid_field(
+            "`response_format.json_schema.strict` must be a boolean",
+        ));
+    }
+    let Some(schema) = spec.get("schema") else {
+        return Err(ApiError::invalid_field(
+            "`response_format.json_schema.schema` is required",
+        ));
+    };
+    let schema = Schema::compile(schema).map_err(|e| {
+        ApiError::invalid_field(format!("`response_format.json_schema.schema` {e}"))
+    })?;
+    Ok(ResponseFormat::JsonSchema(Arc::new(schema)))
 }
 
 /// `presence_penalty`, `frequency_penalty`, `repetition_penalty` (vLLM's extension) and

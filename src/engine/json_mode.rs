@@ -2,12 +2,14 @@
 //! token, to text that can still become one JSON object, ended as soon as the object closes.
 //!
 //! [`JsonPrefix`] checks bytes incrementally (a pushdown automaton over RFC 8259's grammar;
-//! bytes of 0x80 and above are taken as string content, so a token holding part of a UTF-8
-//! character is fine inside a string and refused outside one). [`JsonConstraint`] asks it, for a
+//! strings must be well-formed UTF-8 — a token may hold part of a character — with no unpaired
+//! surrogate escapes, as serde_json requires). [`JsonConstraint`] asks it, for a
 //! candidate token, whether the token's bytes keep the text valid; the sampler draws, and redraws
 //! without a refused token until one passes (see `sampling`).
 
 use std::sync::Arc;
+
+use super::json_schema::{Schema, SchemaPrefix};
 
 /// Where the checker stands.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -28,6 +30,7 @@ enum State {
     Str {
         key: bool,
         escape: Escape,
+        utf8: Utf8,
     },
     /// After a complete value inside a container: `,` or the container's close.
     AfterValue,
@@ -39,17 +42,66 @@ enum State {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Escape {
+pub(crate) enum Escape {
     None,
     /// After `\`.
     Backslash,
-    /// Inside `\uXXXX`: hex digits still due.
-    Unicode(u8),
+    /// Inside `\uXXXX`: hex digits still due, the value so far, and whether this is the low
+    /// half of a surrogate pair.
+    Unicode {
+        left: u8,
+        value: u16,
+        low: bool,
+    },
+    /// After a high surrogate (`\ud83d`): the `\` of its low half is due.
+    PairBackslash,
+    /// The `u` of the low half is due.
+    PairU,
+}
+
+/// UTF-8 well-formedness inside strings (RFC 3629's table of valid sequences): how many
+/// continuation bytes are still due and the range the next one must fall in. A token may end
+/// inside a character; the text may not.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Utf8 {
+    left: u8,
+    lo: u8,
+    hi: u8,
+}
+
+impl Utf8 {
+    /// Between characters.
+    pub(crate) fn at_boundary(self) -> bool {
+        self.left == 0
+    }
+
+    /// The state after a byte of 0x80 or above, or any byte inside a character; `None` if it
+    /// cannot continue valid UTF-8.
+    pub(crate) fn step(self, b: u8) -> Option<Utf8> {
+        if self.left > 0 {
+            return (self.lo..=self.hi).contains(&b).then_some(Utf8 {
+                left: self.left - 1,
+                lo: 0x80,
+                hi: 0xbf,
+            });
+        }
+        let (left, lo, hi) = match b {
+            0xc2..=0xdf => (1, 0x80, 0xbf),
+            0xe0 => (2, 0xa0, 0xbf),
+            0xe1..=0xec | 0xee..=0xef => (2, 0x80, 0xbf),
+            0xed => (2, 0x80, 0x9f),
+            0xf0 => (3, 0x90, 0xbf),
+            0xf1..=0xf3 => (3, 0x80, 0xbf),
+            0xf4 => (3, 0x80, 0x8f),
+            _ => return None,
+        };
+        Some(Utf8 { left, lo, hi })
+    }
 }
 
 /// Number states (RFC 8259 §6); `Zero`, `Int`, `Frac` and `Exp` may end the number.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Num {
+pub(crate) enum Num {
     Minus,
     Zero,
     Int,
@@ -58,6 +110,89 @@ enum Num {
     E,
     ESign,
     Exp,
+}
+
+impl Escape {
+    /// The escape state after byte `b` of a string's escape sequence (`self` is not `None`),
+    /// or `None` if `b` cannot continue it.
+    pub(crate) fn step(self, b: u8) -> Option<Escape> {
+        const LOW: std::ops::RangeInclusive<u32> = 0xdc00..=0xdfff;
+        match self {
+            Escape::None => Some(Escape::None),
+            Escape::Backslash => match b {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(Escape::None),
+                b'u' => Some(Escape::Unicode {
+                    left: 4,
+                    value: 0,
+                    low: false,
+                }),
+                _ => None,
+            },
+            Escape::Unicode { left, value, low } => {
+                let digit = (b as char).to_digit(16)?;
+                let value = u32::from(value) * 16 + digit;
+                // The values the digits still due can reach; refused as soon as none of them
+                // is valid (serde_json and most parsers refuse unpaired surrogates).
+                let span = 1u32 << (4 * u32::from(left - 1));
+                let (first, last) = (value * span, value * span + span - 1);
+                let reachable = if low {
+                    first <= *LOW.end() && last >= *LOW.start()
+                } else {
+                    !(first >= *LOW.start() && last <= *LOW.end())
+                };
+                if !reachable {
+                    return None;
+                }
+                Some(match left {
+                    1 if !low && (0xd800..=0xdbff).contains(&value) => Escape::PairBackslash,
+                    1 => Escape::None,
+                    _ => Escape::Unicode {
+                        left: left - 1,
+                        value: value as u16,
+                        low,
+                    },
+                })
+            }
+            Escape::PairBackslash => (b == b'\\').then_some(Escape::PairU),
+            Escape::PairU => (b == b'u').then_some(Escape::Unicode {
+                left: 4,
+                value: 0,
+                low: true,
+            }),
+        }
+    }
+}
+
+impl Num {
+    /// The number state that a value's first byte starts, if it starts a number.
+    pub(crate) fn start(b: u8) -> Option<Num> {
+        match b {
+            b'-' => Some(Num::Minus),
+            b'0' => Some(Num::Zero),
+            b'1'..=b'9' => Some(Num::Int),
+            _ => None,
+        }
+    }
+
+    /// The state after `b`, or `None` if `b` is not part of the number (see [`Num::can_end`]).
+    pub(crate) fn step(self, b: u8) -> Option<Num> {
+        Some(match (self, b) {
+            (Num::Minus, b'0') => Num::Zero,
+            (Num::Minus, b'1'..=b'9') => Num::Int,
+            (Num::Int, b'0'..=b'9') => Num::Int,
+            (Num::Zero | Num::Int, b'.') => Num::Dot,
+            (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
+            (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::E,
+            (Num::E, b'+' | b'-') => Num::ESign,
+            (Num::E | Num::ESign | Num::Exp, b'0'..=b'9') => Num::Exp,
+            _ => return None,
+        })
+    }
+
+    /// Whether the bytes so far are a whole number.
+    pub(crate) fn can_end(self) -> bool {
+        matches!(self, Num::Zero | Num::Int | Num::Frac | Num::Exp)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -155,6 +290,7 @@ impl JsonPrefix {
                         self.state = State::Str {
                             key: true,
                             escape: Escape::None,
+                            utf8: Utf8::default(),
                         };
                         true
                     }
@@ -182,7 +318,7 @@ impl JsonPrefix {
                 }
                 self.start_value(b)
             }
-            State::Str { key, escape } => self.in_string(key, escape, b),
+            State::Str { key, escape, utf8 } => self.in_string(key, escape, utf8, b),
             State::AfterValue => {
                 if is_ws(b) {
                     return true;
@@ -223,10 +359,12 @@ impl JsonPrefix {
             b'"' => State::Str {
                 key: false,
                 escape: Escape::None,
+                utf8: Utf8::default(),
             },
-            b'-' => State::Number(Num::Minus),
-            b'0' => State::Number(Num::Zero),
-            b'1'..=b'9' => State::Number(Num::Int),
+            b'-' | b'0'..=b'9' => match Num::start(b) {
+                Some(n) => State::Number(n),
+                None => return false,
+            },
             b't' => State::Literal(b"rue"),
             b'f' => State::Literal(b"alse"),
             b'n' => State::Literal(b"ull"),
@@ -249,56 +387,45 @@ impl JsonPrefix {
         true
     }
 
-    fn in_string(&mut self, key: bool, escape: Escape, b: u8) -> bool {
-        let escape = match escape {
-            Escape::None => match b {
+    fn in_string(&mut self, key: bool, escape: Escape, utf8: Utf8, b: u8) -> bool {
+        let (escape, utf8) = if !utf8.at_boundary() || b >= 0x80 {
+            match utf8.step(b) {
+                Some(u) if escape == Escape::None => (escape, u),
+                _ => return false,
+            }
+        } else if escape != Escape::None {
+            match escape.step(b) {
+                Some(e) => (e, utf8),
+                None => return false,
+            }
+        } else {
+            match b {
                 b'"' => {
                     self.state = if key { State::Colon } else { State::AfterValue };
                     return true;
                 }
-                b'\\' => Escape::Backslash,
+                b'\\' => (Escape::Backslash, utf8),
                 0..=0x1f => return false,
-                _ => Escape::None,
-            },
-            Escape::Backslash => match b {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Escape::None,
-                b'u' => Escape::Unicode(4),
-                _ => return false,
-            },
-            Escape::Unicode(left) => {
-                if !b.is_ascii_hexdigit() {
-                    return false;
-                }
-                if left == 1 {
-                    Escape::None
-                } else {
-                    Escape::Unicode(left - 1)
-                }
+                _ => (Escape::None, utf8),
             }
         };
-        self.state = State::Str { key, escape };
+        self.state = State::Str { key, escape, utf8 };
         true
     }
 
     fn in_number(&mut self, n: Num, b: u8) -> bool {
-        let next = match (n, b) {
-            (Num::Minus, b'0') => Num::Zero,
-            (Num::Minus, b'1'..=b'9') => Num::Int,
-            (Num::Int, b'0'..=b'9') => Num::Int,
-            (Num::Zero | Num::Int, b'.') => Num::Dot,
-            (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
-            (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::E,
-            (Num::E, b'+' | b'-') => Num::ESign,
-            (Num::E | Num::ESign | Num::Exp, b'0'..=b'9') => Num::Exp,
-            (Num::Zero | Num::Int | Num::Frac | Num::Exp, _) => {
+        match n.step(b) {
+            Some(next) => {
+                self.state = State::Number(next);
+                true
+            }
+            None if n.can_end() => {
                 // The number ended; the byte belongs to what follows it.
                 self.state = State::AfterValue;
-                return self.push(b);
+                self.push(b)
             }
-            _ => return false,
-        };
-        self.state = State::Number(next);
-        true
+            None => false,
+        }
     }
 }
 
@@ -309,24 +436,64 @@ pub struct Vocabulary {
     pub eos: Vec<u32>,
 }
 
-/// One sequence's JSON constraint.
+/// What a request asked its text to be (`response_format`).
+#[derive(Clone, Debug, Default)]
+pub enum ResponseFormat {
+    #[default]
+    Text,
+    /// One JSON object ([`JsonPrefix`]).
+    JsonObject,
+    /// One JSON value valid under a schema (see `json_schema`).
+    JsonSchema(Arc<Schema>),
+}
+
+/// The grammar a constrained sequence follows.
+#[derive(Clone, Debug)]
+enum Grammar {
+    Object(JsonPrefix),
+    Schema(SchemaPrefix),
+}
+
+/// One sequence's JSON constraint: JSON mode or a schema.
 #[derive(Clone, Debug)]
 pub struct JsonConstraint {
-    text: JsonPrefix,
+    grammar: Grammar,
     vocab: Arc<Vocabulary>,
 }
 
 impl JsonConstraint {
+    /// The constraint `format` asks for; `None` for plain text.
+    pub fn for_format(
+        format: &ResponseFormat,
+        vocab: impl FnOnce() -> Arc<Vocabulary>,
+    ) -> Option<Self> {
+        let grammar = match format {
+            ResponseFormat::Text => return None,
+            ResponseFormat::JsonObject => Grammar::Object(JsonPrefix::default()),
+            ResponseFormat::JsonSchema(schema) => {
+                Grammar::Schema(SchemaPrefix::new(schema.clone()))
+            }
+        };
+        Some(JsonConstraint {
+            grammar,
+            vocab: vocab(),
+        })
+    }
+
+    /// JSON mode.
     pub fn new(vocab: Arc<Vocabulary>) -> Self {
         JsonConstraint {
-            text: JsonPrefix::default(),
+            grammar: Grammar::Object(JsonPrefix::default()),
             vocab,
         }
     }
 
-    /// The object is complete: the sequence should end now.
+    /// The value is complete: the sequence should end now.
     pub fn finished(&self) -> bool {
-        self.text.is_complete()
+        match &self.grammar {
+            Grammar::Object(text) => text.is_complete(),
+            Grammar::Schema(text) => text.is_complete(),
+        }
     }
 
     /// An end-of-sequence token to end with, if the model has one.
@@ -334,11 +501,14 @@ impl JsonConstraint {
         self.vocab.eos.first().copied()
     }
 
-    /// Whether `token` may come next: end-of-sequence only once the object is complete;
+    /// Whether `token` may come next: end-of-sequence only once the text is a whole value;
     /// any other token only if its bytes (at least one) keep the text valid.
     pub fn allows(&self, token: u32) -> bool {
         if self.vocab.eos.contains(&token) {
-            return self.text.is_complete();
+            return match &self.grammar {
+                Grammar::Object(text) => text.is_complete(),
+                Grammar::Schema(text) => text.may_end(),
+            };
         }
         let Some(bytes) = self.vocab.bytes.get(token as usize) else {
             return false;
@@ -346,15 +516,28 @@ impl JsonConstraint {
         if bytes.is_empty() {
             return false;
         }
-        let mut text = self.text;
-        bytes.iter().all(|&b| text.push(b))
+        match &self.grammar {
+            Grammar::Object(text) => {
+                let mut text = *text;
+                bytes.iter().all(|&b| text.push(b))
+            }
+            Grammar::Schema(text) => text.accepts(bytes),
+        }
     }
 
     /// Records the chosen token (which [`JsonConstraint::allows`] accepted).
     pub fn accept(&mut self, token: u32) {
-        if let Some(bytes) = self.vocab.bytes.get(token as usize) {
-            for &b in bytes.iter() {
-                self.text.push(b);
+        let Some(bytes) = self.vocab.bytes.get(token as usize) else {
+            return;
+        };
+        match &mut self.grammar {
+            Grammar::Object(text) => {
+                for &b in bytes.iter() {
+                    text.push(b);
+                }
+            }
+            Grammar::Schema(text) => {
+                text.push(bytes);
             }
         }
     }
@@ -381,6 +564,8 @@ mod tests {
             ),
             (r#"{"a": {"b": [[], {}]}}  "#, true),
             (r#"{"a": "naïve"#, false),
+            (r#"{"a": "\ud83d\ude00 \uD7FF\uE000"}"#, true),
+            ("{\"\u{10FFFF}\u{7FF}\": \"\u{FFFD}\u{E000}\"}", true),
             (r#"{"a": 12"#, false),
             (r#"{"a": tr"#, false),
             ("{\"a\":\n[\n]\n}", true),
@@ -410,11 +595,43 @@ mod tests {
             r#"{"a": [1}"#,
             r#"{"a": "\x"}"#,
             r#"{"a": "\u12g4"}"#,
+            r#"{"a": "\ude00"#,
+            r#"{"a": "\udc"#,
+            r#"{"a": "\ud83d""#,
+            r#"{"a": "\ud83d\n"#,
+            r#"{"a": "\ud83d\ud8"#,
             "{\"a\": \"line\nbreak\"}",
             r#"{"a": 1}}"#,
             r#"{"a": 1} x"#,
         ] {
             assert!(accepts(text).is_none(), "accepted {text:?}");
+        }
+    }
+
+    #[test]
+    fn strings_must_be_well_formed_utf8() {
+        let push_all = |bytes: &[u8]| {
+            let mut p = JsonPrefix::default();
+            bytes.iter().all(|&b| p.push(b)).then_some(p)
+        };
+        assert!(
+            push_all(b"{\"\xc3\xa9\": \"\xf0\x9f\x98\x80\xe2\x82\xac\"}")
+                .unwrap()
+                .is_complete()
+        );
+        // A character may be cut between tokens, not ended early.
+        assert!(push_all(b"{\"a\": \"\xe2\x82").is_some());
+        for bad in [
+            &b"{\"a\": \"\x80"[..],
+            b"{\"a\": \"\xc3\"",
+            b"{\"a\": \"\xc3\\n",
+            b"{\"a\": \"\xed\xa0\x80",
+            b"{\"a\": \"\xc0\xaf",
+            b"{\"a\": \"\xf4\x90",
+            b"{\"a\": \"\xff",
+            b"{\x80",
+        ] {
+            assert!(push_all(bad).is_none(), "accepted {bad:?}");
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod device;
 pub mod json_mode;
+pub mod json_schema;
 pub mod logit_adjust;
 pub mod model;
 pub mod sampling;

@@ -11,3 +11,4 @@ mod openai;
 mod ops;
 mod portable;
 mod prefix_cache;
+mod structured;

@@ -15,6 +15,7 @@ use super::extract::ApiJson;
 use super::generation::{self, chat_prompt, MessageIn, StopSpec};
 use super::{ApiError, AppState};
 use crate::adapters::{AdapterError, Resolved};
+use crate::engine::json_mode::ResponseFormat;
 use crate::engine::scheduler::{FinishReason, GenerateRequest};
 
 mod choices;
@@ -248,7 +249,7 @@ async fn completions(
             stop: stop.clone(),
             prompt_logprobs: body.echo && logprobs.is_some(),
             ignore_eos: body.ignore_eos,
-            json_object: false,
+            response_format: ResponseFormat::Text,
             adapter: pinned.as_ref().map(|p| p.adapter.clone()),
             cache_scope: 0, // set by generation::submit
             queued_ticket: None,
@@ -356,7 +357,10 @@ async fn chat_completions(
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: false,
         ignore_eos: body.ignore_eos,
-        json_object: generation::json_mode(body.response_format.as_ref(), body.ignore_eos)?,
+        response_format: generation::response_format(
+            body.response_format.as_ref(),
+            body.ignore_eos,
+        )?,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
         cache_scope: 0, // set by generation::submit
         queued_ticket: None,

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc as tokio_mpsc;
 
-use crate::engine::json_mode::{JsonConstraint, Vocabulary};
+use crate::engine::json_mode::{JsonConstraint, ResponseFormat, Vocabulary};
 use crate::engine::lora::LoraAdapter;
 use crate::engine::model::{Llama, SeqCache, SeqInput};
 use crate::engine::sampling::{Sampler, SamplingParams};
@@ -33,9 +33,9 @@ pub struct GenerateRequest {
     pub prompt_logprobs: bool,
     /// Keep generating past end-of-sequence tokens (benchmarks: fixed output lengths).
     pub ignore_eos: bool,
-    /// JSON mode: every token keeps the text a prefix of one JSON object, and the sequence
-    /// ends when the object closes (`json_mode`).
-    pub json_object: bool,
+    /// JSON mode or a schema: every token keeps the text a prefix of one valid JSON value,
+    /// and the sequence ends when the value is complete (`json_mode`, `json_schema`).
+    pub response_format: ResponseFormat,
     /// The adapter version this request was pinned to when it was accepted; a later upload
     /// of the same name does not change it.
     pub adapter: Option<Arc<LoraAdapter>>,
@@ -343,8 +343,9 @@ impl Engine {
 
     fn enqueue(&mut self, sub: Submission) {
         let mut sampler = Sampler::for_prompt(sub.req.sampling.clone(), &sub.req.prompt);
-        if sub.req.json_object {
-            sampler.constrain(JsonConstraint::new(self.vocabulary()));
+        if let Some(c) = JsonConstraint::for_format(&sub.req.response_format, || self.vocabulary())
+        {
+            sampler.constrain(c);
         }
         let seq = Sequence {
             sampler,

@@ -230,8 +230,9 @@ fn a_typo_in_a_key_is_refused_naming_the_key() {
     let (f, m) = refusal(sft(json!({"prompt": "Q", "completon": "A"})));
     assert_eq!(f, "completon");
     assert!(m.contains("unknown field"), "{m}");
+    // The first unknown key as the line writes it.
     let (f, _) = refusal(sft(json!({"promt": "Q", "completon": "A"})));
-    assert_eq!(f, "completon");
+    assert_eq!(f, "promt");
     let (f, _) = refusal(sft(json!({"messages": [{"role": "user", "content": "U"},
         {"role": "assistant", "content": "A", "name": "bot"}]})));
     assert_eq!(f, "messages[1].name");

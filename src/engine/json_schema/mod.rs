@@ -1,0 +1,768 @@
+//! Structured output (`response_format: {"type": "json_schema", ...}`): generation constrained,
+//! byte by byte, to text that can still become one JSON value valid under a schema.
+//!
+//! [`Schema::compile`] turns a JSON Schema into a graph of nodes; [`SchemaPrefix`] walks it as a
+//! pushdown automaton (a stack of open objects/arrays plus the position inside the current
+//! value). The subset, chosen to be enforceable token by token with no dead ends:
+//! `type` (one or several), `properties` + `required` + `additionalProperties` (absent counts
+//! as `false`, as in OpenAI's strict mode), `items` + `minItems` + `maxItems`, `minLength` +
+//! `maxLength`, `enum` and `const` (matched as compact JSON text), `anyOf`/`oneOf` whose
+//! alternatives start with different bytes (`["string", "null"]`, Pydantic's `Optional`),
+//! `$ref` into `#/$defs/...` (recursion included); annotations are ignored and any other
+//! keyword is refused by name. Properties come in schema order (OpenAI's rule): an optional
+//! one may be skipped, a required one may not; extra keys (when allowed) may come anywhere.
+//! Whitespace between tokens is one space or tab, or one newline and at most [`MAX_INDENT`]
+//! spaces or tabs (llama.cpp's JSON grammars use the same bound), so a model cannot spend its
+//! tokens on blank lines; strings are well-formed UTF-8.
+
+mod compile;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+pub use compile::{SchemaError, MAX_NODES, MAX_PROPERTIES};
+
+use crate::engine::json_mode::{Escape, Num, Utf8};
+
+type NodeId = u32;
+/// Bytes a value may start with (all ASCII).
+type ByteSet = u128;
+
+/// Built-in nodes every schema starts with: any value, any object, any array.
+const ANY: NodeId = 0;
+const ANY_OBJECT: NodeId = 1;
+const ANY_ARRAY: NodeId = 2;
+
+/// Deepest nesting of objects and arrays generated.
+pub const MAX_DEPTH: usize = 64;
+/// Most spaces or tabs of indentation after a newline between JSON tokens.
+pub const MAX_INDENT: u8 = 20;
+/// Most containers one token may open (the check of a candidate token copies only these).
+const OVERLAY: usize = 32;
+
+#[derive(Debug)]
+enum Node {
+    Any,
+    Null,
+    Boolean,
+    Number {
+        integer: bool,
+    },
+    String {
+        min_len: u32,
+        max_len: Option<u32>,
+    },
+    Array {
+        items: NodeId,
+        min_items: u32,
+        max_items: Option<u32>,
+    },
+    Object {
+        props: Vec<Prop>,
+        /// Schema of keys not declared; `None`: none allowed.
+        additional: Option<NodeId>,
+        /// `windows[next]`: the declared properties that may come next when the earlier ones
+        /// are done (up to and including the first required one), as bits.
+        windows: Vec<u128>,
+        /// `required_from[next]`: a required property is still to come.
+        required_from: Vec<bool>,
+    },
+    /// The compact JSON texts of the allowed values, sorted.
+    Enum(Vec<Box<[u8]>>),
+    /// Alternatives, each with the bytes it starts with (disjoint).
+    Union(Vec<(ByteSet, NodeId)>),
+    /// A `$ref` (resolved away when compiling ends).
+    Alias(NodeId),
+}
+
+#[derive(Debug)]
+struct Prop {
+    name: Box<[u8]>,
+    node: NodeId,
+    required: bool,
+}
+
+/// A compiled schema.
+#[derive(Debug)]
+pub struct Schema {
+    nodes: Vec<Node>,
+    /// Fewest containers a value of each node opens (`u32::MAX`: none is finite).
+    min_depth: Vec<u32>,
+    root: NodeId,
+}
+
+impl Schema {
+    fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id as usize]
+    }
+}
+
+/// One open object or array.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Frame {
+    node: NodeId,
+    /// Object: index of the next declared property that may come. Array: items begun.
+    count: u32,
+}
+
+/// Where the text stands inside the innermost value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pos {
+    /// A value of the node is due.
+    Value(NodeId),
+    ArrayFirst,
+    ObjectFirst,
+    /// After `,` in an object.
+    KeyDue,
+    /// Inside a key: the declared names (bits) that the bytes so far begin.
+    Key {
+        cands: u128,
+        len: u32,
+        escape: Escape,
+        utf8: Utf8,
+    },
+    /// After a key: `:` and then a value of the node.
+    Colon(NodeId),
+    AfterValue,
+    Str {
+        len: u32,
+        min: u32,
+        max: u32,
+        escape: Escape,
+        utf8: Utf8,
+    },
+    Number {
+        n: Num,
+        integer: bool,
+    },
+    Literal(&'static [u8]),
+    /// Inside an enum value: the literals `lo..hi` begin with the `len` bytes so far.
+    Enum {
+        node: NodeId,
+        lo: u32,
+        hi: u32,
+        len: u32,
+    },
+    End,
+}
+
+/// The open containers, as the checker needs them.
+trait Frames {
+    fn depth(&self) -> usize;
+    fn top(&self) -> Option<Frame>;
+    fn set_top(&mut self, f: Frame);
+    fn push(&mut self, f: Frame) -> bool;
+    fn pop(&mut self);
+}
+
+impl Frames for Vec<Frame> {
+    fn depth(&self) -> usize {
+        self.len()
+    }
+    fn top(&self) -> Option<Frame> {
+        self.last().copied()
+    }
+    fn set_top(&mut self, f: Frame) {
+        if let Some(t) = self.last_mut() {
+            *t = f;
+        }
+    }
+    fn push(&mut self, f: Frame) -> bool {
+        Vec::push(self, f);
+        true
+    }
+    fn pop(&mut self) {
+        Vec::pop(self);
+    }
+}
+
+/// A copy-on-write view of a committed stack: checking a candidate token copies only the
+/// frames the token changes, never the whole stack.
+struct Overlay<'a> {
+    base: &'a [Frame],
+    /// `base[..live]` is still part of the stack.
+    live: usize,
+    over: [Frame; OVERLAY],
+    n: usize,
+}
+
+impl Frames for Overlay<'_> {
+    fn depth(&self) -> usize {
+        self.live + self.n
+    }
+    fn top(&self) -> Option<Frame> {
+        match self.n {
+            0 => self.live.checked_sub(1).map(|i| self.base[i]),
+            n => Some(self.over[n - 1]),
+        }
+    }
+    fn set_top(&mut self, f: Frame) {
+        if self.n > 0 {
+            self.over[self.n - 1] = f;
+        } else if self.live > 0 {
+            self.live -= 1;
+            self.over[0] = f;
+            self.n = 1;
+        }
+    }
+    fn push(&mut self, f: Frame) -> bool {
+        if self.n == OVERLAY {
+            return false;
+        }
+        self.over[self.n] = f;
+        self.n += 1;
+        true
+    }
+    fn pop(&mut self) {
+        if self.n > 0 {
+            self.n -= 1;
+        } else {
+            self.live = self.live.saturating_sub(1);
+        }
+    }
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// The automaton over one stack representation.
+struct Walker<'s, S> {
+    schema: &'s Schema,
+    stack: S,
+    pos: Pos,
+    ws: u8,
+}
+
+impl<'s, S: Frames> Walker<'s, S> {
+    fn push(&mut self, b: u8) -> bool {
+        let ws_ok = matches!(
+            self.pos,
+            Pos::Value(_)
+                | Pos::ArrayFirst
+                | Pos::ObjectFirst
+                | Pos::KeyDue
+                | Pos::Colon(_)
+                | Pos::AfterValue
+                | Pos::End
+        );
+        if ws_ok && is_ws(b) {
+            // `ws`: 0 none yet, 1 one space or tab, 2 + n a newline and n indentation bytes.
+            self.ws = match (self.ws, b) {
+                (0, b' ' | b'\t') => 1,
+                (0, b'\n') => 2,
+                (n @ 2.., b' ' | b'\t') if n - 2 < MAX_INDENT => n + 1,
+                _ => return false,
+            };
+            return true;
+        }
+        self.ws = 0;
+        match self.pos {
+            Pos::Value(node) => self.start(node, b),
+            Pos::ArrayFirst => self.array_first(b),
+            Pos::ObjectFirst => match b {
+                b'"' => self.begin_key(),
+                b'}' => self.close_object(),
+                _ => false,
+            },
+            Pos::KeyDue => b == b'"' && self.begin_key(),
+            Pos::Key {
+                cands,
+                len,
+                escape,
+                utf8,
+            } => self.in_key(cands, len, escape, utf8, b),
+            Pos::Colon(node) => {
+                self.pos = Pos::Value(node);
+                b == b':'
+            }
+            Pos::AfterValue => self.after_value(b),
+            Pos::Str {
+                len,
+                min,
+                max,
+                escape,
+                utf8,
+            } => self.in_string(len, min, max, escape, utf8, b),
+            Pos::Number { n, integer } => {
+                if integer && matches!(b, b'.' | b'e' | b'E') {
+                    return false;
+                }
+                match n.step(b) {
+                    Some(n) => {
+                        self.pos = Pos::Number { n, integer };
+                        true
+                    }
+                    None if n.can_end() => {
+                        // The number ended; the byte belongs to what follows it.
+                        self.complete();
+                        self.push(b)
+                    }
+                    None => false,
+                }
+            }
+            Pos::Literal(rest) => match rest.split_first() {
+                Some((&want, tail)) if want == b => {
+                    self.pos = Pos::Literal(tail);
+                    if tail.is_empty() {
+                        self.complete();
+                    }
+                    true
+                }
+                _ => false,
+            },
+            Pos::Enum { node, lo, hi, len } => self.in_enum(node, lo, hi, len, b),
+            Pos::End => false,
+        }
+    }
+
+    /// The first byte of a value of `node`.
+    fn start(&mut self, node: NodeId, b: u8) -> bool {
+        let schema = self.schema;
+        let string = |min, max| Pos::Str {
+            len: 0,
+            min,
+            max,
+            escape: Escape::None,
+            utf8: Utf8::default(),
+        };
+        self.pos = match (schema.node(node), b) {
+            (Node::Any, b'{') => return self.open(ANY_OBJECT, Pos::ObjectFirst),
+            (Node::Any, b'[') => return self.open(ANY_ARRAY, Pos::ArrayFirst),
+            (Node::Any, b'"') => string(0, u32::MAX),
+            (Node::Any | Node::Boolean, b't') => Pos::Literal(b"rue"),
+            (Node::Any | Node::Boolean, b'f') => Pos::Literal(b"alse"),
+            (Node::Any | Node::Null, b'n') => Pos::Literal(b"ull"),
+            (Node::Any, _) => match Num::start(b) {
+                Some(n) => Pos::Number { n, integer: false },
+                None => return false,
+            },
+            (Node::Number { integer }, _) => match Num::start(b) {
+                Some(n) => Pos::Number {
+                    n,
+                    integer: *integer,
+                },
+                None => return false,
+            },
+            (Node::String { min_len, max_len }, b'"') => {
+                string(*min_len, max_len.unwrap_or(u32::MAX))
+            }
+            (Node::Array { .. }, b'[') => return self.open(node, Pos::ArrayFirst),
+            (Node::Object { .. }, b'{') => return self.open(node, Pos::ObjectFirst),
+            (Node::Enum(texts), _) => {
+                return self.in_enum(node, 0, texts.len() as u32, 0, b);
+            }
+            (Node::Union(alts), _) => {
+                let alt = alts
+                    .iter()
+                    .find(|(first, _)| b < 128 && first & (1 << b) != 0);
+                return match alt {
+                    Some(&(_, a)) => self.start(a, b),
+                    None => false,
+                };
+            }
+            _ => return false,
+        };
+        true
+    }
+
+    /// Opens a container, if a value of `node` still fits under [`MAX_DEPTH`].
+    fn open(&mut self, node: NodeId, pos: Pos) -> bool {
+        let need = self.schema.min_depth[node as usize] as usize;
+        if self.stack.depth().saturating_add(need) > MAX_DEPTH
+            || !self.stack.push(Frame { node, count: 0 })
+        {
+            return false;
+        }
+        self.pos = pos;
+        true
+    }
+
+    /// A value ended: back to its container, or the end.
+    fn complete(&mut self) {
+        self.pos = if self.stack.depth() == 0 {
+            Pos::End
+        } else {
+            Pos::AfterValue
+        };
+    }
+
+    fn close(&mut self) -> bool {
+        self.stack.pop();
+        self.complete();
+        true
+    }
+
+    fn array_first(&mut self, b: u8) -> bool {
+        let Some(frame) = self.stack.top() else {
+            return false;
+        };
+        let Node::Array {
+            items,
+            min_items,
+            max_items,
+        } = *self.schema.node(frame.node)
+        else {
+            return false;
+        };
+        if b == b']' {
+            return min_items == 0 && self.close();
+        }
+        if max_items == Some(0) {
+            return false;
+        }
+        self.stack.set_top(Frame { count: 1, ..frame });
+        self.start(items, b)
+    }
+
+    /// The innermost object's frame and node.
+    fn object(&self) -> Option<(Frame, &'s Node)> {
+        let frame = self.stack.top()?;
+        let schema: &'s Schema = self.schema;
+        let node = schema.node(frame.node);
+        matches!(node, Node::Object { .. }).then_some((frame, node))
+    }
+
+    fn begin_key(&mut self) -> bool {
+        let Some((frame, Node::Object { props, .. })) = self.object() else {
+            return false;
+        };
+        if !self.may_add_key(frame) {
+            return false;
+        }
+        self.pos = Pos::Key {
+            cands: low_bits(props.len()),
+            len: 0,
+            escape: Escape::None,
+            utf8: Utf8::default(),
+        };
+        true
+    }
+
+    /// Whether another key may come: a declared one still due, or any extra one.
+    fn may_add_key(&self, frame: Frame) -> bool {
+        match self.object() {
+            Some((
+                _,
+                Node::Object {
+                    windows,
+                    additional,
+                    ..
+                },
+            )) => window(windows, frame) != 0 || additional.is_some(),
+            _ => false,
+        }
+    }
+
+    fn close_object(&mut self) -> bool {
+        let Some((frame, Node::Object { required_from, .. })) = self.object() else {
+            return false;
+        };
+        let required_left = required_from
+            .get(frame.count as usize)
+            .copied()
+            .unwrap_or(false);
+        !required_left && self.close()
+    }
+
+    fn in_key(&mut self, cands: u128, len: u32, escape: Escape, utf8: Utf8, b: u8) -> bool {
+        let Some((
+            frame,
+            Node::Object {
+                props,
+                additional,
+                windows,
+                ..
+            },
+        )) = self.object()
+        else {
+            return false;
+        };
+        let allowed = window(windows, frame);
+        let (escape, utf8) = if !utf8.at_boundary() || b >= 0x80 {
+            match utf8.step(b) {
+                Some(u) if escape == Escape::None => (escape, u),
+                _ => return false,
+            }
+        } else if escape != Escape::None {
+            match escape.step(b) {
+                Some(e) => (e, utf8),
+                None => return false,
+            }
+        } else {
+            match b {
+                b'"' => {
+                    let exact = bits(cands).find(|&i| props[i].name.len() == len as usize);
+                    let value = match (exact, additional) {
+                        (Some(i), _) if allowed & (1 << i) != 0 => {
+                            self.stack.set_top(Frame {
+                                count: i as u32 + 1,
+                                ..frame
+                            });
+                            props[i].node
+                        }
+                        // A declared name out of its turn (or again) is not an extra key.
+                        (Some(_), _) | (None, None) => return false,
+                        (None, Some(extra)) => *extra,
+                    };
+                    self.pos = Pos::Colon(value);
+                    return true;
+                }
+                // Declared names are matched as written: an escape makes the key an extra one.
+                b'\\' if additional.is_some() => {
+                    self.pos = Pos::Key {
+                        cands: 0,
+                        len: len.saturating_add(1),
+                        escape: Escape::Backslash,
+                        utf8,
+                    };
+                    return true;
+                }
+                b'\\' | 0..=0x1f => return false,
+                _ => (escape, utf8),
+            }
+        };
+        // Any other byte of the key (part of a character, or an escape's): narrow the names.
+        let at = len as usize;
+        let next = bits(cands)
+            .filter(|&i| props[i].name.get(at) == Some(&b))
+            .fold(0u128, |m, i| m | 1 << i);
+        if additional.is_none() && next & allowed == 0 {
+            return false;
+        }
+        self.pos = Pos::Key {
+            cands: next,
+            len: len.saturating_add(1),
+            escape,
+            utf8,
+        };
+        true
+    }
+
+    fn after_value(&mut self, b: u8) -> bool {
+        let Some(frame) = self.stack.top() else {
+            return false;
+        };
+        match (self.schema.node(frame.node), b) {
+            (Node::Object { .. }, b',') => {
+                self.pos = Pos::KeyDue;
+                self.may_add_key(frame)
+            }
+            (Node::Object { .. }, b'}') => self.close_object(),
+            (
+                Node::Array {
+                    items, max_items, ..
+                },
+                b',',
+            ) => {
+                if max_items.is_some_and(|m| frame.count >= m) {
+                    return false;
+                }
+                self.stack.set_top(Frame {
+                    count: frame.count + 1,
+                    ..frame
+                });
+                self.pos = Pos::Value(*items);
+                true
+            }
+            (Node::Array { min_items, .. }, b']') => frame.count >= *min_items && self.close(),
+            _ => false,
+        }
+    }
+
+    fn in_string(
+        &mut self,
+        len: u32,
+        min: u32,
+        max: u32,
+        escape: Escape,
+        utf8: Utf8,
+        b: u8,
+    ) -> bool {
+        let (len, escape, utf8) = if !utf8.at_boundary() {
+            match utf8.step(b) {
+                Some(u) => (len, escape, u),
+                None => return false,
+            }
+        } else if escape != Escape::None {
+            match escape.step(b) {
+                Some(e) if b < 0x80 => (len, e, utf8),
+                _ => return false,
+            }
+        } else {
+            match b {
+                b'"' => {
+                    if len < min {
+                        return false;
+                    }
+                    self.complete();
+                    return true;
+                }
+                0..=0x1f => return false,
+                // Each character is counted at its first byte (an escape at its `\`).
+                _ if len >= max => return false,
+                b'\\' => (len + 1, Escape::Backslash, utf8),
+                0x80.. => match utf8.step(b) {
+                    Some(u) => (len + 1, escape, u),
+                    None => return false,
+                },
+                _ => (len + 1, Escape::None, utf8),
+            }
+        };
+        self.pos = Pos::Str {
+            len,
+            min,
+            max,
+            escape,
+            utf8,
+        };
+        true
+    }
+
+    fn in_enum(&mut self, node: NodeId, lo: u32, hi: u32, len: u32, b: u8) -> bool {
+        let Node::Enum(texts) = self.schema.node(node) else {
+            return false;
+        };
+        let range = &texts[lo as usize..hi as usize];
+        let at = len as usize;
+        // Literals sharing the first `len` bytes are sorted by their next byte (none first).
+        let key = |t: &[u8]| t.get(at).map_or(-1, |&x| i32::from(x));
+        let start = range.partition_point(|t| key(t) < i32::from(b));
+        let end = range.partition_point(|t| key(t) <= i32::from(b));
+        if start == end {
+            // No literal goes on with `b`: the value may have ended (a number, `1` of `1, 12`).
+            if range.first().is_some_and(|t| t.len() == at) {
+                self.complete();
+                return self.push(b);
+            }
+            return false;
+        }
+        let (lo, hi) = (lo + start as u32, lo + end as u32);
+        if hi - lo == 1 && texts[lo as usize].len() == at + 1 {
+            // The only candidate is complete: nothing can extend it.
+            self.complete();
+        } else {
+            self.pos = Pos::Enum {
+                node,
+                lo,
+                hi,
+                len: len + 1,
+            };
+        }
+        true
+    }
+}
+
+fn window(windows: &[u128], frame: Frame) -> u128 {
+    windows.get(frame.count as usize).copied().unwrap_or(0)
+}
+
+fn low_bits(n: usize) -> u128 {
+    if n >= 128 {
+        u128::MAX
+    } else {
+        (1u128 << n) - 1
+    }
+}
+
+/// The indices of the set bits.
+fn bits(mut m: u128) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        (m != 0).then(|| {
+            let i = m.trailing_zeros() as usize;
+            m &= m - 1;
+            i
+        })
+    })
+}
+
+/// An incremental check that the bytes pushed so far begin a value valid under a schema.
+#[derive(Clone, Debug)]
+pub struct SchemaPrefix {
+    schema: Arc<Schema>,
+    stack: Vec<Frame>,
+    pos: Pos,
+    ws: u8,
+}
+
+impl SchemaPrefix {
+    pub fn new(schema: Arc<Schema>) -> Self {
+        let pos = Pos::Value(schema.root);
+        SchemaPrefix {
+            schema,
+            stack: Vec::new(),
+            pos,
+            ws: 0,
+        }
+    }
+
+    /// Whether `bytes` may come next (the state is unchanged).
+    pub fn accepts(&self, bytes: &[u8]) -> bool {
+        let mut w = Walker {
+            schema: &self.schema,
+            stack: Overlay {
+                base: &self.stack,
+                live: self.stack.len(),
+                over: [Frame::default(); OVERLAY],
+                n: 0,
+            },
+            pos: self.pos,
+            ws: self.ws,
+        };
+        bytes.iter().all(|&b| w.push(b))
+    }
+
+    /// Feeds bytes; false (and the state unspecified) when they cannot continue a valid value.
+    pub fn push(&mut self, bytes: &[u8]) -> bool {
+        let mut w = Walker {
+            schema: &self.schema,
+            stack: &mut self.stack,
+            pos: self.pos,
+            ws: self.ws,
+        };
+        let ok = bytes.iter().all(|&b| w.push(b));
+        let (pos, ws) = (w.pos, w.ws);
+        self.pos = pos;
+        self.ws = ws;
+        ok
+    }
+
+    /// The value is complete and nothing but whitespace may follow.
+    pub fn is_complete(&self) -> bool {
+        self.pos == Pos::End
+    }
+
+    /// The text so far is a whole valid value (a top-level number or enum literal may still
+    /// go on, so it is not [`SchemaPrefix::is_complete`]).
+    pub fn may_end(&self) -> bool {
+        match self.pos {
+            Pos::End => true,
+            Pos::Number { n, .. } => self.stack.is_empty() && n.can_end(),
+            Pos::Enum { node, lo, len, .. } => {
+                self.stack.is_empty()
+                    && matches!(self.schema.node(node), Node::Enum(t)
+                        if t.get(lo as usize).is_some_and(|t| t.len() == len as usize))
+            }
+            _ => false,
+        }
+    }
+}
+
+impl<T: Frames> Frames for &mut T {
+    fn depth(&self) -> usize {
+        (**self).depth()
+    }
+    fn top(&self) -> Option<Frame> {
+        (**self).top()
+    }
+    fn set_top(&mut self, f: Frame) {
+        (**self).set_top(f)
+    }
+    fn push(&mut self, f: Frame) -> bool {
+        (**self).push(f)
+    }
+    fn pop(&mut self) {
+        (**self).pop()
+    }
+}

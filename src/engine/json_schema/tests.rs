@@ -1,0 +1,387 @@
+//! Tests for schema mode: what compiles, which texts are accepted, and — by random walks over
+//! the accepted bytes — that the checker never leaves generation without a way on and that
+//! every text it calls complete is valid JSON under the schema (a small reference validator
+//! here, written from the JSON Schema spec for the supported subset).
+
+use super::*;
+use serde_json::{json, Value};
+
+fn compile(schema: Value) -> Arc<Schema> {
+    Arc::new(Schema::compile(&schema).unwrap_or_else(|e| panic!("{schema}: {e}")))
+}
+
+fn check(schema: &Arc<Schema>, text: &str) -> Option<SchemaPrefix> {
+    let mut p = SchemaPrefix::new(schema.clone());
+    // Byte by byte through `accepts` (the overlay) and `push` (the committed stack) alike.
+    for b in text.bytes() {
+        if !p.accepts(&[b]) {
+            return None;
+        }
+        assert!(
+            p.push(&[b]),
+            "accepts and push disagree at {b:?} in {text:?}"
+        );
+    }
+    assert!(p.accepts(b""));
+    Some(p)
+}
+
+fn complete(schema: &Arc<Schema>, text: &str) -> bool {
+    check(schema, text).is_some_and(|p| p.is_complete() || p.may_end())
+}
+
+fn person() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 8},
+            "age": {"type": "integer"},
+            "nick": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "tags": {"type": "array", "items": {"enum": ["a", "b", "ab"]}, "maxItems": 2},
+            "role": {"const": "admin"}
+        },
+        "required": ["name", "age", "role"],
+        "additionalProperties": false
+    })
+}
+
+#[test]
+fn objects_follow_the_schema_in_order() {
+    let s = compile(person());
+    for ok in [
+        r#"{"name": "Ann", "age": 41, "role": "admin"}"#,
+        r#"{"name":"Ann","age":-3,"nick":null,"tags":["ab","a"],"role":"admin"}"#,
+        r#"{ "name" : "Bö", "age": 0, "nick": "x\"y", "tags": [], "role": "admin" } "#,
+    ] {
+        assert!(complete(&s, ok), "refused {ok}");
+        serde_json::from_str::<Value>(ok).expect("serde agrees");
+    }
+    for bad in [
+        r#"{"age": 41"#,                                // out of order
+        r#"{"name": "Ann", "role""#,                    // skips required age
+        r#"{"name": "Ann", "age": 4.5"#,                // integer
+        r#"{"name": "", "#,                             // minLength
+        r#"{"name": "123456789""#,                      // maxLength
+        r#"{"name": "A", "age": 1, "role": "admin"}x"#, // trailing
+        r#"{"name": "A", "age": 1, "role": "user""#,    // const
+        r#"{"name": "A", "age": 1, "tags": ["c""#,      // enum
+        r#"{"name": "A", "age": 1, "tags": ["a","b","#, // maxItems
+        r#"{"name": "A", "age": 1, "extra""#,           // no additional properties
+        r#"{"name": "A", "age": 1, "name""#,            // repeated key
+        r#"{"name": "A", "age": 1}"#,                   // closes before required role
+        r#"{"name": "A", "age": 1, "nick": 3"#,         // anyOf string|null
+        r#"["#,
+    ] {
+        assert!(check(&s, bad).is_none(), "accepted {bad}");
+    }
+    // A key may stop at a declared name that is a prefix of another ("a" vs "ab").
+    let s = compile(json!({"properties": {"a": {}, "ab": {}}}));
+    assert!(complete(&s, r#"{"ab": 1}"#) && complete(&s, r#"{"a": [1, {"x": null}]}"#));
+    assert!(check(&s, r#"{"abc"#).is_none());
+}
+
+#[test]
+fn scalars_enums_and_unions() {
+    let s = compile(json!({"enum": [1, 12, "x", [1, 2], {"k": true}, null]}));
+    for ok in ["1", "12", "\"x\"", "[1,2]", "{\"k\":true}", "null"] {
+        assert!(complete(&s, ok), "refused {ok}");
+    }
+    for bad in ["2", "123", "\"y\"", "[1, 2]", "nul "] {
+        assert!(!complete(&s, bad), "accepted {bad}");
+    }
+    // The literal `1` may still become `12`: a whole value, not yet complete.
+    let one = check(&s, "1").unwrap();
+    assert!(one.may_end() && !one.is_complete());
+    assert!(check(&s, "\"x\"").unwrap().is_complete());
+
+    let s = compile(json!({"type": ["integer", "null", "boolean"]}));
+    for ok in ["7", "null", "false", "-0"] {
+        assert!(complete(&s, ok), "refused {ok}");
+    }
+    assert!(check(&s, "1.5").is_none() && check(&s, "\"a\"").is_none());
+    let s = compile(json!({"type": "number"}));
+    assert!(complete(&s, "-1.5e+3") && check(&s, "01").is_none());
+    let s = compile(json!({"type": "string", "minLength": 2, "maxLength": 3}));
+    assert!(complete(&s, r#""añ""#) && complete(&s, r#""\u00e9\n""#));
+    assert!(check(&s, r#""a""#).is_none() && check(&s, r#""abcd"#).is_none());
+}
+
+#[test]
+fn references_recurse_and_extra_keys_follow_their_schema() {
+    let tree = compile(json!({
+        "$ref": "#/$defs/node",
+        "$defs": {"node": {
+            "type": "object",
+            "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+            "required": ["v"]
+        }}
+    }));
+    assert!(complete(
+        &tree,
+        r#"{"v": 1, "kids": [{"v": 2}, {"v": 3, "kids": []}]}"#
+    ));
+    assert!(check(&tree, r#"{"v": 1, "kids": [{"kids""#).is_none());
+
+    let s = compile(json!({
+        "type": "object",
+        "properties": {"id": {"type": "integer"}},
+        "additionalProperties": {"type": "string"}
+    }));
+    assert!(complete(&s, r#"{"x": "1", "id": 2, "y\n": "z"}"#));
+    assert!(
+        check(&s, r#"{"x": 1"#).is_none(),
+        "extra values follow additionalProperties"
+    );
+    assert!(
+        check(&s, r#"{"id": 2, "id""#).is_none(),
+        "a declared key is not extra"
+    );
+    // `{"type": "object"}` alone is any object, as JSON mode.
+    let any = compile(json!({"type": "object"}));
+    assert!(complete(&any, r#"{"a": [1, {"b": "c"}], "a": null}"#));
+}
+
+#[test]
+fn unsupported_or_unsatisfiable_schemas_are_refused_by_place() {
+    for (schema, at, words) in [
+        (json!({"type": "string", "pattern": "^a"}), "", "`pattern`"),
+        (
+            json!({"properties": {"d": {"type": "string", "format": "date"}}}),
+            "/properties/d",
+            "`format`",
+        ),
+        (
+            json!({"anyOf": [{"type": "string"}, {"enum": ["a"]}]}),
+            "",
+            "start differently",
+        ),
+        (
+            json!({"type": "object", "required": ["x"], "properties": {}}),
+            "/required",
+            "`x`",
+        ),
+        (json!({"$ref": "#/$defs/missing"}), "/$ref", "names nothing"),
+        (
+            json!({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}),
+            "",
+            "cycle",
+        ),
+        (json!({"enum": []}), "/enum", "empty"),
+        (
+            json!({"type": "array", "minItems": 3, "maxItems": 1}),
+            "",
+            "maxItems",
+        ),
+        (json!({"type": "strin"}), "/type", "unknown type"),
+        (json!(false), "", "admits no value"),
+        (json!(3), "", "must be an object"),
+        (json!({"type": "integer", "enum": [1.5]}), "/enum", "`type`"),
+        (
+            json!({"$ref": "#/$defs/n", "$defs": {"n": {"type": "object", "properties": {"n": {"$ref": "#/$defs/n"}}, "required": ["n"]}}}),
+            "",
+            "nested",
+        ),
+        (json!({"properties": {"a\"b": {}}}), "/properties", "quotes"),
+    ] {
+        let e = Schema::compile(&schema).expect_err(&schema.to_string());
+        assert_eq!(e.at, at, "{schema}: {e}");
+        assert!(e.message.contains(words), "{schema}: {e}");
+    }
+    let many: serde_json::Map<String, Value> = (0..=MAX_PROPERTIES)
+        .map(|i| (format!("p{i}"), json!({})))
+        .collect();
+    assert!(Schema::compile(&json!({"properties": many})).is_err());
+}
+
+#[test]
+fn whitespace_is_bounded_and_depth_is_capped() {
+    let any = compile(json!({"type": "array"}));
+    let indent = " ".repeat(MAX_INDENT as usize);
+    assert!(complete(&any, &format!("[\n{indent}1, 2,\n\t3 ]")));
+    for bad in [
+        format!("[\n{indent} "),
+        "[  ".to_string(),
+        "[\n\n".to_string(),
+        " \n[".to_string(),
+        "[\r".to_string(),
+    ] {
+        assert!(check(&any, &bad).is_none(), "accepted {bad:?}");
+    }
+    let deep = "[".repeat(MAX_DEPTH);
+    assert!(check(&any, &deep).is_some() && check(&any, &format!("{deep}[")).is_none());
+    let closed = format!("{deep}{}", "]".repeat(MAX_DEPTH));
+    assert!(check(&any, &closed).unwrap().is_complete());
+}
+
+#[test]
+fn strings_and_keys_are_well_formed_utf8_counted_in_characters() {
+    let s = compile(
+        json!({"type": "object", "properties": {"é": {"type": "string", "maxLength": 2}},
+        "additionalProperties": {"type": "string"}}),
+    );
+    let mut p = SchemaPrefix::new(s.clone());
+    assert!(p.push("{\"é\": \"€".as_bytes()) && p.accepts("😀\"".as_bytes()));
+    assert!(!p.accepts("😀x".as_bytes()), "maxLength counts characters");
+    for bad in [
+        &b"{\"\xc3\""[..],
+        b"{\"x\": \"\x80",
+        b"{\"\xe9\xff",
+        b"{\"x\": \"\xe2\x82\"",
+    ] {
+        assert!(
+            !SchemaPrefix::new(s.clone()).accepts(bad),
+            "accepted {bad:?}"
+        );
+    }
+}
+
+#[test]
+fn a_token_may_open_many_containers_and_the_overlay_matches_the_stack() {
+    let any = compile(json!({"type": "array"}));
+    let mut p = SchemaPrefix::new(any);
+    assert!(p.push(b"[[[{\"a\": [1"));
+    // Closing below the committed stack and opening past it within one candidate.
+    assert!(p.accepts(b"]}]],[[[[[[[[{\"b\":["));
+    assert!(!p.accepts(b"]}]]]]"));
+    assert!(p.accepts(b"]}]]]") && !p.is_complete());
+}
+
+/// The supported subset, validated from the spec (not from the checker's code).
+fn valid(schema: &Value, root: &Value, v: &Value) -> bool {
+    let Some(s) = schema.as_object() else {
+        return schema == &json!(true);
+    };
+    if let Some(r) = s.get("$ref").and_then(Value::as_str) {
+        return valid(root.pointer(&r[1..]).unwrap(), root, v);
+    }
+    if let Some(alts) = s.get("anyOf").and_then(Value::as_array) {
+        return alts.iter().any(|a| valid(a, root, v));
+    }
+    if let Some(e) = s.get("enum").and_then(Value::as_array) {
+        return e.contains(v);
+    }
+    if let Some(c) = s.get("const") {
+        return c == v;
+    }
+    let types: Vec<&str> = match s.get("type") {
+        Some(Value::String(t)) => vec![t],
+        Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
+    let is = |t: &str| types.is_empty() || types.contains(&t);
+    let n = |k: &str| s.get(k).and_then(Value::as_u64);
+    match v {
+        Value::Null => is("null"),
+        Value::Bool(_) => is("boolean"),
+        // serde_json reads `-0` as a float.
+        Value::Number(x) => {
+            is("number") || (is("integer") && x.as_f64().is_some_and(|f| f.fract() == 0.0))
+        }
+        Value::String(t) => {
+            let len = t.chars().count() as u64;
+            is("string")
+                && n("minLength").is_none_or(|m| len >= m)
+                && n("maxLength").is_none_or(|m| len <= m)
+        }
+        Value::Array(items) => {
+            is("array")
+                && n("minItems").is_none_or(|m| items.len() as u64 >= m)
+                && n("maxItems").is_none_or(|m| items.len() as u64 <= m)
+                && items
+                    .iter()
+                    .all(|i| valid(s.get("items").unwrap_or(&json!(true)), root, i))
+        }
+        Value::Object(o) => {
+            let props = s.get("properties").and_then(Value::as_object);
+            let required = s
+                .get("required")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let extra = s
+                .get("additionalProperties")
+                .cloned()
+                .unwrap_or(json!(props.is_none()));
+            is("object")
+                && required.iter().all(|r| o.contains_key(r.as_str().unwrap()))
+                && o.iter().all(|(k, x)| match props.and_then(|p| p.get(k)) {
+                    Some(p) => valid(p, root, x),
+                    None => extra != json!(false) && valid(&extra, root, x),
+                })
+        }
+    }
+}
+
+#[test]
+fn random_walks_never_dead_end_and_complete_texts_are_valid() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let schemas = [
+        person(),
+        json!({"type": "array", "items": {"type": ["number", "string", "null"]}, "minItems": 1, "maxItems": 3}),
+        json!({"$ref": "#/$defs/n", "$defs": {"n": {"type": "object",
+            "properties": {"v": {"enum": [1, 12, true]}, "k": {"type": "array", "items": {"$ref": "#/$defs/n"}, "maxItems": 2}},
+            "required": ["v"], "additionalProperties": false}}}),
+        json!({"type": "object", "properties": {"a": {"type": "boolean"}}, "additionalProperties": {"type": "integer"}}),
+        json!({"type": "object"}),
+    ];
+    let alphabet: Vec<u8> =
+        b" \n\t\"{}[],:0123456789-.eE+truefalsnlxyzaAbgimkvrodptc\\u\xc3\xa9\xe2\x82\xac".to_vec();
+    let mut rng = StdRng::seed_from_u64(7);
+    for schema_value in schemas {
+        let schema = compile(schema_value.clone());
+        let mut completed = 0;
+        for _ in 0..300 {
+            let mut p = SchemaPrefix::new(schema.clone());
+            let mut text = Vec::new();
+            for step in 0..400 {
+                if p.is_complete() {
+                    break;
+                }
+                let options: Vec<u8> = alphabet
+                    .iter()
+                    .copied()
+                    .filter(|&b| p.accepts(&[b]))
+                    .collect();
+                assert!(
+                    !options.is_empty() || p.may_end(),
+                    "dead end after {:?}",
+                    String::from_utf8_lossy(&text)
+                );
+                if options.is_empty() || (p.may_end() && rng.random_bool(0.3)) {
+                    break;
+                }
+                // Past halfway, prefer bytes that close things, so walks finish.
+                let closing: Vec<u8> = options
+                    .iter()
+                    .copied()
+                    .filter(|b| b"\"}]".contains(b))
+                    .collect();
+                let pool = if step > 200 && !closing.is_empty() {
+                    &closing
+                } else {
+                    &options
+                };
+                let b = pool[rng.random_range(0..pool.len())];
+                assert!(p.push(&[b]));
+                text.push(b);
+            }
+            if p.is_complete() || p.may_end() {
+                completed += 1;
+                let v: Value = match serde_json::from_slice(&text) {
+                    Ok(v) => v,
+                    // Valid JSON that serde will not hold as an f64 (`4e691`).
+                    Err(e) if e.to_string().starts_with("number out of range") => continue,
+                    Err(e) => panic!("{e}: {:?}", String::from_utf8_lossy(&text)),
+                };
+                assert!(
+                    valid(&schema_value, &schema_value, &v),
+                    "{schema_value} refuses {v}"
+                );
+            }
+        }
+        assert!(
+            completed > 30,
+            "{schema_value}: only {completed} walks completed"
+        );
+    }
+}
