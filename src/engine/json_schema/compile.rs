@@ -6,7 +6,9 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use super::{ByteSet, Node, NodeId, Prop, Schema, ANY, ANY_ARRAY, ANY_OBJECT, MAX_DEPTH};
+use super::{
+    ByteSet, Node, NodeId, ObjectSpec, Prop, Schema, ANY, ANY_ARRAY, ANY_OBJECT, MAX_DEPTH,
+};
 
 /// Most properties one object may declare (the checker keeps candidate names in a `u128`).
 pub const MAX_PROPERTIES: usize = 128;
@@ -49,7 +51,13 @@ const ANNOTATIONS: &[&str] = &[
     "$defs",
     "definitions",
 ];
-const OBJECT_KEYWORDS: &[&str] = &["properties", "required", "additionalProperties"];
+const OBJECT_KEYWORDS: &[&str] = &[
+    "properties",
+    "required",
+    "additionalProperties",
+    "minProperties",
+    "maxProperties",
+];
 const ARRAY_KEYWORDS: &[&str] = &["items", "minItems", "maxItems"];
 const STRING_KEYWORDS: &[&str] = &["minLength", "maxLength"];
 
@@ -60,12 +68,14 @@ impl Schema {
             root: schema,
             nodes: vec![
                 Node::Any,
-                Node::Object {
+                Node::Object(ObjectSpec {
                     props: Vec::new(),
                     additional: Some(ANY),
+                    min_props: 0,
+                    max_props: u32::MAX,
                     windows: Vec::new(),
                     required_from: Vec::new(),
-                },
+                }),
                 Node::Array {
                     items: ANY,
                     min_items: 0,
@@ -325,9 +335,14 @@ impl Compiler<'_> {
             Some(s) => Some(self.compile(s, &format!("{at}/additionalProperties"))?),
         };
         let none_declared = Map::new();
+        let min_props = count(obj, "minProperties", at)?.unwrap_or(0);
+        let max_props = count(obj, "maxProperties", at)?.unwrap_or(u32::MAX);
+        let bounded = min_props > 0 || max_props < u32::MAX;
         let declared = match declared {
             Some(d) => d,
-            None if additional == Some(ANY) || obj.get("additionalProperties").is_none() => {
+            None if !bounded
+                && (additional == Some(ANY) || obj.get("additionalProperties").is_none()) =>
+            {
                 if !required.is_empty() {
                     return err(&format!("{at}/required"), "names properties not declared");
                 }
@@ -350,6 +365,19 @@ impl Compiler<'_> {
                 );
             }
         }
+        let need = (required.len() as u32).max(min_props);
+        if max_props < need {
+            return err(
+                at,
+                "`maxProperties` is below `minProperties` or the number of required properties",
+            );
+        }
+        if additional.is_none() && (declared.len() as u32) < min_props {
+            return err(
+                at,
+                "`minProperties` exceeds the properties that may be written",
+            );
+        }
         let mut props = Vec::with_capacity(declared.len());
         for (name, schema) in declared {
             if name.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
@@ -367,12 +395,14 @@ impl Compiler<'_> {
             });
         }
         self.add(
-            Node::Object {
+            Node::Object(ObjectSpec {
                 props,
                 additional,
+                min_props,
+                max_props,
                 windows: Vec::new(),
                 required_from: Vec::new(),
-            },
+            }),
             at,
         )
     }
@@ -398,13 +428,11 @@ impl Compiler<'_> {
         for node in &mut self.nodes {
             match node {
                 Node::Array { items, .. } => *items = resolve(*items),
-                Node::Object {
-                    props, additional, ..
-                } => {
-                    for p in props.iter_mut() {
+                Node::Object(spec) => {
+                    for p in spec.props.iter_mut() {
                         p.node = resolve(p.node);
                     }
-                    *additional = additional.map(resolve);
+                    spec.additional = spec.additional.map(resolve);
                 }
                 Node::Union(alts) => {
                     for (_, a) in alts.iter_mut() {
@@ -424,14 +452,9 @@ impl Compiler<'_> {
             );
         }
         for node in &mut self.nodes {
-            if let Node::Object {
-                props,
-                windows,
-                required_from,
-                ..
-            } = node
-            {
-                *windows = (0..=props.len())
+            if let Node::Object(spec) = node {
+                let props = &spec.props;
+                spec.windows = (0..=props.len())
                     .map(|next| {
                         let mut mask = 0u128;
                         for (i, p) in props.iter().enumerate().skip(next) {
@@ -445,8 +468,8 @@ impl Compiler<'_> {
                         mask
                     })
                     .collect();
-                *required_from = (0..=props.len())
-                    .map(|next| props[next..].iter().any(|p| p.required))
+                spec.required_from = (0..=props.len())
+                    .map(|next| props[next..].iter().filter(|p| p.required).count() as u32)
                     .collect();
             }
         }
@@ -510,7 +533,7 @@ fn first_bytes(node: &Node) -> ByteSet {
         Node::Number { .. } => number,
         Node::String { .. } => bits(b"\""),
         Node::Array { .. } => bits(b"["),
-        Node::Object { .. } => bits(b"{"),
+        Node::Object(_) => bits(b"{"),
         Node::Enum(texts) => texts
             .iter()
             .filter_map(|t| t.first())
@@ -538,7 +561,8 @@ fn min_depths(nodes: &[Node]) -> Vec<u32> {
                         depth[*items as usize].saturating_add(1)
                     }
                 }
-                Node::Object { props, .. } => props
+                Node::Object(spec) => spec
+                    .props
                     .iter()
                     .filter(|p| p.required)
                     .map(|p| depth[p.node as usize])

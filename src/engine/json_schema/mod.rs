@@ -5,7 +5,7 @@
 //! pushdown automaton (a stack of open objects/arrays plus the position inside the current
 //! value). The subset, chosen to be enforceable token by token with no dead ends:
 //! `type` (one or several), `properties` + `required` + `additionalProperties` (absent counts
-//! as `false`, as in OpenAI's strict mode), `items` + `minItems` + `maxItems`, `minLength` +
+//! as `false`, as in OpenAI's strict mode) + `minProperties`/`maxProperties`, `items` + `minItems` + `maxItems`, `minLength` +
 //! `maxLength`, `enum` and `const` (matched as compact JSON text), `anyOf`/`oneOf` whose
 //! alternatives start with different bytes (`["string", "null"]`, Pydantic's `Optional`),
 //! `$ref` into `#/$defs/...` (recursion included); annotations are ignored and any other
@@ -58,22 +58,62 @@ enum Node {
         min_items: u32,
         max_items: Option<u32>,
     },
-    Object {
-        props: Vec<Prop>,
-        /// Schema of keys not declared; `None`: none allowed.
-        additional: Option<NodeId>,
-        /// `windows[next]`: the declared properties that may come next when the earlier ones
-        /// are done (up to and including the first required one), as bits.
-        windows: Vec<u128>,
-        /// `required_from[next]`: a required property is still to come.
-        required_from: Vec<bool>,
-    },
+    Object(ObjectSpec),
     /// The compact JSON texts of the allowed values, sorted.
     Enum(Vec<Box<[u8]>>),
     /// Alternatives, each with the bytes it starts with (disjoint).
     Union(Vec<(ByteSet, NodeId)>),
     /// A `$ref` (resolved away when compiling ends).
     Alias(NodeId),
+}
+
+#[derive(Debug)]
+struct ObjectSpec {
+    props: Vec<Prop>,
+    /// Schema of keys not declared; `None`: none allowed.
+    additional: Option<NodeId>,
+    /// `minProperties`, `maxProperties` (`u32::MAX`: no bound).
+    min_props: u32,
+    max_props: u32,
+    /// `windows[next]`: the declared properties that may come next when the earlier ones are
+    /// done (up to and including the first required one), as bits.
+    windows: Vec<u128>,
+    /// `required_from[next]`: how many required properties are still to come.
+    required_from: Vec<u32>,
+}
+
+impl ObjectSpec {
+    fn required_left(&self, next: u32) -> u32 {
+        self.required_from.get(next as usize).copied().unwrap_or(0)
+    }
+
+    /// The declared properties that may be the next key and still leave a way to complete the
+    /// object within `minProperties`/`maxProperties` and `required`.
+    fn choosable(&self, f: Frame) -> u128 {
+        let mut mask = self.windows.get(f.count as usize).copied().unwrap_or(0);
+        if f.keys >= self.max_props {
+            return 0;
+        }
+        let n = self.props.len() as u32;
+        for i in bits(mask) {
+            let i = i as u32;
+            let reaches_min = self.additional.is_some() || f.keys + n - i >= self.min_props;
+            let fits_required = f.keys + 1 + self.required_left(i + 1) <= self.max_props;
+            if !(reaches_min && fits_required) {
+                mask &= !(1 << i);
+            }
+        }
+        mask
+    }
+
+    /// Whether an undeclared key may come next.
+    fn extra_ok(&self, f: Frame) -> bool {
+        self.additional.is_some() && f.keys + 1 + self.required_left(f.count) <= self.max_props
+    }
+
+    fn may_close(&self, f: Frame) -> bool {
+        f.keys >= self.min_props && self.required_left(f.count) == 0
+    }
 }
 
 #[derive(Debug)]
@@ -104,6 +144,8 @@ struct Frame {
     node: NodeId,
     /// Object: index of the next declared property that may come. Array: items begun.
     count: u32,
+    /// Object: keys written so far.
+    keys: u32,
 }
 
 /// Where the text stands inside the innermost value.
@@ -349,7 +391,7 @@ impl<'s, S: Frames> Walker<'s, S> {
                 string(*min_len, max_len.unwrap_or(u32::MAX))
             }
             (Node::Array { .. }, b'[') => return self.open(node, Pos::ArrayFirst),
-            (Node::Object { .. }, b'{') => return self.open(node, Pos::ObjectFirst),
+            (Node::Object(_), b'{') => return self.open(node, Pos::ObjectFirst),
             (Node::Enum(texts), _) => {
                 return self.in_enum(node, 0, texts.len() as u32, 0, b);
             }
@@ -371,7 +413,11 @@ impl<'s, S: Frames> Walker<'s, S> {
     fn open(&mut self, node: NodeId, pos: Pos) -> bool {
         let need = self.schema.min_depth[node as usize] as usize;
         if self.stack.depth().saturating_add(need) > MAX_DEPTH
-            || !self.stack.push(Frame { node, count: 0 })
+            || !self.stack.push(Frame {
+                node,
+                count: 0,
+                keys: 0,
+            })
         {
             return false;
         }
@@ -416,23 +462,25 @@ impl<'s, S: Frames> Walker<'s, S> {
         self.start(items, b)
     }
 
-    /// The innermost object's frame and node.
-    fn object(&self) -> Option<(Frame, &'s Node)> {
+    /// The innermost object's frame and spec.
+    fn object(&self) -> Option<(Frame, &'s ObjectSpec)> {
         let frame = self.stack.top()?;
         let schema: &'s Schema = self.schema;
-        let node = schema.node(frame.node);
-        matches!(node, Node::Object { .. }).then_some((frame, node))
+        match schema.node(frame.node) {
+            Node::Object(spec) => Some((frame, spec)),
+            _ => None,
+        }
     }
 
     fn begin_key(&mut self) -> bool {
-        let Some((frame, Node::Object { props, .. })) = self.object() else {
+        let Some((frame, spec)) = self.object() else {
             return false;
         };
-        if !self.may_add_key(frame) {
+        if spec.choosable(frame) == 0 && !spec.extra_ok(frame) {
             return false;
         }
         self.pos = Pos::Key {
-            cands: low_bits(props.len()),
+            cands: low_bits(spec.props.len()),
             len: 0,
             escape: Escape::None,
             utf8: Utf8::default(),
@@ -440,46 +488,18 @@ impl<'s, S: Frames> Walker<'s, S> {
         true
     }
 
-    /// Whether another key may come: a declared one still due, or any extra one.
-    fn may_add_key(&self, frame: Frame) -> bool {
+    fn close_object(&mut self) -> bool {
         match self.object() {
-            Some((
-                _,
-                Node::Object {
-                    windows,
-                    additional,
-                    ..
-                },
-            )) => window(windows, frame) != 0 || additional.is_some(),
-            _ => false,
+            Some((frame, spec)) => spec.may_close(frame) && self.close(),
+            None => false,
         }
     }
 
-    fn close_object(&mut self) -> bool {
-        let Some((frame, Node::Object { required_from, .. })) = self.object() else {
-            return false;
-        };
-        let required_left = required_from
-            .get(frame.count as usize)
-            .copied()
-            .unwrap_or(false);
-        !required_left && self.close()
-    }
-
     fn in_key(&mut self, cands: u128, len: u32, escape: Escape, utf8: Utf8, b: u8) -> bool {
-        let Some((
-            frame,
-            Node::Object {
-                props,
-                additional,
-                windows,
-                ..
-            },
-        )) = self.object()
-        else {
+        let Some((frame, spec)) = self.object() else {
             return false;
         };
-        let allowed = window(windows, frame);
+        let (props, allowed, extra) = (&spec.props, spec.choosable(frame), spec.extra_ok(frame));
         let (escape, utf8) = if !utf8.at_boundary() || b >= 0x80 {
             match utf8.step(b) {
                 Some(u) if escape == Escape::None => (escape, u),
@@ -494,23 +514,22 @@ impl<'s, S: Frames> Walker<'s, S> {
             match b {
                 b'"' => {
                     let exact = bits(cands).find(|&i| props[i].name.len() == len as usize);
-                    let value = match (exact, additional) {
-                        (Some(i), _) if allowed & (1 << i) != 0 => {
-                            self.stack.set_top(Frame {
-                                count: i as u32 + 1,
-                                ..frame
-                            });
-                            props[i].node
-                        }
+                    let (value, count) = match (exact, spec.additional) {
+                        (Some(i), _) if allowed & (1 << i) != 0 => (props[i].node, i as u32 + 1),
+                        (None, Some(node)) if extra => (node, frame.count),
                         // A declared name out of its turn (or again) is not an extra key.
-                        (Some(_), _) | (None, None) => return false,
-                        (None, Some(extra)) => *extra,
+                        _ => return false,
                     };
+                    self.stack.set_top(Frame {
+                        count,
+                        keys: frame.keys + 1,
+                        ..frame
+                    });
                     self.pos = Pos::Colon(value);
                     return true;
                 }
                 // Declared names are matched as written: an escape makes the key an extra one.
-                b'\\' if additional.is_some() => {
+                b'\\' if extra => {
                     self.pos = Pos::Key {
                         cands: 0,
                         len: len.saturating_add(1),
@@ -528,7 +547,7 @@ impl<'s, S: Frames> Walker<'s, S> {
         let next = bits(cands)
             .filter(|&i| props[i].name.get(at) == Some(&b))
             .fold(0u128, |m, i| m | 1 << i);
-        if additional.is_none() && next & allowed == 0 {
+        if !extra && next & allowed == 0 {
             return false;
         }
         self.pos = Pos::Key {
@@ -545,11 +564,11 @@ impl<'s, S: Frames> Walker<'s, S> {
             return false;
         };
         match (self.schema.node(frame.node), b) {
-            (Node::Object { .. }, b',') => {
+            (Node::Object(spec), b',') => {
                 self.pos = Pos::KeyDue;
-                self.may_add_key(frame)
+                spec.choosable(frame) != 0 || spec.extra_ok(frame)
             }
-            (Node::Object { .. }, b'}') => self.close_object(),
+            (Node::Object(_), b'}') => self.close_object(),
             (
                 Node::Array {
                     items, max_items, ..
@@ -652,10 +671,6 @@ impl<'s, S: Frames> Walker<'s, S> {
         }
         true
     }
-}
-
-fn window(windows: &[u128], frame: Frame) -> u128 {
-    windows.get(frame.count as usize).copied().unwrap_or(0)
 }
 
 fn low_bits(n: usize) -> u128 {

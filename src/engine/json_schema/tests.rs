@@ -142,6 +142,33 @@ fn references_recurse_and_extra_keys_follow_their_schema() {
 }
 
 #[test]
+fn property_counts_are_enforced_without_dead_ends() {
+    // Exactly one of the keys: the shape tool calls are generated in.
+    let one = compile(
+        json!({"type": "object", "properties": {"call": {"type": "object"},
+        "answer": {"type": "string"}}, "minProperties": 1, "maxProperties": 1}),
+    );
+    assert!(complete(&one, r#"{"call": {}}"#) && complete(&one, r#"{"answer": "x"}"#));
+    for bad in [r#"{}"#, r#"{"call": {}, "#, r#"{"call": {}, "answer""#] {
+        assert!(check(&one, bad).is_none(), "accepted {bad}");
+    }
+    // Two of three optional keys in order: skipping the first two leaves too few.
+    let two = compile(json!({"properties": {"a": {}, "b": {}, "c": {}}, "minProperties": 2}));
+    assert!(complete(&two, r#"{"b": 1, "c": 2}"#) && complete(&two, r#"{"a": 1, "c": 2}"#));
+    assert!(check(&two, r#"{"c""#).is_none() && check(&two, r#"{"a": 1}"#).is_none());
+    // At most one key, but `b` is required: `a` would leave no room for it.
+    let room =
+        compile(json!({"properties": {"a": {}, "b": {}}, "required": ["b"], "maxProperties": 1}));
+    assert!(complete(&room, r#"{"b": 1}"#) && check(&room, r#"{"a""#).is_none());
+    assert!(Schema::compile(&json!({"properties": {"a": {}}, "minProperties": 2})).is_err());
+    assert!(Schema::compile(
+        &json!({"properties": {"a": {}, "b": {}}, "required": ["a", "b"],
+        "maxProperties": 1})
+    )
+    .is_err());
+}
+
+#[test]
 fn unsupported_or_unsatisfiable_schemas_are_refused_by_place() {
     for (schema, at, words) in [
         (json!({"type": "string", "pattern": "^a"}), "", "`pattern`"),
@@ -303,6 +330,8 @@ fn valid(schema: &Value, root: &Value, v: &Value) -> bool {
                 .cloned()
                 .unwrap_or(json!(props.is_none()));
             is("object")
+                && n("minProperties").is_none_or(|m| o.len() as u64 >= m)
+                && n("maxProperties").is_none_or(|m| o.len() as u64 <= m)
                 && required.iter().all(|r| o.contains_key(r.as_str().unwrap()))
                 && o.iter().all(|(k, x)| match props.and_then(|p| p.get(k)) {
                     Some(p) => valid(p, root, x),
@@ -323,9 +352,16 @@ fn random_walks_never_dead_end_and_complete_texts_are_valid() {
             "required": ["v"], "additionalProperties": false}}}),
         json!({"type": "object", "properties": {"a": {"type": "boolean"}}, "additionalProperties": {"type": "integer"}}),
         json!({"type": "object"}),
+        json!({"type": "object", "properties": {"a": {"type": "null"}, "b": {"type": "boolean"},
+            "c": {"type": "integer"}}, "required": ["c"], "minProperties": 2, "maxProperties": 2,
+            "additionalProperties": {"type": "null"}}),
+        json!({"type": "object", "properties": {"tool_call": {"type": "object", "properties": {
+            "f": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]},
+            "g": {"type": "object"}}, "minProperties": 1, "maxProperties": 1},
+            "response": {"type": "string", "maxLength": 5}}, "minProperties": 1, "maxProperties": 1}),
     ];
     let alphabet: Vec<u8> =
-        b" \n\t\"{}[],:0123456789-.eE+truefalsnlxyzaAbgimkvrodptc\\u\xc3\xa9\xe2\x82\xac".to_vec();
+        b" \n\t_\"{}[],:0123456789-.eE+truefalsnlxyzaAbgimkvrodptc\\u\xc3\xa9\xe2\x82\xac".to_vec();
     let mut rng = StdRng::seed_from_u64(7);
     for schema_value in schemas {
         let schema = compile(schema_value.clone());
