@@ -744,6 +744,46 @@ def _():
     return f"{city!r}"
 
 
+@check("tools: a named tool_choice calls with arguments that parse, streamed too; the result goes back")
+def _():
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 32},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"], "additionalProperties": False}}}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=tools, tool_choice=named,
+                                       max_tokens=64, temperature=0)
+    c = r.choices[0]
+    expect(c.finish_reason == "tool_calls", f"finish_reason {c.finish_reason}: {c.message}")
+    call = c.message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    expect(call.function.name == "get_weather" and list(args) == ["city", "unit"], f"call {call}")
+    expect(args["unit"] in ("celsius", "fahrenheit"), f"arguments {args}")
+    # The same call streamed: the client's deltas carry the id, name and arguments.
+    pieces, name = [], None
+    for chunk in client.chat.completions.create(model=MODEL, messages=msgs, tools=tools,
+                                                tool_choice=named, max_tokens=64, temperature=0,
+                                                stream=True):
+        for d in chunk.choices[0].delta.tool_calls or []:
+            name = d.function.name or name
+            pieces.append(d.function.arguments or "")
+    expect(name == "get_weather" and json.loads("".join(pieces)) == args, f"streamed {name} {pieces}")
+    # The conversation goes on with the tool's result; the model may call again or answer.
+    msgs += [{"role": "assistant", "content": None, "tool_calls": [{
+                 "id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+             {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
+    r2 = client.chat.completions.create(model=MODEL, messages=msgs, tools=tools, max_tokens=64,
+                                        temperature=0)
+    c2 = r2.choices[0]
+    expect(c2.finish_reason in ("stop", "tool_calls", "length"), f"finish_reason {c2.finish_reason}")
+    then = c2.message.content if c2.message.tool_calls is None else c2.message.tool_calls[0].function
+    return f"get_weather({args}); then {c2.finish_reason}: {then!r}"
+
+
 @check("errors: completions logprobs=6 -> refused")
 def _():
     return expect_error(

@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 
 use super::auth::Tenant;
 use super::extract::ApiJson;
-use super::generation::{self, chat_prompt, text_prompt, MessageIn, StopSpec};
+use super::generation::{self, text_prompt, StopSpec};
+use super::messages::{chat_prompt, MessageIn};
 use super::{ApiError, AppState};
 use crate::engine::scheduler::{GenEvent, GenerateRequest, TokenLogprob};
 use crate::engine::tokenizer::Tokenizer;

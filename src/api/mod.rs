@@ -14,6 +14,7 @@ pub mod generate;
 pub mod generation;
 pub mod health;
 pub mod limits;
+pub mod messages;
 pub mod models;
 pub mod openai;
 pub mod tokenize;

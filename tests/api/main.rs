@@ -12,3 +12,4 @@ mod ops;
 mod portable;
 mod prefix_cache;
 mod structured;
+mod tools;

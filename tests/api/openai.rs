@@ -194,10 +194,7 @@ async fn features_we_do_not_implement_are_refused_by_name() {
     let app = spawn_app().await;
     let msgs = json!([{"role": "user", "content": "x"}]);
     for (field, value) in [
-        (
-            "tools",
-            json!([{"type": "function", "function": {"name": "f"}}]),
-        ),
+        ("functions", json!([{"name": "f"}])),
         ("response_format", json!({"type": "json_schema"})),
         ("n", json!(0)),
     ] {

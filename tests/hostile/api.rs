@@ -183,6 +183,12 @@ fn plausible() -> impl Strategy<Value = Value> + Clone {
         prop::collection::vec(nasty_string(), 0..3).prop_map(|v| json!(v)),
         Just(json!({"include_usage": true})),
         Just(json!({"type": "json_object"})),
+        Just(
+            json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+            "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}])
+        ),
+        Just(json!({"type": "function", "function": {"name": "f"}})),
+        Just(json!("required")),
     ]
 }
 

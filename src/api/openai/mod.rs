@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 
 use super::auth::Tenant;
 use super::extract::ApiJson;
-use super::generation::{self, chat_prompt, MessageIn, StopSpec};
+use super::generation::{self, StopSpec};
+use super::messages::{chat_messages, render_chat, MessageIn};
 use super::{ApiError, AppState};
 use crate::adapters::{AdapterError, Resolved};
 use crate::engine::json_mode::ResponseFormat;
@@ -21,6 +22,7 @@ use crate::engine::scheduler::{FinishReason, GenerateRequest};
 mod choices;
 mod logprobs;
 mod sse;
+mod tools;
 
 use choices::{
     check_fits_queue, choices_count, collect_choices, completion_prompts, keep_best,
@@ -128,21 +130,28 @@ struct ChatBody {
     ignore_eos: bool,
 }
 
-/// Refuses chat features this server does not implement, naming the field, rather than
-/// answering as if they had been honoured.
-fn refuse_unsupported_chat(body: &ChatBody) -> Result<(), ApiError> {
-    if body.tools.as_ref().is_some_and(|t| !t.is_null())
-        || body.functions.as_ref().is_some_and(|t| !t.is_null())
-        || body
-            .tool_choice
-            .as_ref()
-            .is_some_and(|t| !t.is_null() && t != "none")
-    {
+/// `tools` and `tool_choice` (see `tools`); `functions`, their deprecated form, is refused
+/// rather than ignored, and so is a second constraint beside them.
+fn chat_tools(body: &ChatBody) -> Result<Option<tools::Tools>, ApiError> {
+    if body.functions.as_ref().is_some_and(|t| !t.is_null()) {
         return Err(ApiError::invalid_field(
-            "`tools`/`functions`: tool calling is not supported",
+            "`functions` is deprecated and not supported; send `tools`",
         ));
     }
-    Ok(())
+    let tools = tools::parse(body.tools.as_ref(), body.tool_choice.as_ref())?;
+    if tools.is_some() {
+        let constrained = body
+            .response_format
+            .as_ref()
+            .is_some_and(|f| !f.is_null() && f.get("type").and_then(Value::as_str) != Some("text"));
+        if constrained || body.ignore_eos {
+            return Err(ApiError::invalid_field(
+                "`tools` cannot be combined with a `response_format` other than text, nor with \
+                 `ignore_eos`",
+            ));
+        }
+    }
+    Ok(tools)
 }
 
 /// `model` is the base model's name or one of the caller's adapters (`name` or
@@ -332,8 +341,12 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let pinned = resolve_model(&state, &tenant, &body.model).await?;
     let n = choices_count(body.n)?;
-    refuse_unsupported_chat(&body)?;
-    let prompt = chat_prompt(&state, body.messages, "messages")?;
+    let tools = chat_tools(&body)?;
+    let mut messages = chat_messages(body.messages, "messages")?;
+    if let Some(t) = &tools {
+        t.instruct(&mut messages);
+    }
+    let prompt = render_chat(&state, &messages, "messages")?;
     if !body.logprobs && body.top_logprobs.is_some_and(|n| n > 0) {
         return Err(ApiError::invalid_field(
             "`top_logprobs` needs `logprobs: true`",
@@ -357,10 +370,10 @@ async fn chat_completions(
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: false,
         ignore_eos: body.ignore_eos,
-        response_format: generation::response_format(
-            body.response_format.as_ref(),
-            body.ignore_eos,
-        )?,
+        response_format: match &tools {
+            Some(t) => t.response_format()?,
+            None => generation::response_format(body.response_format.as_ref(), body.ignore_eos)?,
+        },
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
         cache_scope: 0, // set by generation::submit
         queued_ticket: None,
@@ -369,8 +382,19 @@ async fn chat_completions(
     let rxs = submit_choices(&state, &tenant, req, n)?;
     let id = generation::request_id("chatcmpl-");
     let created = generation::unix_now();
+    let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
+    if body.stream && tools.is_some() {
+        // A call is known only once its JSON closes: the replies stream when complete.
+        let (done, usage_v) = collect_choices(rxs, n).await?;
+        let replies = done
+            .iter()
+            .map(|c| tools::choice_message(&c.text, finish_str(c.finish)))
+            .collect();
+        let model = model_name(&state, &pinned);
+        let usage_v = include_usage.then_some(usage_v);
+        return Ok(sse::replay_chat(model, id, created, replies, usage_v).into_response());
+    }
     if body.stream {
-        let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
         let s = stream_chunks(
             state.clone(),
             model_name(&state, &pinned),
@@ -394,11 +418,18 @@ async fn chat_completions(
             } else {
                 Value::Null
             };
+            let (message, finish) = match &tools {
+                Some(_) => tools::choice_message(&c.text, finish_str(c.finish)),
+                None => (
+                    json!({"role": "assistant", "content": c.text}),
+                    finish_str(c.finish),
+                ),
+            };
             json!({
                 "index": index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": message,
                 "logprobs": logprobs,
-                "finish_reason": finish_str(c.finish),
+                "finish_reason": finish,
             })
         })
         .collect();

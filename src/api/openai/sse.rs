@@ -189,3 +189,54 @@ impl<S> Streaming<S> {
         self.over = true;
     }
 }
+
+/// A chat stream of replies already complete (tool calling, where a call is known only once
+/// its JSON closes): per choice the role chunk, the content or the `tool_calls` delta (the
+/// whole arguments in one piece — OpenAI's clients concatenate pieces), the `finish_reason`
+/// chunk; then usage when asked, and `[DONE]`.
+pub(super) fn replay_chat(
+    model: String,
+    id: String,
+    created: u64,
+    replies: Vec<(Value, &'static str)>,
+    usage_v: Option<Value>,
+) -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let chunk = |choices: Value, usage_v: Option<&Value>| {
+        let mut v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "system_fingerprint": null, "choices": choices});
+        if let Some(u) = usage_v {
+            v["usage"] = u.clone();
+        }
+        Event::default().data(v.to_string())
+    };
+    let mut events = Vec::new();
+    for (index, (message, finish)) in replies.iter().enumerate() {
+        let c = |delta: Value, finish: Option<&str>| json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}]);
+        events.push(chunk(
+            c(json!({"role": "assistant", "content": ""}), None),
+            None,
+        ));
+        let delta = match message["tool_calls"].as_array() {
+            Some(calls) => {
+                let calls: Vec<Value> = calls
+                    .iter()
+                    .enumerate()
+                    .map(|(i, call)| {
+                        let mut call = call.clone();
+                        call["index"] = json!(i);
+                        call
+                    })
+                    .collect();
+                json!({"tool_calls": calls})
+            }
+            None => json!({"content": message["content"]}),
+        };
+        events.push(chunk(c(delta, None), None));
+        events.push(chunk(c(json!({}), Some(finish)), None));
+    }
+    if let Some(u) = &usage_v {
+        events.push(chunk(json!([]), Some(u)));
+    }
+    events.push(Event::default().data("[DONE]"));
+    Sse::new(stream::iter(events.into_iter().map(Ok))).keep_alive(KeepAlive::default())
+}

@@ -1,0 +1,382 @@
+//! Tool calling for any model (OpenAI's `tools` and `tool_choice`), in the way llama.cpp's
+//! server handles models without a tool format of their own: the tools are described in a
+//! system message, the reply is constrained by a JSON schema to one object — either
+//! `{"tool_call": {"<name>": {arguments}}}` or, when the model may choose, `{"response": "…"}` —
+//! and a call comes back as OpenAI's `tool_calls` (`finish_reason` `tool_calls`). The arguments
+//! therefore always parse and follow the tool's `parameters` (the subset `json_schema`
+//! enforces; others are refused naming the tool).
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use crate::api::generation;
+use crate::api::messages::tool_call_text;
+use crate::api::ApiError;
+use crate::engine::json_mode::ResponseFormat;
+use crate::engine::json_schema::{Schema, MAX_PROPERTIES};
+use crate::engine::tokenizer::ChatMessage;
+
+/// The tools of one request and what the model may do with them.
+#[derive(Debug)]
+pub struct Tools {
+    tools: Vec<Tool>,
+    choice: Choice,
+}
+
+#[derive(Debug)]
+struct Tool {
+    name: String,
+    description: Option<String>,
+    parameters: Value,
+}
+
+#[derive(Debug, PartialEq)]
+enum Choice {
+    /// Call a tool or answer (`"auto"`, the default).
+    Auto,
+    /// Call one of the tools (`"required"`).
+    Required,
+    /// Call this tool.
+    Named(String),
+}
+
+/// What a constrained reply turned out to be.
+#[derive(Debug, PartialEq)]
+pub enum Reply {
+    Call { name: String, arguments: String },
+    Text(String),
+}
+
+/// `tools` and `tool_choice` (`functions`, the deprecated form, is refused by the caller).
+/// `None`: no tools, or `tool_choice: "none"`, which answers as if there were none.
+pub fn parse(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<Tools>, ApiError> {
+    let choice = match choice {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s == "none" => return Ok(None),
+        Some(Value::String(s)) if s == "auto" => Some(Choice::Auto),
+        Some(Value::String(s)) if s == "required" => Some(Choice::Required),
+        Some(c) => match c.pointer("/function/name").and_then(Value::as_str) {
+            Some(name) if c.get("type").and_then(Value::as_str) == Some("function") => {
+                Some(Choice::Named(name.to_owned()))
+            }
+            _ => return Err(ApiError::invalid_field(
+                "`tool_choice` must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": …}}",
+            )),
+        },
+    };
+    let list = match tools {
+        None | Some(Value::Null) => {
+            return match choice {
+                None | Some(Choice::Auto) => Ok(None),
+                Some(_) => Err(ApiError::invalid_field("`tool_choice` needs `tools`")),
+            }
+        }
+        Some(Value::Array(list)) if !list.is_empty() && list.len() <= MAX_PROPERTIES => list,
+        Some(_) => {
+            return Err(ApiError::invalid_field(format!(
+                "`tools` must be a list of 1 to {MAX_PROPERTIES} tools"
+            )))
+        }
+    };
+    let mut tools: Vec<Tool> = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        let tool = tool(t, i)?;
+        if tools.iter().any(|other| other.name == tool.name) {
+            return Err(ApiError::invalid_field(format!(
+                "`tools[{i}].function.name`: `{}` is given twice",
+                tool.name
+            )));
+        }
+        tools.push(tool);
+    }
+    let choice = choice.unwrap_or(Choice::Auto);
+    if let Choice::Named(name) = &choice {
+        if !tools.iter().any(|t| &t.name == name) {
+            return Err(ApiError::invalid_field(format!(
+                "`tool_choice.function.name`: no tool is named `{name}`"
+            )));
+        }
+    }
+    Ok(Some(Tools { tools, choice }))
+}
+
+fn tool(t: &Value, i: usize) -> Result<Tool, ApiError> {
+    let field = |f: &str| format!("`tools[{i}].{f}`");
+    if t.get("type").and_then(Value::as_str) != Some("function") {
+        return Err(ApiError::invalid_field(format!(
+            "{} must be \"function\"",
+            field("type")
+        )));
+    }
+    let Some(f) = t.get("function").and_then(Value::as_object) else {
+        return Err(ApiError::invalid_field(format!(
+            "{} must be an object",
+            field("function")
+        )));
+    };
+    let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
+    let name_ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !name_ok {
+        return Err(ApiError::invalid_field(format!(
+            "{} must be 1-64 letters, digits, `_` or `-`",
+            field("function.name")
+        )));
+    }
+    let description = match f.get("description") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(d)) => Some(d.clone()),
+        Some(_) => {
+            return Err(ApiError::invalid_field(format!(
+                "{} must be a string",
+                field("function.description")
+            )))
+        }
+    };
+    // No parameters: the function takes none (OpenAI's reading).
+    let parameters = match f.get("parameters") {
+        None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+        Some(p) => p.clone(),
+    };
+    if parameters.get("type").and_then(Value::as_str) != Some("object") {
+        return Err(ApiError::invalid_field(format!(
+            "{} must be a schema of `type` \"object\"",
+            field("function.parameters")
+        )));
+    }
+    Schema::compile(&parameters)
+        .map_err(|e| ApiError::invalid_field(format!("{} {e}", field("function.parameters"))))?;
+    Ok(Tool {
+        name: name.to_owned(),
+        description,
+        parameters,
+    })
+}
+
+impl Tools {
+    /// The schema every reply is held to.
+    fn schema(&self) -> Value {
+        let call = |names: &mut dyn Iterator<Item = &Tool>| {
+            let props: Map<String, Value> = names
+                .map(|t| (t.name.clone(), t.parameters.clone()))
+                .collect();
+            json!({"type": "object", "properties": props, "minProperties": 1, "maxProperties": 1})
+        };
+        match &self.choice {
+            Choice::Named(name) => {
+                let call = call(&mut self.tools.iter().filter(|t| &t.name == name));
+                json!({"type": "object", "properties": {"tool_call": call}, "required": ["tool_call"]})
+            }
+            Choice::Required => {
+                json!({"type": "object", "properties": {"tool_call": call(&mut self.tools.iter())},
+                       "required": ["tool_call"]})
+            }
+            Choice::Auto => json!({"type": "object",
+                "properties": {"tool_call": call(&mut self.tools.iter()), "response": {"type": "string"}},
+                "minProperties": 1, "maxProperties": 1}),
+        }
+    }
+
+    /// The constraint for the engine. Each tool's parameters compiled alone already, so the
+    /// whole can fail only on size.
+    pub fn response_format(&self) -> Result<ResponseFormat, ApiError> {
+        let schema = Schema::compile(&self.schema())
+            .map_err(|e| ApiError::invalid_field(format!("`tools`: {e}")))?;
+        Ok(ResponseFormat::JsonSchema(Arc::new(schema)))
+    }
+
+    /// What the model is told, at the end of the system message (one is added if none leads).
+    fn instructions(&self) -> String {
+        let example = tool_call_text("<tool name>", &json!("<arguments object>"));
+        let mut text = match &self.choice {
+            Choice::Auto => format!(
+                "You can call tools. Reply with exactly one JSON object: {example} to call a \
+                 tool, or {{\"response\": \"<your reply>\"}} to answer directly."
+            ),
+            Choice::Required => {
+                format!(
+                    "Reply with exactly one JSON object that calls one of the tools: {example}."
+                )
+            }
+            Choice::Named(name) => format!(
+                "Reply with exactly one JSON object that calls the tool `{name}`: {}.",
+                tool_call_text(name, &json!("<arguments object>"))
+            ),
+        };
+        text.push_str("\nTools:");
+        for t in &self.tools {
+            text.push_str(&format!("\n- {}", t.name));
+            if let Some(d) = &t.description {
+                text.push_str(&format!(": {d}"));
+            }
+            text.push_str(&format!(" Arguments: {}", t.parameters));
+        }
+        text
+    }
+
+    /// Adds the instructions to the conversation's leading system message.
+    pub fn instruct(&self, messages: &mut Vec<ChatMessage>) {
+        let text = self.instructions();
+        match messages.first_mut() {
+            Some(m) if m.role == "system" => {
+                m.content.push_str("\n\n");
+                m.content.push_str(&text);
+            }
+            _ => messages.insert(
+                0,
+                ChatMessage {
+                    role: "system".to_owned(),
+                    content: text,
+                },
+            ),
+        }
+    }
+}
+
+/// Reads a complete reply: a call (arguments as compact JSON text, as OpenAI sends them) or
+/// the answer's text; `None` if it is not one (a reply cut by `max_tokens`).
+pub fn read_reply(text: &str) -> Option<Reply> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    if let Some(call) = v.get("tool_call").and_then(Value::as_object) {
+        let (name, arguments) = call.iter().next()?;
+        return Some(Reply::Call {
+            name: name.clone(),
+            arguments: arguments.to_string(),
+        });
+    }
+    v.get("response")
+        .and_then(Value::as_str)
+        .map(|s| Reply::Text(s.to_owned()))
+}
+
+/// One choice's `message` and `finish_reason` for a reply generated under tools.
+pub fn choice_message(text: &str, finish: &'static str) -> (Value, &'static str) {
+    match read_reply(text) {
+        Some(Reply::Call { name, arguments }) => (
+            json!({"role": "assistant", "content": null, "tool_calls": [{
+                "id": generation::request_id("call_"), "type": "function",
+                "function": {"name": name, "arguments": arguments}}]}),
+            "tool_calls",
+        ),
+        Some(Reply::Text(answer)) => (json!({"role": "assistant", "content": answer}), finish),
+        // Cut short: the raw text, as OpenAI returns a cut reply.
+        None => (json!({"role": "assistant", "content": text}), finish),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weather() -> Value {
+        json!([{"type": "function", "function": {"name": "get_weather",
+            "description": "Current weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+            {"type": "function", "function": {"name": "now"}}])
+    }
+
+    #[test]
+    fn choices_build_their_schemas_and_instructions() {
+        let t = parse(Some(&weather()), None).unwrap().unwrap();
+        assert_eq!(t.choice, Choice::Auto);
+        let schema = Arc::new(Schema::compile(&t.schema()).unwrap());
+        let ok = |text: &str| {
+            let mut p = crate::engine::json_schema::SchemaPrefix::new(schema.clone());
+            p.push(text.as_bytes()) && p.is_complete()
+        };
+        assert!(ok(r#"{"tool_call": {"get_weather": {"city": "Oslo"}}}"#));
+        assert!(ok(r#"{"tool_call": {"now": {}}}"#) && ok(r#"{"response": "hi"}"#));
+        assert!(!ok(r#"{"tool_call": {"get_weather": {}}}"#));
+        let mut msgs = vec![ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }];
+        t.instruct(&mut msgs);
+        assert_eq!(msgs[0].role, "system");
+        assert!(msgs[0]
+            .content
+            .contains("get_weather: Current weather Arguments: {"));
+
+        let named = json!({"type": "function", "function": {"name": "now"}});
+        let t = parse(Some(&weather()), Some(&named)).unwrap().unwrap();
+        let s = t.schema();
+        assert_eq!(
+            s["properties"]["tool_call"]["properties"]
+                .as_object()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(parse(Some(&weather()), Some(&json!("none")))
+            .unwrap()
+            .is_none());
+        assert!(parse(None, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_tools_are_refused_naming_the_field() {
+        for (tools, choice, words) in [
+            (json!([]), None, "`tools`"),
+            (json!([{"type": "code"}]), None, "`tools[0].type`"),
+            (
+                json!([{"type": "function", "function": {"name": "a b"}}]),
+                None,
+                "`tools[0].function.name`",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                    "properties": {"d": {"type": "string", "format": "date"}}}}}]),
+                None,
+                "`tools[0].function.parameters` at /properties/d",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]),
+                None,
+                "parameters",
+            ),
+            (
+                weather(),
+                Some(json!({"type": "function", "function": {"name": "nope"}})),
+                "no tool is named",
+            ),
+            (weather(), Some(json!("sometimes")), "`tool_choice`"),
+            (
+                json!([{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]),
+                None,
+                "twice",
+            ),
+        ] {
+            let e = parse(Some(&tools), choice.as_ref()).expect_err(words);
+            assert!(e.to_string().contains(words), "{words}: {e}");
+        }
+        assert!(parse(None, Some(&json!("required"))).is_err());
+    }
+
+    #[test]
+    fn replies_read_as_calls_or_text() {
+        assert_eq!(
+            read_reply(r#"{"tool_call": {"f": {"a": [1, 2]}}}"#),
+            Some(Reply::Call {
+                name: "f".into(),
+                arguments: r#"{"a":[1,2]}"#.into()
+            })
+        );
+        assert_eq!(
+            read_reply(r#"{"response": "hi"}"#),
+            Some(Reply::Text("hi".into()))
+        );
+        assert_eq!(read_reply(r#"{"tool_call": {"f": {"a""#), None);
+        let (msg, finish) = choice_message(r#"{"tool_call": {"f": {}}}"#, "stop");
+        assert_eq!(finish, "tool_calls");
+        assert!(
+            msg["content"].is_null()
+                && msg["tool_calls"][0]["id"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("call_")
+        );
+    }
+}
