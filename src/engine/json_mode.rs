@@ -99,6 +99,45 @@ impl Utf8 {
     }
 }
 
+/// What one byte inside a JSON string does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum StrByte {
+    /// The string goes on; `starts_char` when the byte begins a character (an escape counts
+    /// as one, at its `\\`).
+    Continue {
+        escape: Escape,
+        utf8: Utf8,
+        starts_char: bool,
+    },
+    /// The closing quote.
+    Close,
+}
+
+/// The effect of byte `b` inside a string whose escape and UTF-8 states are given; `None` if it
+/// cannot continue a valid string.
+pub(crate) fn string_byte(escape: Escape, utf8: Utf8, b: u8) -> Option<StrByte> {
+    let go_on = |escape, utf8, starts_char| {
+        Some(StrByte::Continue {
+            escape,
+            utf8,
+            starts_char,
+        })
+    };
+    if !utf8.at_boundary() {
+        return go_on(escape, utf8.step(b)?, false);
+    }
+    if escape != Escape::None {
+        return go_on(escape.step(b)?, utf8, false);
+    }
+    match b {
+        b'"' => Some(StrByte::Close),
+        b'\\' => go_on(Escape::Backslash, utf8, true),
+        0..=0x1f => None,
+        0x80.. => go_on(escape, utf8.step(b)?, true),
+        _ => go_on(escape, utf8, true),
+    }
+}
+
 /// Number states (RFC 8259 §6); `Zero`, `Int`, `Frac` and `Exp` may end the number.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Num {
@@ -388,28 +427,12 @@ impl JsonPrefix {
     }
 
     fn in_string(&mut self, key: bool, escape: Escape, utf8: Utf8, b: u8) -> bool {
-        let (escape, utf8) = if !utf8.at_boundary() || b >= 0x80 {
-            match utf8.step(b) {
-                Some(u) if escape == Escape::None => (escape, u),
-                _ => return false,
-            }
-        } else if escape != Escape::None {
-            match escape.step(b) {
-                Some(e) => (e, utf8),
-                None => return false,
-            }
-        } else {
-            match b {
-                b'"' => {
-                    self.state = if key { State::Colon } else { State::AfterValue };
-                    return true;
-                }
-                b'\\' => (Escape::Backslash, utf8),
-                0..=0x1f => return false,
-                _ => (Escape::None, utf8),
-            }
+        self.state = match string_byte(escape, utf8, b) {
+            None => return false,
+            Some(StrByte::Close) if key => State::Colon,
+            Some(StrByte::Close) => State::AfterValue,
+            Some(StrByte::Continue { escape, utf8, .. }) => State::Str { key, escape, utf8 },
         };
-        self.state = State::Str { key, escape, utf8 };
         true
     }
 

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 pub use compile::{SchemaError, MAX_NODES, MAX_PROPERTIES};
 
-use crate::engine::json_mode::{Escape, Num, Utf8};
+use crate::engine::json_mode::{string_byte, Escape, Num, StrByte, Utf8};
 
 type NodeId = u32;
 /// Bytes a value may start with (all ASCII).
@@ -500,48 +500,39 @@ impl<'s, S: Frames> Walker<'s, S> {
             return false;
         };
         let (props, allowed, extra) = (&spec.props, spec.choosable(frame), spec.extra_ok(frame));
-        let (escape, utf8) = if !utf8.at_boundary() || b >= 0x80 {
-            match utf8.step(b) {
-                Some(u) if escape == Escape::None => (escape, u),
-                _ => return false,
+        let (escape, utf8) = match string_byte(escape, utf8, b) {
+            None => return false,
+            Some(StrByte::Close) => {
+                let exact = bits(cands).find(|&i| props[i].name.len() == len as usize);
+                let (value, count) = match (exact, spec.additional) {
+                    (Some(i), _) if allowed & (1 << i) != 0 => (props[i].node, i as u32 + 1),
+                    (None, Some(node)) if extra => (node, frame.count),
+                    // A declared name out of its turn (or again) is not an extra key.
+                    _ => return false,
+                };
+                self.stack.set_top(Frame {
+                    count,
+                    keys: frame.keys + 1,
+                    ..frame
+                });
+                self.pos = Pos::Colon(value);
+                return true;
             }
-        } else if escape != Escape::None {
-            match escape.step(b) {
-                Some(e) => (e, utf8),
-                None => return false,
-            }
-        } else {
-            match b {
-                b'"' => {
-                    let exact = bits(cands).find(|&i| props[i].name.len() == len as usize);
-                    let (value, count) = match (exact, spec.additional) {
-                        (Some(i), _) if allowed & (1 << i) != 0 => (props[i].node, i as u32 + 1),
-                        (None, Some(node)) if extra => (node, frame.count),
-                        // A declared name out of its turn (or again) is not an extra key.
-                        _ => return false,
-                    };
-                    self.stack.set_top(Frame {
-                        count,
-                        keys: frame.keys + 1,
-                        ..frame
-                    });
-                    self.pos = Pos::Colon(value);
-                    return true;
-                }
-                // Declared names are matched as written: an escape makes the key an extra one.
-                b'\\' if extra => {
-                    self.pos = Pos::Key {
-                        cands: 0,
-                        len: len.saturating_add(1),
-                        escape: Escape::Backslash,
-                        utf8,
-                    };
-                    return true;
-                }
-                b'\\' | 0..=0x1f => return false,
-                _ => (escape, utf8),
-            }
+            Some(StrByte::Continue { escape, utf8, .. }) => (escape, utf8),
         };
+        if escape == Escape::Backslash {
+            // Declared names are matched as written: an escape makes the key an extra one.
+            if !extra {
+                return false;
+            }
+            self.pos = Pos::Key {
+                cands: 0,
+                len: len.saturating_add(1),
+                escape,
+                utf8,
+            };
+            return true;
+        }
         // Any other byte of the key (part of a character, or an escape's): narrow the names.
         let at = len as usize;
         let next = bits(cands)
@@ -599,35 +590,24 @@ impl<'s, S: Frames> Walker<'s, S> {
         utf8: Utf8,
         b: u8,
     ) -> bool {
-        let (len, escape, utf8) = if !utf8.at_boundary() {
-            match utf8.step(b) {
-                Some(u) => (len, escape, u),
-                None => return false,
-            }
-        } else if escape != Escape::None {
-            match escape.step(b) {
-                Some(e) if b < 0x80 => (len, e, utf8),
-                _ => return false,
-            }
-        } else {
-            match b {
-                b'"' => {
-                    if len < min {
-                        return false;
-                    }
-                    self.complete();
-                    return true;
+        let (len, escape, utf8) = match string_byte(escape, utf8, b) {
+            None => return false,
+            Some(StrByte::Close) => {
+                if len < min {
+                    return false;
                 }
-                0..=0x1f => return false,
-                // Each character is counted at its first byte (an escape at its `\`).
-                _ if len >= max => return false,
-                b'\\' => (len + 1, Escape::Backslash, utf8),
-                0x80.. => match utf8.step(b) {
-                    Some(u) => (len + 1, escape, u),
-                    None => return false,
-                },
-                _ => (len + 1, Escape::None, utf8),
+                self.complete();
+                return true;
             }
+            Some(StrByte::Continue {
+                escape,
+                utf8,
+                starts_char,
+            }) => match (starts_char, len >= max) {
+                (true, true) => return false,
+                (true, false) => (len + 1, escape, utf8),
+                (false, _) => (len, escape, utf8),
+            },
         };
         self.pos = Pos::Str {
             len,
