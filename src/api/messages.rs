@@ -119,9 +119,11 @@ fn text_parts(parts: Vec<ContentPart>, at: &str) -> Result<String, ApiError> {
     for (j, p) in parts.into_iter().enumerate() {
         match (p.kind.as_str(), p.text) {
             ("text", Some(t)) => text.push_str(&t),
-            _ => return Err(ApiError::invalid_field(format!(
+            _ => {
+                return Err(ApiError::invalid_field(format!(
                 "`{at}.content[{j}]`: only parts of type `text` with a `text` field are supported"
-            ))),
+            )))
+            }
         }
     }
     Ok(text)

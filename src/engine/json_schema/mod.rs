@@ -38,6 +38,9 @@ const ANY_ARRAY: NodeId = 2;
 pub const MAX_DEPTH: usize = 64;
 /// Most spaces or tabs of indentation after a newline between JSON tokens.
 pub const MAX_INDENT: u8 = 20;
+/// Most digits in a number's integer part and in its fraction; in its exponent.
+pub const MAX_DIGITS: u8 = 16;
+pub const MAX_EXPONENT_DIGITS: u8 = 3;
 /// Most containers one token may open (the check of a candidate token copies only these).
 const OVERLAY: usize = 32;
 
@@ -177,6 +180,8 @@ enum Pos {
     Number {
         n: Num,
         integer: bool,
+        /// Digits in the current part (integer, fraction or exponent).
+        digits: u8,
     },
     Literal(&'static [u8]),
     /// Inside an enum value: the literals `lo..hi` begin with the `len` bytes so far.
@@ -327,13 +332,22 @@ impl<'s, S: Frames> Walker<'s, S> {
                 escape,
                 utf8,
             } => self.in_string(len, min, max, escape, utf8, b),
-            Pos::Number { n, integer } => {
+            Pos::Number { n, integer, digits } => {
                 if integer && matches!(b, b'.' | b'e' | b'E') {
                     return false;
                 }
                 match n.step(b) {
-                    Some(n) => {
-                        self.pos = Pos::Number { n, integer };
+                    Some(next) => {
+                        // A non-digit (`.`, `e`, a sign) begins the next part.
+                        let digits = if b.is_ascii_digit() { digits + 1 } else { 0 };
+                        if digits > max_digits(next) {
+                            return false;
+                        }
+                        self.pos = Pos::Number {
+                            n: next,
+                            integer,
+                            digits,
+                        };
                         true
                     }
                     None if n.can_end() => {
@@ -376,14 +390,11 @@ impl<'s, S: Frames> Walker<'s, S> {
             (Node::Any | Node::Boolean, b't') => Pos::Literal(b"rue"),
             (Node::Any | Node::Boolean, b'f') => Pos::Literal(b"alse"),
             (Node::Any | Node::Null, b'n') => Pos::Literal(b"ull"),
-            (Node::Any, _) => match Num::start(b) {
-                Some(n) => Pos::Number { n, integer: false },
-                None => return false,
-            },
-            (Node::Number { integer }, _) => match Num::start(b) {
+            (Node::Any | Node::Number { .. }, _) => match Num::start(b) {
                 Some(n) => Pos::Number {
                     n,
-                    integer: *integer,
+                    integer: matches!(schema.node(node), Node::Number { integer: true }),
+                    digits: u8::from(b != b'-'),
                 },
                 None => return false,
             },
@@ -650,6 +661,15 @@ impl<'s, S: Frames> Walker<'s, S> {
             };
         }
         true
+    }
+}
+
+/// Most digits in each part of a number (llama.cpp's JSON grammars bound them alike): enough
+/// for any f64 or 64-bit integer, and a model repeating a digit cannot run on.
+fn max_digits(n: Num) -> u8 {
+    match n {
+        Num::E | Num::ESign | Num::Exp => MAX_EXPONENT_DIGITS,
+        _ => MAX_DIGITS,
     }
 }
 

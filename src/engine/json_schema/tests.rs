@@ -241,6 +241,28 @@ fn whitespace_is_bounded_and_depth_is_capped() {
 }
 
 #[test]
+fn number_parts_have_bounded_digits() {
+    let s = compile(json!({"type": "array", "items": {"type": "number"}}));
+    let sixteen = "1".repeat(MAX_DIGITS as usize);
+    assert!(complete(
+        &s,
+        &format!("[-{sixteen}.{sixteen}e-123, {sixteen}]")
+    ));
+    for bad in [
+        format!("[{sixteen}1"),
+        format!("[0.{sixteen}1"),
+        "[1e1234".to_string(),
+    ] {
+        assert!(check(&s, &bad).is_none(), "accepted {bad}");
+    }
+    let any = compile(json!({"type": "array"}));
+    assert!(
+        check(&any, &format!("[{sixteen}1")).is_none(),
+        "any value is bounded too"
+    );
+}
+
+#[test]
 fn strings_and_keys_are_well_formed_utf8_counted_in_characters() {
     let s = compile(
         json!({"type": "object", "properties": {"é": {"type": "string", "maxLength": 2}},
