@@ -108,6 +108,25 @@ async fn a_top_level_enum_is_one_of_its_values_and_the_native_route_streams_it()
 }
 
 #[tokio::test]
+async fn completions_take_the_same_response_format_as_vllm_does() {
+    let app = spawn_app().await;
+    let schema =
+        json!({"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 2});
+    let body = json!({"model": "tiny", "prompt": ["two flags:", "one flag:"], "max_tokens": 60,
+        "temperature": 1, "seed": 3, "response_format": format(&schema)});
+    let v: Value = app.post_json("/v1/completions", &body).await;
+    let choices = v["choices"].as_array().unwrap();
+    assert!(choices.iter().any(|c| c["finish_reason"] == "stop"), "{v}");
+    for c in choices {
+        let text = c["text"].as_str().unwrap();
+        let p = is_prefix(&schema, text);
+        if c["finish_reason"] == "stop" {
+            assert!(p.is_complete(), "{text:?}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn schemas_that_cannot_be_enforced_are_refused_naming_the_place() {
     let app = spawn_app().await;
     let chat = |format: Value| {

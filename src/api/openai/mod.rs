@@ -16,7 +16,6 @@ use super::generation::{self, StopSpec};
 use super::messages::{chat_messages, render_chat, MessageIn};
 use super::{ApiError, AppState};
 use crate::adapters::{AdapterError, Resolved};
-use crate::engine::json_mode::ResponseFormat;
 use crate::engine::scheduler::{FinishReason, GenerateRequest};
 
 mod choices;
@@ -78,6 +77,8 @@ struct CompletionBody {
     _user: Option<String>,
     top_k: Option<i64>,
     logit_bias: Option<serde_json::Map<String, Value>>,
+    /// vLLM's extension (OpenAI's completions have none): JSON mode or a JSON schema, as chat.
+    response_format: Option<Value>,
     /// vLLM's and llama.cpp's extension: generate past end-of-sequence tokens (benchmarks
     /// with fixed output lengths).
     #[serde(default, deserialize_with = "null_is_false")]
@@ -242,6 +243,7 @@ async fn completions(
         ));
     }
     let stop = body.stop.into_vec("stop")?;
+    let format = generation::response_format(body.response_format.as_ref(), body.ignore_eos)?;
     let mut reqs = Vec::with_capacity(prompts.len());
     for prompt in &prompts {
         // OpenAI's default max_tokens for completions is 16.
@@ -258,7 +260,7 @@ async fn completions(
             stop: stop.clone(),
             prompt_logprobs: body.echo && logprobs.is_some(),
             ignore_eos: body.ignore_eos,
-            response_format: ResponseFormat::Text,
+            response_format: format.clone(),
             adapter: pinned.as_ref().map(|p| p.adapter.clone()),
             cache_scope: 0, // set by generation::submit
             queued_ticket: None,
