@@ -1,45 +1,14 @@
-//! JSON mode (`response_format: {"type": "json_object"}`): generation constrained, token by
-//! token, to text that can still become one JSON object, ended as soon as the object closes.
-//!
-//! [`JsonPrefix`] checks bytes incrementally (a pushdown automaton over RFC 8259's grammar;
-//! strings must be well-formed UTF-8 — a token may hold part of a character — with no unpaired
-//! surrogate escapes, as serde_json requires). [`JsonConstraint`] asks it, for a
-//! candidate token, whether the token's bytes keep the text valid; the sampler draws, and redraws
-//! without a refused token until one passes (see `sampling`).
+//! Constrained JSON replies: JSON mode (`response_format: {"type": "json_object"}`) and the
+//! request-side [`ResponseFormat`]; [`JsonConstraint`], which the sampler asks whether a
+//! candidate token keeps the text a prefix of a valid value (it draws, and redraws without
+//! refused tokens; see `sampling`); and the lexical pieces of RFC 8259 that the checker in
+//! `json_schema` is built from — string bytes (well-formed UTF-8, which a token may cut
+//! mid-character, and no unpaired surrogate escapes, as serde_json requires) and numbers.
+//! JSON mode is the schema `{"type": "object"}`: one checker serves both.
 
 use std::sync::Arc;
 
 use super::json_schema::{Schema, SchemaPrefix};
-
-/// Where the checker stands.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum State {
-    /// Before the top-level value: whitespace, then `{`.
-    Start,
-    /// After `{`: a key or `}`.
-    ObjectFirst,
-    /// After `,` in an object: a key.
-    Key,
-    /// After a key: `:`.
-    Colon,
-    /// A value is due (after `:`, or `,` in an array).
-    Value,
-    /// After `[`: a value or `]`.
-    ArrayFirst,
-    /// Inside a string; `key` says whether it is an object key.
-    Str {
-        key: bool,
-        escape: Escape,
-        utf8: Utf8,
-    },
-    /// After a complete value inside a container: `,` or the container's close.
-    AfterValue,
-    Number(Num),
-    /// Inside `true`, `false` or `null`: the bytes still due.
-    Literal(&'static [u8]),
-    /// The top-level object is closed: only whitespace may follow.
-    End,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Escape {
@@ -234,224 +203,6 @@ impl Num {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Container {
-    Object,
-    Array,
-}
-
-/// Deepest nesting accepted (serde_json's default recursion limit is 128 too).
-pub const MAX_DEPTH: u32 = 128;
-
-/// The open containers as bits (1 = object), innermost lowest: a `Copy` stack, so checking a
-/// candidate token clones no heap memory — a step may check the whole vocabulary.
-#[derive(Clone, Copy, Debug, Default)]
-struct Stack {
-    bits: u128,
-    depth: u32,
-}
-
-impl Stack {
-    fn push(&mut self, c: Container) -> bool {
-        if self.depth == MAX_DEPTH {
-            return false;
-        }
-        self.bits = (self.bits << 1) | u128::from(c == Container::Object);
-        self.depth += 1;
-        true
-    }
-
-    fn last(&self) -> Option<Container> {
-        let top = if self.bits & 1 == 1 {
-            Container::Object
-        } else {
-            Container::Array
-        };
-        (self.depth > 0).then_some(top)
-    }
-
-    fn pop(&mut self) {
-        self.bits >>= 1;
-        self.depth -= 1;
-    }
-
-    fn is_empty(&self) -> bool {
-        self.depth == 0
-    }
-}
-
-/// An incremental check that the bytes pushed so far are a prefix of one JSON object.
-#[derive(Clone, Copy, Debug)]
-pub struct JsonPrefix {
-    stack: Stack,
-    state: State,
-}
-
-impl Default for JsonPrefix {
-    fn default() -> Self {
-        JsonPrefix {
-            stack: Stack::default(),
-            state: State::Start,
-        }
-    }
-}
-
-fn is_ws(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
-}
-
-impl JsonPrefix {
-    /// Whether the top-level object is complete.
-    pub fn is_complete(&self) -> bool {
-        self.state == State::End
-    }
-
-    /// Feeds one byte; false (and the state unspecified) when it cannot continue valid JSON.
-    pub fn push(&mut self, b: u8) -> bool {
-        match self.state {
-            State::Start => {
-                if is_ws(b) {
-                    return true;
-                }
-                if b == b'{' {
-                    self.stack.push(Container::Object);
-                    self.state = State::ObjectFirst;
-                    return true;
-                }
-                false
-            }
-            State::ObjectFirst | State::Key => {
-                if is_ws(b) {
-                    return true;
-                }
-                match b {
-                    b'"' => {
-                        self.state = State::Str {
-                            key: true,
-                            escape: Escape::None,
-                            utf8: Utf8::default(),
-                        };
-                        true
-                    }
-                    b'}' if self.state == State::ObjectFirst => self.close(Container::Object),
-                    _ => false,
-                }
-            }
-            State::Colon => {
-                if is_ws(b) {
-                    return true;
-                }
-                if b == b':' {
-                    self.state = State::Value;
-                    return true;
-                }
-                false
-            }
-            State::Value => is_ws(b) || self.start_value(b),
-            State::ArrayFirst => {
-                if is_ws(b) {
-                    return true;
-                }
-                if b == b']' {
-                    return self.close(Container::Array);
-                }
-                self.start_value(b)
-            }
-            State::Str { key, escape, utf8 } => self.in_string(key, escape, utf8, b),
-            State::AfterValue => {
-                if is_ws(b) {
-                    return true;
-                }
-                match (b, self.stack.last()) {
-                    (b',', Some(Container::Object)) => {
-                        self.state = State::Key;
-                        true
-                    }
-                    (b',', Some(Container::Array)) => {
-                        self.state = State::Value;
-                        true
-                    }
-                    (b'}', _) => self.close(Container::Object),
-                    (b']', _) => self.close(Container::Array),
-                    _ => false,
-                }
-            }
-            State::Number(n) => self.in_number(n, b),
-            State::Literal(rest) => match rest.split_first() {
-                Some((&want, tail)) if want == b => {
-                    self.state = State::Literal(tail);
-                    if tail.is_empty() {
-                        self.state = State::AfterValue;
-                    }
-                    true
-                }
-                _ => false,
-            },
-            State::End => is_ws(b),
-        }
-    }
-
-    fn start_value(&mut self, b: u8) -> bool {
-        self.state = match b {
-            b'{' if self.stack.push(Container::Object) => State::ObjectFirst,
-            b'[' if self.stack.push(Container::Array) => State::ArrayFirst,
-            b'"' => State::Str {
-                key: false,
-                escape: Escape::None,
-                utf8: Utf8::default(),
-            },
-            b'-' | b'0'..=b'9' => match Num::start(b) {
-                Some(n) => State::Number(n),
-                None => return false,
-            },
-            b't' => State::Literal(b"rue"),
-            b'f' => State::Literal(b"alse"),
-            b'n' => State::Literal(b"ull"),
-            _ => return false,
-        };
-        true
-    }
-
-    /// Closes the innermost container if it is `which`.
-    fn close(&mut self, which: Container) -> bool {
-        if self.stack.last() != Some(which) {
-            return false;
-        }
-        self.stack.pop();
-        self.state = if self.stack.is_empty() {
-            State::End
-        } else {
-            State::AfterValue
-        };
-        true
-    }
-
-    fn in_string(&mut self, key: bool, escape: Escape, utf8: Utf8, b: u8) -> bool {
-        self.state = match string_byte(escape, utf8, b) {
-            None => return false,
-            Some(StrByte::Close) if key => State::Colon,
-            Some(StrByte::Close) => State::AfterValue,
-            Some(StrByte::Continue { escape, utf8, .. }) => State::Str { key, escape, utf8 },
-        };
-        true
-    }
-
-    fn in_number(&mut self, n: Num, b: u8) -> bool {
-        match n.step(b) {
-            Some(next) => {
-                self.state = State::Number(next);
-                true
-            }
-            None if n.can_end() => {
-                // The number ended; the byte belongs to what follows it.
-                self.state = State::AfterValue;
-                self.push(b)
-            }
-            None => false,
-        }
-    }
-}
-
 /// Every token's bytes and the end-of-sequence ids: built once per engine.
 #[derive(Debug)]
 pub struct Vocabulary {
@@ -464,23 +215,17 @@ pub struct Vocabulary {
 pub enum ResponseFormat {
     #[default]
     Text,
-    /// One JSON object ([`JsonPrefix`]).
+    /// One JSON object, any keys and values (`{"type": "object"}`).
     JsonObject,
     /// One JSON value valid under a schema (see `json_schema`).
     JsonSchema(Arc<Schema>),
 }
 
-/// The grammar a constrained sequence follows.
-#[derive(Clone, Debug)]
-enum Grammar {
-    Object(JsonPrefix),
-    Schema(SchemaPrefix),
-}
-
-/// One sequence's JSON constraint: JSON mode or a schema.
+/// One sequence's JSON constraint: JSON mode (any object) or a schema, checked by the same
+/// automaton (`json_schema`).
 #[derive(Clone, Debug)]
 pub struct JsonConstraint {
-    grammar: Grammar,
+    text: SchemaPrefix,
     vocab: Arc<Vocabulary>,
 }
 
@@ -490,15 +235,13 @@ impl JsonConstraint {
         format: &ResponseFormat,
         vocab: impl FnOnce() -> Arc<Vocabulary>,
     ) -> Option<Self> {
-        let grammar = match format {
+        let schema = match format {
             ResponseFormat::Text => return None,
-            ResponseFormat::JsonObject => Grammar::Object(JsonPrefix::default()),
-            ResponseFormat::JsonSchema(schema) => {
-                Grammar::Schema(SchemaPrefix::new(schema.clone()))
-            }
+            ResponseFormat::JsonObject => Arc::new(Schema::any_object()),
+            ResponseFormat::JsonSchema(schema) => schema.clone(),
         };
         Some(JsonConstraint {
-            grammar,
+            text: SchemaPrefix::new(schema),
             vocab: vocab(),
         })
     }
@@ -506,17 +249,14 @@ impl JsonConstraint {
     /// JSON mode.
     pub fn new(vocab: Arc<Vocabulary>) -> Self {
         JsonConstraint {
-            grammar: Grammar::Object(JsonPrefix::default()),
+            text: SchemaPrefix::new(Arc::new(Schema::any_object())),
             vocab,
         }
     }
 
     /// The value is complete: the sequence should end now.
     pub fn finished(&self) -> bool {
-        match &self.grammar {
-            Grammar::Object(text) => text.is_complete(),
-            Grammar::Schema(text) => text.is_complete(),
-        }
+        self.text.is_complete()
     }
 
     /// An end-of-sequence token to end with, if the model has one.
@@ -528,40 +268,18 @@ impl JsonConstraint {
     /// any other token only if its bytes (at least one) keep the text valid.
     pub fn allows(&self, token: u32) -> bool {
         if self.vocab.eos.contains(&token) {
-            return match &self.grammar {
-                Grammar::Object(text) => text.is_complete(),
-                Grammar::Schema(text) => text.may_end(),
-            };
+            return self.text.may_end();
         }
-        let Some(bytes) = self.vocab.bytes.get(token as usize) else {
-            return false;
-        };
-        if bytes.is_empty() {
-            return false;
-        }
-        match &self.grammar {
-            Grammar::Object(text) => {
-                let mut text = *text;
-                bytes.iter().all(|&b| text.push(b))
-            }
-            Grammar::Schema(text) => text.accepts(bytes),
+        match self.vocab.bytes.get(token as usize) {
+            Some(bytes) if !bytes.is_empty() => self.text.accepts(bytes),
+            _ => false,
         }
     }
 
     /// Records the chosen token (which [`JsonConstraint::allows`] accepted).
     pub fn accept(&mut self, token: u32) {
-        let Some(bytes) = self.vocab.bytes.get(token as usize) else {
-            return;
-        };
-        match &mut self.grammar {
-            Grammar::Object(text) => {
-                for &b in bytes.iter() {
-                    text.push(b);
-                }
-            }
-            Grammar::Schema(text) => {
-                text.push(bytes);
-            }
+        if let Some(bytes) = self.vocab.bytes.get(token as usize) {
+            self.text.push(bytes);
         }
     }
 }
@@ -570,22 +288,26 @@ impl JsonConstraint {
 mod tests {
     use super::*;
 
-    fn accepts(text: &str) -> Option<JsonPrefix> {
-        let mut p = JsonPrefix::default();
-        text.bytes().all(|b| p.push(b)).then_some(p)
+    fn accepts_bytes(bytes: &[u8]) -> Option<SchemaPrefix> {
+        let mut p = SchemaPrefix::new(Arc::new(Schema::any_object()));
+        p.push(bytes).then_some(p)
+    }
+
+    fn accepts(text: &str) -> Option<SchemaPrefix> {
+        accepts_bytes(text.as_bytes())
     }
 
     #[test]
     fn valid_prefixes_and_complete_objects() {
         for (text, complete) in [
             ("", false),
-            ("  {", false),
+            (" {", false),
             (r#"{"a": 1}"#, true),
             (
                 r#"{"a": [1, -2.5e+3, 0, true, null, "x\"\u00e9"], "b": {}}"#,
                 true,
             ),
-            (r#"{"a": {"b": [[], {}]}}  "#, true),
+            (r#"{"a": {"b": [[], {}]}} "#, true),
             (r#"{"a": "naïve"#, false),
             (r#"{"a": "\ud83d\ude00 \uD7FF\uE000"}"#, true),
             ("{\"\u{10FFFF}\u{7FF}\": \"\u{FFFD}\u{E000}\"}", true),
@@ -626,6 +348,9 @@ mod tests {
             "{\"a\": \"line\nbreak\"}",
             r#"{"a": 1}}"#,
             r#"{"a": 1} x"#,
+            // Whitespace is bounded: one space, or a newline and some indentation.
+            "  {",
+            "{\n\n",
         ] {
             assert!(accepts(text).is_none(), "accepted {text:?}");
         }
@@ -633,17 +358,13 @@ mod tests {
 
     #[test]
     fn strings_must_be_well_formed_utf8() {
-        let push_all = |bytes: &[u8]| {
-            let mut p = JsonPrefix::default();
-            bytes.iter().all(|&b| p.push(b)).then_some(p)
-        };
         assert!(
-            push_all(b"{\"\xc3\xa9\": \"\xf0\x9f\x98\x80\xe2\x82\xac\"}")
+            accepts_bytes(b"{\"\xc3\xa9\": \"\xf0\x9f\x98\x80\xe2\x82\xac\"}")
                 .unwrap()
                 .is_complete()
         );
         // A character may be cut between tokens, not ended early.
-        assert!(push_all(b"{\"a\": \"\xe2\x82").is_some());
+        assert!(accepts_bytes(b"{\"a\": \"\xe2\x82").is_some());
         for bad in [
             &b"{\"a\": \"\x80"[..],
             b"{\"a\": \"\xc3\"",
@@ -654,7 +375,7 @@ mod tests {
             b"{\"a\": \"\xff",
             b"{\x80",
         ] {
-            assert!(push_all(bad).is_none(), "accepted {bad:?}");
+            assert!(accepts_bytes(bad).is_none(), "accepted {bad:?}");
         }
     }
 
@@ -676,14 +397,5 @@ mod tests {
         assert!(!c.allows(6), "no end before the object closes");
         c.accept(4);
         assert!(c.finished() && c.allows(6) && c.eos() == Some(6));
-    }
-
-    #[test]
-    fn nesting_deeper_than_the_limit_is_refused() {
-        let deep = format!("{{\"a\":{}", "[".repeat(MAX_DEPTH as usize - 1));
-        assert!(accepts(&deep).is_some());
-        assert!(accepts(&format!("{deep}[")).is_none());
-        let closed = format!("{deep}{}}}", "]".repeat(MAX_DEPTH as usize - 1));
-        assert!(accepts(&closed).unwrap().is_complete());
     }
 }

@@ -136,6 +136,12 @@ pub struct Schema {
 }
 
 impl Schema {
+    /// Any object (JSON mode; what `{"type": "object"}` compiles to).
+    pub fn any_object() -> Schema {
+        Schema::compile(&serde_json::json!({"type": "object"}))
+            .expect("the built-in object schema compiles")
+    }
+
     fn node(&self, id: NodeId) -> &Node {
         &self.nodes[id as usize]
     }
