@@ -7,7 +7,7 @@ Sends the same chat prompt greedily to /v1/generate as plain text, JSON mode, an
 schema, plus the schema with `logit_bias` +100 on tokens the schema refuses at every step
 (which forces the whole-vocabulary check each step: the worst a client can make it cost), and
 prints the median milliseconds per generated token of each (HTTP included). Rounds alternate
-the modes so load drift hits each alike. Standard library only.
+the modes so load drift hits each alike. `logit_bias` applies to JSON mode alike. Standard library only.
 """
 
 import json
@@ -51,6 +51,10 @@ modes = {
     "json_object": {"response_format": {"type": "json_object"}},
     "json_schema": {"response_format": {"type": "json_schema",
                                         "json_schema": {"name": "city", "schema": SCHEMA}}},
+    "json_object + logit_bias": {
+        "response_format": {"type": "json_object"},
+        "logit_bias": {str(t): 100 for t in words},
+    },
     "json_schema + logit_bias": {
         "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}},
         "logit_bias": {str(t): 100 for t in words},

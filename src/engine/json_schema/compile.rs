@@ -29,6 +29,8 @@ impl std::fmt::Display for SchemaError {
     }
 }
 
+impl std::error::Error for SchemaError {}
+
 fn err<T>(at: &str, message: impl Into<String>) -> Result<T, SchemaError> {
     Err(SchemaError {
         at: at.to_string(),

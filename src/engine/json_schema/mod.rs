@@ -41,8 +41,9 @@ pub const MAX_INDENT: u8 = 20;
 /// Most digits in a number's integer part and in its fraction; in its exponent.
 pub const MAX_DIGITS: u8 = 16;
 pub const MAX_EXPONENT_DIGITS: u8 = 3;
-/// Most containers one token may open (the check of a candidate token copies only these).
-const OVERLAY: usize = 32;
+/// Most containers one token may open (the check of a candidate token sets up this many frames,
+/// so it stays small; a token opening more is refused — shorter tokens spell the same text).
+const OVERLAY: usize = 8;
 
 #[derive(Debug)]
 enum Node {
@@ -705,21 +706,73 @@ pub struct SchemaPrefix {
     stack: Vec<Frame>,
     pos: Pos,
     ws: u8,
+    /// The bytes that may come next, as bits: most candidate tokens fail on their first byte,
+    /// and this answers that without running the automaton.
+    first: ByteBits,
+    /// The bytes that may follow one space (BPE vocabularies hold many space-led words).
+    after_space: ByteBits,
+}
+
+/// A set of bytes.
+type ByteBits = [u64; 4];
+
+fn has(set: &ByteBits, b: u8) -> bool {
+    set[usize::from(b >> 6)] & (1 << (b & 63)) != 0
 }
 
 impl SchemaPrefix {
     pub fn new(schema: Arc<Schema>) -> Self {
         let pos = Pos::Value(schema.root);
-        SchemaPrefix {
+        let mut p = SchemaPrefix {
             schema,
             stack: Vec::new(),
             pos,
             ws: 0,
-        }
+            first: [0; 4],
+            after_space: [0; 4],
+        };
+        p.cache_next_bytes();
+        p
+    }
+
+    fn cache_next_bytes(&mut self) {
+        let bytes_after = |prefix: &[u8]| {
+            let mut set = [0u64; 4];
+            let mut text = prefix.to_vec();
+            text.push(0);
+            for b in 0..=255u8 {
+                *text.last_mut().expect("one byte pushed") = b;
+                if self.walk(&text) {
+                    set[usize::from(b >> 6)] |= 1 << (b & 63);
+                }
+            }
+            set
+        };
+        let first = bytes_after(b"");
+        let after_space = if has(&first, b' ') {
+            bytes_after(b" ")
+        } else {
+            [0; 4]
+        };
+        (self.first, self.after_space) = (first, after_space);
     }
 
     /// Whether `bytes` may come next (the state is unchanged).
     pub fn accepts(&self, bytes: &[u8]) -> bool {
+        match bytes {
+            [] => return true,
+            [b, ..] if !has(&self.first, *b) => return false,
+            [b' ', b, ..] if !has(&self.after_space, *b) => return false,
+            _ => {}
+        }
+        if let Some(ok) = self.accepts_as_text(bytes) {
+            return ok;
+        }
+        self.walk(bytes)
+    }
+
+    /// The automaton over `bytes`, on a copy-on-write view of the stack.
+    fn walk(&self, bytes: &[u8]) -> bool {
         let mut w = Walker {
             schema: &self.schema,
             stack: Overlay {
@@ -734,6 +787,51 @@ impl SchemaPrefix {
         bytes.iter().all(|&b| w.push(b))
     }
 
+    /// Inside a string value, or a key that can only be an undeclared one, most candidate
+    /// tokens are plain text: they are checked here in one tight loop (a whole-vocabulary check
+    /// is mostly this). `None`: the token holds a quote or a backslash, or the text is elsewhere —
+    /// the automaton decides.
+    fn accepts_as_text(&self, bytes: &[u8]) -> Option<bool> {
+        let (mut len, max, mut utf8) = match self.pos {
+            Pos::Str {
+                len,
+                max,
+                escape: Escape::None,
+                utf8,
+                ..
+            } => (len, max, utf8),
+            // No declared name fits what the key holds so far: it reached here as an extra key,
+            // and goes on as any text.
+            Pos::Key {
+                cands: 0,
+                escape: Escape::None,
+                utf8,
+                ..
+            } => (0, u32::MAX, utf8),
+            _ => return None,
+        };
+        for &b in bytes {
+            if !utf8.at_boundary() {
+                match utf8.step(b) {
+                    Some(u) => utf8 = u,
+                    None => return Some(false),
+                }
+                continue;
+            }
+            match b {
+                b'"' | b'\\' => return None,
+                0..=0x1f => return Some(false),
+                _ if len >= max => return Some(false),
+                0x80.. => match utf8.step(b) {
+                    Some(u) => (utf8, len) = (u, len + 1),
+                    None => return Some(false),
+                },
+                _ => len += 1,
+            }
+        }
+        Some(true)
+    }
+
     /// Feeds bytes; false (and the state unspecified) when they cannot continue a valid value.
     pub fn push(&mut self, bytes: &[u8]) -> bool {
         let mut w = Walker {
@@ -746,6 +844,7 @@ impl SchemaPrefix {
         let (pos, ws) = (w.pos, w.ws);
         self.pos = pos;
         self.ws = ws;
+        self.cache_next_bytes();
         ok
     }
 
