@@ -78,7 +78,7 @@ async fn a_named_or_required_tool_choice_always_calls() {
 }
 
 #[tokio::test]
-async fn auto_answers_or_calls_and_streams_the_call_in_one_piece() {
+async fn auto_answers_or_calls_and_a_streamed_call_comes_in_one_piece() {
     let app = spawn_app().await;
     let mut shapes = std::collections::BTreeSet::new();
     for seed in 1..=8 {
@@ -117,6 +117,51 @@ async fn auto_answers_or_calls_and_streams_the_call_in_one_piece() {
     assert_eq!(check_call(call), "now");
     assert_eq!(chunks[2]["choices"][0]["finish_reason"], "tool_calls");
     assert!(chunks[3]["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn a_streamed_answer_arrives_piece_by_piece_as_the_whole_one_reads() {
+    let app = spawn_app().await;
+    let mut compared = 0;
+    for seed in 1..=12 {
+        let whole = app
+            .post_json("/v1/chat/completions", &chat(json!("auto"), seed))
+            .await;
+        if whole["choices"][0]["finish_reason"] != "stop" {
+            continue; // a call (or cut): covered elsewhere
+        }
+        let mut body = chat(json!("auto"), seed);
+        body["stream"] = json!(true);
+        let raw = app.post_text("/v1/chat/completions", &body).await;
+        let data = sse_data(&raw);
+        let chunks: Vec<Value> = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let pieces: Vec<&str> = chunks[1..]
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(
+            pieces.concat(),
+            whole["choices"][0]["message"]["content"].as_str().unwrap()
+        );
+        let content = whole["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(
+            pieces.len() > 1 || content.chars().count() <= 1,
+            "not streamed: {pieces:?}"
+        );
+        assert!(
+            !pieces.concat().contains("\"response\""),
+            "the JSON wrapper leaked: {pieces:?}"
+        );
+        assert_eq!(
+            chunks.last().unwrap()["choices"][0]["finish_reason"],
+            "stop"
+        );
+        compared += 1;
+    }
+    assert!(compared > 0, "no seed answered instead of calling");
 }
 
 #[tokio::test]

@@ -385,17 +385,6 @@ async fn chat_completions(
     let id = generation::request_id("chatcmpl-");
     let created = generation::unix_now();
     let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
-    if body.stream && tools.is_some() {
-        // A call is known only once its JSON closes: the replies stream when complete.
-        let (done, usage_v) = collect_choices(rxs, n).await?;
-        let replies = done
-            .iter()
-            .map(|c| tools::choice_message(&c.text, finish_str(c.finish)))
-            .collect();
-        let model = model_name(&state, &pinned);
-        let usage_v = include_usage.then_some(usage_v);
-        return Ok(sse::replay_chat(model, id, created, replies, usage_v).into_response());
-    }
     if body.stream {
         let s = stream_chunks(
             state.clone(),
@@ -403,7 +392,11 @@ async fn chat_completions(
             rxs,
             id,
             created,
-            Kind::Chat,
+            if tools.is_some() {
+                Kind::ChatTools
+            } else {
+                Kind::Chat
+            },
             n,
             body.logprobs,
             include_usage,

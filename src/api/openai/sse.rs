@@ -6,14 +6,18 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::logprobs::{chat_logprob, completion_logprobs};
+use super::tools::{self, Finished, ReplyStream};
 use super::{finish_str, usage};
 use crate::api::{ApiError, AppState};
 use crate::engine::scheduler::{GenEvent, TokenLogprob};
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 pub(super) enum Kind {
     Completion,
     Chat,
+    /// Chat under `tools`: an answer's text streams as it is decoded; a call is sent whole,
+    /// once it closes (see `tools::ReplyStream`).
+    ChatTools,
 }
 
 /// Streams OpenAI chunks for `rxs` (one per choice, chunks tagged with its `index`): for chat a
@@ -36,7 +40,7 @@ pub(super) fn stream_chunks(
     let chunk = move |choice: Value, usage_v: Option<Value>| -> Event {
         let object = match kind {
             Kind::Completion => "text_completion",
-            Kind::Chat => "chat.completion.chunk",
+            Kind::Chat | Kind::ChatTools => "chat.completion.chunk",
         };
         let mut v = json!({"id": id, "object": object, "created": created, "model": model, "system_fingerprint": null,
             "choices": if choice.is_null() { json!([]) } else { json!([choice]) }});
@@ -61,7 +65,7 @@ pub(super) fn stream_chunks(
                 };
                 json!({"index": index, "text": text, "logprobs": lp, "finish_reason": finish})
             }
-            Kind::Chat => {
+            Kind::Chat | Kind::ChatTools => {
                 let delta = if finish.is_some() && text.is_empty() {
                     json!({})
                 } else {
@@ -84,7 +88,7 @@ pub(super) fn stream_chunks(
             .boxed()
     }));
     let mut pending = std::collections::VecDeque::new();
-    if let Kind::Chat = kind {
+    if kind != Kind::Completion {
         for i in 0..choices {
             let c = json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
             pending.push_back(chunk(c, None));
@@ -94,6 +98,7 @@ pub(super) fn stream_chunks(
         merged,
         pending,
         done: vec![false; choices],
+        replies: (0..choices).map(|_| ReplyStream::default()).collect(),
         prompt_tokens: 0,
         cached_tokens: 0,
         completion_tokens: 0,
@@ -124,6 +129,7 @@ pub(super) fn stream_chunks(
                 };
                 match ev {
                     Some(GenEvent::Token { token, text }) => {
+                        let text = st.visible(kind, i, text);
                         if text.is_empty() && !logprobs {
                             continue;
                         }
@@ -131,8 +137,11 @@ pub(super) fn stream_chunks(
                             .push_back(chunk(piece(i, text, Some(&token), None), None));
                     }
                     Some(GenEvent::Text(text)) => {
-                        st.pending
-                            .push_back(chunk(piece(i, text, None, None), None));
+                        let text = st.visible(kind, i, text);
+                        if !text.is_empty() {
+                            st.pending
+                                .push_back(chunk(piece(i, text, None, None), None));
+                        }
                     }
                     Some(GenEvent::PromptLogprobs(_)) => {}
                     Some(GenEvent::Done {
@@ -148,7 +157,26 @@ pub(super) fn stream_chunks(
                             st.cached_tokens += cached_tokens;
                         }
                         st.completion_tokens += completion_tokens;
-                        let c = piece(i, String::new(), None, Some(finish_str(Some(finish))));
+                        let mut finish = finish_str(Some(finish));
+                        if kind == Kind::ChatTools {
+                            let delta = match std::mem::take(&mut st.replies[i]).finish() {
+                                Finished::Call { name, arguments } => {
+                                    finish = "tool_calls";
+                                    let mut call = tools::call_entry(&name, &arguments);
+                                    call["index"] = json!(0);
+                                    json!({"tool_calls": [call]})
+                                }
+                                Finished::Rest(rest) if !rest.is_empty() => {
+                                    json!({"content": rest})
+                                }
+                                Finished::Rest(_) => Value::Null,
+                            };
+                            if !delta.is_null() {
+                                let c = json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": null});
+                                st.pending.push_back(chunk(c, None));
+                            }
+                        }
+                        let c = piece(i, String::new(), None, Some(finish));
                         st.pending.push_back(chunk(c, None));
                     }
                     Some(GenEvent::Error(e)) => st.end(Some(ApiError::internal(e))),
@@ -170,6 +198,8 @@ struct Streaming<S> {
     pending: std::collections::VecDeque<Event>,
     /// Which choices have sent their `finish_reason`.
     done: Vec<bool>,
+    /// Each choice's reply reader (used by `Kind::ChatTools`).
+    replies: Vec<ReplyStream>,
     prompt_tokens: usize,
     cached_tokens: usize,
     completion_tokens: usize,
@@ -178,6 +208,14 @@ struct Streaming<S> {
 }
 
 impl<S> Streaming<S> {
+    /// What of choice `i`'s generated `text` the client sees.
+    fn visible(&mut self, kind: Kind, i: usize, text: String) -> String {
+        match kind {
+            Kind::ChatTools => self.replies[i].feed(&text),
+            _ => text,
+        }
+    }
+
     /// Queues the error (if any) as OpenAI streams it — a `data: {"error": …}` event — then
     /// `[DONE]`, and ends the stream after them.
     fn end(&mut self, error: Option<ApiError>) {
@@ -188,55 +226,4 @@ impl<S> Streaming<S> {
         self.pending.push_back(Event::default().data("[DONE]"));
         self.over = true;
     }
-}
-
-/// A chat stream of replies already complete (tool calling, where a call is known only once
-/// its JSON closes): per choice the role chunk, the content or the `tool_calls` delta (the
-/// whole arguments in one piece — OpenAI's clients concatenate pieces), the `finish_reason`
-/// chunk; then usage when asked, and `[DONE]`.
-pub(super) fn replay_chat(
-    model: String,
-    id: String,
-    created: u64,
-    replies: Vec<(Value, &'static str)>,
-    usage_v: Option<Value>,
-) -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {
-    let chunk = |choices: Value, usage_v: Option<&Value>| {
-        let mut v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
-            "model": model, "system_fingerprint": null, "choices": choices});
-        if let Some(u) = usage_v {
-            v["usage"] = u.clone();
-        }
-        Event::default().data(v.to_string())
-    };
-    let mut events = Vec::new();
-    for (index, (message, finish)) in replies.iter().enumerate() {
-        let c = |delta: Value, finish: Option<&str>| json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}]);
-        events.push(chunk(
-            c(json!({"role": "assistant", "content": ""}), None),
-            None,
-        ));
-        let delta = match message["tool_calls"].as_array() {
-            Some(calls) => {
-                let calls: Vec<Value> = calls
-                    .iter()
-                    .enumerate()
-                    .map(|(i, call)| {
-                        let mut call = call.clone();
-                        call["index"] = json!(i);
-                        call
-                    })
-                    .collect();
-                json!({"tool_calls": calls})
-            }
-            None => json!({"content": message["content"]}),
-        };
-        events.push(chunk(c(delta, None), None));
-        events.push(chunk(c(json!({}), Some(finish)), None));
-    }
-    if let Some(u) = &usage_v {
-        events.push(chunk(json!([]), Some(u)));
-    }
-    events.push(Event::default().data("[DONE]"));
-    Sse::new(stream::iter(events.into_iter().map(Ok))).keep_alive(KeepAlive::default())
 }

@@ -41,13 +41,6 @@ enum Choice {
     Named(String),
 }
 
-/// What a constrained reply turned out to be.
-#[derive(Debug, PartialEq)]
-pub enum Reply {
-    Call { name: String, arguments: String },
-    Text(String),
-}
-
 /// `tools` and `tool_choice` (`functions`, the deprecated form, is refused by the caller).
 /// `None`: no tools, or `tool_choice: "none"`, which answers as if there were none.
 pub fn parse(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<Tools>, ApiError> {
@@ -236,35 +229,166 @@ impl Tools {
     }
 }
 
-/// Reads a complete reply: a call (arguments as compact JSON text, as OpenAI sends them) or
-/// the answer's text; `None` if it is not one (a reply cut by `max_tokens`).
-pub fn read_reply(text: &str) -> Option<Reply> {
+/// Reads a complete call: its name and arguments (compact JSON text, as OpenAI sends them).
+fn read_call(text: &str) -> Option<(String, String)> {
     let v: Value = serde_json::from_str(text).ok()?;
-    if let Some(call) = v.get("tool_call").and_then(Value::as_object) {
-        let (name, arguments) = call.iter().next()?;
-        return Some(Reply::Call {
-            name: name.clone(),
-            arguments: arguments.to_string(),
-        });
-    }
-    v.get("response")
-        .and_then(Value::as_str)
-        .map(|s| Reply::Text(s.to_owned()))
+    let (name, arguments) = v.get("tool_call")?.as_object()?.iter().next()?;
+    Some((name.clone(), arguments.to_string()))
 }
 
-/// One choice's `message` and `finish_reason` for a reply generated under tools.
-pub fn choice_message(text: &str, finish: &'static str) -> (Value, &'static str) {
-    match read_reply(text) {
-        Some(Reply::Call { name, arguments }) => (
-            json!({"role": "assistant", "content": null, "tool_calls": [{
-                "id": generation::request_id("call_"), "type": "function",
-                "function": {"name": name, "arguments": arguments}}]}),
-            "tool_calls",
-        ),
-        Some(Reply::Text(answer)) => (json!({"role": "assistant", "content": answer}), finish),
-        // Cut short: the raw text, as OpenAI returns a cut reply.
-        None => (json!({"role": "assistant", "content": text}), finish),
+/// Reads a reply as it is generated, so an answer streams as it comes: the text of
+/// `{"response": "…"}` is decoded piece by piece (escapes held until complete), while a call
+/// is held until it closes.
+#[derive(Debug, Default)]
+pub struct ReplyStream {
+    raw: String,
+    state: ReadState,
+    /// Inside an answer: where the undecoded text starts in `raw`.
+    at: usize,
+}
+
+#[derive(Debug, Default, PartialEq)]
+enum ReadState {
+    /// Before the key says which it is.
+    #[default]
+    Head,
+    Answer,
+    AnswerDone,
+    Call,
+}
+
+/// How a reply ended.
+#[derive(Debug, PartialEq)]
+pub enum Finished {
+    Call {
+        name: String,
+        arguments: String,
+    },
+    /// Text still to send: nothing after an answer, the raw text of a reply cut short.
+    Rest(String),
+}
+
+impl ReplyStream {
+    /// Takes the next piece of generated text; returns the answer text it completes.
+    pub fn feed(&mut self, piece: &str) -> String {
+        self.raw.push_str(piece);
+        if self.state == ReadState::Head {
+            match head(&self.raw) {
+                Some(Head::Answer(at)) => (self.state, self.at) = (ReadState::Answer, at),
+                Some(Head::Call) => self.state = ReadState::Call,
+                None => {}
+            }
+        }
+        let mut out = String::new();
+        while self.state == ReadState::Answer {
+            let rest = &self.raw[self.at..];
+            let Some(c) = rest.chars().next() else {
+                break;
+            };
+            match c {
+                '"' => self.state = ReadState::AnswerDone,
+                '\\' => match unescape(rest) {
+                    Some((ch, used)) => {
+                        out.push(ch);
+                        self.at += used;
+                    }
+                    None => break, // the escape is not complete yet
+                },
+                c => {
+                    out.push(c);
+                    self.at += c.len_utf8();
+                }
+            }
+        }
+        out
     }
+
+    /// The reply is over: a call, or what is left to send.
+    pub fn finish(self) -> Finished {
+        match self.state {
+            ReadState::Answer | ReadState::AnswerDone => Finished::Rest(String::new()),
+            ReadState::Call | ReadState::Head => match read_call(&self.raw) {
+                Some((name, arguments)) => Finished::Call { name, arguments },
+                None => Finished::Rest(self.raw),
+            },
+        }
+    }
+}
+
+enum Head {
+    /// An answer; its text starts at this offset.
+    Answer(usize),
+    Call,
+}
+
+/// Which key the reply opened with, once that is known.
+fn head(raw: &str) -> Option<Head> {
+    let t = raw.trim_start().strip_prefix('{')?.trim_start();
+    let t = t.strip_prefix('"')?;
+    let (key, t) = t.split_once('"')?;
+    match key {
+        "tool_call" => Some(Head::Call),
+        "response" => {
+            let t = t
+                .trim_start()
+                .strip_prefix(':')?
+                .trim_start()
+                .strip_prefix('"')?;
+            Some(Head::Answer(raw.len() - t.len()))
+        }
+        _ => None,
+    }
+}
+
+/// The character a JSON escape at the start of `s` stands for, and its length; `None` until
+/// the escape (a surrogate pair's both halves) is complete.
+fn unescape(s: &str) -> Option<(char, usize)> {
+    let b = s.as_bytes();
+    let simple = match b.get(1)? {
+        b'n' => '\n',
+        b't' => '\t',
+        b'r' => '\r',
+        b'b' => '\u{8}',
+        b'f' => '\u{c}',
+        b'u' => {
+            let unit = |i: usize| {
+                s.get(i..i + 4)
+                    .and_then(|h| u32::from_str_radix(h, 16).ok())
+            };
+            let hi = unit(2)?;
+            if (0xd800..0xdc00).contains(&hi) {
+                let lo = unit(8)?;
+                let c = 0x10000 + ((hi - 0xd800) << 10) + (lo.checked_sub(0xdc00)?);
+                return Some((char::from_u32(c)?, 12));
+            }
+            return Some((char::from_u32(hi)?, 6));
+        }
+        &other => other as char, // `\"`, `\\`, `\/`
+    };
+    Some((simple, 2))
+}
+
+/// One choice's `message` and `finish_reason` for a whole reply generated under tools.
+pub fn choice_message(text: &str, finish: &'static str) -> (Value, &'static str) {
+    let mut reader = ReplyStream::default();
+    let mut content = reader.feed(text);
+    match reader.finish() {
+        Finished::Call { name, arguments } => (call_message(&name, &arguments), "tool_calls"),
+        Finished::Rest(rest) => {
+            content.push_str(&rest);
+            (json!({"role": "assistant", "content": content}), finish)
+        }
+    }
+}
+
+/// OpenAI's `tool_calls` entry for a call.
+pub fn call_entry(name: &str, arguments: &str) -> Value {
+    json!({"id": generation::request_id("call_"), "type": "function",
+           "function": {"name": name, "arguments": arguments}})
+}
+
+fn call_message(name: &str, arguments: &str) -> Value {
+    json!({"role": "assistant", "content": null, "tool_calls": [call_entry(name, arguments)]})
 }
 
 #[cfg(test)]
@@ -356,19 +480,38 @@ mod tests {
     }
 
     #[test]
-    fn replies_read_as_calls_or_text() {
+    fn replies_read_as_calls_or_text_in_any_pieces() {
+        let answer = r#" {"response": "caf\u00e9 \"ok\"\n\ud83d\ude00 \\ done"}"#;
+        let want = "café \"ok\"\n😀 \\ done";
+        // Split at every character boundary: the same text, escapes held until complete.
+        let cuts: Vec<usize> = (0..=answer.len())
+            .filter(|&i| answer.is_char_boundary(i))
+            .collect();
+        for &cut in &cuts {
+            let mut r = ReplyStream::default();
+            let mut got = r.feed(&answer[..cut]);
+            got.push_str(&r.feed(&answer[cut..]));
+            assert_eq!(got, want, "cut at {cut}");
+            assert_eq!(r.finish(), Finished::Rest(String::new()));
+        }
+        let call = r#"{"tool_call": {"f": {"a": [1, 2]}}}"#;
+        let mut r = ReplyStream::default();
+        assert_eq!(r.feed(&call[..20]) + &r.feed(&call[20..]), "");
         assert_eq!(
-            read_reply(r#"{"tool_call": {"f": {"a": [1, 2]}}}"#),
-            Some(Reply::Call {
+            r.finish(),
+            Finished::Call {
                 name: "f".into(),
                 arguments: r#"{"a":[1,2]}"#.into()
-            })
+            }
         );
+        // Cut short: the raw text of a call, the decoded part of an answer.
+        let (msg, finish) = choice_message(r#"{"tool_call": {"f": {"a""#, "length");
         assert_eq!(
-            read_reply(r#"{"response": "hi"}"#),
-            Some(Reply::Text("hi".into()))
+            (msg["content"].as_str(), finish),
+            (Some(r#"{"tool_call": {"f": {"a""#), "length")
         );
-        assert_eq!(read_reply(r#"{"tool_call": {"f": {"a""#), None);
+        let (msg, _) = choice_message(r#"{"response": "hal"#, "length");
+        assert_eq!(msg["content"], "hal");
         let (msg, finish) = choice_message(r#"{"tool_call": {"f": {}}}"#, "stop");
         assert_eq!(finish, "tool_calls");
         assert!(
