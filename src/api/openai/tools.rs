@@ -149,28 +149,82 @@ fn tool(t: &Value, i: usize) -> Result<Tool, ApiError> {
     })
 }
 
+/// Where a tool's parameters sit in the reply schema.
+fn tool_pointer(name: &str) -> String {
+    format!("/properties/tool_call/properties/{name}")
+}
+
+/// A tool's parameters as they sit inside the reply schema: its `$defs` (and `definitions`)
+/// move to the root as `<tool>.<name>` (Pydantic's schemas carry them), and every `$ref` is
+/// rewritten to match, so references resolve as they did in the tool's own schema.
+fn embed(name: &str, parameters: &Value, defs: &mut Map<String, Value>) -> Value {
+    let mut p = parameters.clone();
+    for (key, tag) in [("$defs", ""), ("definitions", "definitions.")] {
+        if let Some(Value::Object(moved)) = p.as_object_mut().and_then(|o| o.remove(key)) {
+            for (def, mut schema) in moved {
+                rewrite_refs(&mut schema, name);
+                defs.insert(format!("{name}.{tag}{def}"), schema);
+            }
+        }
+    }
+    rewrite_refs(&mut p, name);
+    p
+}
+
+fn rewrite_refs(v: &mut Value, tool: &str) {
+    match v {
+        Value::Object(o) => {
+            for (key, child) in o.iter_mut() {
+                match (key.as_str(), child) {
+                    ("$ref", Value::String(r)) => {
+                        let Some(ptr) = r.strip_prefix('#') else {
+                            continue; // not resolvable: compiling names it
+                        };
+                        *r = if let Some(rest) = ptr.strip_prefix("/$defs/") {
+                            format!("#/$defs/{tool}.{rest}")
+                        } else if let Some(rest) = ptr.strip_prefix("/definitions/") {
+                            format!("#/$defs/{tool}.definitions.{rest}")
+                        } else {
+                            format!("#{}{ptr}", tool_pointer(tool))
+                        };
+                    }
+                    (_, child) => rewrite_refs(child, tool),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|i| rewrite_refs(i, tool)),
+        _ => {}
+    }
+}
+
 impl Tools {
     /// The schema every reply is held to.
     fn schema(&self) -> Value {
-        let call = |names: &mut dyn Iterator<Item = &Tool>| {
-            let props: Map<String, Value> = names
-                .map(|t| (t.name.clone(), t.parameters.clone()))
+        let mut defs = Map::new();
+        let mut call = |only: Option<&str>| {
+            let props: Map<String, Value> = self
+                .tools
+                .iter()
+                .filter(|t| only.is_none_or(|n| n == t.name))
+                .map(|t| (t.name.clone(), embed(&t.name, &t.parameters, &mut defs)))
                 .collect();
             json!({"type": "object", "properties": props, "minProperties": 1, "maxProperties": 1})
         };
-        match &self.choice {
+        let mut schema = match &self.choice {
             Choice::Named(name) => {
-                let call = call(&mut self.tools.iter().filter(|t| &t.name == name));
-                json!({"type": "object", "properties": {"tool_call": call}, "required": ["tool_call"]})
+                json!({"type": "object", "properties": {"tool_call": call(Some(name))},
+                       "required": ["tool_call"]})
             }
             Choice::Required => {
-                json!({"type": "object", "properties": {"tool_call": call(&mut self.tools.iter())},
+                json!({"type": "object", "properties": {"tool_call": call(None)},
                        "required": ["tool_call"]})
             }
             Choice::Auto => json!({"type": "object",
-                "properties": {"tool_call": call(&mut self.tools.iter()), "response": {"type": "string"}},
+                "properties": {"tool_call": call(None), "response": {"type": "string"}},
                 "minProperties": 1, "maxProperties": 1}),
-        }
+        };
+        schema["$defs"] = Value::Object(defs);
+        schema
     }
 
     /// The constraint for the engine. Each tool's parameters compiled alone already, so the
@@ -438,6 +492,37 @@ mod tests {
             .unwrap()
             .is_none());
         assert!(parse(None, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_tool_with_definitions_and_references_keeps_them() {
+        // Pydantic's shape: nested models in `$defs`, a recursive one, and a root reference.
+        let tools = json!([{"type": "function", "function": {"name": "plan", "parameters": {
+            "type": "object",
+            "properties": {"step": {"$ref": "#/$defs/Step"}, "again": {"$ref": "#"}},
+            "required": ["step"],
+            "$defs": {"Step": {"type": "object", "properties": {
+                "what": {"type": "string"}, "then": {"anyOf": [{"$ref": "#/$defs/Step"}, {"type": "null"}]}},
+                "required": ["what", "then"]}}}}},
+            {"type": "function", "function": {"name": "other", "parameters": {"type": "object",
+                "properties": {"step": {"$ref": "#/definitions/Step"}},
+                "definitions": {"Step": {"type": "integer"}}}}}]);
+        let t = parse(Some(&tools), Some(&json!("required")))
+            .unwrap()
+            .unwrap();
+        let schema = Arc::new(Schema::compile(&t.schema()).expect("the combined schema compiles"));
+        let ok = |text: &str| {
+            let mut p = crate::engine::json_schema::SchemaPrefix::new(schema.clone());
+            p.push(text.as_bytes()) && p.is_complete()
+        };
+        assert!(ok(
+            r#"{"tool_call": {"plan": {"step": {"what": "a", "then": {"what": "b", "then": null}}}}}"#
+        ));
+        assert!(ok(
+            r#"{"tool_call": {"plan": {"step": {"what": "a", "then": null}, "again": {"step": {"what": "c", "then": null}}}}}"#
+        ));
+        assert!(ok(r#"{"tool_call": {"other": {"step": 3}}}"#));
+        assert!(!ok(r#"{"tool_call": {"other": {"step": "3"}}}"#));
     }
 
     #[test]
