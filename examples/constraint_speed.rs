@@ -1,7 +1,8 @@
 //! Times the whole-vocabulary check of a JSON constraint — what the sampler falls back to after
 //! eight refused draws — on MODEL's real vocabulary, at a few places in a reply (JSON mode and a
 //! schema): `cargo run --release --example constraint_speed -- MODEL.gguf [REPS]`. Prints the
-//! median microseconds per check and how many tokens each place allows.
+//! median microseconds per check and how many tokens each place allows, and what accepting a
+//! token costs (the per-step tables included).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -52,12 +53,24 @@ fn main() -> anyhow::Result<()> {
             };
             // Feed the place byte by byte through single-byte tokens.
             let mut fed = true;
+            let mut accept_us = 0.0;
             for b in place.bytes() {
                 let id = vocab.bytes.iter().position(|t| **t == [b]);
                 match id {
-                    Some(id) if c.allows(id as u32) => c.accept(id as u32),
+                    Some(id) if c.allows(id as u32) => {
+                        let t = Instant::now();
+                        c.accept(id as u32);
+                        accept_us += t.elapsed().as_secs_f64() * 1e6;
+                    }
                     _ => fed = false,
                 }
+            }
+            if !place.is_empty() {
+                println!(
+                    "{label:12} accepting a token: {:.1} µs (mean over {} tokens)",
+                    accept_us / place.len() as f64,
+                    place.len()
+                );
             }
             if !fed {
                 println!("{label:12} {place:?}: not reachable under this format");
