@@ -116,6 +116,14 @@ pub fn response_format(
     Ok(format)
 }
 
+/// OpenAI's rule for the names of schemas and tools: 1 to 64 letters, digits, `_` or `-`.
+pub fn is_openai_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 fn json_schema(spec: Option<&serde_json::Value>) -> Result<ResponseFormat, ApiError> {
     let Some(spec) = spec.and_then(serde_json::Value::as_object) else {
         return Err(ApiError::invalid_field(
@@ -123,12 +131,7 @@ fn json_schema(spec: Option<&serde_json::Value>) -> Result<ResponseFormat, ApiEr
         ));
     };
     if let Some(name) = spec.get("name") {
-        let ok = name.as_str().is_some_and(|n| {
-            (1..=64).contains(&n.len())
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        });
-        if !ok {
+        if !name.as_str().is_some_and(is_openai_name) {
             return Err(ApiError::invalid_field(
                 "`response_format.json_schema.name` must be 1-64 letters, digits, `_` or `-`",
             ));

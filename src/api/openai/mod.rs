@@ -16,6 +16,7 @@ use super::generation::{self, StopSpec};
 use super::messages::{chat_messages, render_chat, MessageIn};
 use super::{ApiError, AppState};
 use crate::adapters::{AdapterError, Resolved};
+use crate::engine::json_mode::ResponseFormat;
 use crate::engine::scheduler::{FinishReason, GenerateRequest};
 
 mod choices;
@@ -132,27 +133,27 @@ struct ChatBody {
 }
 
 /// `tools` and `tool_choice` (see `tools`); `functions`, their deprecated form, is refused
-/// rather than ignored, and so is a second constraint beside them.
+/// rather than ignored.
 fn chat_tools(body: &ChatBody) -> Result<Option<tools::Tools>, ApiError> {
     if body.functions.as_ref().is_some_and(|t| !t.is_null()) {
         return Err(ApiError::invalid_field(
             "`functions` is deprecated and not supported; send `tools`",
         ));
     }
-    let tools = tools::parse(body.tools.as_ref(), body.tool_choice.as_ref())?;
-    if tools.is_some() {
-        let constrained = body
-            .response_format
-            .as_ref()
-            .is_some_and(|f| !f.is_null() && f.get("type").and_then(Value::as_str) != Some("text"));
-        if constrained || body.ignore_eos {
-            return Err(ApiError::invalid_field(
-                "`tools` cannot be combined with a `response_format` other than text, nor with \
-                 `ignore_eos`",
-            ));
-        }
+    tools::parse(body.tools.as_ref(), body.tool_choice.as_ref())
+}
+
+/// The chat reply's constraint: the tools' reply schema, or `response_format` — not both.
+fn chat_format(body: &ChatBody, tools: Option<&tools::Tools>) -> Result<ResponseFormat, ApiError> {
+    let format = generation::response_format(body.response_format.as_ref(), body.ignore_eos)?;
+    match (tools, format) {
+        (None, format) => Ok(format),
+        (Some(t), ResponseFormat::Text) if !body.ignore_eos => t.response_format(),
+        (Some(_), _) => Err(ApiError::invalid_field(
+            "`tools` cannot be combined with a `response_format` other than text, nor with \
+             `ignore_eos`",
+        )),
     }
-    Ok(tools)
 }
 
 /// `model` is the base model's name or one of the caller's adapters (`name` or
@@ -344,6 +345,7 @@ async fn chat_completions(
     let pinned = resolve_model(&state, &tenant, &body.model).await?;
     let n = choices_count(body.n)?;
     let tools = chat_tools(&body)?;
+    let format = chat_format(&body, tools.as_ref())?;
     let mut messages = chat_messages(body.messages, "messages")?;
     if let Some(t) = &tools {
         t.instruct(&mut messages);
@@ -372,10 +374,7 @@ async fn chat_completions(
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: false,
         ignore_eos: body.ignore_eos,
-        response_format: match &tools {
-            Some(t) => t.response_format()?,
-            None => generation::response_format(body.response_format.as_ref(), body.ignore_eos)?,
-        },
+        response_format: format,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
         cache_scope: 0, // set by generation::submit
         queued_ticket: None,
@@ -384,8 +383,8 @@ async fn chat_completions(
     let rxs = submit_choices(&state, &tenant, req, n)?;
     let id = generation::request_id("chatcmpl-");
     let created = generation::unix_now();
-    let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
     if body.stream {
+        let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
         let s = stream_chunks(
             state.clone(),
             model_name(&state, &pinned),

@@ -109,11 +109,7 @@ fn tool(t: &Value, i: usize) -> Result<Tool, ApiError> {
         )));
     };
     let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
-    let name_ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if !name_ok {
+    if !generation::is_openai_name(name) {
         return Err(ApiError::invalid_field(format!(
             "{} must be 1-64 letters, digits, `_` or `-`",
             field("function.name")
