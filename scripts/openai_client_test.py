@@ -738,10 +738,37 @@ def _():
         lambda: client.chat.completions.create(
             model=MODEL, messages=msgs, max_tokens=8,
             response_format={"type": "json_schema", "json_schema": {
-                "name": "x", "schema": {"type": "string", "pattern": "^a"}}}),
+                "name": "x", "schema": {"type": "string", "pattern": "^(?=a)"}}}),
         (openai.UnprocessableEntityError, openai.BadRequestError), 422,
     )
     return f"{city!r}"
+
+
+@check("structured output: Pydantic date, time and pattern fields")
+def _():
+    import datetime
+    import re
+    import pydantic
+    from typing_extensions import Annotated
+
+    class Booking(pydantic.BaseModel):
+        guest: Annotated[str, pydantic.Field(max_length=24)]
+        day: datetime.date
+        arrival: datetime.time
+        room: Annotated[str, pydantic.Field(pattern=r"^[A-D][0-9]{3}$")]
+
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    msgs = [{"role": "user", "content": "Book room B204 for Ann on 14 July 2025, arriving at "
+             "three in the afternoon, as JSON."}]
+    r = parse(model=MODEL, messages=msgs, max_tokens=120, temperature=0, response_format=Booking)
+    c = r.choices[0]
+    expect(c.finish_reason == "stop", f"finish_reason {c.finish_reason}: {c.message.content!r}")
+    booking = c.message.parsed
+    expect(isinstance(booking, Booking), f"parsed {booking!r}")
+    raw = json.loads(c.message.content)
+    expect(re.fullmatch(r"[A-D][0-9]{3}", raw["room"]) is not None, f"room {raw['room']!r}")
+    expect(re.fullmatch(r"\d{4}-\d{2}-\d{2}", raw["day"]) is not None, f"day {raw['day']!r}")
+    return f"{booking!r}"
 
 
 @check("tools: a named tool_choice calls with arguments that parse, streamed too; the result goes back")

@@ -3,9 +3,11 @@
 //! it accepts is what it enforces.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use super::pattern::{self, StringPattern, FORMATS};
 use super::{
     ByteSet, Node, NodeId, ObjectSpec, Prop, Schema, ANY, ANY_ARRAY, ANY_OBJECT, MAX_DEPTH,
 };
@@ -14,6 +16,8 @@ use super::{
 pub const MAX_PROPERTIES: usize = 128;
 /// Most nodes one schema may compile to (bounds the work a request can ask for).
 pub const MAX_NODES: usize = 4096;
+/// Most automaton states all of one schema's patterns may hold together (512 bytes each).
+pub const MAX_PATTERN_STATES_TOTAL: usize = 8192;
 
 /// Why a schema was refused: where (a JSON pointer into the schema) and what.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,7 +65,7 @@ const OBJECT_KEYWORDS: &[&str] = &[
     "maxProperties",
 ];
 const ARRAY_KEYWORDS: &[&str] = &["items", "minItems", "maxItems"];
-const STRING_KEYWORDS: &[&str] = &["minLength", "maxLength"];
+const STRING_KEYWORDS: &[&str] = &["minLength", "maxLength", "pattern", "format"];
 
 impl Schema {
     /// Compiles a JSON Schema (the subset in the module docs).
@@ -85,6 +89,8 @@ impl Schema {
                 },
             ],
             refs: HashMap::new(),
+            patterns: HashMap::new(),
+            pattern_states: 0,
         };
         let root = c.compile(schema, "")?;
         c.finish(root)
@@ -96,6 +102,11 @@ struct Compiler<'a> {
     nodes: Vec<Node>,
     /// `$ref` targets already compiled (or being compiled: recursion ends here).
     refs: HashMap<String, NodeId>,
+    /// Patterns compiled so far, by source and length bounds (a format used by many properties
+    /// compiles once).
+    patterns: HashMap<(String, u32, Option<u32>), Arc<StringPattern>>,
+    /// States of the distinct patterns so far.
+    pattern_states: usize,
 }
 
 impl Compiler<'_> {
@@ -285,7 +296,50 @@ impl Compiler<'_> {
         if max_len.is_some_and(|m| m < min_len) {
             return err(at, "`maxLength` is below `minLength`");
         }
-        self.add(Node::String { min_len, max_len }, at)
+        let text = |key: &str| match obj.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(_) => err(&format!("{at}/{key}"), "must be a string"),
+        };
+        let source = match (text("pattern")?, text("format")?) {
+            (None, None) => return self.add(Node::String { min_len, max_len }, at),
+            (Some(_), Some(_)) => {
+                return err(at, "`pattern` and `format` together are not supported")
+            }
+            (Some(p), None) => (p.to_string(), format!("{at}/pattern")),
+            (None, Some(f)) => match pattern::format_pattern(f) {
+                Some(p) => (p, format!("{at}/format")),
+                None => return err(
+                    &format!("{at}/format"),
+                    format!(
+                        "the format `{f}` is not supported in generation (supported: {FORMATS})"
+                    ),
+                ),
+            },
+        };
+        let (source, place) = source;
+        let key = (source, min_len, max_len);
+        let table = match self.patterns.get(&key) {
+            Some(t) => Arc::clone(t),
+            None => {
+                let t =
+                    pattern::compile(&key.0, min_len, max_len).map_err(|message| SchemaError {
+                        at: place.clone(),
+                        message,
+                    })?;
+                self.pattern_states += t.states();
+                if self.pattern_states > MAX_PATTERN_STATES_TOTAL {
+                    return err(
+                        &place,
+                        format!("the schema's patterns are too complex together (over {MAX_PATTERN_STATES_TOTAL} automaton states)"),
+                    );
+                }
+                let t = Arc::new(t);
+                self.patterns.insert(key, Arc::clone(&t));
+                t
+            }
+        };
+        self.add(Node::Pattern(table), at)
     }
 
     fn array(&mut self, obj: &Map<String, Value>, at: &str) -> Result<NodeId, SchemaError> {
@@ -533,7 +587,7 @@ fn first_bytes(node: &Node) -> ByteSet {
         Node::Null => bits(b"n"),
         Node::Boolean => bits(b"tf"),
         Node::Number { .. } => number,
-        Node::String { .. } => bits(b"\""),
+        Node::String { .. } | Node::Pattern(_) => bits(b"\""),
         Node::Array { .. } => bits(b"["),
         Node::Object(_) => bits(b"{"),
         Node::Enum(texts) => texts
@@ -553,7 +607,7 @@ fn min_depths(nodes: &[Node]) -> Vec<u32> {
         for (id, node) in nodes.iter().enumerate() {
             let d = match node {
                 Node::Any | Node::Null | Node::Boolean | Node::Number { .. } => 0,
-                Node::String { .. } | Node::Enum(_) => 0,
+                Node::String { .. } | Node::Pattern(_) | Node::Enum(_) => 0,
                 Node::Array {
                     items, min_items, ..
                 } => {

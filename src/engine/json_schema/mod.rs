@@ -16,13 +16,15 @@
 //! tokens on blank lines; strings are well-formed UTF-8.
 
 mod compile;
+mod pattern;
 #[cfg(test)]
 mod tests;
 mod walker;
 
 use std::sync::Arc;
 
-pub use compile::{SchemaError, MAX_NODES, MAX_PROPERTIES};
+pub use compile::{SchemaError, MAX_NODES, MAX_PATTERN_STATES_TOTAL, MAX_PROPERTIES};
+pub use pattern::{MAX_PATTERN_BYTES, MAX_PATTERN_STATES};
 
 use crate::engine::json_mode::{Escape, Num, Utf8};
 use walker::{bits, Overlay, Walker};
@@ -59,6 +61,8 @@ enum Node {
         min_len: u32,
         max_len: Option<u32>,
     },
+    /// A string under `pattern` or `format` (its length bounds are in the table).
+    Pattern(Arc<pattern::StringPattern>),
     Array {
         items: NodeId,
         min_items: u32,
@@ -185,6 +189,14 @@ enum Pos {
         max: u32,
         escape: Escape,
         utf8: Utf8,
+    },
+    /// Inside a string of a [`Node::Pattern`]: the pattern's state, the characters so far,
+    /// and whether an escape's letter is due.
+    Pattern {
+        node: NodeId,
+        state: u16,
+        len: u32,
+        backslash: bool,
     },
     Number {
         n: Num,

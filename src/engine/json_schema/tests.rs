@@ -171,11 +171,56 @@ fn property_counts_are_enforced_without_dead_ends() {
 #[test]
 fn unsupported_or_unsatisfiable_schemas_are_refused_by_place() {
     for (schema, at, words) in [
-        (json!({"type": "string", "pattern": "^a"}), "", "`pattern`"),
+        (json!({"type": "string", "allOf": [{}]}), "", "`allOf`"),
         (
-            json!({"properties": {"d": {"type": "string", "format": "date"}}}),
-            "/properties/d",
-            "`format`",
+            json!({"properties": {"d": {"type": "string", "format": "ipv6"}}}),
+            "/properties/d/format",
+            "`ipv6` is not supported",
+        ),
+        (
+            json!({"type": "string", "pattern": "^(?=a)"}),
+            "/pattern",
+            "look-around",
+        ),
+        (
+            json!({"type": "string", "pattern": "(a)\\1"}),
+            "/pattern",
+            "backreferences",
+        ),
+        (
+            json!({"type": "string", "pattern": "[a-"}),
+            "/pattern",
+            "not supported",
+        ),
+        (
+            json!({"type": "string", "pattern": 3}),
+            "/pattern",
+            "must be a string",
+        ),
+        (
+            json!({"type": "string", "pattern": "^a", "format": "date"}),
+            "",
+            "together",
+        ),
+        (
+            json!({"type": "string", "pattern": "^(ab)*$", "minLength": 3, "maxLength": 3}),
+            "/pattern",
+            "no string within",
+        ),
+        (
+            json!({"type": "string", "pattern": "^[a-z]{1,3}$", "minLength": 4}),
+            "/pattern",
+            "no string within",
+        ),
+        (
+            json!({"type": "string", "pattern": "^[\\x00-\\x07]$"}),
+            "/pattern",
+            "matches no string",
+        ),
+        (
+            json!({"type": "string", "pattern": "a{1000}b{1000}c{1000}"}),
+            "/pattern",
+            "too complex",
         ),
         (
             json!({"anyOf": [{"type": "string"}, {"enum": ["a"]}]}),
@@ -214,6 +259,9 @@ fn unsupported_or_unsatisfiable_schemas_are_refused_by_place() {
         assert_eq!(e.at, at, "{schema}: {e}");
         assert!(e.message.contains(words), "{schema}: {e}");
     }
+    let long = "a".repeat(MAX_PATTERN_BYTES + 1);
+    let e = Schema::compile(&json!({"type": "string", "pattern": long})).unwrap_err();
+    assert!(e.message.contains("at most"), "{e}");
     let many: serde_json::Map<String, Value> = (0..=MAX_PROPERTIES)
         .map(|i| (format!("p{i}"), json!({})))
         .collect();
@@ -444,5 +492,278 @@ fn random_walks_never_dead_end_and_complete_texts_are_valid() {
             completed > 30,
             "{schema_value}: only {completed} walks completed"
         );
+    }
+}
+
+#[test]
+fn patterns_match_anywhere_unless_anchored() {
+    let s = compile(json!({"type": "string", "pattern": "^[a-z]{2,3}-\\d+$"}));
+    assert!(complete(&s, r#""ab-1""#));
+    assert!(complete(&s, r#""abc-2024""#));
+    assert!(check(&s, r#""a-"#).is_none());
+    assert!(check(&s, r#""abcd"#).is_none());
+    assert!(check(&s, r#""ab-""#).is_none());
+    // ECMA `\d` is ASCII: an Arabic-Indic digit is refused.
+    assert!(check(&s, "\"ab-\u{0661}").is_none());
+
+    let s = compile(json!({"type": "string", "pattern": "cat"}));
+    assert!(complete(&s, r#""a cat!""#));
+    assert!(complete(&s, r#""cat""#));
+    assert!(check(&s, r#""dog""#).is_none());
+    // `.` does not match a line break (ECMA), `\b` is a word boundary.
+    let s = compile(json!({"type": "string", "pattern": "^a.c\\b"}));
+    assert!(complete(&s, r#""abc d""#));
+    assert!(check(&s, r#""a\nc""#).is_none());
+    assert!(check(&s, r#""abcd""#).is_none());
+}
+
+#[test]
+fn patterned_strings_take_short_escapes_and_utf8_but_no_unicode_escapes() {
+    let s = compile(json!({"type": "string", "pattern": "^a\"b\\\\c\\nd/é+$"}));
+    assert!(complete(&s, r#""a\"b\\c\nd\/éé""#));
+    assert!(complete(&s, "\"a\\\"b\\\\c\\nd/é\""));
+    assert!(check(&s, r#""a\u0022"#).is_none());
+    // A backslash is offered only where some escape's character may come.
+    let s = compile(json!({"type": "string", "pattern": "^[a-z]*$"}));
+    assert!(check(&s, r#""ab\"#).is_none());
+    assert!(complete(&s, r#""""#));
+    // A half-written character is followed only by its continuation bytes.
+    let s = compile(json!({"type": "string", "pattern": "^é€$"}));
+    let p = check(&s, "\"\u{e9}").expect("é");
+    assert!(!p.accepts(b"\"") && p.accepts("€".as_bytes()));
+    assert!(!p.accepts(&[0xe2, 0x82]) || p.accepts(&[0xe2, 0x82, 0xac]));
+}
+
+#[test]
+fn patterns_respect_length_bounds_without_dead_ends() {
+    // maxLength: a character is offered only if the match can still end in time.
+    let s = compile(json!({"type": "string", "pattern": "^a+b$", "maxLength": 3}));
+    assert!(complete(&s, r#""aab""#));
+    assert!(check(&s, r#""aaa"#).is_none());
+    // minLength: the string may not close early, and only lengths that can still match in
+    // range are offered (`(ab)*` has even lengths; 3..=5 leaves 4).
+    let s =
+        compile(json!({"type": "string", "pattern": "^(ab)*$", "minLength": 3, "maxLength": 5}));
+    assert!(check(&s, r#""ab""#).is_none());
+    assert!(complete(&s, r#""abab""#));
+    assert!(check(&s, r#""ababa"#).is_none());
+    // Characters count, not bytes: é is one.
+    let s = compile(json!({"type": "string", "pattern": "^.*$", "minLength": 2, "maxLength": 2}));
+    assert!(complete(&s, "\"éé\""));
+    assert!(check(&s, "\"é\"").is_none());
+    assert!(check(&s, "\"ééé").is_none());
+}
+
+#[test]
+fn formats_generate_their_shapes() {
+    let cases = [
+        ("date", "2024-02-29", "2024-13-01"),
+        ("time", "23:59:60Z", "24:00:00Z"),
+        (
+            "date-time",
+            "2024-02-29T10:20:30.5+02:00",
+            "2024-02-29 10:20:30Z",
+        ),
+        (
+            "uuid",
+            "0f8fad5b-d9cb-469f-a165-70867728950e",
+            "0f8fad5b-d9cb-469f-a165-70867728950",
+        ),
+        ("email", "ann.lee+x@mail.example.org", "ann@localhost"),
+        ("hostname", "a-1.example.com", "-a.example.com"),
+        ("ipv4", "192.168.0.255", "192.168.0.256"),
+        (
+            "uri",
+            "https://example.com:8080/a/b?q=1#top",
+            "ftp://example.com",
+        ),
+    ];
+    for (format, good, bad) in cases {
+        let s = compile(json!({"type": "string", "format": format}));
+        let good_ok = complete(&s, &format!("\"{good}\""));
+        let bad_ok = complete(&s, &format!("\"{bad}\""));
+        if format == "time" {
+            // A leap second is valid RFC 3339 but not generated (a subset is always valid).
+            assert!(!good_ok && complete(&s, "\"23:59:59Z\""), "{format}");
+        } else {
+            assert!(good_ok, "{format}: {good}");
+        }
+        assert!(!bad_ok, "{format}: {bad}");
+    }
+    // A format shared by many properties compiles once.
+    let props: serde_json::Map<String, Value> = (0..64)
+        .map(|i| {
+            (
+                format!("d{i}"),
+                json!({"type": "string", "format": "date-time"}),
+            )
+        })
+        .collect();
+    compile(json!({"type": "object", "properties": props}));
+}
+
+/// `format`, checked by code written from the RFCs (std's address parser for IPv4).
+fn format_valid(format: &str, t: &str) -> bool {
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    let date = |d: &str| {
+        let p: Vec<&str> = d.split('-').collect();
+        p.len() == 3
+            && digits(p[0], 4)
+            && digits(p[1], 2)
+            && digits(p[2], 2)
+            && (1..=12).contains(&p[1].parse::<u32>().unwrap())
+            && (1..=31).contains(&p[2].parse::<u32>().unwrap())
+    };
+    let time = |t: &str| {
+        let (clock, zone) = match t.find(['Z', '+', '-']) {
+            Some(i) => t.split_at(i),
+            None => return false,
+        };
+        let (hms, frac) = clock.split_once('.').unwrap_or((clock, "0"));
+        let p: Vec<&str> = hms.split(':').collect();
+        let zone_ok = zone == "Z" || {
+            let z: Vec<&str> = zone[1..].split(':').collect();
+            z.len() == 2
+                && digits(z[0], 2)
+                && digits(z[1], 2)
+                && z[0].parse::<u32>().unwrap() < 24
+                && z[1].parse::<u32>().unwrap() < 60
+        };
+        p.len() == 3
+            && p.iter().all(|x| digits(x, 2))
+            && p[0].parse::<u32>().unwrap() < 24
+            && p[1].parse::<u32>().unwrap() < 60
+            && p[2].parse::<u32>().unwrap() <= 60
+            && !frac.is_empty()
+            && frac.bytes().all(|b| b.is_ascii_digit())
+            && zone_ok
+    };
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    match format {
+        "date" => date(t),
+        "time" => time(t),
+        "date-time" => t.split_once('T').is_some_and(|(d, c)| date(d) && time(c)),
+        "uuid" => {
+            let p: Vec<&str> = t.split('-').collect();
+            p.iter().map(|x| x.len()).eq([8, 4, 4, 4, 12])
+                && p.iter().all(|x| x.bytes().all(|b| b.is_ascii_hexdigit()))
+        }
+        "email" => t.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty()
+                && !local.starts_with('.')
+                && !local.ends_with('.')
+                && !local.contains("..")
+                && domain.contains('.')
+                && domain.split('.').all(label)
+        }),
+        "hostname" => t.split('.').all(label),
+        "ipv4" => t.parse::<std::net::Ipv4Addr>().is_ok(),
+        "uri" => {
+            let rest = t.strip_prefix("https://").or(t.strip_prefix("http://"));
+            rest.is_some_and(|r| {
+                let host = r.split(['/', '?', '#', ':']).next().unwrap_or("");
+                host.split('.').all(label) && !r.contains(' ')
+            })
+        }
+        _ => false,
+    }
+}
+
+#[test]
+fn random_walks_under_patterns_never_dead_end_and_match() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let patterns = [
+        ("^[a-z]{2,3}-\\d+$", None, None),
+        ("^(ab|c)+x?$", Some(2), Some(7)),
+        ("[0-9]", None, Some(4)),
+        ("^\\w+@\\w+\\.(com|org)$", None, Some(20)),
+        ("^(é|€|x)*$", Some(3), None),
+        ("^[^\"\\\\]*\"[^\"]*$", None, Some(6)),
+    ];
+    let formats = [
+        "date",
+        "time",
+        "date-time",
+        "uuid",
+        "email",
+        "hostname",
+        "ipv4",
+        "uri",
+    ];
+    let mut schemas: Vec<(Value, Option<regex::Regex>, Option<&str>)> = Vec::new();
+    for (p, min, max) in patterns {
+        let mut s = json!({"type": "string", "pattern": p});
+        if let Some(m) = min {
+            s["minLength"] = json!(m);
+        }
+        if let Some(m) = max {
+            s["maxLength"] = json!(m);
+        }
+        schemas.push((s, Some(regex::Regex::new(p).unwrap()), None));
+    }
+    for f in formats {
+        schemas.push((json!({"type": "string", "format": f}), None, Some(f)));
+    }
+    let mut rng = StdRng::seed_from_u64(11);
+    for (schema_value, re, format) in schemas {
+        let schema = compile(schema_value.clone());
+        let mut completed = 0;
+        for _ in 0..60 {
+            let mut p = SchemaPrefix::new(schema.clone());
+            let mut text = Vec::new();
+            for step in 0..300 {
+                if p.is_complete() {
+                    break;
+                }
+                let options: Vec<u8> = (0..=255u8).filter(|&b| p.accepts(&[b])).collect();
+                assert!(
+                    !options.is_empty(),
+                    "{schema_value}: dead end after {:?}",
+                    String::from_utf8_lossy(&text)
+                );
+                // Later on, close the string when it may close, and favour punctuation (an
+                // address's dot, a time's colon), which moves formats toward their end.
+                let punctuation: Vec<u8> = options
+                    .iter()
+                    .copied()
+                    .filter(|b| b.is_ascii_punctuation() && *b != b'\\')
+                    .collect();
+                let b = if step > 40 && options.contains(&b'"') && text.len() > 1 {
+                    b'"'
+                } else if step > 40 && !punctuation.is_empty() && rng.random_bool(0.5) {
+                    punctuation[rng.random_range(0..punctuation.len())]
+                } else {
+                    options[rng.random_range(0..options.len())]
+                };
+                assert!(p.push(&[b]));
+                text.push(b);
+            }
+            assert!(
+                p.is_complete(),
+                "{schema_value}: ran on: {:?}",
+                String::from_utf8_lossy(&text)
+            );
+            completed += 1;
+            let v: Value = serde_json::from_slice(&text)
+                .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&text)));
+            assert!(
+                valid(&schema_value, &schema_value, &v),
+                "{schema_value} refuses {v}"
+            );
+            let t = v.as_str().unwrap();
+            if let Some(re) = &re {
+                assert!(re.is_match(t), "{schema_value}: {t:?}");
+            }
+            if let Some(f) = format {
+                assert!(format_valid(f, t), "{f}: {t:?}");
+            }
+        }
+        assert_eq!(completed, 60);
     }
 }

@@ -155,6 +155,12 @@ impl<'s, S: Frames> Walker<'s, S> {
                 escape,
                 utf8,
             } => self.in_string(len, min, max, escape, utf8, b),
+            Pos::Pattern {
+                node,
+                state,
+                len,
+                backslash,
+            } => self.in_pattern(node, state, len, backslash, b),
             Pos::Number { n, integer, digits } => {
                 if integer && matches!(b, b'.' | b'e' | b'E') {
                     return false;
@@ -224,6 +230,12 @@ impl<'s, S: Frames> Walker<'s, S> {
             (Node::String { min_len, max_len }, b'"') => {
                 string(*min_len, max_len.unwrap_or(u32::MAX))
             }
+            (Node::Pattern(p), b'"') => Pos::Pattern {
+                node,
+                state: p.start(),
+                len: 0,
+                backslash: false,
+            },
             (Node::Array { .. }, b'[') => return self.open(node, Pos::ArrayFirst),
             (Node::Object(_), b'{') => return self.open(node, Pos::ObjectFirst),
             (Node::Enum(texts), _) => {
@@ -451,6 +463,49 @@ impl<'s, S: Frames> Walker<'s, S> {
             utf8,
         };
         true
+    }
+
+    fn in_pattern(&mut self, node: NodeId, state: u16, len: u32, backslash: bool, b: u8) -> bool {
+        let Node::Pattern(p) = self.schema.node(node) else {
+            return false;
+        };
+        let at = |state, len, backslash| Pos::Pattern {
+            node,
+            state,
+            len,
+            backslash,
+        };
+        if backslash {
+            return match p.escaped(state, len, b) {
+                Some(next) => {
+                    self.pos = at(next, len, false);
+                    true
+                }
+                None => false,
+            };
+        }
+        match b {
+            b'"' => {
+                let ok = p.may_close(state, len);
+                if ok {
+                    self.complete();
+                }
+                ok
+            }
+            b'\\' => {
+                let ok = p.escape_ok(state, len);
+                self.pos = at(state, len + 1, true);
+                ok
+            }
+            0..=0x1f => false,
+            _ => match p.raw(state, len, b) {
+                Some((next, len)) => {
+                    self.pos = at(next, len, false);
+                    true
+                }
+                None => false,
+            },
+        }
     }
 
     fn in_enum(&mut self, node: NodeId, lo: u32, hi: u32, len: u32, b: u8) -> bool {
