@@ -744,7 +744,7 @@ def _():
     return f"{city!r}"
 
 
-@check("structured output: Pydantic date, time and pattern fields")
+@check("structured output: Pydantic date, time, pattern and bounded fields")
 def _():
     import datetime
     import re
@@ -756,11 +756,13 @@ def _():
         day: datetime.date
         arrival: datetime.time
         room: Annotated[str, pydantic.Field(pattern=r"^[A-D][0-9]{3}$")]
+        nights: Annotated[int, pydantic.Field(ge=1, le=14)]
+        rate: Annotated[float, pydantic.Field(gt=0, le=999.99)]
 
     parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
     msgs = [{"role": "user", "content": "Book room B204 for Ann on 14 July 2025, arriving at "
-             "three in the afternoon, as JSON."}]
-    r = parse(model=MODEL, messages=msgs, max_tokens=120, temperature=0, response_format=Booking)
+             "three in the afternoon, for 3 nights at 120.50 a night, as JSON."}]
+    r = parse(model=MODEL, messages=msgs, max_tokens=160, temperature=0, response_format=Booking)
     c = r.choices[0]
     expect(c.finish_reason == "stop", f"finish_reason {c.finish_reason}: {c.message.content!r}")
     booking = c.message.parsed

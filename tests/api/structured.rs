@@ -127,21 +127,23 @@ async fn completions_take_the_same_response_format_as_vllm_does() {
 }
 
 #[tokio::test]
-async fn patterns_and_formats_hold_in_sampled_replies() {
+async fn patterns_formats_and_bounds_hold_in_sampled_replies() {
     let app = spawn_app().await;
     let schema = json!({
         "type": "object",
         "properties": {
             "code": {"type": "string", "pattern": "^[A-Z]{3}-\\d{2}$"},
             "day": {"type": "string", "format": "date"},
-            "id": {"type": "string", "format": "uuid"}
+            "id": {"type": "string", "format": "uuid"},
+            "nights": {"type": "integer", "minimum": 1, "maximum": 14},
+            "price": {"type": "number", "exclusiveMinimum": 0, "maximum": 500}
         },
-        "required": ["code", "day", "id"]
+        "required": ["code", "day", "id", "nights", "price"]
     });
     let code = regex::Regex::new(r"^[A-Z]{3}-\d{2}$").unwrap();
     let mut complete = 0;
     for seed in 1..=4 {
-        let body = json!({"prompt": "a record", "max_new_tokens": 120, "temperature": 1,
+        let body = json!({"prompt": "a record", "max_new_tokens": 160, "temperature": 1,
             "seed": seed, "response_format": format(&schema)});
         let v: Value = app.post_json("/v1/generate", &body).await;
         let text = v["text"].as_str().unwrap();

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use super::bounds;
 use super::pattern::{self, StringPattern, FORMATS};
 use super::{
     ByteSet, Node, NodeId, ObjectSpec, Prop, Schema, ANY, ANY_ARRAY, ANY_OBJECT, MAX_DEPTH,
@@ -66,6 +67,7 @@ const OBJECT_KEYWORDS: &[&str] = &[
 ];
 const ARRAY_KEYWORDS: &[&str] = &["items", "minItems", "maxItems"];
 const STRING_KEYWORDS: &[&str] = &["minLength", "maxLength", "pattern", "format"];
+const NUMBER_KEYWORDS: &[&str] = &bounds::KEYWORDS;
 
 impl Schema {
     /// Compiles a JSON Schema (the subset in the module docs).
@@ -133,6 +135,7 @@ impl Compiler<'_> {
                 || OBJECT_KEYWORDS.contains(&key.as_str())
                 || ARRAY_KEYWORDS.contains(&key.as_str())
                 || STRING_KEYWORDS.contains(&key.as_str())
+                || NUMBER_KEYWORDS.contains(&key.as_str())
                 || ["type", "enum", "const", "anyOf", "oneOf", "$ref"].contains(&key.as_str());
             if !known {
                 return err(
@@ -164,6 +167,18 @@ impl Compiler<'_> {
             }
         }
         let types = self.types(obj, at)?;
+        if let Some(literal) = ["enum", "const"].into_iter().find(|k| obj.contains_key(*k)) {
+            // The literals are the values; a bound beside them would go unchecked.
+            let beside = constraining
+                .iter()
+                .find(|k| !["type", "enum", "const"].contains(k));
+            if let Some(other) = beside {
+                return err(
+                    at,
+                    format!("`{literal}` cannot be combined with `{other}` here"),
+                );
+            }
+        }
         if let Some(values) = obj.get("enum") {
             let Value::Array(values) = values else {
                 return err(&format!("{at}/enum"), "`enum` must be an array");
@@ -187,8 +202,8 @@ impl Compiler<'_> {
                 "null" => self.add(Node::Null, at)?,
                 "boolean" => self.add(Node::Boolean, at)?,
                 "integer" if types.iter().any(|t| t == "number") => continue,
-                "integer" => self.add(Node::Number { integer: true }, at)?,
-                "number" => self.add(Node::Number { integer: false }, at)?,
+                "integer" => self.number(obj, true, at)?,
+                "number" => self.number(obj, false, at)?,
                 "string" => self.string(obj, at)?,
                 "array" => self.array(obj, at)?,
                 "object" => self.object(obj, at)?,
@@ -290,6 +305,19 @@ impl Compiler<'_> {
         self.add(Node::Enum(texts), at)
     }
 
+    fn number(
+        &mut self,
+        obj: &Map<String, Value>,
+        integer: bool,
+        at: &str,
+    ) -> Result<NodeId, SchemaError> {
+        match bounds::parse(obj, integer, at) {
+            Ok(None) => self.add(Node::Number { integer }, at),
+            Ok(Some(b)) => self.add(Node::Bounded(b), at),
+            Err((at, message)) => err(&at, message),
+        }
+    }
+
     fn string(&mut self, obj: &Map<String, Value>, at: &str) -> Result<NodeId, SchemaError> {
         let min_len = count(obj, "minLength", at)?.unwrap_or(0);
         let max_len = count(obj, "maxLength", at)?;
@@ -309,12 +337,14 @@ impl Compiler<'_> {
             (Some(p), None) => (p.to_string(), format!("{at}/pattern")),
             (None, Some(f)) => match pattern::format_pattern(f) {
                 Some(p) => (p, format!("{at}/format")),
-                None => return err(
-                    &format!("{at}/format"),
-                    format!(
+                None => {
+                    return err(
+                        &format!("{at}/format"),
+                        format!(
                         "the format `{f}` is not supported in generation (supported: {FORMATS})"
                     ),
-                ),
+                    )
+                }
             },
         };
         let (source, place) = source;
@@ -586,7 +616,7 @@ fn first_bytes(node: &Node) -> ByteSet {
         Node::Any => bits(b"{[\"tfn") | number,
         Node::Null => bits(b"n"),
         Node::Boolean => bits(b"tf"),
-        Node::Number { .. } => number,
+        Node::Number { .. } | Node::Bounded(_) => number,
         Node::String { .. } | Node::Pattern(_) => bits(b"\""),
         Node::Array { .. } => bits(b"["),
         Node::Object(_) => bits(b"{"),
@@ -607,6 +637,7 @@ fn min_depths(nodes: &[Node]) -> Vec<u32> {
         for (id, node) in nodes.iter().enumerate() {
             let d = match node {
                 Node::Any | Node::Null | Node::Boolean | Node::Number { .. } => 0,
+                Node::Bounded(_) => 0,
                 Node::String { .. } | Node::Pattern(_) | Node::Enum(_) => 0,
                 Node::Array {
                     items, min_items, ..
@@ -649,6 +680,7 @@ fn infer_type(obj: &Map<String, Value>, at: &str) -> Result<Vec<String>, SchemaE
         (OBJECT_KEYWORDS, "object"),
         (ARRAY_KEYWORDS, "array"),
         (STRING_KEYWORDS, "string"),
+        (NUMBER_KEYWORDS, "number"),
     ]
     .iter()
     .filter(|(kws, _)| has(kws))

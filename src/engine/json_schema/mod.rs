@@ -15,6 +15,7 @@
 //! spaces or tabs (llama.cpp's JSON grammars use the same bound), so a model cannot spend its
 //! tokens on blank lines; strings are well-formed UTF-8.
 
+mod bounds;
 mod compile;
 mod pattern;
 #[cfg(test)]
@@ -23,6 +24,7 @@ mod walker;
 
 use std::sync::Arc;
 
+pub use bounds::MAX_BOUNDED_DIGITS;
 pub use compile::{SchemaError, MAX_NODES, MAX_PATTERN_STATES_TOTAL, MAX_PROPERTIES};
 pub use pattern::{MAX_PATTERN_BYTES, MAX_PATTERN_STATES};
 
@@ -57,6 +59,8 @@ enum Node {
     Number {
         integer: bool,
     },
+    /// A number under `minimum`/`maximum`/`exclusive…`.
+    Bounded(bounds::Bounds),
     String {
         min_len: u32,
         max_len: Option<u32>,
@@ -203,6 +207,11 @@ enum Pos {
         integer: bool,
         /// Digits in the current part (integer, fraction or exponent).
         digits: u8,
+    },
+    /// Inside a number of a [`Node::Bounded`].
+    Bounded {
+        node: NodeId,
+        num: bounds::NumPrefix,
     },
     Literal(&'static [u8]),
     /// Inside an enum value: the literals `lo..hi` begin with the `len` bytes so far.
@@ -370,6 +379,10 @@ impl SchemaPrefix {
         match self.pos {
             Pos::End => true,
             Pos::Number { n, .. } => self.stack.is_empty() && n.can_end(),
+            Pos::Bounded { node, num } => {
+                self.stack.is_empty()
+                    && matches!(self.schema.node(node), Node::Bounded(b) if num.in_range(b))
+            }
             Pos::Enum { node, lo, len, .. } => {
                 self.stack.is_empty()
                     && matches!(self.schema.node(node), Node::Enum(t)

@@ -375,7 +375,14 @@ fn valid(schema: &Value, root: &Value, v: &Value) -> bool {
         Value::Bool(_) => is("boolean"),
         // serde_json reads `-0` as a float.
         Value::Number(x) => {
-            is("number") || (is("integer") && x.as_f64().is_some_and(|f| f.fract() == 0.0))
+            // Compared as floats, as Pydantic and Python's `jsonschema` compare them.
+            let f = x.as_f64().unwrap();
+            let bound = |k: &str| s.get(k).and_then(Value::as_f64);
+            (is("number") || (is("integer") && f.fract() == 0.0))
+                && bound("minimum").is_none_or(|m| f >= m)
+                && bound("maximum").is_none_or(|m| f <= m)
+                && bound("exclusiveMinimum").is_none_or(|m| f > m)
+                && bound("exclusiveMaximum").is_none_or(|m| f < m)
         }
         Value::String(t) => {
             let len = t.chars().count() as u64;
@@ -414,10 +421,92 @@ fn valid(schema: &Value, root: &Value, v: &Value) -> bool {
     }
 }
 
+fn schemas_bounded(schemas: &mut Vec<Value>) {
+    let array = |items: Value| json!({"type": "array", "items": items, "minItems": 1});
+    schemas.extend([
+        array(json!({"type": "number", "minimum": -1.5, "exclusiveMaximum": 2.25})),
+        array(json!({"type": "integer", "minimum": 3, "maximum": 1000})),
+        array(json!({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0.001})),
+        array(json!({"type": "integer", "minimum": -7, "maximum": -7})),
+        array(json!({"type": ["integer", "null"], "exclusiveMinimum": -3.5})),
+        json!({"type": "number", "minimum": 0.1, "maximum": 0.3}),
+    ]);
+}
+
+#[test]
+fn bounded_numbers_stay_in_range_without_dead_ends() {
+    let s = compile(json!({"type": "integer", "minimum": 1, "maximum": 10}));
+    for (text, whole) in [
+        ("1", true),
+        ("7", true),
+        ("10", true),
+        ("0", false),
+        ("11", false),
+        ("100", false),
+        ("-", false),
+        ("1.", false),
+        ("1e1", false),
+    ] {
+        assert_eq!(complete(&s, text), whole, "{text}");
+    }
+    assert!(check(&s, "0").is_none() && check(&s, "-").is_none() && check(&s, "11").is_none());
+    assert!(check(&s, "1").is_some_and(|p| p.may_end() && p.accepts(b"0")));
+
+    let s = compile(json!({"type": "number", "exclusiveMinimum": 0, "maximum": 1}));
+    let p = check(&s, "0").expect("0.x is still possible");
+    assert!(!p.may_end());
+    assert!(complete(&s, "0.5") && complete(&s, "1") && complete(&s, "1.0"));
+    assert!(check(&s, "1.5").is_none() && check(&s, "2").is_none() && check(&s, "-").is_none());
+    assert!(check(&s, "0.0").is_some() && !complete(&s, "0.000"));
+
+    // The bound as written (0.1), not its binary value.
+    let s = compile(json!({"type": "number", "minimum": 0.1}));
+    assert!(complete(&s, "0.1") && complete(&s, "0.10") && complete(&s, "3"));
+    assert!(check(&s, "0.09").is_none());
+
+    let s = compile(json!({"type": "integer", "minimum": -5, "maximum": -2}));
+    assert!(complete(&s, "-3") && complete(&s, "-5"));
+    assert!(check(&s, "-1").is_none() && check(&s, "-10").is_none() && check(&s, "3").is_none());
+
+    // At most 15 digits: a float reading of the text agrees with the decimal comparison.
+    let s = compile(json!({"type": "number", "exclusiveMinimum": 1}));
+    assert!(check(&s, "1.00000000000001").is_some());
+    assert!(check(&s, "1.000000000000001").is_none());
+    assert!(check(&s, "1234567890123456").is_none());
+
+    for (schema, at, words) in [
+        (
+            json!({"type": "integer", "minimum": 0.5, "maximum": 0.7}),
+            "",
+            "no integer",
+        ),
+        (
+            json!({"type": "number", "exclusiveMinimum": 1, "exclusiveMaximum": 1}),
+            "",
+            "no number",
+        ),
+        (
+            json!({"type": "number", "exclusiveMinimum": true}),
+            "/exclusiveMinimum",
+            "must be a number",
+        ),
+        (json!({"enum": [1, 2], "minimum": 2}), "", "`minimum`"),
+        (
+            json!({"type": "integer", "multipleOf": 3}),
+            "",
+            "`multipleOf`",
+        ),
+    ] {
+        let e = Schema::compile(&schema).expect_err(&schema.to_string());
+        assert_eq!(e.at, at, "{schema}: {e}");
+        assert!(e.message.contains(words), "{schema}: {e}");
+    }
+}
+
 #[test]
 fn random_walks_never_dead_end_and_complete_texts_are_valid() {
     use rand::{rngs::StdRng, Rng, SeedableRng};
-    let schemas = [
+    let mut schemas = vec![
         person(),
         json!({"type": "array", "items": {"type": ["number", "string", "null"]}, "minItems": 1, "maxItems": 3}),
         json!({"$ref": "#/$defs/n", "$defs": {"n": {"type": "object",
@@ -433,6 +522,7 @@ fn random_walks_never_dead_end_and_complete_texts_are_valid() {
             "g": {"type": "object"}}, "minProperties": 1, "maxProperties": 1},
             "response": {"type": "string", "maxLength": 5}}, "minProperties": 1, "maxProperties": 1}),
     ];
+    schemas_bounded(&mut schemas);
     let alphabet: Vec<u8> =
         b" \n\t_\"{}[],:0123456789-.eE+truefalsnlxyzaAbgimkvrodptc\\u\xc3\xa9\xe2\x82\xac".to_vec();
     let mut rng = StdRng::seed_from_u64(7);

@@ -2,6 +2,7 @@
 //! graph, with the open containers on a stack — the committed `Vec`, or, while a candidate token
 //! is checked, a copy-on-write [`Overlay`] of it.
 
+use super::bounds::{NumPrefix, NumStep};
 use super::{Frame, Node, NodeId, ObjectSpec, Pos, Schema, ANY_ARRAY, ANY_OBJECT, MAX_DEPTH};
 use super::{MAX_DIGITS, MAX_EXPONENT_DIGITS, MAX_INDENT, OVERLAY};
 use crate::engine::json_mode::{string_byte, Escape, Num, StrByte, Utf8};
@@ -187,6 +188,22 @@ impl<'s, S: Frames> Walker<'s, S> {
                     None => false,
                 }
             }
+            Pos::Bounded { node, num } => {
+                let Node::Bounded(bounds) = self.schema.node(node) else {
+                    return false;
+                };
+                match num.step(b, bounds) {
+                    NumStep::Continue(num) => {
+                        self.pos = Pos::Bounded { node, num };
+                        true
+                    }
+                    NumStep::Ended => {
+                        self.complete();
+                        self.push(b)
+                    }
+                    NumStep::Refused => false,
+                }
+            }
             Pos::Literal(rest) => match rest.split_first() {
                 Some((&want, tail)) if want == b => {
                     self.pos = Pos::Literal(tail);
@@ -230,6 +247,10 @@ impl<'s, S: Frames> Walker<'s, S> {
             (Node::String { min_len, max_len }, b'"') => {
                 string(*min_len, max_len.unwrap_or(u32::MAX))
             }
+            (Node::Bounded(bounds), _) => match NumPrefix::start(b, bounds) {
+                Some(num) => Pos::Bounded { node, num },
+                None => return false,
+            },
             (Node::Pattern(p), b'"') => Pos::Pattern {
                 node,
                 state: p.start(),
