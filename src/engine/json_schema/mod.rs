@@ -8,8 +8,9 @@
 //! as `false`, as in OpenAI's strict mode) + `minProperties`/`maxProperties`, `items` + `minItems` + `maxItems`, `minLength` +
 //! `maxLength`, `enum` and `const` (matched as compact JSON text), `anyOf`/`oneOf` whose
 //! alternatives start with different bytes (`["string", "null"]`, Pydantic's `Optional`),
-//! `$ref` into `#/$defs/...` (recursion included); annotations are ignored and any other
-//! keyword is refused by name. Properties come in schema order (OpenAI's rule): an optional
+//! `$ref` into `#/$defs/...` (recursion included), `pattern`/`format` on strings (a DFA, see
+//! `pattern`), `minimum`/`maximum`/`exclusive…` on numbers (see `bounds`); annotations are
+//! ignored and any other keyword is refused by name. Properties come in schema order (OpenAI's rule): an optional
 //! one may be skipped, a required one may not; extra keys (when allowed) may come anywhere.
 //! Whitespace between tokens is one space or tab, or one newline and at most [`MAX_INDENT`]
 //! spaces or tabs (llama.cpp's JSON grammars use the same bound), so a model cannot spend its
