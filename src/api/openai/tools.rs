@@ -533,9 +533,9 @@ mod tests {
             ),
             (
                 json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
-                    "properties": {"d": {"type": "string", "format": "date"}}}}}]),
+                    "properties": {"d": {"type": "string", "format": "ipv6"}}}}}]),
                 None,
-                "`tools[0].function.parameters` at /properties/d",
+                "`tools[0].function.parameters` at /properties/d/format",
             ),
             (
                 json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]),
