@@ -32,13 +32,13 @@ fn main() -> anyhow::Result<()> {
         "population": {"type": "integer"},
         "tags": {"type": "array", "items": {"enum": ["capital", "port", "old"]}}},
         "required": ["name", "population", "tags"]});
-    let formats = [
-        ("json_object", ResponseFormat::JsonObject),
-        (
-            "json_schema",
-            ResponseFormat::JsonSchema(Arc::new(Schema::compile(&schema)?)),
-        ),
-    ];
+    // Patterned strings and bounded numbers go through their tables (no plain-text fast path).
+    let patterned = json!({"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{3}-\\d{4}$"},
+        "email": {"type": "string", "format": "email"},
+        "day": {"type": "string", "format": "date"},
+        "rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000}},
+        "required": ["code", "email", "day", "rate"]});
     let places = [
         "",
         "{\n  \"",
@@ -46,8 +46,28 @@ fn main() -> anyhow::Result<()> {
         "{\n  \"name\": \"Paris\",\n  \"population\": 21",
         "{\n  \"name\": \"Paris\",\n  \"population\": 2,\n  \"tags\": [\"capital\", ",
     ];
-    for (label, format) in &formats {
-        for place in places {
+    let patterned_places = [
+        "{\"code\": \"AB",
+        "{\"code\": \"ABC-1234\", \"email\": \"ann.l",
+        "{\"code\": \"ABC-1234\", \"email\": \"ann@mail.ex",
+        "{\"code\": \"ABC-1234\", \"email\": \"a@b.co\", \"day\": \"2025-0",
+        "{\"code\": \"ABC-1234\", \"email\": \"a@b.co\", \"day\": \"2025-07-14\", \"rate\": 12",
+    ];
+    let formats = [
+        ("json_object", ResponseFormat::JsonObject, &places[..]),
+        (
+            "json_schema",
+            ResponseFormat::JsonSchema(Arc::new(Schema::compile(&schema)?)),
+            &places[..],
+        ),
+        (
+            "patterned",
+            ResponseFormat::JsonSchema(Arc::new(Schema::compile(&patterned)?)),
+            &patterned_places[..],
+        ),
+    ];
+    for (label, format, places) in &formats {
+        for &place in places.iter() {
             let Some(mut c) = JsonConstraint::for_format(format, || vocab.clone()) else {
                 continue;
             };

@@ -3,8 +3,8 @@
 
 Usage: structured_bench.py BASE_URL [ROUNDS]
 
-Sends the same chat prompt greedily to /v1/generate as plain text, JSON mode, and a JSON
-schema, plus the schema with `logit_bias` +100 on tokens the schema refuses at every step
+Sends the same chat prompt greedily to /v1/generate as plain text, JSON mode, a JSON
+schema, a schema of patterns, formats and numeric bounds, plus the schema with `logit_bias` +100 on tokens the schema refuses at every step
 (which forces the whole-vocabulary check each step: the worst a client can make it cost), and
 prints the median milliseconds per generated token of each (HTTP included). Rounds alternate
 the modes so load drift hits each alike. `logit_bias` applies to JSON mode alike. Standard library only.
@@ -33,6 +33,21 @@ SCHEMA = {
     "required": ["name", "country", "population", "languages", "is_capital", "nickname"],
     "additionalProperties": False,
 }
+# The same reply under patterns, formats and numeric bounds (tables instead of the plain-string
+# fast path).
+PATTERNED = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Z][a-z]+$", "maxLength": 24},
+        "country_code": {"type": "string", "pattern": "^[A-Z]{2}$"},
+        "founded": {"type": "string", "format": "date"},
+        "population": {"type": "integer", "minimum": 0, "maximum": 100000000},
+        "area_km2": {"type": "number", "exclusiveMinimum": 0, "maximum": 100000},
+        "website": {"type": "string", "format": "uri", "maxLength": 64},
+    },
+    "required": ["name", "country_code", "founded", "population", "area_km2", "website"],
+    "additionalProperties": False,
+}
 
 
 def post(path, body):
@@ -51,6 +66,8 @@ modes = {
     "json_object": {"response_format": {"type": "json_object"}},
     "json_schema": {"response_format": {"type": "json_schema",
                                         "json_schema": {"name": "city", "schema": SCHEMA}}},
+    "json_schema patterned": {"response_format": {"type": "json_schema",
+                                                  "json_schema": {"name": "city", "schema": PATTERNED}}},
     "json_object + logit_bias": {
         "response_format": {"type": "json_object"},
         "logit_bias": {str(t): 100 for t in words},
