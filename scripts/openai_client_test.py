@@ -813,6 +813,31 @@ def _():
     return f"get_weather({args}); then {c2.finish_reason}: {then!r}"
 
 
+@check("tools: parallel_tool_calls=True returns a list of calls, streamed alike")
+def _():
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 32}},
+            "required": ["city"], "additionalProperties": False}}}]
+    msgs = [{"role": "user", "content": "What is the weather in Paris and in Tokyo?"}]
+    kw = dict(model=MODEL, messages=msgs, tools=tools, tool_choice="required",
+              parallel_tool_calls=True, max_tokens=96, temperature=0)
+    c = client.chat.completions.create(**kw).choices[0]
+    expect(c.finish_reason == "tool_calls", f"finish_reason {c.finish_reason}: {c.message}")
+    calls = c.message.tool_calls
+    expect(1 <= len(calls) <= 8, f"{len(calls)} calls")
+    cities = [json.loads(t.function.arguments)["city"] for t in calls]
+    expect(len({t.id for t in calls}) == len(calls), "ids repeat")
+    streamed = {}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for d in chunk.choices[0].delta.tool_calls or []:
+            streamed.setdefault(d.index, []).append(d.function.arguments or "")
+    got = [json.loads("".join(streamed[i]))["city"] for i in sorted(streamed)]
+    expect(got == cities, f"streamed {got} vs {cities}")
+    return f"{len(calls)} calls: {cities}"
+
+
 @check("errors: completions logprobs=6 -> refused")
 def _():
     return expect_error(

@@ -54,6 +54,12 @@ pub fn tool_call_text(name: &str, arguments: &Value) -> String {
     json!({"tool_call": {name: arguments}}).to_string()
 }
 
+/// Several calls in one reply, as a model is asked to write them under `parallel_tool_calls`.
+pub fn tool_calls_text(calls: &[(&str, &Value)]) -> String {
+    let list: Vec<Value> = calls.iter().map(|(n, a)| json!({*n: a})).collect();
+    json!({"tool_calls": list}).to_string()
+}
+
 /// Validates `messages` into the template's form. `developer` is OpenAI's newer name for
 /// `system`. A `tool` result becomes a user turn holding `{"tool_response": …}`, which any chat
 /// template can render (templates disagree on a `tool` role).
@@ -80,6 +86,7 @@ pub fn chat_messages(messages: Vec<MessageIn>, field: &str) -> Result<Vec<ChatMe
         let (role, content) = match (m.role.as_str(), content) {
             ("assistant", content) if !calls.is_empty() => {
                 let mut text = content.unwrap_or_default();
+                let mut parsed = Vec::with_capacity(calls.len());
                 for (j, call) in calls.iter().enumerate() {
                     let args: Value =
                         serde_json::from_str(&call.function.arguments).map_err(|e| {
@@ -87,8 +94,16 @@ pub fn chat_messages(messages: Vec<MessageIn>, field: &str) -> Result<Vec<ChatMe
                                 "`{at}.tool_calls[{j}].function.arguments` is not JSON: {e}"
                             ))
                         })?;
-                    text.push_str(&tool_call_text(&call.function.name, &args));
+                    parsed.push((call.function.name.as_str(), args));
                 }
+                // As the model was asked to write them: one call, or a list.
+                text.push_str(&match parsed.as_slice() {
+                    [(name, args)] => tool_call_text(name, args),
+                    many => {
+                        let refs: Vec<(&str, &Value)> = many.iter().map(|(n, a)| (*n, a)).collect();
+                        tool_calls_text(&refs)
+                    }
+                });
                 ("assistant".to_owned(), text)
             }
             ("tool", Some(content)) => {
@@ -157,4 +172,45 @@ pub fn chat_prompt(
     field: &str,
 ) -> Result<Vec<u32>, ApiError> {
     render_chat(state, &chat_messages(messages, field)?, field)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(v: Value) -> Vec<MessageIn> {
+        serde_json::from_value(v).expect("messages parse")
+    }
+
+    #[test]
+    fn earlier_calls_render_as_the_model_was_asked_to_write_them() {
+        let call = |id: &str, name: &str, args: &str| json!({"id": id, "type": "function", "function": {"name": name, "arguments": args}});
+        let out = chat_messages(
+            messages(json!([
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": null, "tool_calls": [call("a", "f", "{\"x\": 1}")]},
+                {"role": "assistant", "tool_calls": [call("b", "f", "{}"), call("c", "g", "[]")]},
+                {"role": "tool", "tool_call_id": "c", "content": "done"}
+            ])),
+            "messages",
+        )
+        .expect("valid");
+        assert_eq!(out[1].content, r#"{"tool_call":{"f":{"x":1}}}"#);
+        assert_eq!(out[2].content, r#"{"tool_calls":[{"f":{}},{"g":[]}]}"#);
+        assert_eq!(out[3].role, "user");
+        assert_eq!(
+            out[3].content,
+            r#"{"tool_response":{"tool_call_id":"c","content":"done"}}"#
+        );
+        let e = chat_messages(
+            messages(json!([{"role": "assistant", "tool_calls": [call("a", "f", "{x")]}])),
+            "messages",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("messages[0].tool_calls[0].function.arguments"),
+            "{e}"
+        );
+    }
 }

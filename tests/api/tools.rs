@@ -189,6 +189,70 @@ async fn earlier_calls_and_results_can_be_sent_back() {
 }
 
 #[tokio::test]
+async fn parallel_tool_calls_come_back_as_a_list_streamed_or_not() {
+    let app = spawn_app().await;
+    let mut completed = 0;
+    for seed in 1..=4 {
+        let mut body = chat(json!("required"), seed);
+        body["parallel_tool_calls"] = json!(true);
+        body["max_tokens"] = json!(160);
+        let v = app.post_json("/v1/chat/completions", &body).await;
+        let c = &v["choices"][0];
+        if c["finish_reason"] == "length" {
+            continue;
+        }
+        completed += 1;
+        assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+        let calls = c["message"]["tool_calls"].as_array().unwrap();
+        assert!((1..=8).contains(&calls.len()), "{v}");
+        for (i, call) in calls.iter().enumerate() {
+            check_call(call);
+            assert_eq!(call["index"], i, "{v}");
+        }
+
+        // Streamed: the same calls (greedy or seeded alike), each with its index, in one delta.
+        body["stream"] = json!(true);
+        let raw = app.post_text("/v1/chat/completions", &body).await;
+        let events: Vec<Value> = sse_data(&raw)
+            .iter()
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let streamed: Vec<&Value> = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["tool_calls"].as_array())
+            .flatten()
+            .collect();
+        assert_eq!(streamed.len(), calls.len(), "{raw}");
+        for (s, call) in streamed.iter().zip(calls) {
+            assert_eq!(s["function"], call["function"]);
+            assert_eq!(s["index"], call["index"]);
+        }
+    }
+    assert!(completed >= 2, "only {completed} of 4 replies completed");
+}
+
+#[tokio::test]
+async fn several_earlier_calls_go_back_to_the_model_as_a_list() {
+    let app = spawn_app().await;
+    let body = json!({"model": "tiny", "tools": tools(), "max_tokens": 8, "messages": [
+        {"role": "user", "content": "weather in Oslo and the time?"},
+        {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\", \"unit\": \"c\"}"}},
+            {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4 C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "12:00"}],
+        "parallel_tool_calls": true});
+    let v = app.post_json("/v1/chat/completions", &body).await;
+    assert!(v["choices"][0]["finish_reason"].is_string(), "{v}");
+    let mut bad = body;
+    bad["parallel_tool_calls"] = json!(1);
+    let (_, msg) = error_code(app.post("/v1/chat/completions", &bad).await, 422).await;
+    assert!(msg.contains("parallel_tool_calls"), "{msg}");
+}
+
+#[tokio::test]
 async fn bad_tools_are_refused_naming_the_field_and_none_ignores_them() {
     let app = spawn_app().await;
     for (patch, words) in [

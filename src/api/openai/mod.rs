@@ -125,6 +125,7 @@ struct ChatBody {
     logit_bias: Option<serde_json::Map<String, Value>>,
     tools: Option<Value>,
     tool_choice: Option<Value>,
+    parallel_tool_calls: Option<Value>,
     functions: Option<Value>,
     response_format: Option<Value>,
     /// As in [`CompletionBody`].
@@ -140,7 +141,11 @@ fn chat_tools(body: &ChatBody) -> Result<Option<tools::Tools>, ApiError> {
             "`functions` is deprecated and not supported; send `tools`",
         ));
     }
-    tools::parse(body.tools.as_ref(), body.tool_choice.as_ref())
+    tools::parse(
+        body.tools.as_ref(),
+        body.tool_choice.as_ref(),
+        body.parallel_tool_calls.as_ref(),
+    )
 }
 
 /// The chat reply's constraint: the tools' reply schema, or `response_format` — not both.

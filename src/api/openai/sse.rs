@@ -160,11 +160,9 @@ pub(super) fn stream_chunks(
                         let mut finish = finish_str(Some(finish));
                         if kind == Kind::ChatTools {
                             let delta = match std::mem::take(&mut st.replies[i]).finish() {
-                                Finished::Call { name, arguments } => {
+                                Finished::Calls(calls) => {
                                     finish = "tool_calls";
-                                    let mut call = tools::call_entry(&name, &arguments);
-                                    call["index"] = json!(0);
-                                    json!({"tool_calls": [call]})
+                                    json!({"tool_calls": tools::call_entries(&calls)})
                                 }
                                 Finished::Rest(rest) if !rest.is_empty() => {
                                     json!({"content": rest})

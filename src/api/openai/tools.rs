@@ -1,27 +1,34 @@
-//! Tool calling for any model (OpenAI's `tools` and `tool_choice`), in the way llama.cpp's
-//! server handles models without a tool format of their own: the tools are described in a
-//! system message, the reply is constrained by a JSON schema to one object — either
-//! `{"tool_call": {"<name>": {arguments}}}` or, when the model may choose, `{"response": "…"}` —
-//! and a call comes back as OpenAI's `tool_calls` (`finish_reason` `tool_calls`). The arguments
-//! therefore always parse and follow the tool's `parameters` (the subset `json_schema`
-//! enforces; others are refused naming the tool).
+//! Tool calling for any model (OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`), in
+//! the way llama.cpp's server handles models without a tool format of their own: the tools are
+//! described in a system message, the reply is constrained by a JSON schema to one object —
+//! `{"tool_call": {"<name>": {arguments}}}`, with `parallel_tool_calls`
+//! `{"tool_calls": [{"<name>": {arguments}}, …]}`, or, when the model may choose,
+//! `{"response": "…"}` — and calls come back as OpenAI's `tool_calls` (`finish_reason`
+//! `tool_calls`). The arguments therefore always parse and follow the tool's `parameters` (the
+//! subset `json_schema` enforces; others are refused naming the tool).
 
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
 use crate::api::generation;
-use crate::api::messages::tool_call_text;
+use crate::api::messages::{tool_call_text, tool_calls_text};
 use crate::api::ApiError;
 use crate::engine::json_mode::ResponseFormat;
 use crate::engine::json_schema::{Schema, MAX_PROPERTIES};
 use crate::engine::tokenizer::ChatMessage;
+
+/// Most calls one reply may make with `parallel_tool_calls` (a small model left unbounded
+/// repeats a call until its tokens run out).
+pub const MAX_PARALLEL_CALLS: u32 = 8;
 
 /// The tools of one request and what the model may do with them.
 #[derive(Debug)]
 pub struct Tools {
     tools: Vec<Tool>,
     choice: Choice,
+    /// Several calls per reply (`parallel_tool_calls: true`; not for a named choice).
+    many: bool,
 }
 
 #[derive(Debug)]
@@ -41,9 +48,24 @@ enum Choice {
     Named(String),
 }
 
-/// `tools` and `tool_choice` (`functions`, the deprecated form, is refused by the caller).
-/// `None`: no tools, or `tool_choice: "none"`, which answers as if there were none.
-pub fn parse(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<Tools>, ApiError> {
+/// `tools`, `tool_choice` and `parallel_tool_calls` (`functions`, the deprecated form, is
+/// refused by the caller). `None`: no tools, or `tool_choice: "none"`, which answers as if there
+/// were none. Calls are one per reply unless `parallel_tool_calls` is `true` (llama.cpp's
+/// default; OpenAI's is `true`, but one call is always a valid reply to it).
+pub fn parse(
+    tools: Option<&Value>,
+    choice: Option<&Value>,
+    parallel: Option<&Value>,
+) -> Result<Option<Tools>, ApiError> {
+    let parallel = match parallel {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::invalid_field(
+                "`parallel_tool_calls` must be true or false",
+            ))
+        }
+    };
     let choice = match choice {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s == "none" => return Ok(None),
@@ -91,7 +113,12 @@ pub fn parse(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<Too
             )));
         }
     }
-    Ok(Some(Tools { tools, choice }))
+    let many = parallel && !matches!(choice, Choice::Named(_));
+    Ok(Some(Tools {
+        tools,
+        choice,
+        many,
+    }))
 }
 
 fn tool(t: &Value, i: usize) -> Result<Tool, ApiError> {
@@ -146,28 +173,34 @@ fn tool(t: &Value, i: usize) -> Result<Tool, ApiError> {
 }
 
 /// Where a tool's parameters sit in the reply schema.
-fn tool_pointer(name: &str) -> String {
-    format!("/properties/tool_call/properties/{name}")
+fn tool_pointer(name: &str, many: bool) -> String {
+    if many {
+        format!("/properties/tool_calls/items/properties/{name}")
+    } else {
+        format!("/properties/tool_call/properties/{name}")
+    }
 }
 
 /// A tool's parameters as they sit inside the reply schema: its `$defs` (and `definitions`)
 /// move to the root as `<tool>.<name>` (Pydantic's schemas carry them), and every `$ref` is
 /// rewritten to match, so references resolve as they did in the tool's own schema.
-fn embed(name: &str, parameters: &Value, defs: &mut Map<String, Value>) -> Value {
+fn embed(name: &str, parameters: &Value, defs: &mut Map<String, Value>, many: bool) -> Value {
     let mut p = parameters.clone();
+    let at = tool_pointer(name, many);
     for (key, tag) in [("$defs", ""), ("definitions", "definitions.")] {
         if let Some(Value::Object(moved)) = p.as_object_mut().and_then(|o| o.remove(key)) {
             for (def, mut schema) in moved {
-                rewrite_refs(&mut schema, name);
+                rewrite_refs(&mut schema, name, &at);
                 defs.insert(format!("{name}.{tag}{def}"), schema);
             }
         }
     }
-    rewrite_refs(&mut p, name);
+    rewrite_refs(&mut p, name, &at);
     p
 }
 
-fn rewrite_refs(v: &mut Value, tool: &str) {
+/// `at`: where the tool's parameters sit in the reply schema.
+fn rewrite_refs(v: &mut Value, tool: &str, at: &str) {
     match v {
         Value::Object(o) => {
             for (key, child) in o.iter_mut() {
@@ -181,14 +214,14 @@ fn rewrite_refs(v: &mut Value, tool: &str) {
                         } else if let Some(rest) = ptr.strip_prefix("/definitions/") {
                             format!("#/$defs/{tool}.definitions.{rest}")
                         } else {
-                            format!("#{}{ptr}", tool_pointer(tool))
+                            format!("#{at}{ptr}")
                         };
                     }
-                    (_, child) => rewrite_refs(child, tool),
+                    (_, child) => rewrite_refs(child, tool, at),
                 }
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(|i| rewrite_refs(i, tool)),
+        Value::Array(items) => items.iter_mut().for_each(|i| rewrite_refs(i, tool, at)),
         _ => {}
     }
 }
@@ -197,26 +230,39 @@ impl Tools {
     /// The schema every reply is held to.
     fn schema(&self) -> Value {
         let mut defs = Map::new();
+        let many = self.many;
         let mut call = |only: Option<&str>| {
             let props: Map<String, Value> = self
                 .tools
                 .iter()
                 .filter(|t| only.is_none_or(|n| n == t.name))
-                .map(|t| (t.name.clone(), embed(&t.name, &t.parameters, &mut defs)))
+                .map(|t| {
+                    (
+                        t.name.clone(),
+                        embed(&t.name, &t.parameters, &mut defs, many),
+                    )
+                })
                 .collect();
-            json!({"type": "object", "properties": props, "minProperties": 1, "maxProperties": 1})
+            let one = json!({"type": "object", "properties": props, "minProperties": 1,
+                             "maxProperties": 1});
+            if many {
+                json!({"type": "array", "items": one, "minItems": 1,
+                       "maxItems": MAX_PARALLEL_CALLS})
+            } else {
+                one
+            }
         };
+        let key = if many { "tool_calls" } else { "tool_call" };
         let mut schema = match &self.choice {
             Choice::Named(name) => {
-                json!({"type": "object", "properties": {"tool_call": call(Some(name))},
-                       "required": ["tool_call"]})
+                json!({"type": "object", "properties": {key: call(Some(name))},
+                       "required": [key]})
             }
             Choice::Required => {
-                json!({"type": "object", "properties": {"tool_call": call(None)},
-                       "required": ["tool_call"]})
+                json!({"type": "object", "properties": {key: call(None)}, "required": [key]})
             }
             Choice::Auto => json!({"type": "object",
-                "properties": {"tool_call": call(None), "response": {"type": "string"}},
+                "properties": {key: call(None), "response": {"type": "string"}},
                 "minProperties": 1, "maxProperties": 1}),
         };
         schema["$defs"] = Value::Object(defs);
@@ -233,8 +279,19 @@ impl Tools {
 
     /// What the model is told, at the end of the system message (one is added if none leads).
     fn instructions(&self) -> String {
-        let example = tool_call_text("<tool name>", &json!("<arguments object>"));
+        let args = json!("<arguments object>");
+        let example = tool_call_text("<tool name>", &args);
+        let several = tool_calls_text(&[("<tool name>", &args), ("<tool name>", &args)]);
         let mut text = match &self.choice {
+            Choice::Auto if self.many => format!(
+                "You can call tools. Reply with exactly one JSON object: {several} to call one or \
+                 more tools (at most {MAX_PARALLEL_CALLS}), or {{\"response\": \"<your reply>\"}} to \
+                 answer directly."
+            ),
+            Choice::Required if self.many => format!(
+                "Reply with exactly one JSON object that calls one or more of the tools (at most \
+                 {MAX_PARALLEL_CALLS}): {several}."
+            ),
             Choice::Auto => format!(
                 "You can call tools. Reply with exactly one JSON object: {example} to call a \
                  tool, or {{\"response\": \"<your reply>\"}} to answer directly."
@@ -279,11 +336,29 @@ impl Tools {
     }
 }
 
-/// Reads a complete call: its name and arguments (compact JSON text, as OpenAI sends them).
-fn read_call(text: &str) -> Option<(String, String)> {
+/// One call a reply made.
+#[derive(Debug, PartialEq)]
+pub struct Call {
+    pub name: String,
+    /// Compact JSON text, as OpenAI sends arguments.
+    pub arguments: String,
+}
+
+/// Reads the complete calls of a reply: `{"tool_call": …}` or `{"tool_calls": [ … ]}`.
+fn read_calls(text: &str) -> Option<Vec<Call>> {
     let v: Value = serde_json::from_str(text).ok()?;
-    let (name, arguments) = v.get("tool_call")?.as_object()?.iter().next()?;
-    Some((name.clone(), arguments.to_string()))
+    let one = |c: &Value| {
+        let (name, arguments) = c.as_object()?.iter().next()?;
+        Some(Call {
+            name: name.clone(),
+            arguments: arguments.to_string(),
+        })
+    };
+    match (v.get("tool_call"), v.get("tool_calls")) {
+        (Some(c), _) => Some(vec![one(c)?]),
+        (None, Some(Value::Array(cs))) if !cs.is_empty() => cs.iter().map(one).collect(),
+        _ => None,
+    }
 }
 
 /// Reads a reply as it is generated, so an answer streams as it comes: the text of
@@ -310,10 +385,7 @@ enum ReadState {
 /// How a reply ended.
 #[derive(Debug, PartialEq)]
 pub enum Finished {
-    Call {
-        name: String,
-        arguments: String,
-    },
+    Calls(Vec<Call>),
     /// Text still to send: nothing after an answer, the raw text of a reply cut short.
     Rest(String),
 }
@@ -357,8 +429,8 @@ impl ReplyStream {
     pub fn finish(self) -> Finished {
         match self.state {
             ReadState::Answer | ReadState::AnswerDone => Finished::Rest(String::new()),
-            ReadState::Call | ReadState::Head => match read_call(&self.raw) {
-                Some((name, arguments)) => Finished::Call { name, arguments },
+            ReadState::Call | ReadState::Head => match read_calls(&self.raw) {
+                Some(calls) => Finished::Calls(calls),
                 None => Finished::Rest(self.raw),
             },
         }
@@ -377,7 +449,7 @@ fn head(raw: &str) -> Option<Head> {
     let t = t.strip_prefix('"')?;
     let (key, t) = t.split_once('"')?;
     match key {
-        "tool_call" => Some(Head::Call),
+        "tool_call" | "tool_calls" => Some(Head::Call),
         "response" => {
             let t = t
                 .trim_start()
@@ -423,7 +495,10 @@ pub fn choice_message(text: &str, finish: &'static str) -> (Value, &'static str)
     let mut reader = ReplyStream::default();
     let mut content = reader.feed(text);
     match reader.finish() {
-        Finished::Call { name, arguments } => (call_message(&name, &arguments), "tool_calls"),
+        Finished::Calls(calls) => (
+            json!({"role": "assistant", "content": null, "tool_calls": call_entries(&calls)}),
+            "tool_calls",
+        ),
         Finished::Rest(rest) => {
             content.push_str(&rest);
             (json!({"role": "assistant", "content": content}), finish)
@@ -431,14 +506,17 @@ pub fn choice_message(text: &str, finish: &'static str) -> (Value, &'static str)
     }
 }
 
-/// OpenAI's `tool_calls` entry for a call.
-pub fn call_entry(name: &str, arguments: &str) -> Value {
-    json!({"id": generation::request_id("call_"), "type": "function",
-           "function": {"name": name, "arguments": arguments}})
-}
-
-fn call_message(name: &str, arguments: &str) -> Value {
-    json!({"role": "assistant", "content": null, "tool_calls": [call_entry(name, arguments)]})
+/// OpenAI's `tool_calls` entries for a reply's calls (each with its `index`, which streamed
+/// deltas need and whole messages tolerate).
+pub fn call_entries(calls: &[Call]) -> Vec<Value> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({"index": i, "id": generation::request_id("call_"), "type": "function",
+                   "function": {"name": c.name, "arguments": c.arguments}})
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -454,7 +532,7 @@ mod tests {
 
     #[test]
     fn choices_build_their_schemas_and_instructions() {
-        let t = parse(Some(&weather()), None).unwrap().unwrap();
+        let t = parse(Some(&weather()), None, None).unwrap().unwrap();
         assert_eq!(t.choice, Choice::Auto);
         let schema = Arc::new(Schema::compile(&t.schema()).unwrap());
         let ok = |text: &str| {
@@ -475,7 +553,9 @@ mod tests {
             .contains("get_weather: Current weather Arguments: {"));
 
         let named = json!({"type": "function", "function": {"name": "now"}});
-        let t = parse(Some(&weather()), Some(&named)).unwrap().unwrap();
+        let t = parse(Some(&weather()), Some(&named), None)
+            .unwrap()
+            .unwrap();
         let s = t.schema();
         assert_eq!(
             s["properties"]["tool_call"]["properties"]
@@ -484,10 +564,61 @@ mod tests {
                 .len(),
             1
         );
-        assert!(parse(Some(&weather()), Some(&json!("none")))
+        assert!(parse(Some(&weather()), Some(&json!("none")), None)
             .unwrap()
             .is_none());
-        assert!(parse(None, None).unwrap().is_none());
+        assert!(parse(None, None, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn parallel_calls_are_a_bounded_list_and_read_back_in_order() {
+        let t = parse(Some(&weather()), None, Some(&json!(true)))
+            .unwrap()
+            .unwrap();
+        let schema = Arc::new(Schema::compile(&t.schema()).unwrap());
+        let ok = |text: &str| {
+            let mut p = crate::engine::json_schema::SchemaPrefix::new(schema.clone());
+            p.push(text.as_bytes()) && p.is_complete()
+        };
+        assert!(ok(
+            r#"{"tool_calls": [{"get_weather": {"city": "Oslo"}}, {"now": {}}]}"#
+        ));
+        assert!(ok(r#"{"response": "hi"}"#));
+        assert!(!ok(r#"{"tool_calls": []}"#));
+        assert!(!ok(r#"{"tool_call": {"now": {}}}"#));
+        let nine = vec![r#"{"now": {}}"#; 9].join(", ");
+        assert!(!ok(&format!(r#"{{"tool_calls": [{nine}]}}"#)));
+        let mut msgs = Vec::new();
+        t.instruct(&mut msgs);
+        assert!(
+            msgs[0].content.contains(r#"{"tool_calls":["#),
+            "{}",
+            msgs[0].content
+        );
+
+        let (msg, finish) = choice_message(
+            r#"{"tool_calls": [{"get_weather": {"city": "Oslo"}}, {"now": {}}]}"#,
+            "stop",
+        );
+        assert_eq!(finish, "tool_calls");
+        let calls = msg["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0]["function"]["name"], "get_weather");
+        assert_eq!(calls[0]["function"]["arguments"], r#"{"city":"Oslo"}"#);
+        assert_eq!(
+            (calls[0]["index"].clone(), calls[1]["index"].clone()),
+            (json!(0), json!(1))
+        );
+        assert_ne!(calls[0]["id"], calls[1]["id"]);
+
+        // A named choice calls once, whatever `parallel_tool_calls` says.
+        let named = json!({"type": "function", "function": {"name": "now"}});
+        let t = parse(Some(&weather()), Some(&named), Some(&json!(true)))
+            .unwrap()
+            .unwrap();
+        assert!(t.schema()["properties"]["tool_call"].is_object());
+        let e = parse(Some(&weather()), None, Some(&json!("yes"))).unwrap_err();
+        assert!(e.to_string().contains("`parallel_tool_calls`"), "{e}");
     }
 
     #[test]
@@ -503,7 +634,7 @@ mod tests {
             {"type": "function", "function": {"name": "other", "parameters": {"type": "object",
                 "properties": {"step": {"$ref": "#/definitions/Step"}},
                 "definitions": {"Step": {"type": "integer"}}}}}]);
-        let t = parse(Some(&tools), Some(&json!("required")))
+        let t = parse(Some(&tools), Some(&json!("required")), None)
             .unwrap()
             .unwrap();
         let schema = Arc::new(Schema::compile(&t.schema()).expect("the combined schema compiles"));
@@ -519,6 +650,14 @@ mod tests {
         ));
         assert!(ok(r#"{"tool_call": {"other": {"step": 3}}}"#));
         assert!(!ok(r#"{"tool_call": {"other": {"step": "3"}}}"#));
+        // The same references inside a list of calls.
+        let t = parse(Some(&tools), Some(&json!("required")), Some(&json!(true)))
+            .unwrap()
+            .unwrap();
+        let schema = Arc::new(Schema::compile(&t.schema()).expect("the list schema compiles"));
+        let mut p = crate::engine::json_schema::SchemaPrefix::new(schema);
+        let text = r#"{"tool_calls": [{"plan": {"step": {"what": "a", "then": null}, "again": {"step": {"what": "c", "then": null}}}}, {"other": {"step": 1}}]}"#;
+        assert!(p.push(text.as_bytes()) && p.is_complete());
     }
 
     #[test]
@@ -554,10 +693,10 @@ mod tests {
                 "twice",
             ),
         ] {
-            let e = parse(Some(&tools), choice.as_ref()).expect_err(words);
+            let e = parse(Some(&tools), choice.as_ref(), None).expect_err(words);
             assert!(e.to_string().contains(words), "{words}: {e}");
         }
-        assert!(parse(None, Some(&json!("required"))).is_err());
+        assert!(parse(None, Some(&json!("required")), None).is_err());
     }
 
     #[test]
@@ -580,10 +719,10 @@ mod tests {
         assert_eq!(r.feed(&call[..20]) + &r.feed(&call[20..]), "");
         assert_eq!(
             r.finish(),
-            Finished::Call {
+            Finished::Calls(vec![Call {
                 name: "f".into(),
                 arguments: r#"{"a":[1,2]}"#.into()
-            }
+            }])
         );
         // Cut short: the raw text of a call, the decoded part of an answer.
         let (msg, finish) = choice_message(r#"{"tool_call": {"f": {"a""#, "length");
