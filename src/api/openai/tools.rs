@@ -586,7 +586,7 @@ mod tests {
         assert!(ok(r#"{"response": "hi"}"#));
         assert!(!ok(r#"{"tool_calls": []}"#));
         assert!(!ok(r#"{"tool_call": {"now": {}}}"#));
-        let nine = vec![r#"{"now": {}}"#; 9].join(", ");
+        let nine = [r#"{"now": {}}"#; 9].join(", ");
         assert!(!ok(&format!(r#"{{"tool_calls": [{nine}]}}"#)));
         let mut msgs = Vec::new();
         t.instruct(&mut msgs);
