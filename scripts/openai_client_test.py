@@ -773,6 +773,25 @@ def _():
     return f"{booking!r}"
 
 
+@check("structured output: a Pydantic tuple (prefixItems)")
+def _():
+    from typing import Tuple
+    import pydantic
+
+    class Place(pydantic.BaseModel):
+        city: str
+        lat_lon: Tuple[float, float]
+
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    msgs = [{"role": "user", "content": "Give the city of Paris and its latitude and longitude as JSON."}]
+    r = parse(model=MODEL, messages=msgs, max_tokens=80, temperature=0, response_format=Place)
+    c = r.choices[0]
+    expect(c.finish_reason == "stop", f"finish_reason {c.finish_reason}: {c.message.content!r}")
+    place = c.message.parsed
+    expect(isinstance(place, Place) and len(place.lat_lon) == 2, f"parsed {place!r}")
+    return f"{place!r}"
+
+
 @check("tools: a named tool_choice calls with arguments that parse, streamed too; the result goes back")
 def _():
     tools = [{"type": "function", "function": {

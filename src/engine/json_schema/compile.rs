@@ -65,7 +65,13 @@ const OBJECT_KEYWORDS: &[&str] = &[
     "minProperties",
     "maxProperties",
 ];
-const ARRAY_KEYWORDS: &[&str] = &["items", "minItems", "maxItems"];
+const ARRAY_KEYWORDS: &[&str] = &[
+    "items",
+    "prefixItems",
+    "additionalItems",
+    "minItems",
+    "maxItems",
+];
 const STRING_KEYWORDS: &[&str] = &["minLength", "maxLength", "pattern", "format"];
 const NUMBER_KEYWORDS: &[&str] = &bounds::KEYWORDS;
 
@@ -86,6 +92,7 @@ impl Schema {
                 }),
                 Node::Array {
                     items: ANY,
+                    prefix: Box::new([]),
                     min_items: 0,
                     max_items: None,
                 },
@@ -136,7 +143,8 @@ impl Compiler<'_> {
                 || ARRAY_KEYWORDS.contains(&key.as_str())
                 || STRING_KEYWORDS.contains(&key.as_str())
                 || NUMBER_KEYWORDS.contains(&key.as_str())
-                || ["type", "enum", "const", "anyOf", "oneOf", "$ref"].contains(&key.as_str());
+                || ["type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref"]
+                    .contains(&key.as_str());
             if !known {
                 return err(
                     at,
@@ -154,6 +162,19 @@ impl Compiler<'_> {
                 return err(at, "`$ref` cannot be combined with other keywords here");
             }
             return self.reference(r, at);
+        }
+        if let Some(all) = obj.get("allOf") {
+            // One schema (what older Pydantic wraps a `$ref` in, beside a description): that
+            // schema. Intersections of several are not enforced.
+            return match all {
+                Value::Array(one) if one.len() == 1 && constraining.len() == 1 => {
+                    self.compile(&one[0], &format!("{at}/allOf/0"))
+                }
+                _ => err(
+                    &format!("{at}/allOf"),
+                    "only `allOf` with one schema and nothing else beside it is supported",
+                ),
+            };
         }
         for combinator in ["anyOf", "oneOf"] {
             if let Some(alts) = obj.get(combinator) {
@@ -374,20 +395,52 @@ impl Compiler<'_> {
 
     fn array(&mut self, obj: &Map<String, Value>, at: &str) -> Result<NodeId, SchemaError> {
         let min_items = count(obj, "minItems", at)?.unwrap_or(0);
-        let max_items = count(obj, "maxItems", at)?;
+        let mut max_items = count(obj, "maxItems", at)?;
         if max_items.is_some_and(|m| m < min_items) {
             return err(at, "`maxItems` is below `minItems`");
         }
-        let items = match obj.get("items") {
-            None => ANY,
-            Some(items) => self.compile(items, &format!("{at}/items"))?,
+        // Tuples: `prefixItems` + `items` (2020-12), or `items` as a list + `additionalItems`
+        // (earlier drafts, Pydantic v1).
+        let (prefix_key, rest_key) = match obj.get("items") {
+            Some(Value::Array(_)) => ("items", "additionalItems"),
+            _ => ("prefixItems", "items"),
         };
-        if items == ANY && min_items == 0 && max_items.is_none() {
+        let mut prefix = Vec::new();
+        match obj.get(prefix_key) {
+            None => {}
+            Some(Value::Array(schemas)) => {
+                for (i, p) in schemas.iter().enumerate() {
+                    prefix.push(self.compile(p, &format!("{at}/{prefix_key}/{i}"))?);
+                }
+            }
+            Some(_) => return err(&format!("{at}/{prefix_key}"), "must be an array of schemas"),
+        }
+        let items = match obj.get(rest_key) {
+            None => ANY,
+            Some(Value::Bool(false)) => {
+                // No items past the tuple.
+                max_items =
+                    Some(max_items.map_or(prefix.len() as u32, |m| m.min(prefix.len() as u32)));
+                if max_items.is_some_and(|m| m < min_items) {
+                    return err(
+                        at,
+                        format!(
+                            "`minItems` exceeds the {} items `{prefix_key}` allows",
+                            prefix.len()
+                        ),
+                    );
+                }
+                ANY
+            }
+            Some(items) => self.compile(items, &format!("{at}/{rest_key}"))?,
+        };
+        if prefix.is_empty() && items == ANY && min_items == 0 && max_items.is_none() {
             return Ok(ANY_ARRAY);
         }
         self.add(
             Node::Array {
                 items,
+                prefix: prefix.into_boxed_slice(),
                 min_items,
                 max_items,
             },
@@ -513,7 +566,10 @@ impl Compiler<'_> {
         let resolve = |id: NodeId| target[id as usize];
         for node in &mut self.nodes {
             match node {
-                Node::Array { items, .. } => *items = resolve(*items),
+                Node::Array { items, prefix, .. } => {
+                    *items = resolve(*items);
+                    prefix.iter_mut().for_each(|p| *p = resolve(*p));
+                }
                 Node::Object(spec) => {
                     for p in spec.props.iter_mut() {
                         p.node = resolve(p.node);
@@ -640,13 +696,24 @@ fn min_depths(nodes: &[Node]) -> Vec<u32> {
                 Node::Bounded(_) => 0,
                 Node::String { .. } | Node::Pattern(_) | Node::Enum(_) => 0,
                 Node::Array {
-                    items, min_items, ..
+                    items,
+                    prefix,
+                    min_items,
+                    ..
                 } => {
-                    if *min_items == 0 {
-                        1
+                    // The items that must be written: the tuple's first ones, then the rest's.
+                    let need = *min_items as usize;
+                    let rest = if need > prefix.len() {
+                        depth[*items as usize]
                     } else {
-                        depth[*items as usize].saturating_add(1)
-                    }
+                        0
+                    };
+                    prefix
+                        .iter()
+                        .take(need)
+                        .map(|p| depth[*p as usize])
+                        .fold(rest, u32::max)
+                        .saturating_add(1)
                 }
                 Node::Object(spec) => spec
                     .props

@@ -5,7 +5,8 @@
 //! pushdown automaton (a stack of open objects/arrays plus the position inside the current
 //! value). The subset, chosen to be enforceable token by token with no dead ends:
 //! `type` (one or several), `properties` + `required` + `additionalProperties` (absent counts
-//! as `false`, as in OpenAI's strict mode) + `minProperties`/`maxProperties`, `items` + `minItems` + `maxItems`, `minLength` +
+//! as `false`, as in OpenAI's strict mode) + `minProperties`/`maxProperties`, `items` +
+//! `prefixItems` (tuples) + `minItems` + `maxItems`, `allOf` of one schema, `minLength` +
 //! `maxLength`, `enum` and `const` (matched as compact JSON text), `anyOf`/`oneOf` whose
 //! alternatives start with different bytes (`["string", "null"]`, Pydantic's `Optional`),
 //! `$ref` into `#/$defs/...` (recursion included), `pattern`/`format` on strings (a DFA, see
@@ -69,7 +70,10 @@ enum Node {
     /// A string under `pattern` or `format` (its length bounds are in the table).
     Pattern(Arc<pattern::StringPattern>),
     Array {
+        /// Items past `prefix`.
         items: NodeId,
+        /// `prefixItems`: the first items' own schemas (tuples).
+        prefix: Box<[NodeId]>,
         min_items: u32,
         max_items: Option<u32>,
     },
@@ -156,6 +160,16 @@ impl Schema {
 
     fn node(&self, id: NodeId) -> &Node {
         &self.nodes[id as usize]
+    }
+
+    /// The schema of item `index` of an array node (a tuple's own, or the rest's).
+    fn item(&self, array: NodeId, index: u32) -> NodeId {
+        match self.node(array) {
+            Node::Array { items, prefix, .. } => {
+                prefix.get(index as usize).copied().unwrap_or(*items)
+            }
+            _ => ANY,
+        }
     }
 }
 

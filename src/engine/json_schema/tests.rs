@@ -171,7 +171,16 @@ fn property_counts_are_enforced_without_dead_ends() {
 #[test]
 fn unsupported_or_unsatisfiable_schemas_are_refused_by_place() {
     for (schema, at, words) in [
-        (json!({"type": "string", "allOf": [{}]}), "", "`allOf`"),
+        (
+            json!({"type": "string", "allOf": [{}]}),
+            "/allOf",
+            "only `allOf`",
+        ),
+        (
+            json!({"type": "array", "uniqueItems": true}),
+            "",
+            "`uniqueItems`",
+        ),
         (
             json!({"properties": {"d": {"type": "string", "format": "ipv6"}}}),
             "/properties/d/format",
@@ -354,6 +363,9 @@ fn valid(schema: &Value, root: &Value, v: &Value) -> bool {
     if let Some(r) = s.get("$ref").and_then(Value::as_str) {
         return valid(root.pointer(&r[1..]).unwrap(), root, v);
     }
+    if let Some(all) = s.get("allOf").and_then(Value::as_array) {
+        return all.iter().all(|a| valid(a, root, v));
+    }
     if let Some(alts) = s.get("anyOf").and_then(Value::as_array) {
         return alts.iter().any(|a| valid(a, root, v));
     }
@@ -391,12 +403,24 @@ fn valid(schema: &Value, root: &Value, v: &Value) -> bool {
                 && n("maxLength").is_none_or(|m| len <= m)
         }
         Value::Array(items) => {
+            let (prefix, rest) = match s.get("items") {
+                Some(Value::Array(p)) => (p.clone(), s.get("additionalItems")),
+                _ => (
+                    s.get("prefixItems")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default(),
+                    s.get("items"),
+                ),
+            };
+            let rest = rest.cloned().unwrap_or(json!(true));
             is("array")
                 && n("minItems").is_none_or(|m| items.len() as u64 >= m)
                 && n("maxItems").is_none_or(|m| items.len() as u64 <= m)
-                && items
-                    .iter()
-                    .all(|i| valid(s.get("items").unwrap_or(&json!(true)), root, i))
+                && items.iter().enumerate().all(|(i, x)| match prefix.get(i) {
+                    Some(p) => valid(p, root, x),
+                    None => rest != json!(false) && valid(&rest, root, x),
+                })
         }
         Value::Object(o) => {
             let props = s.get("properties").and_then(Value::as_object);
@@ -430,7 +454,57 @@ fn schemas_bounded(schemas: &mut Vec<Value>) {
         array(json!({"type": "integer", "minimum": -7, "maximum": -7})),
         array(json!({"type": ["integer", "null"], "exclusiveMinimum": -3.5})),
         json!({"type": "number", "minimum": 0.1, "maximum": 0.3}),
+        // Tuples, both spellings.
+        json!({"type": "array", "prefixItems": [{"type": "integer", "minimum": 0}, {"type": "string", "maxLength": 3}, {"type": "boolean"}], "minItems": 2, "items": {"type": "null"}, "maxItems": 5}),
+        json!({"type": "array", "items": [{"enum": ["a", "b"]}, {"type": "array", "items": {"type": "integer"}}], "additionalItems": false}),
+        json!({"allOf": [{"$ref": "#/$defs/p"}], "description": "wrapped", "$defs": {"p": {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"]}}}),
     ]);
+}
+
+#[test]
+fn tuples_give_each_place_its_schema() {
+    let s = compile(
+        json!({"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}],
+        "minItems": 2, "maxItems": 2}),
+    );
+    assert!(complete(&s, r#"[1, "a"]"#));
+    assert!(check(&s, r#"["a""#).is_none() && check(&s, "[1, 2").is_none());
+    assert!(check(&s, "[1]").is_none() && check(&s, r#"[1, "a","#).is_none());
+    // The rest follow `items`; `items: false` (or `additionalItems: false`) ends the tuple.
+    let s = compile(
+        json!({"type": "array", "prefixItems": [{"type": "boolean"}], "items": {"type": "null"}}),
+    );
+    assert!(complete(&s, "[true, null, null]") && complete(&s, "[]"));
+    assert!(check(&s, "[true, 1").is_none());
+    let s =
+        compile(json!({"type": "array", "items": [{"type": "boolean"}], "additionalItems": false}));
+    assert!(complete(&s, "[true]") && check(&s, "[true,").is_none());
+    let e = Schema::compile(
+        &json!({"type": "array", "prefixItems": [{}], "items": false, "minItems": 2}),
+    )
+    .unwrap_err();
+    assert!(e.message.contains("minItems"), "{e}");
+    // A later tuple place too deep for what is left is not offered by the comma before it.
+    let s = compile(
+        json!({"type": "array", "prefixItems": [{"$ref": "#"}, {"type": "object",
+        "properties": {"a": {"type": "object", "properties": {"b": {"type": "object"}},
+        "required": ["b"]}}, "required": ["a"]}]}),
+    );
+    let inner = "[".repeat(MAX_DEPTH - 2) + "[]";
+    let p = check(&s, &inner).expect("62 open arrays and an empty one");
+    assert!(!p.accepts(b","), "three more levels do not fit at depth 62");
+    let p = check(&s, &(inner + "]")).expect("back at depth 61");
+    assert!(p.accepts(b",{\"a\":{\"b\":{}}}"));
+    // `allOf` of one schema is that schema; of more, refused.
+    let s = compile(json!({"allOf": [{"type": "integer"}], "title": "n"}));
+    assert!(complete(&s, "3") && check(&s, "\"").is_none());
+    for bad in [
+        json!({"allOf": [{}, {}]}),
+        json!({"allOf": [{}], "type": "integer"}),
+    ] {
+        let e = Schema::compile(&bad).unwrap_err();
+        assert_eq!(e.at, "/allOf", "{e}");
+    }
 }
 
 #[test]

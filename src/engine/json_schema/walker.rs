@@ -312,9 +312,9 @@ impl<'s, S: Frames> Walker<'s, S> {
             return false;
         };
         let Node::Array {
-            items,
             min_items,
             max_items,
+            ..
         } = *self.schema.node(frame.node)
         else {
             return false;
@@ -326,7 +326,7 @@ impl<'s, S: Frames> Walker<'s, S> {
             return false;
         }
         self.stack.set_top(Frame { count: 1, ..frame });
-        self.start(items, b)
+        self.start(self.schema.item(frame.node, 0), b)
     }
 
     /// The innermost object's frame and spec.
@@ -427,20 +427,21 @@ impl<'s, S: Frames> Walker<'s, S> {
                 spec.choosable(frame) != 0 || spec.extra_ok(frame)
             }
             (Node::Object(_), b'}') => self.close_object(),
-            (
-                Node::Array {
-                    items, max_items, ..
-                },
-                b',',
-            ) => {
+            (Node::Array { max_items, .. }, b',') => {
                 if max_items.is_some_and(|m| frame.count >= m) {
+                    return false;
+                }
+                // A tuple's next item may need more nesting than is left.
+                let next = self.schema.item(frame.node, frame.count);
+                let need = self.schema.min_depth[next as usize] as usize;
+                if self.stack.depth().saturating_add(need) > MAX_DEPTH {
                     return false;
                 }
                 self.stack.set_top(Frame {
                     count: frame.count + 1,
                     ..frame
                 });
-                self.pos = Pos::Value(*items);
+                self.pos = Pos::Value(self.schema.item(frame.node, frame.count));
                 true
             }
             (Node::Array { min_items, .. }, b']') => frame.count >= *min_items && self.close(),
