@@ -706,6 +706,19 @@ def _():
     return f"{c.finish_reason}: {content!r}"
 
 
+def parse_reply(model_cls, content, max_tokens):
+    """`chat.completions.parse` greedily; the reply must be complete and parse into model_cls."""
+    # `parse` left `beta` in newer clients.
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    msgs = [{"role": "user", "content": content}]
+    r = parse(model=MODEL, messages=msgs, max_tokens=max_tokens, temperature=0,
+              response_format=model_cls)
+    c = r.choices[0]
+    expect(c.finish_reason == "stop", f"finish_reason {c.finish_reason}: {c.message.content!r}")
+    expect(isinstance(c.message.parsed, model_cls), f"parsed {c.message.parsed!r}")
+    return c.message.parsed, c.message.content
+
+
 @check("structured output: chat.completions.parse with a Pydantic model")
 def _():
     from typing import List, Optional
@@ -722,17 +735,11 @@ def _():
         is_capital: bool
         nickname: Optional[Short]
 
-    # `parse` left `beta` in newer clients.
-    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
-    msgs = [{"role": "user", "content": "Describe Paris as JSON with its name, country, "
-             "population, languages, whether it is a capital, and its nickname."}]
-    r = parse(model=MODEL, messages=msgs, max_tokens=200, temperature=0, response_format=City)
-    c = r.choices[0]
-    expect(c.finish_reason == "stop", f"finish_reason {c.finish_reason}: {c.message.content!r}")
-    city = c.message.parsed
-    expect(isinstance(city, City), f"parsed {city!r}")
-    expect(list(json.loads(c.message.content)) == list(City.model_fields),
-           f"keys out of the schema's order: {c.message.content!r}")
+    city, content = parse_reply(City, "Describe Paris as JSON with its name, country, "
+                                "population, languages, whether it is a capital, and its nickname.", 200)
+    expect(list(json.loads(content)) == list(City.model_fields),
+           f"keys out of the schema's order: {content!r}")
+    msgs = [{"role": "user", "content": "Describe Paris."}]
     # A schema the server cannot enforce is refused, not ignored.
     expect_error(
         lambda: client.chat.completions.create(
@@ -759,15 +766,9 @@ def _():
         nights: Annotated[int, pydantic.Field(ge=1, le=14)]
         rate: Annotated[float, pydantic.Field(gt=0, le=999.99)]
 
-    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
-    msgs = [{"role": "user", "content": "Book room B204 for Ann on 14 July 2025, arriving at "
-             "three in the afternoon, for 3 nights at 120.50 a night, as JSON."}]
-    r = parse(model=MODEL, messages=msgs, max_tokens=160, temperature=0, response_format=Booking)
-    c = r.choices[0]
-    expect(c.finish_reason == "stop", f"finish_reason {c.finish_reason}: {c.message.content!r}")
-    booking = c.message.parsed
-    expect(isinstance(booking, Booking), f"parsed {booking!r}")
-    raw = json.loads(c.message.content)
+    booking, content = parse_reply(Booking, "Book room B204 for Ann on 14 July 2025, arriving at "
+                                   "three in the afternoon, for 3 nights at 120.50 a night, as JSON.", 160)
+    raw = json.loads(content)
     expect(re.fullmatch(r"[A-D][0-9]{3}", raw["room"]) is not None, f"room {raw['room']!r}")
     expect(re.fullmatch(r"\d{4}-\d{2}-\d{2}", raw["day"]) is not None, f"day {raw['day']!r}")
     return f"{booking!r}"
@@ -782,13 +783,8 @@ def _():
         city: str
         lat_lon: Tuple[float, float]
 
-    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
-    msgs = [{"role": "user", "content": "Give the city of Paris and its latitude and longitude as JSON."}]
-    r = parse(model=MODEL, messages=msgs, max_tokens=80, temperature=0, response_format=Place)
-    c = r.choices[0]
-    expect(c.finish_reason == "stop", f"finish_reason {c.finish_reason}: {c.message.content!r}")
-    place = c.message.parsed
-    expect(isinstance(place, Place) and len(place.lat_lon) == 2, f"parsed {place!r}")
+    place, _ = parse_reply(Place, "Give the city of Paris and its latitude and longitude as JSON.", 80)
+    expect(len(place.lat_lon) == 2, f"parsed {place!r}")
     return f"{place!r}"
 
 
