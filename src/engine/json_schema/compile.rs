@@ -643,6 +643,12 @@ impl Compiler<'_> {
                 }
             }
             flat.reverse();
+            // Pydantic's `Union[int, float]`: every integer is a number, so the number stands
+            // for both.
+            let any_number = |n: &Node| matches!(n, Node::Number { integer: false });
+            if flat.iter().any(|&a| any_number(&self.nodes[a as usize])) {
+                flat.retain(|&a| !matches!(self.nodes[a as usize], Node::Number { integer: true }));
+            }
             let mut with_bytes: Vec<(ByteSet, NodeId)> = Vec::with_capacity(flat.len());
             for a in flat {
                 let first = first_bytes(&self.nodes[a as usize]);

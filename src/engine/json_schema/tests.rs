@@ -99,6 +99,13 @@ fn scalars_enums_and_unions() {
         assert!(complete(&s, ok), "refused {ok}");
     }
     assert!(check(&s, "1.5").is_none() && check(&s, "\"a\"").is_none());
+    // Integer or number: the number stands for both.
+    let s = compile(json!({"anyOf": [{"type": "integer"}, {"type": "number"}, {"type": "null"}]}));
+    assert!(complete(&s, "1.5") && complete(&s, "2") && complete(&s, "null"));
+    assert!(Schema::compile(
+        &json!({"anyOf": [{"type": "integer"}, {"type": "number", "minimum": 0}]})
+    )
+    .is_err());
     let s = compile(json!({"type": "number"}));
     assert!(complete(&s, "-1.5e+3") && check(&s, "01").is_none());
     let s = compile(json!({"type": "string", "minLength": 2, "maxLength": 3}));
