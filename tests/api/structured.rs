@@ -188,8 +188,8 @@ async fn schemas_that_cannot_be_enforced_are_refused_naming_the_place() {
             "/properties/when/format",
         ),
         (
-            format(&json!({"type": "integer", "multipleOf": 2})),
-            "`multipleOf`",
+            format(&json!({"type": "array", "uniqueItems": true})),
+            "`uniqueItems`",
         ),
         (
             format(&json!({"anyOf": [{"type": "string"}, {"enum": ["a"]}]})),

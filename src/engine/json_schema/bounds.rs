@@ -1,6 +1,7 @@
-//! `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` on numbers and integers: after
-//! each byte the checker asks whether some completion of the number written so far still lies
-//! within the bounds, so a bounded number never reaches a dead end.
+//! `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` and `multipleOf` on numbers
+//! and integers: after each byte the checker asks whether some completion of the number written
+//! so far still lies within the bounds (and is a multiple), so a bounded number never reaches a
+//! dead end.
 //!
 //! Bounded numbers are plain decimals (no exponent) of at most [`MAX_BOUNDED_DIGITS`] digits in
 //! all. That cap makes decimal and floating-point comparison agree: two different decimals of
@@ -17,8 +18,13 @@ const UNIT: i128 = 10i128.pow(MAX_BOUNDED_DIGITS);
 /// Beyond every reachable magnitude (< 10¹⁵ · UNIT).
 const FAR: i128 = UNIT * UNIT * 10;
 
-pub(super) const KEYWORDS: [&str; 4] =
-    ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"];
+pub(super) const KEYWORDS: [&str; 5] = [
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+];
 
 /// Inclusive bounds, in units of 10⁻¹⁵.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -26,6 +32,8 @@ pub(super) struct Bounds {
     pub(super) integer: bool,
     lo: i128,
     hi: i128,
+    /// `multipleOf`, in units (1: any value on the grid).
+    multiple: i128,
 }
 
 /// A bounded number written so far: its sign, integer digits and fraction digits.
@@ -53,9 +61,21 @@ fn pow10(e: u32) -> i128 {
     10i128.pow(e)
 }
 
+fn gcd(a: i128, b: i128) -> i128 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// Whether the grid of step `step` (multiples of it) has a point in `[lo, hi]` and in
-/// `[start, end)`.
-fn hits(lo: i128, hi: i128, start: i128, end: i128, step: i128) -> bool {
+/// `[start, end)` that is also a multiple of `multiple`.
+fn hits(lo: i128, hi: i128, start: i128, end: i128, step: i128, multiple: i128) -> bool {
+    // A step past every reachable value leaves only 0 on the grid.
+    let step = (step / gcd(step, multiple))
+        .checked_mul(multiple)
+        .map_or(FAR * 10, |s| s.min(FAR * 10));
     let from = lo.max(start);
     let x = from.div_euclid(step) * step + if from.rem_euclid(step) == 0 { 0 } else { step };
     x < end && x <= hi
@@ -85,7 +105,7 @@ impl NumPrefix {
     pub(super) fn in_range(&self, b: &Bounds) -> bool {
         let m = self.magnitude();
         let v = if self.neg { -m } else { m };
-        self.can_end() && b.lo <= v && v <= b.hi
+        self.can_end() && b.lo <= v && v <= b.hi && v % b.multiple == 0
     }
 
     /// Whether some completion lies within the bounds.
@@ -118,20 +138,22 @@ impl NumPrefix {
             }
             let base = self.magnitude();
             let f = u32::from(self.f);
-            return hits(lo, hi, base, base + frac_step(f), frac_step(f + budget));
+            let end = base + frac_step(f);
+            return hits(lo, hi, base, end, frac_step(f + budget), b.multiple);
         }
         let int = i128::from(self.int);
         if self.n == 1 && self.int == 0 {
             // `0`, or `0.` and up to all the digits as fraction.
             let step = if b.integer { UNIT } else { 1 };
-            return hits(lo, hi, 0, if b.integer { 1 } else { UNIT }, step);
+            let end = if b.integer { 1 } else { UNIT };
+            return hits(lo, hi, 0, end, step, b.multiple);
         }
         // More integer digits (j of them), then a fraction with the digits left.
         (0..=budget).any(|j| {
             let r = if b.integer { 0 } else { budget - j };
             let start = int * pow10(j) * UNIT;
             let end = (int + 1) * pow10(j) * UNIT;
-            hits(lo, hi, start, end, frac_step(r))
+            hits(lo, hi, start, end, frac_step(r), b.multiple)
         })
     }
 
@@ -188,16 +210,22 @@ impl NumPrefix {
     }
 }
 
-/// A bound's value in units, rounded toward the inside of the range: `up` for a lower bound.
+/// A schema number on the grid: the nearest units below and above, and whether it sits on it.
 /// The number's shortest decimal text is used (what the schema's author wrote, e.g. `0.1`),
 /// not its binary value.
-fn units(n: &Number, up: bool, strict: bool) -> i128 {
+struct Units {
+    floor: i128,
+    ceil: i128,
+    exact: bool,
+}
+
+fn units(n: &Number) -> Units {
     let text = match (n.as_i64(), n.as_u64(), n.as_f64()) {
         (Some(i), _, _) => i.to_string(),
         (_, Some(u), _) => u.to_string(),
         // Rust prints an f64 as its shortest round-trip decimal, never with an exponent.
         (_, _, Some(f)) => format!("{f}"),
-        _ => return if up { FAR } else { -FAR },
+        _ => "0".to_string(),
     };
     let (neg, digits) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),
@@ -207,7 +235,11 @@ fn units(n: &Number, up: bool, strict: bool) -> i128 {
     let int = int.trim_start_matches('0');
     if int.len() > 16 {
         let far = if neg { -FAR } else { FAR };
-        return far;
+        return Units {
+            floor: far,
+            ceil: far,
+            exact: false,
+        };
     }
     let int: i128 = if int.is_empty() {
         0
@@ -223,19 +255,16 @@ fn units(n: &Number, up: bool, strict: bool) -> i128 {
     };
     let q = int * UNIT + kept_units;
     // x = ±(q + ε) with 0 ≤ ε < 1 unit, ε > 0 iff rest_nonzero.
-    let (floor, ceil, exact) = match (neg, rest_nonzero) {
-        (false, false) | (true, false) => {
-            let v = if neg { -q } else { q };
-            (v, v, true)
-        }
-        (false, true) => (q, q + 1, false),
-        (true, true) => (-q - 1, -q, false),
+    let (floor, ceil) = match (neg, rest_nonzero) {
+        (false, false) => (q, q),
+        (true, false) => (-q, -q),
+        (false, true) => (q, q + 1),
+        (true, true) => (-q - 1, -q),
     };
-    match (up, strict && exact) {
-        (true, false) => ceil,
-        (true, true) => ceil + 1,
-        (false, false) => floor,
-        (false, true) => floor - 1,
+    Units {
+        floor,
+        ceil,
+        exact: !rest_nonzero,
     }
 }
 
@@ -250,26 +279,59 @@ pub(super) fn parse(
     }
     let mut lo = -FAR;
     let mut hi = FAR;
+    let mut multiple = 1;
     for key in KEYWORDS {
         let Some(v) = obj.get(key) else { continue };
         let Value::Number(n) = v else {
             return Err((format!("{at}/{key}"), "must be a number".into()));
         };
+        let u = units(n);
         let strict = key.starts_with("exclusive");
-        if key.ends_with("inimum") {
-            lo = lo.max(units(n, true, strict));
-        } else {
-            hi = hi.min(units(n, false, strict));
+        match key {
+            "multipleOf" => {
+                if !u.exact || u.floor <= 0 || u.floor >= FAR {
+                    return Err((
+                        format!("{at}/{key}"),
+                        format!(
+                            "must be a positive number of at most {MAX_BOUNDED_DIGITS} decimals"
+                        ),
+                    ));
+                }
+                multiple = u.floor;
+            }
+            // Rounded toward the inside of the range.
+            "minimum" | "exclusiveMinimum" => {
+                lo = lo.max(if strict && u.exact {
+                    u.ceil + 1
+                } else {
+                    u.ceil
+                });
+            }
+            _ => {
+                hi = hi.min(if strict && u.exact {
+                    u.floor - 1
+                } else {
+                    u.floor
+                })
+            }
         }
     }
-    let bounds = Bounds { integer, lo, hi };
+    let bounds = Bounds {
+        integer,
+        lo,
+        hi,
+        multiple,
+    };
     let any = NumPrefix::start(b'-', &bounds).is_some()
         || (b'0'..=b'9').any(|d| NumPrefix::start(d, &bounds).is_some());
     if !any {
         let what = if integer { "integer" } else { "number" };
         return Err((
             at.to_string(),
-            format!("no {what} of at most {MAX_BOUNDED_DIGITS} digits lies within the bounds"),
+            format!(
+                "no {what} of at most {MAX_BOUNDED_DIGITS} digits lies within the bounds \
+                 (a multiple of `multipleOf`, if given)"
+            ),
         ));
     }
     Ok(Some(bounds))

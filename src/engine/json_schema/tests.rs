@@ -402,6 +402,10 @@ fn valid(schema: &Value, root: &Value, v: &Value) -> bool {
                 && bound("maximum").is_none_or(|m| f <= m)
                 && bound("exclusiveMinimum").is_none_or(|m| f > m)
                 && bound("exclusiveMaximum").is_none_or(|m| f < m)
+                && bound("multipleOf").is_none_or(|m| {
+                    let k = (f / m).round();
+                    (k * m - f).abs() <= 1e-9 * f.abs().max(1.0)
+                })
         }
         Value::String(t) => {
             let len = t.chars().count() as u64;
@@ -461,6 +465,8 @@ fn schemas_bounded(schemas: &mut Vec<Value>) {
         array(json!({"type": "integer", "minimum": -7, "maximum": -7})),
         array(json!({"type": ["integer", "null"], "exclusiveMinimum": -3.5})),
         json!({"type": "number", "minimum": 0.1, "maximum": 0.3}),
+        array(json!({"type": "number", "multipleOf": 0.05, "minimum": -1, "maximum": 2})),
+        array(json!({"type": "integer", "multipleOf": 7, "exclusiveMinimum": 10})),
         // Tuples, both spellings.
         json!({"type": "array", "prefixItems": [{"type": "integer", "minimum": 0}, {"type": "string", "maxLength": 3}, {"type": "boolean"}], "minItems": 2, "items": {"type": "null"}, "maxItems": 5}),
         json!({"type": "array", "items": [{"enum": ["a", "b"]}, {"type": "array", "items": {"type": "integer"}}], "additionalItems": false}),
@@ -555,6 +561,15 @@ fn bounded_numbers_stay_in_range_without_dead_ends() {
     assert!(check(&s, "1.000000000000001").is_none());
     assert!(check(&s, "1234567890123456").is_none());
 
+    let s = compile(json!({"type": "integer", "multipleOf": 5, "minimum": 1, "maximum": 22}));
+    assert!(complete(&s, "5") && complete(&s, "10") && complete(&s, "20"));
+    assert!(check(&s, "1").is_some() && check(&s, "12").is_none() && check(&s, "3").is_none());
+    let s = compile(json!({"type": "number", "multipleOf": 0.25}));
+    assert!(complete(&s, "1.25") && complete(&s, "-0.5") && complete(&s, "3"));
+    assert!(check(&s, "1.3").is_none() && !complete(&s, "1.2"));
+    let s = compile(json!({"type": "integer", "multipleOf": 0.1}));
+    assert!(complete(&s, "7"));
+
     for (schema, at, words) in [
         (
             json!({"type": "integer", "minimum": 0.5, "maximum": 0.7}),
@@ -573,9 +588,19 @@ fn bounded_numbers_stay_in_range_without_dead_ends() {
         ),
         (json!({"enum": [1, 2], "minimum": 2}), "", "`minimum`"),
         (
-            json!({"type": "integer", "multipleOf": 3}),
+            json!({"type": "integer", "multipleOf": 0}),
+            "/multipleOf",
+            "positive",
+        ),
+        (
+            json!({"type": "number", "multipleOf": 1e-20}),
+            "/multipleOf",
+            "decimals",
+        ),
+        (
+            json!({"type": "integer", "multipleOf": 7, "minimum": 1, "maximum": 6}),
             "",
-            "`multipleOf`",
+            "multiple",
         ),
     ] {
         let e = Schema::compile(&schema).expect_err(&schema.to_string());
