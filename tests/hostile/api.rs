@@ -144,6 +144,7 @@ const CHAT: &[&str] = &[
     "logit_bias",
     "tools",
     "tool_choice",
+    "parallel_tool_calls",
     "response_format",
 ];
 const TOKENIZE: &[&str] = &[
@@ -188,6 +189,22 @@ fn plausible() -> impl Strategy<Value = Value> + Clone {
             "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}])
         ),
         Just(json!({"type": "function", "function": {"name": "f"}})),
+        Just(
+            json!({"type": "json_schema", "json_schema": {"name": "s", "schema": {
+            "type": "object", "properties": {
+                "d": {"type": "string", "format": "date"},
+                "n": {"type": "number", "minimum": -1, "maximum": 9, "multipleOf": 0.5},
+                "t": {"type": "array", "prefixItems": [{"type": "string", "pattern": "^[a-c]+$"}]}},
+            "required": ["d", "n", "t"]}}})
+        ),
+        nasty_string().prop_map(
+            |p| json!({"type": "json_schema", "json_schema": {"name": "p",
+            "schema": {"type": "string", "pattern": p}}})
+        ),
+        nasty_number().prop_map(
+            |n| json!({"type": "json_schema", "json_schema": {"name": "n",
+            "schema": {"type": "number", "minimum": n, "multipleOf": n}}})
+        ),
         Just(json!("required")),
     ]
 }

@@ -963,3 +963,49 @@ fn random_walks_under_patterns_never_dead_end_and_match() {
         assert_eq!(completed, 60);
     }
 }
+
+mod hostile {
+    //! Whatever a client writes as a pattern or a bound compiles or is refused, never panics,
+    //! and what compiles has a first byte to offer.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn offers_something(schema: Schema) {
+        let p = SchemaPrefix::new(Arc::new(schema));
+        assert!((0..=255u8).any(|b| p.accepts(&[b])));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_pattern(pattern in r"[\PC\\^$.*+?()\[\]{}|dwsbDWSB0-9,-]{0,24}", min in 0u32..5,
+                       max in proptest::option::of(0u32..40)) {
+            let mut s = json!({"type": "string", "pattern": pattern, "minLength": min});
+            if let Some(m) = max {
+                s["maxLength"] = json!(m);
+            }
+            if let Ok(schema) = Schema::compile(&s) {
+                offers_something(schema);
+            }
+        }
+
+        #[test]
+        fn any_bounds(integer in any::<bool>(),
+                      keys in proptest::collection::vec(
+                          (prop::sample::select(&["minimum", "maximum", "exclusiveMinimum",
+                              "exclusiveMaximum", "multipleOf"][..]),
+                           prop_oneof![any::<f64>().prop_map(|f| json!(f)),
+                                       any::<i64>().prop_map(|i| json!(i)),
+                                       (-1000i64..1000).prop_map(|i| json!(i as f64 / 8.0))]),
+                          0..4)) {
+            let mut s = json!({"type": if integer { "integer" } else { "number" }});
+            for (k, v) in keys {
+                s[k] = v;
+            }
+            if let Ok(schema) = Schema::compile(&s) {
+                offers_something(schema);
+            }
+        }
+    }
+}
