@@ -94,7 +94,7 @@ fn token_out(tok: &Tokenizer, t: &TokenLogprob, with_top: bool) -> TokenOut {
 async fn generate(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    ApiJson(body): ApiJson<GenerateBody>,
+    ApiJson(mut body): ApiJson<GenerateBody>,
 ) -> Result<Response, ApiError> {
     let pinned = match &body.adapter_id {
         Some(r) => Some(state.adapters.resolve(&tenant, r).await?),
@@ -122,6 +122,9 @@ async fn generate(
     let sampling = generation::sampling_params!(&state, body, top_logprobs);
     let max_new_tokens =
         generation::check_lengths(&state, prompt.len(), body.max_new_tokens, "max_new_tokens")?;
+    let response_format =
+        generation::response_format_off_runtime(body.response_format.take(), body.ignore_eos)
+            .await?;
     let req = GenerateRequest {
         prompt,
         max_new_tokens,
@@ -129,10 +132,7 @@ async fn generate(
         stop: body.stop.into_vec("stop")?,
         prompt_logprobs: false,
         ignore_eos: body.ignore_eos,
-        response_format: generation::response_format(
-            body.response_format.as_ref(),
-            body.ignore_eos,
-        )?,
+        response_format,
         adapter: pinned.as_ref().map(|p| p.adapter.clone()),
         cache_scope: 0, // set by generation::submit
         queued_ticket: None,

@@ -116,6 +116,30 @@ pub fn response_format(
     Ok(format)
 }
 
+/// Runs `f` on tokio's blocking pool: compiling a JSON schema's patterns can take a good part of
+/// a second in the worst case the limits allow, which must not stall the async workers that
+/// stream other requests.
+pub async fn off_runtime<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("compiling the reply's constraint: {e}")))?
+}
+
+/// [`response_format`] off the async workers when there is a schema to compile.
+pub async fn response_format_off_runtime(
+    format: Option<serde_json::Value>,
+    ignore_eos: bool,
+) -> Result<ResponseFormat, ApiError> {
+    match format {
+        None | Some(serde_json::Value::Null) => Ok(ResponseFormat::Text),
+        Some(f) => off_runtime(move || response_format(Some(&f), ignore_eos)).await,
+    }
+}
+
 /// OpenAI's rule for the names of schemas and tools: 1 to 64 letters, digits, `_` or `-`.
 pub fn is_openai_name(name: &str) -> bool {
     (1..=64).contains(&name.len())

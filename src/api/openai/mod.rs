@@ -133,31 +133,54 @@ struct ChatBody {
     ignore_eos: bool,
 }
 
-/// `tools` and `tool_choice` (see `tools`); `functions`, their deprecated form, is refused
-/// rather than ignored.
-fn chat_tools(body: &ChatBody) -> Result<Option<tools::Tools>, ApiError> {
-    if body.functions.as_ref().is_some_and(|t| !t.is_null()) {
-        return Err(ApiError::invalid_field(
-            "`functions` is deprecated and not supported; send `tools`",
-        ));
-    }
-    tools::parse(
-        body.tools.as_ref(),
-        body.tool_choice.as_ref(),
-        body.parallel_tool_calls.as_ref(),
-    )
+/// The fields that shape a chat reply (`tools` and their choice, `response_format`), taken out
+/// of the body so their schemas compile off the async workers.
+struct ReplyShape {
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<Value>,
+    functions: Option<Value>,
+    response_format: Option<Value>,
+    ignore_eos: bool,
 }
 
-/// The chat reply's constraint: the tools' reply schema, or `response_format` — not both.
-fn chat_format(body: &ChatBody, tools: Option<&tools::Tools>) -> Result<ResponseFormat, ApiError> {
-    let format = generation::response_format(body.response_format.as_ref(), body.ignore_eos)?;
-    match (tools, format) {
-        (None, format) => Ok(format),
-        (Some(t), ResponseFormat::Text) if !body.ignore_eos => t.response_format(),
-        (Some(_), _) => Err(ApiError::invalid_field(
-            "`tools` cannot be combined with a `response_format` other than text, nor with \
-             `ignore_eos`",
-        )),
+impl ReplyShape {
+    fn take(body: &mut ChatBody) -> Self {
+        ReplyShape {
+            tools: body.tools.take(),
+            tool_choice: body.tool_choice.take(),
+            parallel_tool_calls: body.parallel_tool_calls.take(),
+            functions: body.functions.take(),
+            response_format: body.response_format.take(),
+            ignore_eos: body.ignore_eos,
+        }
+    }
+
+    /// The tools (`functions`, their deprecated form, is refused rather than ignored) and the
+    /// reply's constraint: the tools' reply schema, or `response_format` — not both.
+    fn compile(self) -> Result<(Option<tools::Tools>, ResponseFormat), ApiError> {
+        if self.functions.as_ref().is_some_and(|t| !t.is_null()) {
+            return Err(ApiError::invalid_field(
+                "`functions` is deprecated and not supported; send `tools`",
+            ));
+        }
+        let tools = tools::parse(
+            self.tools.as_ref(),
+            self.tool_choice.as_ref(),
+            self.parallel_tool_calls.as_ref(),
+        )?;
+        let format = generation::response_format(self.response_format.as_ref(), self.ignore_eos)?;
+        let format = match (&tools, format) {
+            (None, format) => format,
+            (Some(t), ResponseFormat::Text) if !self.ignore_eos => t.response_format()?,
+            (Some(_), _) => {
+                return Err(ApiError::invalid_field(
+                    "`tools` cannot be combined with a `response_format` other than text, nor \
+                     with `ignore_eos`",
+                ))
+            }
+        };
+        Ok((tools, format))
     }
 }
 
@@ -209,7 +232,7 @@ fn usage(prompt: usize, cached: usize, completion: usize) -> Value {
 async fn completions(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    ApiJson(body): ApiJson<CompletionBody>,
+    ApiJson(mut body): ApiJson<CompletionBody>,
 ) -> Result<Response, ApiError> {
     let pinned = resolve_model(&state, &tenant, &body.model).await?;
     let n = choices_count(body.n)?;
@@ -249,7 +272,9 @@ async fn completions(
         ));
     }
     let stop = body.stop.into_vec("stop")?;
-    let format = generation::response_format(body.response_format.as_ref(), body.ignore_eos)?;
+    let format =
+        generation::response_format_off_runtime(body.response_format.take(), body.ignore_eos)
+            .await?;
     let mut reqs = Vec::with_capacity(prompts.len());
     for prompt in &prompts {
         // OpenAI's default max_tokens for completions is 16.
@@ -345,12 +370,12 @@ async fn completions(
 async fn chat_completions(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    ApiJson(body): ApiJson<ChatBody>,
+    ApiJson(mut body): ApiJson<ChatBody>,
 ) -> Result<Response, ApiError> {
     let pinned = resolve_model(&state, &tenant, &body.model).await?;
     let n = choices_count(body.n)?;
-    let tools = chat_tools(&body)?;
-    let format = chat_format(&body, tools.as_ref())?;
+    let shape = ReplyShape::take(&mut body);
+    let (tools, format) = generation::off_runtime(move || shape.compile()).await?;
     let mut messages = chat_messages(body.messages, "messages")?;
     if let Some(t) = &tools {
         t.instruct(&mut messages);
