@@ -108,6 +108,51 @@ fn main() -> anyhow::Result<()> {
         }
         println!("{label:32} {:7.2} ms/step", median(times));
     }
+    // How much of the threaded pass is fork-join overhead: the same work with fewer parallel
+    // regions (each call sequential inside), per layer and for the whole step at once.
+    {
+        use rayon::prelude::*;
+        let call = |layer: usize, m: Module| -> anyhow::Result<()> {
+            let xs = match m {
+                Module::Down => &xs_ffn,
+                Module::O => &xs_q,
+                _ => &xs_hidden,
+            };
+            let groups: Vec<_> = f16s
+                .iter()
+                .zip(&rows)
+                .filter_map(|(a, r)| Some((a.layers[layer].get(m)?, r.as_slice())))
+                .collect();
+            let out = groups.first().map_or(0, |(p, _)| p.b.dims()[0]);
+            let ys = Tensor::zeros((ADAPTERS, out), DType::F32, &Device::Cpu)?;
+            add_deltas_cpu_with(&ys, xs, &groups, Kernel::Avx2, false)?;
+            Ok(())
+        };
+        for (label, per_layer) in [
+            ("f16 avx2, 1 region per layer", true),
+            ("f16 avx2, 1 region per step", false),
+        ] {
+            let mut times = Vec::with_capacity(reps);
+            for _ in 0..reps {
+                let t0 = Instant::now();
+                pool.install(|| -> anyhow::Result<()> {
+                    if per_layer {
+                        for layer in 0..cfg.num_layers {
+                            Module::ALL.par_iter().try_for_each(|&m| call(layer, m))?;
+                        }
+                    } else {
+                        let all: Vec<(usize, Module)> = (0..cfg.num_layers)
+                            .flat_map(|l| Module::ALL.map(|m| (l, m)))
+                            .collect();
+                        all.par_iter().try_for_each(|&(l, m)| call(l, m))?;
+                    }
+                    Ok(())
+                })?;
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            println!("{label:32} {:7.2} ms/step", median(times));
+        }
+    }
     // A cold request's prompt: one adapter on 17 rows (the bench's cold prompt length).
     let prompt_rows: Vec<u32> = (0..17).collect();
     let xs_of = |width: usize| {
