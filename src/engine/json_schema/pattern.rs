@@ -360,13 +360,18 @@ pub(super) fn compile(pattern: &str, min: u32, max: Option<u32>) -> Result<Strin
     Ok(table)
 }
 
-/// The `format`s generation can enforce, as patterns: the shapes of RFC 3339 dates and times,
-/// UUIDs, e-mail addresses, host names, IPv4 addresses and http(s) URIs. Each generates only
-/// valid text of its format (a subset where the format is wider: upper-case `T`/`Z`, lower-case
-/// UUID digits, `http`/`https` URIs), except that a date's day is checked against 31, not
-/// against its month.
+/// The `format`s generation can enforce, as patterns: RFC 3339 dates (real ones: each month's
+/// length, February 29th in leap years, years 0001–9999 as Python's `datetime` takes them),
+/// times and date-times, ISO 8601 durations, UUIDs, e-mail addresses, host names, IPv4 and IPv6
+/// addresses and http(s) URIs. Each generates only valid text of its format — a subset where the
+/// format is wider: upper-case `T`/`Z`, no leap second, lower-case hex in UUIDs and IPv6 (no
+/// embedded IPv4), `http`/`https` URIs.
 pub(super) fn format_pattern(format: &str) -> Option<String> {
-    const DATE: &str = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])";
+    const YEAR: &str = r"([1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])";
+    const MONTH_DAY: &str = r"((0[13578]|1[02])-(0[1-9]|[12]\d|3[01])|(0[469]|11)-(0[1-9]|[12]\d|30)|02-(0[1-9]|1\d|2[0-8]))";
+    // Divisible by 4 and not by 100 (the last two digits), or by 400 (the first two, then 00).
+    const LEAP_YEAR: &str =
+        r"(\d\d(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)";
     const TIME: &str =
         r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,9})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)";
     const LABEL: &str = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
@@ -374,14 +379,24 @@ pub(super) fn format_pattern(format: &str) -> Option<String> {
     const URI_HOST: &str =
         r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*";
     const URI_CHARS: &str = r"[A-Za-z0-9._~%!$&'()*+,;=:@-]";
+    const H16: &str = "[0-9a-f]{1,4}";
+    const DUR_DATE: &str = r"(\d{1,9}Y(\d{1,9}M)?(\d{1,9}D)?|\d{1,9}M(\d{1,9}D)?|\d{1,9}D)";
+    const DUR_TIME: &str = r"T(\d{1,9}H(\d{1,9}M)?(\d{1,9}(\.\d{1,9})?S)?|\d{1,9}M(\d{1,9}(\.\d{1,9})?S)?|\d{1,9}(\.\d{1,9})?S)";
+    let date = format!("({YEAR}-{MONTH_DAY}|{LEAP_YEAR}-02-29)");
     Some(match format {
-        "date" => format!("^{DATE}$"),
+        "date" => format!("^{date}$"),
         "time" => format!("^{TIME}$"),
-        "date-time" => format!("^{DATE}T{TIME}$"),
+        "date-time" => format!("^{date}T{TIME}$"),
+        "duration" => format!(r"^P({DUR_DATE}({DUR_TIME})?|{DUR_TIME}|\d{{1,9}}W)$"),
         "uuid" => r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$".to_string(),
         "email" => format!(r"^[A-Za-z0-9_%+-]+(\.[A-Za-z0-9_%+-]+)*@{LABEL}(\.{LABEL})+$"),
         "hostname" => format!(r"^{LABEL}(\.{LABEL})*$"),
         "ipv4" => format!(r"^({OCTET}\.){{3}}{OCTET}$"),
+        "ipv6" => format!(
+            "^(({H16}:){{7}}{H16}|({H16}:){{1,7}}:|({H16}:){{1,6}}:{H16}|({H16}:){{1,5}}(:{H16}){{1,2}}\
+             |({H16}:){{1,4}}(:{H16}){{1,3}}|({H16}:){{1,3}}(:{H16}){{1,4}}|({H16}:){{1,2}}(:{H16}){{1,5}}\
+             |{H16}:(:{H16}){{1,6}}|:((:{H16}){{1,7}}|:))$"
+        ),
         "uri" => format!(
             r"^https?://{URI_HOST}(:\d{{1,5}})?(/{URI_CHARS}*)*(\?({URI_CHARS}|[/?])*)?(#({URI_CHARS}|[/?])*)?$"
         ),
@@ -390,4 +405,5 @@ pub(super) fn format_pattern(format: &str) -> Option<String> {
 }
 
 /// The formats [`format_pattern`] knows, for error messages.
-pub(super) const FORMATS: &str = "date, time, date-time, uuid, email, hostname, ipv4, uri";
+pub(super) const FORMATS: &str =
+    "date, time, date-time, duration, uuid, email, hostname, ipv4, ipv6, uri";

@@ -189,9 +189,9 @@ fn unsupported_or_unsatisfiable_schemas_are_refused_by_place() {
             "`uniqueItems`",
         ),
         (
-            json!({"properties": {"d": {"type": "string", "format": "ipv6"}}}),
+            json!({"properties": {"d": {"type": "string", "format": "iri"}}}),
             "/properties/d/format",
-            "`ipv6` is not supported",
+            "`iri` is not supported",
         ),
         (
             json!({"type": "string", "pattern": "^(?=a)"}),
@@ -754,6 +754,14 @@ fn patterns_respect_length_bounds_without_dead_ends() {
 fn formats_generate_their_shapes() {
     let cases = [
         ("date", "2024-02-29", "2024-13-01"),
+        ("date", "2000-02-29", "2023-02-29"),
+        ("date", "2023-04-30", "2023-04-31"),
+        ("date", "0001-01-01", "0000-01-01"),
+        ("date", "2024-12-31", "1900-02-29"),
+        ("duration", "P1DT2H30M", "P"),
+        ("duration", "PT0.5S", "P1DT"),
+        ("ipv6", "fe80::1", "fe80:::1"),
+        ("ipv6", "2001:db8:0:0:0:0:2:1", "2001:db8::2::1"),
         ("time", "23:59:60Z", "24:00:00Z"),
         (
             "date-time",
@@ -803,12 +811,49 @@ fn format_valid(format: &str, t: &str) -> bool {
     let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
     let date = |d: &str| {
         let p: Vec<&str> = d.split('-').collect();
-        p.len() == 3
-            && digits(p[0], 4)
-            && digits(p[1], 2)
-            && digits(p[2], 2)
-            && (1..=12).contains(&p[1].parse::<u32>().unwrap())
-            && (1..=31).contains(&p[2].parse::<u32>().unwrap())
+        if !(p.len() == 3 && digits(p[0], 4) && digits(p[1], 2) && digits(p[2], 2)) {
+            return false;
+        }
+        let [y, m, d] = [0, 1, 2].map(|i| p[i].parse::<u32>().unwrap());
+        let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+        let days = match m {
+            1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+            4 | 6 | 9 | 11 => 30,
+            2 if leap => 29,
+            2 => 28,
+            _ => 0,
+        };
+        y >= 1 && (1..=days).contains(&d)
+    };
+    // ISO 8601: P, then date parts in the order Y M D (or weeks alone), then T and H M S in
+    // order; at least one part, a T followed by one, a fraction only on the seconds.
+    let duration = |t: &str| {
+        let Some(rest) = t.strip_prefix('P') else {
+            return false;
+        };
+        let (date, time) = rest.split_once('T').unwrap_or((rest, ""));
+        let parts = |s: &str, units: &str| -> Option<usize> {
+            let (mut n, mut at, mut s) = (0, 0, s);
+            while !s.is_empty() {
+                let end = s.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+                let (num, unit) = (&s[..end], s[end..].chars().next()?);
+                let pos = units[at..].find(unit)? + at;
+                let fraction_ok = !num.contains('.') || unit == 'S';
+                if num.is_empty() || num.starts_with('.') || num.ends_with('.') || !fraction_ok {
+                    return None;
+                }
+                (n, at, s) = (n + 1, pos + 1, &s[end + 1..]);
+            }
+            Some(n)
+        };
+        let weeks = date.ends_with('W');
+        let date_units = if weeks { "W" } else { "YMD" };
+        match (parts(date, date_units), parts(time, "HMS")) {
+            (Some(d), Some(h)) => {
+                d + h > 0 && (!t.contains('T') || h > 0) && !(weeks && t.contains('T'))
+            }
+            _ => false,
+        }
     };
     let time = |t: &str| {
         let (clock, zone) = match t.find(['Z', '+', '-']) {
@@ -860,6 +905,8 @@ fn format_valid(format: &str, t: &str) -> bool {
         }),
         "hostname" => t.split('.').all(label),
         "ipv4" => t.parse::<std::net::Ipv4Addr>().is_ok(),
+        "ipv6" => t.parse::<std::net::Ipv6Addr>().is_ok(),
+        "duration" => duration(t),
         "uri" => {
             let rest = t.strip_prefix("https://").or(t.strip_prefix("http://"));
             rest.is_some_and(|r| {
@@ -886,10 +933,12 @@ fn random_walks_under_patterns_never_dead_end_and_match() {
         "date",
         "time",
         "date-time",
+        "duration",
         "uuid",
         "email",
         "hostname",
         "ipv4",
+        "ipv6",
         "uri",
     ];
     let mut schemas: Vec<(Value, Option<regex::Regex>, Option<&str>)> = Vec::new();
