@@ -121,6 +121,55 @@ async fn echo_with_logprobs_scores_the_prompt() {
 }
 
 #[tokio::test]
+async fn echo_streams_the_prompt_first_with_its_logprobs_when_asked() {
+    let app = spawn_app().await;
+    for logprobs in [None, Some(1)] {
+        let mut body = json!({"model": "tiny", "prompt": ["the cat", "a dog"], "max_tokens": 5,
+            "temperature": 0, "echo": true, "n": 2});
+        if let Some(k) = logprobs {
+            body["logprobs"] = json!(k);
+        }
+        let whole: Value = app.post_json("/v1/completions", &body).await;
+        body["stream"] = json!(true);
+        let raw = app.post_text("/v1/completions", &body).await;
+        let chunks: Vec<Value> = sse_data(&raw)
+            .iter()
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        for (i, want) in whole["choices"].as_array().unwrap().iter().enumerate() {
+            let mine: Vec<&Value> = chunks
+                .iter()
+                .map(|c| &c["choices"][0])
+                .filter(|c| c["index"] == i)
+                .collect();
+            let prompt = if i < 2 { "the cat" } else { "a dog" };
+            assert_eq!(mine[0]["text"], prompt, "{raw}");
+            let text: String = mine.iter().map(|c| c["text"].as_str().unwrap()).collect();
+            assert_eq!(text, want["text"].as_str().unwrap(), "choice {i}");
+            if logprobs.is_some() {
+                // The prompt's tokens (the first one null), then one per generated token: as
+                // the whole response lists them.
+                let tokens: Vec<&Value> = mine
+                    .iter()
+                    .filter_map(|c| c["logprobs"]["tokens"].as_array())
+                    .flatten()
+                    .collect();
+                let want_tokens: Vec<&Value> = want["logprobs"]["tokens"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .collect();
+                assert_eq!(tokens, want_tokens, "choice {i}");
+                assert_eq!(mine[0]["logprobs"]["token_logprobs"][0], Value::Null);
+            } else {
+                assert!(mine[0]["logprobs"].is_null());
+            }
+        }
+    }
+}
+
+#[tokio::test]
 async fn models_lists_the_base_model_and_an_unknown_model_is_404() {
     let app = spawn_app().await;
     let v = app.get_json("/v1/models").await;

@@ -1,6 +1,6 @@
 //! OpenAI-compatible `POST /v1/completions` and `POST /v1/chat/completions`: the request and
 //! response shapes the official client sends and parses, streaming (`data: {...}` chunks, then
-//! `data: [DONE]`), usage, finish_reason, logprobs, echo (prompt scoring), seed, stop, `n`
+//! `data: [DONE]`), usage, finish_reason, logprobs, echo (prompt scoring, streamed too), seed, stop, `n`
 //! choices, presence/frequency penalties and `logit_bias`.
 
 use axum::extract::State;
@@ -266,11 +266,6 @@ async fn completions(
         }
     };
     let sampling = generation::sampling_params!(&state, body, logprobs);
-    if body.stream && body.echo {
-        return Err(ApiError::invalid_field(
-            "`echo` is not supported with `stream`",
-        ));
-    }
     let stop = body.stop.into_vec("stop")?;
     let format =
         generation::response_format_off_runtime(body.response_format.take(), body.ignore_eos)
@@ -307,6 +302,21 @@ async fn completions(
     let created = generation::unix_now();
     if body.stream {
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
+        // Choice c is a sample of prompt c / n.
+        let mut echo = Vec::new();
+        if body.echo {
+            for c in 0..prompts.len() * n {
+                let ids = &prompts[c / n];
+                let text = state
+                    .tokenizer
+                    .decode(ids, false)
+                    .map_err(ApiError::internal)?;
+                echo.push(sse::Echo {
+                    text,
+                    first: ids.first().copied(),
+                });
+            }
+        }
         let s = stream_chunks(
             state.clone(),
             model_name(&state, &pinned),
@@ -317,6 +327,7 @@ async fn completions(
             n,
             logprobs.is_some(),
             include_usage,
+            echo,
         );
         return Ok(s.into_response());
     }
@@ -429,6 +440,7 @@ async fn chat_completions(
             n,
             body.logprobs,
             include_usage,
+            Vec::new(),
         );
         return Ok(s.into_response());
     }

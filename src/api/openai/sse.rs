@@ -20,8 +20,17 @@ pub(super) enum Kind {
     ChatTools,
 }
 
+/// A completion choice's prompt, streamed first under `echo`.
+pub(super) struct Echo {
+    pub text: String,
+    /// The first prompt token: it has no log-probability (null), as OpenAI reports it.
+    pub first: Option<u32>,
+}
+
 /// Streams OpenAI chunks for `rxs` (one per choice, chunks tagged with its `index`): for chat a
-/// first chunk per choice with the assistant role, one chunk per piece of text as the choices
+/// first chunk per choice with the assistant role, for completions under `echo` (one [`Echo`]
+/// per choice) a first chunk with the prompt — with its log-probabilities once the prompt is
+/// read, when asked —, one chunk per piece of text as the choices
 /// produce them, a chunk with `finish_reason` as each ends, then — once all have ended — a
 /// usage chunk when asked (prompt counted once) and `[DONE]`. An error in any choice ends the
 /// stream with an error event and `[DONE]`.
@@ -36,6 +45,7 @@ pub(super) fn stream_chunks(
     n: usize,
     logprobs: bool,
     include_usage: bool,
+    echo: Vec<Echo>,
 ) -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {
     let chunk = move |choice: Value, usage_v: Option<Value>| -> Event {
         let object = match kind {
@@ -94,9 +104,22 @@ pub(super) fn stream_chunks(
             pending.push_back(chunk(c, None));
         }
     }
+    let mut echo: Vec<Option<Echo>> = echo.into_iter().map(Some).collect();
+    echo.resize_with(choices, || None);
+    if !logprobs {
+        // Nothing to wait for: every prompt goes out at once.
+        for (i, e) in echo.iter_mut().enumerate() {
+            if let Some(e) = e.take() {
+                let c =
+                    json!({"index": i, "text": e.text, "logprobs": null, "finish_reason": null});
+                pending.push_back(chunk(c, None));
+            }
+        }
+    }
     let init = Streaming {
         merged,
         pending,
+        echo,
         done: vec![false; choices],
         replies: (0..choices).map(|_| ReplyStream::default()).collect(),
         prompt_tokens: 0,
@@ -104,9 +127,11 @@ pub(super) fn stream_chunks(
         completion_tokens: 0,
         over: false,
     };
+    let tok_echo = state.tokenizer.clone();
     let events = stream::unfold(init, move |mut st| {
         let chunk = chunk.clone();
         let piece = piece.clone();
+        let tok_echo = tok_echo.clone();
         async move {
             loop {
                 if let Some(ev) = st.pending.pop_front() {
@@ -127,6 +152,26 @@ pub(super) fn stream_chunks(
                     st.over = true;
                     continue;
                 };
+                // A prompt to echo goes before anything else of its choice: with its
+                // log-probabilities when they come first, without them otherwise.
+                if let Some(e) = st.echo[i].take() {
+                    let lp = match &ev {
+                        Some(GenEvent::PromptLogprobs(lps)) => {
+                            let mut entries = Vec::with_capacity(lps.len() + 1);
+                            if let Some(first) = e.first {
+                                entries.push((first, None, Vec::new()));
+                            }
+                            for t in lps {
+                                entries.push((t.id, Some(t.logprob), t.top.clone()));
+                            }
+                            completion_logprobs(&tok_echo, &entries)
+                        }
+                        _ => Value::Null,
+                    };
+                    let c =
+                        json!({"index": i, "text": e.text, "logprobs": lp, "finish_reason": null});
+                    st.pending.push_back(chunk(c, None));
+                }
                 match ev {
                     Some(GenEvent::Token { token, text }) => {
                         let text = st.visible(kind, i, text);
@@ -198,6 +243,8 @@ struct Streaming<S> {
     done: Vec<bool>,
     /// Each choice's reply reader (used by `Kind::ChatTools`).
     replies: Vec<ReplyStream>,
+    /// Each choice's prompt still to echo.
+    echo: Vec<Option<Echo>>,
     prompt_tokens: usize,
     cached_tokens: usize,
     completion_tokens: usize,
