@@ -1,7 +1,7 @@
 //! OpenAI-compatible `POST /v1/completions` and `POST /v1/chat/completions`: the request and
 //! response shapes the official client sends and parses, streaming (`data: {...}` chunks, then
-//! `data: [DONE]`), usage, finish_reason, logprobs, echo (prompt scoring, streamed too), seed, stop, `n`
-//! choices, presence/frequency penalties and `logit_bias`.
+//! `data: [DONE]`), usage, finish_reason, logprobs, echo (prompt scoring, streamed too), seed,
+//! stop, `n` choices, presence/frequency penalties and `logit_bias`.
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
