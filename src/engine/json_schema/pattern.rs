@@ -52,7 +52,6 @@ fn starts_char(b: u8) -> bool {
 }
 
 /// One compiled pattern under one pair of length bounds.
-#[derive(Debug)]
 pub(super) struct StringPattern {
     /// `next[state * 256 + byte]`, or [`DEAD`].
     next: Box<[u16]>,
@@ -67,6 +66,17 @@ pub(super) struct StringPattern {
     start: u16,
     min: u32,
     max: Option<u32>,
+}
+
+/// The sizes, not the tables (tens of kilobytes a pattern).
+impl std::fmt::Debug for StringPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StringPattern")
+            .field("states", &self.states)
+            .field("min", &self.min)
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StringPattern {
