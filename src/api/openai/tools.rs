@@ -672,7 +672,7 @@ mod tests {
             ),
             (
                 json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
-                    "properties": {"d": {"type": "string", "format": "ipv6"}}}}}]),
+                    "properties": {"d": {"type": "string", "format": "iri"}}}}}]),
                 None,
                 "`tools[0].function.parameters` at /properties/d/format",
             ),
