@@ -774,17 +774,20 @@ def _():
     return f"{booking!r}"
 
 
-@check("structured output: a Pydantic tuple (prefixItems)")
+@check("structured output: a Pydantic tuple (prefixItems) and a set of literals (uniqueItems)")
 def _():
-    from typing import Tuple
+    from typing import Literal, Set, Tuple
     import pydantic
 
     class Place(pydantic.BaseModel):
         city: str
         lat_lon: Tuple[float, float]
+        kinds: Set[Literal["capital", "port", "city"]]
 
-    place, _ = parse_reply(Place, "Give the city of Paris and its latitude and longitude as JSON.", 80)
-    expect(len(place.lat_lon) == 2, f"parsed {place!r}")
+    place, content = parse_reply(Place, "Give the city of Paris, its latitude and longitude, and "
+                                 "what kind of place it is, as JSON.", 100)
+    kinds = json.loads(content)["kinds"]
+    expect(len(place.lat_lon) == 2 and len(kinds) == len(set(kinds)), f"parsed {content!r}")
     return f"{place!r}"
 
 

@@ -136,14 +136,15 @@ async fn patterns_formats_and_bounds_hold_in_sampled_replies() {
             "day": {"type": "string", "format": "date"},
             "id": {"type": "string", "format": "uuid"},
             "nights": {"type": "integer", "minimum": 1, "maximum": 14},
-            "price": {"type": "number", "exclusiveMinimum": 0, "maximum": 500}
+            "price": {"type": "number", "exclusiveMinimum": 0, "maximum": 500},
+            "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "uniqueItems": true}
         },
-        "required": ["code", "day", "id", "nights", "price"]
+        "required": ["code", "day", "id", "nights", "price", "tags"]
     });
     let code = regex::Regex::new(r"^[A-Z]{3}-\d{2}$").unwrap();
     let mut complete = 0;
     for seed in 1..=4 {
-        let body = json!({"prompt": "a record", "max_new_tokens": 160, "temperature": 1,
+        let body = json!({"prompt": "a record", "max_new_tokens": 200, "temperature": 1,
             "seed": seed, "response_format": format(&schema)});
         let v: Value = app.post_json("/v1/generate", &body).await;
         let text = v["text"].as_str().unwrap();
@@ -166,6 +167,14 @@ async fn patterns_formats_and_bounds_hold_in_sampled_replies() {
                 id.chars().all(|c| c == '-' || c.is_ascii_hexdigit()),
                 "{id}"
             );
+            let nights = r["nights"].as_i64().unwrap();
+            assert!((1..=14).contains(&nights), "{text}");
+            let price = r["price"].as_f64().unwrap();
+            assert!(price > 0.0 && price <= 500.0, "{text}");
+            let tags = r["tags"].as_array().unwrap();
+            for (i, t) in tags.iter().enumerate() {
+                assert!(!tags[..i].contains(t), "a repeated tag: {text}");
+            }
         }
     }
     assert!(complete >= 2, "only {complete} of 4 replies completed");

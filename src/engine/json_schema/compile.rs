@@ -71,6 +71,7 @@ const ARRAY_KEYWORDS: &[&str] = &[
     "additionalItems",
     "minItems",
     "maxItems",
+    "uniqueItems",
 ];
 const STRING_KEYWORDS: &[&str] = &["minLength", "maxLength", "pattern", "format"];
 const NUMBER_KEYWORDS: &[&str] = &bounds::KEYWORDS;
@@ -95,11 +96,13 @@ impl Schema {
                     prefix: Box::new([]),
                     min_items: 0,
                     max_items: None,
+                    unique: false,
                 },
             ],
             refs: HashMap::new(),
             patterns: HashMap::new(),
             pattern_states: 0,
+            unique_arrays: Vec::new(),
         };
         let root = c.compile(schema, "")?;
         c.finish(root)
@@ -116,7 +119,12 @@ struct Compiler<'a> {
     patterns: HashMap<(String, u32, Option<u32>), Arc<StringPattern>>,
     /// States of the distinct patterns so far.
     pattern_states: usize,
+    /// Arrays under `uniqueItems` and their places, checked once references resolve.
+    unique_arrays: Vec<(NodeId, String)>,
 }
+
+/// Most enum literals `uniqueItems` can keep apart (one bit each in the array's frame).
+const MAX_UNIQUE_LITERALS: usize = 32;
 
 impl Compiler<'_> {
     fn add(&mut self, node: Node, at: &str) -> Result<NodeId, SchemaError> {
@@ -434,18 +442,28 @@ impl Compiler<'_> {
             }
             Some(items) => self.compile(items, &format!("{at}/{rest_key}"))?,
         };
-        if prefix.is_empty() && items == ANY && min_items == 0 && max_items.is_none() {
+        let unique = match obj.get("uniqueItems") {
+            None | Some(Value::Bool(false)) => false,
+            Some(Value::Bool(true)) => true,
+            Some(_) => return err(&format!("{at}/uniqueItems"), "must be a boolean"),
+        };
+        if prefix.is_empty() && items == ANY && min_items == 0 && max_items.is_none() && !unique {
             return Ok(ANY_ARRAY);
         }
-        self.add(
+        let id = self.add(
             Node::Array {
                 items,
                 prefix: prefix.into_boxed_slice(),
                 min_items,
                 max_items,
+                unique,
             },
             at,
-        )
+        )?;
+        if unique {
+            self.unique_arrays.push((id, format!("{at}/uniqueItems")));
+        }
+        Ok(id)
     }
 
     fn object(&mut self, obj: &Map<String, Value>, at: &str) -> Result<NodeId, SchemaError> {
@@ -585,6 +603,39 @@ impl Compiler<'_> {
             }
         }
         let root = resolve(root);
+        // `uniqueItems`: enforced over an enum's literals (Pydantic's `Set[Literal[…]]` or
+        // `Set[SomeEnum]`); distinct values are then at most the literals.
+        for (id, at) in std::mem::take(&mut self.unique_arrays) {
+            let literals = match &self.nodes[id as usize] {
+                Node::Array { items, prefix, .. } if prefix.is_empty() => {
+                    match &self.nodes[*items as usize] {
+                        Node::Enum(texts) if texts.len() <= MAX_UNIQUE_LITERALS => texts.len(),
+                        _ => 0,
+                    }
+                }
+                _ => 0,
+            };
+            if literals == 0 {
+                return err(
+                    &at,
+                    format!("`uniqueItems` is supported on arrays whose items are one `enum` of at most {MAX_UNIQUE_LITERALS} values"),
+                );
+            }
+            if let Node::Array {
+                min_items,
+                max_items,
+                ..
+            } = &mut self.nodes[id as usize]
+            {
+                if *min_items as usize > literals {
+                    return err(
+                        &at,
+                        format!("`minItems` exceeds the {literals} distinct values"),
+                    );
+                }
+                *max_items = Some(max_items.map_or(literals as u32, |m| m.min(literals as u32)));
+            }
+        }
         self.flatten_unions()?;
         let min_depth = min_depths(&self.nodes);
         if min_depth[root as usize] > MAX_DEPTH as u32 {

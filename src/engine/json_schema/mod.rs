@@ -6,7 +6,8 @@
 //! value). The subset, chosen to be enforceable token by token with no dead ends:
 //! `type` (one or several), `properties` + `required` + `additionalProperties` (absent counts
 //! as `false`, as in OpenAI's strict mode) + `minProperties`/`maxProperties`, `items` +
-//! `prefixItems` (tuples) + `minItems` + `maxItems`, `allOf` of one schema, `minLength` +
+//! `prefixItems` (tuples) + `minItems` + `maxItems` + `uniqueItems` (over an enum), `allOf` of
+//! one schema, `minLength` +
 //! `maxLength`, `enum` and `const` (matched as compact JSON text), `anyOf`/`oneOf` whose
 //! alternatives start with different bytes (`["string", "null"]`, Pydantic's `Optional`),
 //! `$ref` into `#/$defs/...` (recursion included), `pattern`/`format` on strings (a DFA, see
@@ -76,6 +77,8 @@ enum Node {
         prefix: Box<[NodeId]>,
         min_items: u32,
         max_items: Option<u32>,
+        /// `uniqueItems` (only over an enum of at most 32 literals: see `Frame::keys`).
+        unique: bool,
     },
     Object(ObjectSpec),
     /// The compact JSON texts of the allowed values, sorted.
@@ -179,7 +182,7 @@ struct Frame {
     node: NodeId,
     /// Object: index of the next declared property that may come. Array: items begun.
     count: u32,
-    /// Object: keys written so far.
+    /// Object: keys written so far. Array under `uniqueItems`: the enum literals used, as bits.
     keys: u32,
 }
 

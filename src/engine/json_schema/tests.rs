@@ -185,8 +185,18 @@ fn unsupported_or_unsatisfiable_schemas_are_refused_by_place() {
         ),
         (
             json!({"type": "array", "uniqueItems": true}),
-            "",
-            "`uniqueItems`",
+            "/uniqueItems",
+            "`enum`",
+        ),
+        (
+            json!({"type": "array", "items": {"enum": [1, 2]}, "uniqueItems": true, "minItems": 3}),
+            "/uniqueItems",
+            "exceeds",
+        ),
+        (
+            json!({"type": "array", "uniqueItems": "yes"}),
+            "/uniqueItems",
+            "boolean",
         ),
         (
             json!({"properties": {"d": {"type": "string", "format": "iri"}}}),
@@ -425,7 +435,13 @@ fn valid(schema: &Value, root: &Value, v: &Value) -> bool {
                 ),
             };
             let rest = rest.cloned().unwrap_or(json!(true));
+            let unique = s.get("uniqueItems") == Some(&json!(true));
             is("array")
+                && (!unique
+                    || items
+                        .iter()
+                        .enumerate()
+                        .all(|(i, x)| !items[..i].contains(x)))
                 && n("minItems").is_none_or(|m| items.len() as u64 >= m)
                 && n("maxItems").is_none_or(|m| items.len() as u64 <= m)
                 && items.iter().enumerate().all(|(i, x)| match prefix.get(i) {
@@ -467,11 +483,34 @@ fn schemas_bounded(schemas: &mut Vec<Value>) {
         json!({"type": "number", "minimum": 0.1, "maximum": 0.3}),
         array(json!({"type": "number", "multipleOf": 0.05, "minimum": -1, "maximum": 2})),
         array(json!({"type": "integer", "multipleOf": 7, "exclusiveMinimum": 10})),
+        json!({"type": "array", "items": {"enum": ["x", "y", 1, 12, true]}, "uniqueItems": true, "minItems": 1}),
         // Tuples, both spellings.
         json!({"type": "array", "prefixItems": [{"type": "integer", "minimum": 0}, {"type": "string", "maxLength": 3}, {"type": "boolean"}], "minItems": 2, "items": {"type": "null"}, "maxItems": 5}),
         json!({"type": "array", "items": [{"enum": ["a", "b"]}, {"type": "array", "items": {"type": "integer"}}], "additionalItems": false}),
         json!({"allOf": [{"$ref": "#/$defs/p"}], "description": "wrapped", "$defs": {"p": {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"]}}}),
     ]);
+}
+
+#[test]
+fn unique_items_over_an_enum_never_repeat_a_literal() {
+    let s =
+        compile(json!({"type": "array", "items": {"enum": ["a", "b", "c"]}, "uniqueItems": true}));
+    assert!(complete(&s, r#"["a", "b"]"#) && complete(&s, r#"["c","a","b"]"#));
+    assert!(check(&s, r#"["a", "a"#).is_none());
+    assert!(
+        check(&s, r#"["a","b","c","#).is_none(),
+        "no literal is left"
+    );
+    // A used literal that begins an unused one: the longer one may still come.
+    let s = compile(json!({"type": "array", "items": {"enum": [1, 12]}, "uniqueItems": true}));
+    assert!(complete(&s, "[1,12]") && complete(&s, "[12,1]"));
+    assert!(check(&s, "[1,1]").is_none() && check(&s, "[1,1").is_some());
+    // Pydantic's Set[SomeEnum]: the enum sits behind a reference.
+    let s = compile(
+        json!({"type": "array", "items": {"$ref": "#/$defs/C"}, "uniqueItems": true,
+        "$defs": {"C": {"enum": ["r", "g"]}}}),
+    );
+    assert!(complete(&s, r#"["g", "r"]"#) && check(&s, r#"["g", "g""#).is_none());
 }
 
 #[test]

@@ -536,6 +536,7 @@ impl<'s, S: Frames> Walker<'s, S> {
         };
         let range = &texts[lo as usize..hi as usize];
         let at = len as usize;
+        let used = self.used_literals(node);
         // Literals sharing the first `len` bytes are sorted by their next byte (none first).
         let key = |t: &[u8]| t.get(at).map_or(-1, |&x| i32::from(x));
         let start = range.partition_point(|t| key(t) < i32::from(b));
@@ -543,14 +544,23 @@ impl<'s, S: Frames> Walker<'s, S> {
         if start == end {
             // No literal goes on with `b`: the value may have ended (a number, `1` of `1, 12`).
             if range.first().is_some_and(|t| t.len() == at) {
+                if used.is_some_and(|u| u & (1 << lo) != 0) {
+                    return false;
+                }
+                self.mark_used(used, lo);
                 self.complete();
                 return self.push(b);
             }
             return false;
         }
         let (lo, hi) = (lo + start as u32, lo + end as u32);
+        if used.is_some_and(|u| (low_bits32(hi) & !low_bits32(lo)) & !u == 0) {
+            // Only literals the array already holds begin so.
+            return false;
+        }
         if hi - lo == 1 && texts[lo as usize].len() == at + 1 {
             // The only candidate is complete: nothing can extend it.
+            self.mark_used(used, lo);
             self.complete();
         } else {
             self.pos = Pos::Enum {
@@ -561,6 +571,38 @@ impl<'s, S: Frames> Walker<'s, S> {
             };
         }
         true
+    }
+}
+
+impl<'s, S: Frames> Walker<'s, S> {
+    /// Under `uniqueItems`, the literals of enum `node` its array already holds (bits).
+    fn used_literals(&self, node: NodeId) -> Option<u32> {
+        let frame = self.stack.top()?;
+        match self.schema.node(frame.node) {
+            Node::Array {
+                unique: true,
+                items,
+                ..
+            } if *items == node => Some(frame.keys),
+            _ => None,
+        }
+    }
+
+    fn mark_used(&mut self, used: Option<u32>, literal: u32) {
+        if let (Some(u), Some(frame)) = (used, self.stack.top()) {
+            self.stack.set_top(Frame {
+                keys: u | 1 << literal,
+                ..frame
+            });
+        }
+    }
+}
+
+fn low_bits32(n: u32) -> u32 {
+    if n >= 32 {
+        u32::MAX
+    } else {
+        (1 << n) - 1
     }
 }
 
