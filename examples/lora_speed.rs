@@ -64,6 +64,28 @@ fn main() -> anyhow::Result<()> {
     let xs_ffn = x_of(cfg.intermediate_size)?;
     let xs_q = x_of(cfg.num_heads * cfg.head_dim)?;
 
+    // One projection's deltas for every adapter, one row each.
+    let deltas = |adapters: &[LoraAdapter],
+                  layer: usize,
+                  m: Module,
+                  kernel: Kernel,
+                  parallel: bool|
+     -> anyhow::Result<()> {
+        let xs = match m {
+            Module::Down => &xs_ffn,
+            Module::O => &xs_q,
+            _ => &xs_hidden,
+        };
+        let groups: Vec<_> = adapters
+            .iter()
+            .zip(&rows)
+            .filter_map(|(a, r)| Some((a.layers[layer].get(m)?, r.as_slice())))
+            .collect();
+        let out = groups.first().map_or(0, |(p, _)| p.b.dims()[0]);
+        let ys = Tensor::zeros((ADAPTERS, out), DType::F32, &Device::Cpu)?;
+        add_deltas_cpu_with(&ys, xs, &groups, kernel, parallel)?;
+        Ok(())
+    };
     println!(
         "{} layers, 8 adapters x 1 row, rank 16, {threads} threads, median of {reps} steps",
         cfg.num_layers
@@ -87,19 +109,7 @@ fn main() -> anyhow::Result<()> {
             pool.install(|| -> anyhow::Result<()> {
                 for layer in 0..cfg.num_layers {
                     for m in Module::ALL {
-                        let xs = match m {
-                            Module::Down => &xs_ffn,
-                            Module::O => &xs_q,
-                            _ => &xs_hidden,
-                        };
-                        let groups: Vec<_> = adapters
-                            .iter()
-                            .zip(&rows)
-                            .filter_map(|(a, r)| Some((a.layers[layer].get(m)?, r.as_slice())))
-                            .collect();
-                        let out = groups.first().map_or(0, |(p, _)| p.b.dims()[0]);
-                        let ys = Tensor::zeros((ADAPTERS, out), DType::F32, &Device::Cpu)?;
-                        add_deltas_cpu_with(&ys, xs, &groups, kernel, parallel)?;
+                        deltas(adapters, layer, m, kernel, parallel)?;
                     }
                 }
                 Ok(())
@@ -112,22 +122,7 @@ fn main() -> anyhow::Result<()> {
     // regions (each call sequential inside), per layer and for the whole step at once.
     {
         use rayon::prelude::*;
-        let call = |layer: usize, m: Module| -> anyhow::Result<()> {
-            let xs = match m {
-                Module::Down => &xs_ffn,
-                Module::O => &xs_q,
-                _ => &xs_hidden,
-            };
-            let groups: Vec<_> = f16s
-                .iter()
-                .zip(&rows)
-                .filter_map(|(a, r)| Some((a.layers[layer].get(m)?, r.as_slice())))
-                .collect();
-            let out = groups.first().map_or(0, |(p, _)| p.b.dims()[0]);
-            let ys = Tensor::zeros((ADAPTERS, out), DType::F32, &Device::Cpu)?;
-            add_deltas_cpu_with(&ys, xs, &groups, Kernel::Avx2, false)?;
-            Ok(())
-        };
+        let call = |layer: usize, m: Module| deltas(&f16s, layer, m, Kernel::Avx2, false);
         for (label, per_layer) in [
             ("f16 avx2, 1 region per layer", true),
             ("f16 avx2, 1 region per step", false),
