@@ -791,14 +791,20 @@ def _():
     return f"{place!r}"
 
 
+def weather_tools(unit):
+    """A `get_weather(city[, unit])` tool, as OpenAI's documentation writes it."""
+    props = {"city": {"type": "string", "maxLength": 32}}
+    if unit:
+        props["unit"] = {"type": "string", "enum": ["celsius", "fahrenheit"]}
+    return [{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": props, "required": list(props),
+                       "additionalProperties": False}}}]
+
+
 @check("tools: a named tool_choice calls with arguments that parse, streamed too; the result goes back")
 def _():
-    tools = [{"type": "function", "function": {
-        "name": "get_weather", "description": "Get the current weather in a city",
-        "parameters": {"type": "object", "properties": {
-            "city": {"type": "string", "maxLength": 32},
-            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-            "required": ["city", "unit"], "additionalProperties": False}}}]
+    tools = weather_tools(unit=True)
     named = {"type": "function", "function": {"name": "get_weather"}}
     msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
     r = client.chat.completions.create(model=MODEL, messages=msgs, tools=tools, tool_choice=named,
@@ -833,11 +839,7 @@ def _():
 
 @check("tools: parallel_tool_calls=True returns a list of calls, streamed alike")
 def _():
-    tools = [{"type": "function", "function": {
-        "name": "get_weather", "description": "Get the current weather in a city",
-        "parameters": {"type": "object", "properties": {
-            "city": {"type": "string", "maxLength": 32}},
-            "required": ["city"], "additionalProperties": False}}}]
+    tools = weather_tools(unit=False)
     msgs = [{"role": "user", "content": "What is the weather in Paris and in Tokyo?"}]
     kw = dict(model=MODEL, messages=msgs, tools=tools, tool_choice="required",
               parallel_tool_calls=True, max_tokens=96, temperature=0)
