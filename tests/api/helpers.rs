@@ -89,6 +89,17 @@ pub fn sse_data(raw: &str) -> Vec<String> {
         .collect()
 }
 
+/// An OpenAI stream's chunks, parsed; the stream must end with one `[DONE]`.
+#[allow(dead_code)]
+pub fn openai_chunks(raw: &str) -> Vec<Value> {
+    let data = sse_data(raw);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{raw}");
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+        .collect()
+}
+
 /// Reads what is left of an event stream, which must end cleanly (not be reset) with no gap
 /// longer than `within`, and returns its last event.
 #[allow(dead_code)]

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{error_code, spawn_app, spawn_app_with, sse_data};
+use crate::helpers::{error_code, openai_chunks, spawn_app, spawn_app_with, sse_data};
 
 #[tokio::test]
 async fn chat_completion_has_the_openai_shape() {
@@ -42,12 +42,7 @@ async fn chat_streaming_sends_role_deltas_finish_usage_and_done() {
     let plain = app
         .post_json("/v1/chat/completions", &json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0})).await;
     let raw = app.post_text("/v1/chat/completions", &body).await;
-    let data = sse_data(&raw);
-    assert_eq!(data.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = openai_chunks(&raw);
     assert!(chunks
         .iter()
         .all(|c| c["object"] == "chat.completion.chunk"));
@@ -132,11 +127,7 @@ async fn echo_streams_the_prompt_first_with_its_logprobs_when_asked() {
         let whole: Value = app.post_json("/v1/completions", &body).await;
         body["stream"] = json!(true);
         let raw = app.post_text("/v1/completions", &body).await;
-        let chunks: Vec<Value> = sse_data(&raw)
-            .iter()
-            .filter(|d| *d != "[DONE]")
-            .map(|d| serde_json::from_str(d).unwrap())
-            .collect();
+        let chunks = openai_chunks(&raw);
         for (i, want) in whole["choices"].as_array().unwrap().iter().enumerate() {
             let mine: Vec<&Value> = chunks
                 .iter()

@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{error_code, spawn_long_context_app_with, sse_data, TestApp};
+use crate::helpers::{error_code, openai_chunks, spawn_long_context_app_with, TestApp};
 
 /// The tool descriptions alone outgrow the tiny model's 256-token context.
 async fn spawn_app() -> TestApp {
@@ -105,12 +105,7 @@ async fn auto_answers_or_calls_and_a_streamed_call_comes_in_one_piece() {
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
     let raw = app.post_text("/v1/chat/completions", &body).await;
-    let data = sse_data(&raw);
-    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = openai_chunks(&raw);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let call = &chunks[1]["choices"][0]["delta"]["tool_calls"][0];
     assert_eq!(call["index"], 0);
@@ -133,11 +128,7 @@ async fn a_streamed_answer_arrives_piece_by_piece_as_the_whole_one_reads() {
         let mut body = chat(json!("auto"), seed);
         body["stream"] = json!(true);
         let raw = app.post_text("/v1/chat/completions", &body).await;
-        let data = sse_data(&raw);
-        let chunks: Vec<Value> = data[..data.len() - 1]
-            .iter()
-            .map(|d| serde_json::from_str(d).unwrap())
-            .collect();
+        let chunks = openai_chunks(&raw);
         let pieces: Vec<&str> = chunks[1..]
             .iter()
             .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
@@ -213,11 +204,7 @@ async fn parallel_tool_calls_come_back_as_a_list_streamed_or_not() {
         // Streamed: the same calls (greedy or seeded alike), each with its index, in one delta.
         body["stream"] = json!(true);
         let raw = app.post_text("/v1/chat/completions", &body).await;
-        let events: Vec<Value> = sse_data(&raw)
-            .iter()
-            .filter(|d| *d != "[DONE]")
-            .map(|d| serde_json::from_str(d).unwrap())
-            .collect();
+        let events = openai_chunks(&raw);
         let streamed: Vec<&Value> = events
             .iter()
             .filter_map(|e| e["choices"][0]["delta"]["tool_calls"].as_array())
