@@ -358,7 +358,7 @@ impl Compiler<'_> {
             Some(Value::String(s)) => Ok(Some(s.as_str())),
             Some(_) => err(&format!("{at}/{key}"), "must be a string"),
         };
-        let source = match (text("pattern")?, text("format")?) {
+        let (source, place) = match (text("pattern")?, text("format")?) {
             (None, None) => return self.add(Node::String { min_len, max_len }, at),
             (Some(_), Some(_)) => {
                 return err(at, "`pattern` and `format` together are not supported")
@@ -376,7 +376,6 @@ impl Compiler<'_> {
                 }
             },
         };
-        let (source, place) = source;
         let key = (source, min_len, max_len);
         let table = match self.patterns.get(&key) {
             Some(t) => Arc::clone(t),
