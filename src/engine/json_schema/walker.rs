@@ -514,12 +514,11 @@ impl<'s, S: Frames> Walker<'s, S> {
                 }
                 ok
             }
-            b'\\' => {
-                let ok = p.escape_ok(state, len);
+            b'\\' if p.escape_ok(state, len) => {
                 self.pos = at(state, len + 1, true);
-                ok
+                true
             }
-            0..=0x1f => false,
+            b'\\' | 0..=0x1f => false,
             _ => match p.raw(state, len, b) {
                 Some((next, len)) => {
                     self.pos = at(next, len, false);
