@@ -11,8 +11,11 @@
 //!   overflow `vpmaddubsw`'s 16-bit pair sums.
 //!
 //! where sum = dx·Σqx. The weight block is unpacked once and reused for a tile of up to 8
-//! (VNNI) or 4 (AVX2) activation rows; the offset coefficients of up to 64 blocks are buffered
-//! and dotted with the block sums afterwards, so they add no dependency chain to the hot loop.
+//! (VNNI) or 4 (AVX2) activation rows; a single activation row (single-stream decode) takes two
+//! weight rows at once instead, sharing its loads. A call covers several weight rows, so the
+//! per-call set-up is paid once for them. The offset coefficients of up to 64 blocks are
+//! buffered and dotted with the block sums afterwards, so they add no dependency chain to the
+//! hot loop.
 
 use std::arch::x86_64::*;
 
@@ -161,15 +164,15 @@ unsafe fn step<const F: u8, const VNNI: bool, const W16: bool, const R: usize, c
 #[inline(always)]
 unsafe fn tile<const F: u8, const VNNI: bool, const W16: bool, const R: usize, const A: usize>(
     w: &[u8],
-    acts: &QuantRows,
+    all_rows: &[ActRow<'_>],
     cols: usize,
     r0: usize,
 ) -> [f32; R] {
     let bb = block_bytes(F);
     let nb = cols / QK;
     debug_assert_eq!(w.len(), nb * bb);
-    debug_assert!(acts.q.len().max(acts.q16.len()) >= (r0 + R) * cols);
-    let rows: [_; R] = std::array::from_fn(|i| acts.row(r0 + i, cols));
+    debug_assert!(all_rows.len() >= r0 + R);
+    let rows: [_; R] = std::array::from_fn(|i| all_rows[r0 + i]);
     let mut acc = [[_mm256_setzero_ps(); A]; R];
     let mut off = [0f32; R];
     // Left unzeroed: every pass writes the first `end - start` entries before reading them.
@@ -250,53 +253,175 @@ unsafe fn mul_f32(a: &[f32], b: &[f32], out: *mut f32) {
     }
 }
 
-/// All rows of `acts` (dst.len() of them) against one weight row, in tiles.
+/// One activation row against two weight rows at once (single-stream decode): the two rows'
+/// dot products share each activation load and give two independent chains per accumulator
+/// slot, where one weight row at a time needed four accumulators of one row for the same
+/// overlap and paid the per-row set-up (scales, sums, horizontal sums) for less work.
+#[inline(always)]
+unsafe fn tile_pair<const F: u8, const VNNI: bool, const W16: bool>(
+    w0: &[u8],
+    w1: &[u8],
+    row: &ActRow<'_>,
+    cols: usize,
+) -> [f32; 2] {
+    let bb = block_bytes(F);
+    let nb = cols / QK;
+    debug_assert!(w0.len() == nb * bb && w1.len() == nb * bb);
+    const A: usize = 2;
+    let mut acc = [[_mm256_setzero_ps(); A]; 2];
+    let mut off = [0f32; 2];
+    let mut dw = std::mem::MaybeUninit::<[[f32; CHUNK]; 2]>::uninit();
+    let mut cw = std::mem::MaybeUninit::<[[f32; CHUNK]; 2]>::uninit();
+    let mut scale = std::mem::MaybeUninit::<[[f32; CHUNK]; 2]>::uninit();
+    // Left unzeroed: every pass writes the first `end - start` entries before reading them.
+    let (dw, cw, scale) = (
+        &mut *dw.as_mut_ptr(),
+        &mut *cw.as_mut_ptr(),
+        &mut *scale.as_mut_ptr(),
+    );
+    let wps = [w0.as_ptr(), w1.as_ptr()];
+    let rows = [*row];
+    let mut start = 0;
+    while start < nb {
+        let end = (start + CHUNK).min(nb);
+        let len = end - start;
+        for (j, wp) in wps.iter().enumerate() {
+            for k in 0..len {
+                let (d, m) = f16x2(wp.add((start + k) * bb));
+                dw[j][k] = d;
+                cw[j][k] = match F {
+                    Q4_1 => m,
+                    Q4_0 => -8.0 * d,
+                    _ if VNNI && !W16 => -128.0 * d,
+                    _ => 0.0,
+                };
+            }
+            mul_f32(&dw[j][..len], &row.d[start..end], scale[j].as_mut_ptr());
+        }
+        let mut b = start;
+        while b + A <= end {
+            for a in 0..A {
+                for (j, wp) in wps.iter().enumerate() {
+                    let (sc, accj) = (
+                        std::array::from_ref(&scale[j]),
+                        std::array::from_mut(&mut acc[j]),
+                    );
+                    step::<F, VNNI, W16, 1, A>(*wp, b + a, b + a - start, a, &rows, sc, accj);
+                }
+            }
+            b += A;
+        }
+        while b < end {
+            for (j, wp) in wps.iter().enumerate() {
+                let (sc, accj) = (
+                    std::array::from_ref(&scale[j]),
+                    std::array::from_mut(&mut acc[j]),
+                );
+                step::<F, VNNI, W16, 1, A>(*wp, b, b - start, 0, &rows, sc, accj);
+            }
+            b += 1;
+        }
+        if F != Q8_0 || (VNNI && !W16) {
+            for (o, c) in off.iter_mut().zip(cw.iter()) {
+                *o += dot_f32(&c[..len], &row.sum[start..end]);
+            }
+        }
+        start = end;
+    }
+    let mut out = [0f32; 2];
+    for ((o, acc_j), off) in out.iter_mut().zip(acc.iter()).zip(off) {
+        *o = hsum(_mm256_add_ps(acc_j[0], acc_j[1])) + off;
+    }
+    out
+}
+
+/// All rows of `acts` (n = dst.len() / nw of them) against `nw` consecutive weight rows `w`;
+/// weight row k's results go to dst[k·n..(k+1)·n]. One activation row takes the weight rows in
+/// pairs; several take them one at a time, in tiles of activation rows.
 #[inline(always)]
 unsafe fn dot_rows<const F: u8, const VNNI: bool, const W16: bool>(
     w: &[u8],
+    nw: usize,
     acts: &QuantRows,
     cols: usize,
     dst: &mut [f32],
 ) {
-    let n = dst.len();
-    let mut r = 0;
-    if VNNI {
-        // 8 accumulators plus the weight operand and temporaries fit the 32 AVX-512VL registers.
-        while r + 8 <= n {
-            dst[r..r + 8].copy_from_slice(&tile::<F, VNNI, W16, 8, 1>(w, acts, cols, r));
-            r += 8;
+    let n = dst.len() / nw.max(1);
+    let row_bytes = cols / QK * block_bytes(F);
+    debug_assert!(w.len() >= nw * row_bytes);
+    // The rows' slices once per call, on the stack for the usual batch sizes.
+    const NONE: ActRow<'static> = ActRow {
+        q: &[],
+        q16: &[],
+        d: &[],
+        sum: &[],
+    };
+    let mut on_stack = [NONE; 16];
+    let on_heap: Vec<ActRow<'_>>;
+    let rows: &[ActRow<'_>] = if n <= on_stack.len() {
+        for (r, slot) in on_stack.iter_mut().enumerate().take(n) {
+            *slot = acts.row(r, cols);
+        }
+        &on_stack[..n]
+    } else {
+        on_heap = (0..n).map(|r| acts.row(r, cols)).collect();
+        &on_heap
+    };
+    let wrow = |k: usize| &w[k * row_bytes..(k + 1) * row_bytes];
+    let mut k = 0;
+    if n == 1 {
+        while k + 2 <= nw {
+            let [a, b] = tile_pair::<F, VNNI, W16>(wrow(k), wrow(k + 1), &rows[0], cols);
+            dst[k] = a;
+            dst[k + 1] = b;
+            k += 2;
         }
     }
-    while r + 4 <= n {
-        dst[r..r + 4].copy_from_slice(&tile::<F, VNNI, W16, 4, 1>(w, acts, cols, r));
-        r += 4;
-    }
-    while r + 2 <= n {
-        dst[r..r + 2].copy_from_slice(&tile::<F, VNNI, W16, 2, 2>(w, acts, cols, r));
-        r += 2;
-    }
-    if r < n {
-        dst[r] = tile::<F, VNNI, W16, 1, 4>(w, acts, cols, r)[0];
+    while k < nw {
+        let (w, dst) = (wrow(k), &mut dst[k * n..(k + 1) * n]);
+        let mut r = 0;
+        if VNNI {
+            // 8 accumulators plus the weight operand and temporaries fit the 32 AVX-512VL
+            // registers.
+            while r + 8 <= n {
+                dst[r..r + 8].copy_from_slice(&tile::<F, VNNI, W16, 8, 1>(w, rows, cols, r));
+                r += 8;
+            }
+        }
+        while r + 4 <= n {
+            dst[r..r + 4].copy_from_slice(&tile::<F, VNNI, W16, 4, 1>(w, rows, cols, r));
+            r += 4;
+        }
+        while r + 2 <= n {
+            dst[r..r + 2].copy_from_slice(&tile::<F, VNNI, W16, 2, 2>(w, rows, cols, r));
+            r += 2;
+        }
+        if r < n {
+            dst[r] = tile::<F, VNNI, W16, 1, 4>(w, rows, cols, r)[0];
+        }
+        k += 1;
     }
 }
 
-/// AVX2 entry point. Safety: the CPU has AVX2, FMA and F16C; `acts` holds dst.len() rows of
-/// `cols` values and `w` one weight row of `cols` values.
+/// AVX2 entry point: `nw` consecutive weight rows `w` against every row of `acts`, weight row
+/// k's results into dst[k·n..(k+1)·n]. Safety: the CPU has AVX2, FMA and F16C; `acts` holds
+/// n = dst.len() / nw rows of `cols` values and `w` nw weight rows of `cols` values.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_rows_avx2(
     format: BlockFormat,
     w: &[u8],
+    nw: usize,
     acts: &QuantRows,
     cols: usize,
     dst: &mut [f32],
 ) {
     match (format, acts.wide) {
-        (BlockFormat::Q4_0, false) => dot_rows::<Q4_0, false, false>(w, acts, cols, dst),
-        (BlockFormat::Q4_1, false) => dot_rows::<Q4_1, false, false>(w, acts, cols, dst),
-        (BlockFormat::Q8_0, false) => dot_rows::<Q8_0, false, false>(w, acts, cols, dst),
-        (BlockFormat::Q4_0, true) => dot_rows::<Q4_0, false, true>(w, acts, cols, dst),
-        (BlockFormat::Q4_1, true) => dot_rows::<Q4_1, false, true>(w, acts, cols, dst),
-        (BlockFormat::Q8_0, true) => dot_rows::<Q8_0, false, true>(w, acts, cols, dst),
+        (BlockFormat::Q4_0, false) => dot_rows::<Q4_0, false, false>(w, nw, acts, cols, dst),
+        (BlockFormat::Q4_1, false) => dot_rows::<Q4_1, false, false>(w, nw, acts, cols, dst),
+        (BlockFormat::Q8_0, false) => dot_rows::<Q8_0, false, false>(w, nw, acts, cols, dst),
+        (BlockFormat::Q4_0, true) => dot_rows::<Q4_0, false, true>(w, nw, acts, cols, dst),
+        (BlockFormat::Q4_1, true) => dot_rows::<Q4_1, false, true>(w, nw, acts, cols, dst),
+        (BlockFormat::Q8_0, true) => dot_rows::<Q8_0, false, true>(w, nw, acts, cols, dst),
     }
 }
 
@@ -305,17 +430,18 @@ pub(super) unsafe fn dot_rows_avx2(
 pub(super) unsafe fn dot_rows_vnni(
     format: BlockFormat,
     w: &[u8],
+    nw: usize,
     acts: &QuantRows,
     cols: usize,
     dst: &mut [f32],
 ) {
     match (format, acts.wide) {
-        (BlockFormat::Q4_0, false) => dot_rows::<Q4_0, true, false>(w, acts, cols, dst),
-        (BlockFormat::Q4_1, false) => dot_rows::<Q4_1, true, false>(w, acts, cols, dst),
-        (BlockFormat::Q8_0, false) => dot_rows::<Q8_0, true, false>(w, acts, cols, dst),
-        (BlockFormat::Q4_0, true) => dot_rows::<Q4_0, true, true>(w, acts, cols, dst),
-        (BlockFormat::Q4_1, true) => dot_rows::<Q4_1, true, true>(w, acts, cols, dst),
-        (BlockFormat::Q8_0, true) => dot_rows::<Q8_0, true, true>(w, acts, cols, dst),
+        (BlockFormat::Q4_0, false) => dot_rows::<Q4_0, true, false>(w, nw, acts, cols, dst),
+        (BlockFormat::Q4_1, false) => dot_rows::<Q4_1, true, false>(w, nw, acts, cols, dst),
+        (BlockFormat::Q8_0, false) => dot_rows::<Q8_0, true, false>(w, nw, acts, cols, dst),
+        (BlockFormat::Q4_0, true) => dot_rows::<Q4_0, true, true>(w, nw, acts, cols, dst),
+        (BlockFormat::Q4_1, true) => dot_rows::<Q4_1, true, true>(w, nw, acts, cols, dst),
+        (BlockFormat::Q8_0, true) => dot_rows::<Q8_0, true, true>(w, nw, acts, cols, dst),
     }
 }
 
