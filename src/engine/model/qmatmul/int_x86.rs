@@ -156,6 +156,28 @@ unsafe fn step<const F: u8, const VNNI: bool, const W16: bool, const R: usize, c
     }
 }
 
+/// For blocks start..start+len of the weight row at `wp`: each block's scale into `dw[k]` and
+/// its offset coefficient (the term the activation block sum multiplies) into `cw[k]`.
+#[inline(always)]
+unsafe fn block_scales<const F: u8, const VNNI: bool, const W16: bool>(
+    wp: *const u8,
+    start: usize,
+    len: usize,
+    dw: *mut f32,
+    cw: *mut f32,
+) {
+    for k in 0..len {
+        let (d, m) = f16x2(wp.add((start + k) * block_bytes(F)));
+        *dw.add(k) = d;
+        *cw.add(k) = match F {
+            Q4_1 => m,
+            Q4_0 => -8.0 * d,
+            _ if VNNI && !W16 => -128.0 * d,
+            _ => 0.0,
+        };
+    }
+}
+
 /// Activation rows r0..r0+R against one weight row, with A accumulators per row (A·R chains
 /// hide the FMA latency when R is small). Per chunk of up to 64 blocks, a first pass reads the
 /// block scales and offset coefficients and forms the products d·dx for every row eight at a
@@ -189,16 +211,7 @@ unsafe fn tile<const F: u8, const VNNI: bool, const W16: bool, const R: usize, c
     while start < nb {
         let end = (start + CHUNK).min(nb);
         let len = end - start;
-        for k in 0..len {
-            let (d, m) = f16x2(wp.add((start + k) * bb));
-            *dw.add(k) = d;
-            *cw.add(k) = match F {
-                Q4_1 => m,
-                Q4_0 => -8.0 * d,
-                _ if VNNI && !W16 => -128.0 * d,
-                _ => 0.0,
-            };
-        }
+        block_scales::<F, VNNI, W16>(wp, start, len, dw, cw);
         let dw_s = std::slice::from_raw_parts(dw, len);
         for (row, sc) in rows.iter().zip(scale.iter_mut()) {
             mul_f32(dw_s, &row.d[start..end], sc.as_mut_ptr());
@@ -286,16 +299,7 @@ unsafe fn tile_pair<const F: u8, const VNNI: bool, const W16: bool>(
         let end = (start + CHUNK).min(nb);
         let len = end - start;
         for (j, wp) in wps.iter().enumerate() {
-            for k in 0..len {
-                let (d, m) = f16x2(wp.add((start + k) * bb));
-                dw[j][k] = d;
-                cw[j][k] = match F {
-                    Q4_1 => m,
-                    Q4_0 => -8.0 * d,
-                    _ if VNNI && !W16 => -128.0 * d,
-                    _ => 0.0,
-                };
-            }
+            block_scales::<F, VNNI, W16>(*wp, start, len, dw[j].as_mut_ptr(), cw[j].as_mut_ptr());
             mul_f32(&dw[j][..len], &row.d[start..end], scale[j].as_mut_ptr());
         }
         let mut b = start;
