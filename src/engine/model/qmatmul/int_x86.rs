@@ -1,6 +1,8 @@
-//! Integer kernels on x86 for int8 and int16 activations: AVX2 (`vpmaddubsw` + `vpmaddwd`) and AVX-512 VNNI
-//! (256-bit `vpdpbusd`, which multiplies unsigned by signed bytes and sums four products into
-//! each 32-bit lane without the 16-bit saturation of `vpmaddubsw`).
+//! Integer kernels on x86 for int8 activations (the opt-in `Int8` precision) on weights in
+//! GGUF block order: AVX2 (`vpmaddubsw` + `vpmaddwd`) and AVX-512 VNNI (256-bit `vpdpbusd`,
+//! which multiplies unsigned by signed bytes and sums four products into each 32-bit lane
+//! without the 16-bit saturation of `vpmaddubsw`). Int16 activations run on weight strips
+//! instead (`strips`, `strips_avx2`), and the activation quantizers of both live here.
 //!
 //! Both multiply an unsigned weight operand by the signed activations, so each format is
 //! turned unsigned per block and the shift is paid back through the activation block sum:
@@ -36,35 +38,20 @@ unsafe fn f16x2(p: *const u8) -> (f32, f32) {
 }
 
 /// The integer dot product of one weight block with one activation block at `x`, as 8 i32
-/// lanes (their sum is the block's). 8-bit: Σ u·x over groups of 4 bytes. 16-bit: the two
-/// halves of the block (`u` values 0-15, `ws` values 16-31, as i16) against 64 bytes of i16
-/// activations with `vpmaddwd` / `vpdpwssd`.
+/// lanes (their sum is the block's): Σ u·x over groups of 4 bytes (`ws`: the signed weight
+/// bytes, the sign source of AVX2's Q8_0).
 #[inline(always)]
-unsafe fn idot<const F: u8, const VNNI: bool, const W16: bool>(
-    u: __m256i,
-    ws: __m256i,
-    x: *const u8,
-) -> __m256i {
-    if W16 {
-        let x0 = _mm256_loadu_si256(x as *const __m256i);
-        let x1 = _mm256_loadu_si256(x.add(32) as *const __m256i);
-        if VNNI {
-            _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(_mm256_setzero_si256(), u, x0), ws, x1)
-        } else {
-            _mm256_add_epi32(_mm256_madd_epi16(u, x0), _mm256_madd_epi16(ws, x1))
-        }
+unsafe fn idot<const F: u8, const VNNI: bool>(u: __m256i, ws: __m256i, x: *const i8) -> __m256i {
+    let x = _mm256_loadu_si256(x as *const __m256i);
+    if VNNI {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
     } else {
-        let x = _mm256_loadu_si256(x as *const __m256i);
-        if VNNI {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
+        let x = if F == Q8_0 {
+            _mm256_sign_epi8(x, ws)
         } else {
-            let x = if F == Q8_0 {
-                _mm256_sign_epi8(x, ws)
-            } else {
-                x
-            };
-            _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
-        }
+            x
+        };
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
     }
 }
 
@@ -90,13 +77,10 @@ unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// The weight operand of one block. 8-bit: the unsigned bytes in value order and, for
-/// AVX2's Q8_0, the signed bytes as sign source. 16-bit: values 0-15 and 16-31 as i16
-/// (Q4 unsigned 0..15, Q8_0 signed). Scales are read apart, in `tile`.
+/// The weight operand of one block: the unsigned bytes in value order and, for AVX2's Q8_0,
+/// the signed bytes as sign source. Scales are read apart, in `tile`.
 #[inline(always)]
-unsafe fn weight_bytes<const F: u8, const VNNI: bool, const W16: bool>(
-    b: *const u8,
-) -> (__m256i, __m256i) {
+unsafe fn weight_bytes<const F: u8, const VNNI: bool>(b: *const u8) -> (__m256i, __m256i) {
     match F {
         Q4_0 | Q4_1 => {
             let raw = _mm_loadu_si128(b.add(if F == Q4_1 { 4 } else { 2 }) as *const __m128i);
@@ -106,21 +90,12 @@ unsafe fn weight_bytes<const F: u8, const VNNI: bool, const W16: bool>(
                 _mm_and_si128(raw, mask),
                 _mm_and_si128(_mm_srli_epi16(raw, 4), mask),
             );
-            if W16 {
-                (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
-            } else {
-                let u = _mm256_set_m128i(hi, lo);
-                (u, u)
-            }
+            let u = _mm256_set_m128i(hi, lo);
+            (u, u)
         }
         _ => {
             let w = _mm256_loadu_si256(b.add(2) as *const __m256i);
-            if W16 {
-                (
-                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)),
-                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1)),
-                )
-            } else if VNNI {
+            if VNNI {
                 (_mm256_xor_si256(w, _mm256_set1_epi8(i8::MIN)), w)
             } else {
                 (_mm256_abs_epi8(w), w)
@@ -134,7 +109,7 @@ unsafe fn weight_bytes<const F: u8, const VNNI: bool, const W16: bool>(
 /// product. A function, not a closure: a closure would not inherit the caller's target
 /// features, and every intrinsic in it would become an out-of-line call.
 #[inline(always)]
-unsafe fn step<const F: u8, const VNNI: bool, const W16: bool, const R: usize, const A: usize>(
+unsafe fn step<const F: u8, const VNNI: bool, const R: usize, const A: usize>(
     wp: *const u8,
     b: usize,
     k: usize,
@@ -143,14 +118,9 @@ unsafe fn step<const F: u8, const VNNI: bool, const W16: bool, const R: usize, c
     scale: &[[f32; CHUNK]; R],
     acc: &mut [[__m256; A]; R],
 ) {
-    let (u, ws) = weight_bytes::<F, VNNI, W16>(wp.add(b * block_bytes(F)));
+    let (u, ws) = weight_bytes::<F, VNNI>(wp.add(b * block_bytes(F)));
     for ((row, acc_r), sc) in rows.iter().zip(acc.iter_mut()).zip(scale) {
-        let x = if W16 {
-            row.q16.as_ptr().add(b * QK) as *const u8
-        } else {
-            row.q.as_ptr().add(b * QK) as *const u8
-        };
-        let i = idot::<F, VNNI, W16>(u, ws, x);
+        let i = idot::<F, VNNI>(u, ws, row.q.as_ptr().add(b * QK));
         let s = _mm256_broadcast_ss(sc.get_unchecked(k));
         acc_r[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, acc_r[a]);
     }
@@ -159,7 +129,7 @@ unsafe fn step<const F: u8, const VNNI: bool, const W16: bool, const R: usize, c
 /// For blocks start..start+len of the weight row at `wp`: each block's scale into `dw[k]` and
 /// its offset coefficient (the term the activation block sum multiplies) into `cw[k]`.
 #[inline(always)]
-unsafe fn block_scales<const F: u8, const VNNI: bool, const W16: bool>(
+unsafe fn block_scales<const F: u8, const VNNI: bool>(
     wp: *const u8,
     start: usize,
     len: usize,
@@ -172,7 +142,7 @@ unsafe fn block_scales<const F: u8, const VNNI: bool, const W16: bool>(
         *cw.add(k) = match F {
             Q4_1 => m,
             Q4_0 => -8.0 * d,
-            _ if VNNI && !W16 => -128.0 * d,
+            _ if VNNI => -128.0 * d,
             _ => 0.0,
         };
     }
@@ -184,7 +154,7 @@ unsafe fn block_scales<const F: u8, const VNNI: bool, const W16: bool>(
 /// time, so the hot loop spends one FMA per row and block on scaling instead of a multiply
 /// and an FMA.
 #[inline(always)]
-unsafe fn tile<const F: u8, const VNNI: bool, const W16: bool, const R: usize, const A: usize>(
+unsafe fn tile<const F: u8, const VNNI: bool, const R: usize, const A: usize>(
     w: &[u8],
     all_rows: &[ActRow<'_>],
     cols: usize,
@@ -211,7 +181,7 @@ unsafe fn tile<const F: u8, const VNNI: bool, const W16: bool, const R: usize, c
     while start < nb {
         let end = (start + CHUNK).min(nb);
         let len = end - start;
-        block_scales::<F, VNNI, W16>(wp, start, len, dw, cw);
+        block_scales::<F, VNNI>(wp, start, len, dw, cw);
         let dw_s = std::slice::from_raw_parts(dw, len);
         for (row, sc) in rows.iter().zip(scale.iter_mut()) {
             mul_f32(dw_s, &row.d[start..end], sc.as_mut_ptr());
@@ -219,15 +189,15 @@ unsafe fn tile<const F: u8, const VNNI: bool, const W16: bool, const R: usize, c
         let mut b = start;
         while b + A <= end {
             for a in 0..A {
-                step::<F, VNNI, W16, R, A>(wp, b + a, b + a - start, a, &rows, scale, &mut acc);
+                step::<F, VNNI, R, A>(wp, b + a, b + a - start, a, &rows, scale, &mut acc);
             }
             b += A;
         }
         while b < end {
-            step::<F, VNNI, W16, R, A>(wp, b, b - start, 0, &rows, scale, &mut acc);
+            step::<F, VNNI, R, A>(wp, b, b - start, 0, &rows, scale, &mut acc);
             b += 1;
         }
-        if F != Q8_0 || (VNNI && !W16) {
+        if F != Q8_0 || VNNI {
             let cw_s = std::slice::from_raw_parts(cw, len);
             for (o, row) in off.iter_mut().zip(rows.iter()) {
                 *o += dot_f32(cw_s, &row.sum[start..end]);
@@ -271,7 +241,7 @@ unsafe fn mul_f32(a: &[f32], b: &[f32], out: *mut f32) {
 /// slot, where one weight row at a time needed four accumulators of one row for the same
 /// overlap and paid the per-row set-up (scales, sums, horizontal sums) for less work.
 #[inline(always)]
-unsafe fn tile_pair<const F: u8, const VNNI: bool, const W16: bool>(
+unsafe fn tile_pair<const F: u8, const VNNI: bool>(
     w0: &[u8],
     w1: &[u8],
     row: &ActRow<'_>,
@@ -299,7 +269,7 @@ unsafe fn tile_pair<const F: u8, const VNNI: bool, const W16: bool>(
         let end = (start + CHUNK).min(nb);
         let len = end - start;
         for (j, wp) in wps.iter().enumerate() {
-            block_scales::<F, VNNI, W16>(*wp, start, len, dw[j].as_mut_ptr(), cw[j].as_mut_ptr());
+            block_scales::<F, VNNI>(*wp, start, len, dw[j].as_mut_ptr(), cw[j].as_mut_ptr());
             mul_f32(&dw[j][..len], &row.d[start..end], scale[j].as_mut_ptr());
         }
         let mut b = start;
@@ -310,7 +280,7 @@ unsafe fn tile_pair<const F: u8, const VNNI: bool, const W16: bool>(
                         std::array::from_ref(&scale[j]),
                         std::array::from_mut(&mut acc[j]),
                     );
-                    step::<F, VNNI, W16, 1, A>(*wp, b + a, b + a - start, a, &rows, sc, accj);
+                    step::<F, VNNI, 1, A>(*wp, b + a, b + a - start, a, &rows, sc, accj);
                 }
             }
             b += A;
@@ -321,11 +291,11 @@ unsafe fn tile_pair<const F: u8, const VNNI: bool, const W16: bool>(
                     std::array::from_ref(&scale[j]),
                     std::array::from_mut(&mut acc[j]),
                 );
-                step::<F, VNNI, W16, 1, A>(*wp, b, b - start, 0, &rows, sc, accj);
+                step::<F, VNNI, 1, A>(*wp, b, b - start, 0, &rows, sc, accj);
             }
             b += 1;
         }
-        if F != Q8_0 || (VNNI && !W16) {
+        if F != Q8_0 || VNNI {
             for (o, c) in off.iter_mut().zip(cw.iter()) {
                 *o += dot_f32(&c[..len], &row.sum[start..end]);
             }
@@ -343,7 +313,7 @@ unsafe fn tile_pair<const F: u8, const VNNI: bool, const W16: bool>(
 /// weight row k's results go to dst[k·n..(k+1)·n]. One activation row takes the weight rows in
 /// pairs; several take them one at a time, in tiles of activation rows.
 #[inline(always)]
-unsafe fn dot_rows<const F: u8, const VNNI: bool, const W16: bool>(
+unsafe fn dot_rows<const F: u8, const VNNI: bool>(
     w: &[u8],
     nw: usize,
     acts: &QuantRows,
@@ -375,7 +345,7 @@ unsafe fn dot_rows<const F: u8, const VNNI: bool, const W16: bool>(
     let mut k = 0;
     if n == 1 {
         while k + 2 <= nw {
-            let [a, b] = tile_pair::<F, VNNI, W16>(wrow(k), wrow(k + 1), &rows[0], cols);
+            let [a, b] = tile_pair::<F, VNNI>(wrow(k), wrow(k + 1), &rows[0], cols);
             dst[k] = a;
             dst[k + 1] = b;
             k += 2;
@@ -388,28 +358,29 @@ unsafe fn dot_rows<const F: u8, const VNNI: bool, const W16: bool>(
             // 8 accumulators plus the weight operand and temporaries fit the 32 AVX-512VL
             // registers.
             while r + 8 <= n {
-                dst[r..r + 8].copy_from_slice(&tile::<F, VNNI, W16, 8, 1>(w, rows, cols, r));
+                dst[r..r + 8].copy_from_slice(&tile::<F, VNNI, 8, 1>(w, rows, cols, r));
                 r += 8;
             }
         }
         while r + 4 <= n {
-            dst[r..r + 4].copy_from_slice(&tile::<F, VNNI, W16, 4, 1>(w, rows, cols, r));
+            dst[r..r + 4].copy_from_slice(&tile::<F, VNNI, 4, 1>(w, rows, cols, r));
             r += 4;
         }
         while r + 2 <= n {
-            dst[r..r + 2].copy_from_slice(&tile::<F, VNNI, W16, 2, 2>(w, rows, cols, r));
+            dst[r..r + 2].copy_from_slice(&tile::<F, VNNI, 2, 2>(w, rows, cols, r));
             r += 2;
         }
         if r < n {
-            dst[r] = tile::<F, VNNI, W16, 1, 4>(w, rows, cols, r)[0];
+            dst[r] = tile::<F, VNNI, 1, 4>(w, rows, cols, r)[0];
         }
         k += 1;
     }
 }
 
-/// AVX2 entry point: `nw` consecutive weight rows `w` against every row of `acts`, weight row
-/// k's results into dst[k·n..(k+1)·n]. Safety: the CPU has AVX2, FMA and F16C; `acts` holds
-/// n = dst.len() / nw rows of `cols` values and `w` nw weight rows of `cols` values.
+/// AVX2 entry point: `nw` consecutive weight rows `w` against every row of `acts` (int8),
+/// weight row k's results into dst[k·n..(k+1)·n]. Safety: the CPU has AVX2, FMA and F16C;
+/// `acts` holds n = dst.len() / nw int8 rows of `cols` values and `w` nw weight rows of
+/// `cols` values.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_rows_avx2(
     format: BlockFormat,
@@ -419,13 +390,11 @@ pub(super) unsafe fn dot_rows_avx2(
     cols: usize,
     dst: &mut [f32],
 ) {
-    match (format, acts.wide) {
-        (BlockFormat::Q4_0, false) => dot_rows::<Q4_0, false, false>(w, nw, acts, cols, dst),
-        (BlockFormat::Q4_1, false) => dot_rows::<Q4_1, false, false>(w, nw, acts, cols, dst),
-        (BlockFormat::Q8_0, false) => dot_rows::<Q8_0, false, false>(w, nw, acts, cols, dst),
-        (BlockFormat::Q4_0, true) => dot_rows::<Q4_0, false, true>(w, nw, acts, cols, dst),
-        (BlockFormat::Q4_1, true) => dot_rows::<Q4_1, false, true>(w, nw, acts, cols, dst),
-        (BlockFormat::Q8_0, true) => dot_rows::<Q8_0, false, true>(w, nw, acts, cols, dst),
+    debug_assert!(!acts.wide, "int16 activations run on strips");
+    match format {
+        BlockFormat::Q4_0 => dot_rows::<Q4_0, false>(w, nw, acts, cols, dst),
+        BlockFormat::Q4_1 => dot_rows::<Q4_1, false>(w, nw, acts, cols, dst),
+        BlockFormat::Q8_0 => dot_rows::<Q8_0, false>(w, nw, acts, cols, dst),
     }
 }
 
@@ -439,13 +408,11 @@ pub(super) unsafe fn dot_rows_vnni(
     cols: usize,
     dst: &mut [f32],
 ) {
-    match (format, acts.wide) {
-        (BlockFormat::Q4_0, false) => dot_rows::<Q4_0, true, false>(w, nw, acts, cols, dst),
-        (BlockFormat::Q4_1, false) => dot_rows::<Q4_1, true, false>(w, nw, acts, cols, dst),
-        (BlockFormat::Q8_0, false) => dot_rows::<Q8_0, true, false>(w, nw, acts, cols, dst),
-        (BlockFormat::Q4_0, true) => dot_rows::<Q4_0, true, true>(w, nw, acts, cols, dst),
-        (BlockFormat::Q4_1, true) => dot_rows::<Q4_1, true, true>(w, nw, acts, cols, dst),
-        (BlockFormat::Q8_0, true) => dot_rows::<Q8_0, true, true>(w, nw, acts, cols, dst),
+    debug_assert!(!acts.wide, "int16 activations run on strips");
+    match format {
+        BlockFormat::Q4_0 => dot_rows::<Q4_0, true>(w, nw, acts, cols, dst),
+        BlockFormat::Q4_1 => dot_rows::<Q4_1, true>(w, nw, acts, cols, dst),
+        BlockFormat::Q8_0 => dot_rows::<Q8_0, true>(w, nw, acts, cols, dst),
     }
 }
 

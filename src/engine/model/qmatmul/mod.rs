@@ -4,15 +4,16 @@
 //! Three precisions ([`ActivationPrecision`]):
 //! - `Int16` and `Int8`: each activation row is quantized once per matmul per
 //!   32-value block (an f32 scale per block, plus the block's sum), and the dot products run
-//!   on integers — `vpdpwssd`/`vpdpbusd` with AVX-512 VNNI, `vpmaddwd`(+`vpmaddubsw`) with
-//!   AVX2. Int8 is what llama.cpp does; int16 has 1/258 of its rounding error for one more
-//!   integer instruction per block. Their effect on the real model is measured in
-//!   BENCHMARKS.md ("Decode kernels").
+//!   on integers. Int16 runs on weights re-laid out in 16-row strips (`strips`): `vpdpwssd`
+//!   with AVX-512 VNNI, `vpmaddwd` with AVX2 (`strips_avx2`), the block's float work shared by
+//!   the strip's rows. Int8, what llama.cpp does, runs on the GGUF blocks (`int_x86`:
+//!   `vpdpbusd`, or `vpmaddubsw`+`vpmaddwd`). Int16 has 1/258 of int8's rounding error; their
+//!   effect on the real model is measured in BENCHMARKS.md ("Decode kernels").
 //! - `F32`: activations stay f32 and blocks are unpacked to f32 (AVX2+FMA): the exact path,
 //!   equal to x·Wᵀ on the dequantized weights up to summation order.
-//! - `Auto` (default): int16 wherever the CPU has AVX-512 VNNI (on 16-row weight strips,
-//!   see `strips`, the fastest path at every row count); elsewhere int16 for a few rows
-//!   (decode), f32 for many (batched decode, prefill).
+//! - `Auto` (default): int16 on strips wherever the CPU has AVX2 (the fastest path at every
+//!   row count, on AVX2 as on AVX-512 VNNI); on the portable scalar kernels int16 for a few
+//!   rows (decode), f32 for many (batched decode, prefill).
 //!
 //! Why our own kernel rather than candle's `QMatMul`: candle 0.11's Q4_1 dot product is scalar,
 //! it re-reads every weight block for every row of a batch, and its activation blocks carry f16
@@ -27,6 +28,8 @@ mod avx512;
 mod int_x86;
 mod scalar;
 mod strips;
+#[cfg(target_arch = "x86_64")]
+mod strips_avx2;
 #[cfg(test)]
 mod tests;
 
@@ -92,15 +95,14 @@ impl BlockFormat {
 
 /// What the activations are multiplied as. Measured on the default model (BENCHMARKS.md,
 /// "Decode kernels"): `Int16` keeps the output of the exact path (PEFT reference tokens
-/// 12/12). With AVX-512 VNNI its strip kernel is the fastest path at every row count; on
-/// AVX2 it is 1.6-1.7x the f32 path for one row, but from about four rows on the f32 path is
-/// as fast or faster (the float work per row and block dominates there, and int16 adds
-/// integer work on top); `Auto`, the default, takes the faster of the two exact-enough paths
-/// per call. `Int8` is llama.cpp's scheme and moves near-tied greedy choices.
+/// 12/12), and its strip kernels are the fastest path at every row count with AVX2 and with
+/// AVX-512 VNNI. Without AVX2 (the scalar kernels) f32 is as fast from about four rows on;
+/// `Auto`, the default, takes the faster of the two exact-enough paths per call. `Int8` is
+/// llama.cpp's scheme and moves near-tied greedy choices.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ActivationPrecision {
-    /// `Int16` on AVX-512 VNNI; elsewhere `Int16` for fewer than [`AUTO_F32_FROM_ROWS`]
-    /// input rows, `F32` from there on.
+    /// `Int16` with AVX2 (strips); without it `Int16` for fewer than
+    /// [`AUTO_F32_FROM_ROWS`] input rows, `F32` from there on.
     #[default]
     Auto,
     /// int8 per 32-value block with an f32 scale (llama.cpp's scheme); integer dot products.
@@ -112,9 +114,8 @@ pub enum ActivationPrecision {
     F32,
 }
 
-/// Where `Auto` switches from int16 to f32 activations without AVX-512 VNNI (decode of 1,
-/// 4, 8, 16 sequences and 128/500-token prefills measured side by side with the AVX2
-/// kernels: from 4 rows f32 was at least as fast).
+/// Where `Auto` switches from int16 to f32 activations on the scalar kernels, the path of CPUs
+/// without AVX2 (`kernel_speed`: from 4 rows the scalar f32 kernel was at least as fast).
 pub const AUTO_F32_FROM_ROWS: usize = 4;
 
 impl ActivationPrecision {
@@ -149,7 +150,8 @@ impl std::str::FromStr for ActivationPrecision {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
-    /// AVX2 + FMA + F16C.
+    /// AVX2 + FMA + F16C: int16 on 8-row halves of strips with `vpmaddwd`, int8 with
+    /// `vpmaddubsw`, f32 with 256-bit FMAs.
     Avx2,
     /// The AVX2 set plus AVX-512F, BW, VL and VNNI: the integer paths use `vpdpbusd` /
     /// `vpdpwssd` (512-bit on strips for many rows), the f32 path 512-bit FMAs.
@@ -203,8 +205,8 @@ pub struct QWeight {
     data: OnceLock<Vec<u8>>,
     rows: usize,
     cols: usize,
-    /// The same weight in 16-row strips (see `strips`); built where the CPU can run that
-    /// kernel.
+    /// The same weight in 16-row strips (see `strips`); built where the CPU has a strip
+    /// kernel (AVX2 or better).
     strips: Option<strips::Strips>,
 }
 
@@ -350,8 +352,8 @@ impl QWeight {
                 rows * cols / QK * format.block_bytes()
             );
         }
-        let strips = (Isa::detect() >= Isa::Avx512Vnni)
-            .then(|| strips::Strips::build(format, &data, rows, cols));
+        let strips =
+            (Isa::detect() >= Isa::Avx2).then(|| strips::Strips::build(format, &data, rows, cols));
         let gguf = OnceLock::new();
         if strips.is_none() {
             let _ = gguf.set(data);
@@ -491,13 +493,13 @@ pub fn matmul_multi(
     if matches!(
         precision,
         ActivationPrecision::Auto | ActivationPrecision::Int16
-    ) && isa >= Isa::Avx512Vnni
+    ) && isa >= Isa::Avx2
         && ws.iter().all(|w| w.strips.is_some())
     {
         with_quantized(x, cols, isa, true, |acts| {
-            // SAFETY: `isa` is available and includes AVX-512F/BW/VNNI and F16C; every
-            // weight has strips; the outputs were checked to hold n·rows_i values.
-            unsafe { strips::matmul(ws, acts, n, cols, &outs) }
+            // SAFETY: `isa` is available and at least AVX2; every weight has strips; the
+            // outputs were checked to hold n·rows_i values.
+            unsafe { strips::matmul(ws, acts, n, cols, &outs, isa) }
         });
         return;
     }
@@ -771,13 +773,19 @@ fn dot_rows_int(
     dst: &mut [f32],
     isa: Isa,
 ) {
+    // Int16 rows come here only without AVX2 (with it they run on strips); the scalar arm
+    // still computes them should that ever change.
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: checked available by the caller; `w` holds nw rows and `dst` nw·n values.
-        Isa::Avx512Vnni => unsafe { int_x86::dot_rows_vnni(format, w, nw, acts, cols, dst) },
+        Isa::Avx512Vnni if !acts.wide => unsafe {
+            int_x86::dot_rows_vnni(format, w, nw, acts, cols, dst)
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { int_x86::dot_rows_avx2(format, w, nw, acts, cols, dst) },
+        Isa::Avx2 if !acts.wide => unsafe {
+            int_x86::dot_rows_avx2(format, w, nw, acts, cols, dst)
+        },
         _ => {
             let (n, row_bytes) = (dst.len() / nw.max(1), w.len() / nw.max(1));
             for (wk, dk) in w

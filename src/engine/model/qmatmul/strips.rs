@@ -1,5 +1,5 @@
-//! Weights re-laid out in strips of 16 rows for int16 dot products on AVX-512 VNNI
-//! (`vpdpwssd`), the kernel for many input rows (batched decode, prefill).
+//! Weights re-laid out in strips of 16 rows for int16 dot products, the default kernel at
+//! every row count: `vpdpwssd` on AVX-512 VNNI here, `vpmaddwd` on AVX2 in `strips_avx2`.
 //!
 //! Why another layout: in GGUF order a block's 32 values belong to one weight row, so an
 //! integer dot product of a block ends in one 32-bit sum per row and block, which must be
@@ -21,21 +21,21 @@
 //!   lane l holds row l's pair (2k, 2k+1), the operand order `vpdpwssd` wants.
 //!
 //! Rows past the weight's last (a partial last strip) are zero and never stored.
-//! The result equals the int16 path of the other kernels (same activation rounding, exact
+//! The result equals the scalar int16 path (same activation rounding, exact
 //! integer sums), up to float summation order.
 
 use super::format_id::{Q4_0, Q4_1, Q8_0};
-use super::{BlockFormat, QWeight, QuantRows, SharedOut, PARALLEL_MIN_MACS, QK};
+use super::{BlockFormat, Isa, QWeight, QuantRows, SharedOut, PARALLEL_MIN_MACS, QK};
 use rayon::prelude::*;
 
 /// Weight rows per strip: one per 32-bit lane of a 512-bit vector.
 pub(super) const STRIP: usize = 16;
 
 /// Bytes of the scale half of a record (16 f16 scales, 16 f16 offsets).
-const SCALE_BYTES: usize = 64;
+pub(super) const SCALE_BYTES: usize = 64;
 
 /// Bytes of one strip's record for one block of format `f` (a `format_id`).
-const fn record_bytes_of(f: u8) -> usize {
+pub(super) const fn record_bytes_of(f: u8) -> usize {
     SCALE_BYTES
         + if f == Q8_0 {
             STRIP * QK
@@ -162,7 +162,8 @@ const PANEL: usize = 32;
 /// `acts` (n rows of `cols` values, quantized to int16) against every weight of `ws`, all of
 /// which have strips; `outs[i]` receives [n, ws[i].rows]. Split over the rayon pool by strips
 /// of all weights together, like the other kernels' output rows.
-/// Safety: the CPU has AVX-512F, BW and VNNI and F16C; each `outs[i]` has n·rows_i values.
+/// On `isa` AVX-512 VNNI, or AVX2 (`strips_avx2`).
+/// Safety: the CPU has `isa`, which is at least AVX2; each `outs[i]` has n·rows_i values.
 #[cfg(target_arch = "x86_64")]
 pub(super) unsafe fn matmul(
     ws: &[&QWeight],
@@ -170,7 +171,13 @@ pub(super) unsafe fn matmul(
     n: usize,
     cols: usize,
     outs: &[SharedOut],
+    isa: Isa,
 ) {
+    let dot_strip = if isa >= Isa::Avx512Vnni {
+        x86::dot_strip
+    } else {
+        super::strips_avx2::dot_strip
+    };
     let nb = cols / QK;
     let total: usize = ws
         .iter()
@@ -195,7 +202,7 @@ pub(super) unsafe fn matmul(
                     // r0..r1's columns local·16.. (lanes of them) are inside out_i and
                     // written by no other task.
                     unsafe {
-                        x86::dot_strip(
+                        dot_strip(
                             w.format,
                             &s.data[local * rb..(local + 1) * rb],
                             q,
