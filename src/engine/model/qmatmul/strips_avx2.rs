@@ -2,10 +2,15 @@
 //! with `vpmaddwd` on the two 8-row halves of each 16-row strip.
 //!
 //! The strip layout serves both kernels unchanged: the first 16 bytes of a 32-byte k-step
-//! group hold rows 0-7 and the next 16 rows 8-15, so a 128-bit load widened to 16 bits is one
-//! half's k-step, lane l holding row l's value pair. As on VNNI, the float work of a block
-//! (convert, scale, offset) is paid once per 8 weight rows instead of once per row, which is
-//! what held the row kernels behind the f32 path from a few input rows on.
+//! group hold rows 0-7 and the next 16 rows 8-15, so widened to 16 bits a k-step is two
+//! vectors whose 32-bit lanes hold one row's value pair each. As on VNNI, the float work of a
+//! block (convert, scale, offset) is paid once per 8 weight rows instead of once per row, which
+//! is what held the row kernels behind the f32 path from a few input rows on.
+//!
+//! Q4 values are widened in-lane (`vpunpcklbw`/`vpunpckhbw` against zero on 256-bit loads), so
+//! their two vectors hold rows [0-3, 8-11] and [4-7, 12-15]; the block scales are put in that
+//! order and the results back in row order at the store. Widening each 16-byte half with
+//! `vpmovzxbw` instead kept the single-row kernel ~25% slower on Zen 3 (`kernel_speed`).
 
 use super::format_id::{Q4_0, Q4_1, Q8_0};
 use super::strips::{record_bytes_of, SCALE_BYTES, STRIP};
@@ -25,7 +30,27 @@ unsafe fn scales<const F: u8>(rec: *const u8) -> [(__m256, __m256); 2] {
         };
         *o = (d, m);
     }
+    if F != Q8_0 {
+        out = swap_quarters(out);
+    }
     out
+}
+
+/// Rows [0-7], [8-15] of a pair of vectors into the in-lane order the Q4 unpack gives,
+/// [0-3, 8-11], [4-7, 12-15] — and back: the map is its own inverse.
+#[inline(always)]
+unsafe fn swap_quarters(v: [(__m256, __m256); 2]) -> [(__m256, __m256); 2] {
+    let [(d0, m0), (d1, m1)] = v;
+    [
+        (
+            _mm256_permute2f128_ps(d0, d1, 0x20),
+            _mm256_permute2f128_ps(m0, m1, 0x20),
+        ),
+        (
+            _mm256_permute2f128_ps(d0, d1, 0x31),
+            _mm256_permute2f128_ps(m0, m1, 0x31),
+        ),
+    ]
 }
 
 /// Adds the two halves' k-step `w` times the activation pair at `x + e` of each of the R rows
@@ -46,8 +71,8 @@ unsafe fn madd_rows<const R: usize>(
 }
 
 /// R input rows against one strip: `q`, `d`, `sum` point at the first row's int16 values,
-/// block scales and block sums (rows `cols` values apart); out[r][h] holds rows 8h..8h+8 of
-/// the strip for input row r.
+/// block scales and block sums (rows `cols` values apart); out[r] holds the strip's 16 rows
+/// for input row r, in row order for Q8_0 and in the in-lane order of [`swap_quarters`] for Q4.
 #[inline(always)]
 unsafe fn tile<const F: u8, const R: usize>(
     strip: *const u8,
@@ -59,7 +84,7 @@ unsafe fn tile<const F: u8, const R: usize>(
 ) -> [[__m256; 2]; R] {
     let rb = record_bytes_of(F);
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let mask = _mm_set1_epi8(0x0F);
+    let mask = _mm256_set1_epi8(0x0F);
     for b in 0..nb {
         let rec = strip.add(b * rb);
         let vals = rec.add(SCALE_BYTES);
@@ -75,19 +100,15 @@ unsafe fn tile<const F: u8, const R: usize>(
             }
         } else {
             // Chunk c, bytes 32t..32t+32: k-step 4c+t in the low nibbles, 4c+t+2 in the high.
+            // Widened in-lane, so the halves hold rows [0-3, 8-11] and [4-7, 12-15].
             for c in 0..4 {
                 for t in 0..2 {
-                    let p = vals.add(c * 64 + t * 32);
-                    let v = [
-                        _mm_loadu_si128(p as *const __m128i),
-                        _mm_loadu_si128(p.add(16) as *const __m128i),
-                    ];
-                    let mut lo = [_mm256_setzero_si256(); 2];
-                    let mut hi = [_mm256_setzero_si256(); 2];
-                    for h in 0..2 {
-                        lo[h] = _mm256_cvtepu8_epi16(_mm_and_si128(v[h], mask));
-                        hi[h] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v[h], 4), mask));
-                    }
+                    let v = _mm256_loadu_si256(vals.add(c * 64 + t * 32) as *const __m256i);
+                    let l = _mm256_and_si256(v, mask);
+                    let h = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    let z = _mm256_setzero_si256();
+                    let lo = [_mm256_unpacklo_epi8(l, z), _mm256_unpackhi_epi8(l, z)];
+                    let hi = [_mm256_unpacklo_epi8(h, z), _mm256_unpackhi_epi8(h, z)];
                     let k = 4 * c + t;
                     madd_rows::<R>(&mut dots, lo, q, b * QK + 2 * k, cols);
                     madd_rows::<R>(&mut dots, hi, q, b * QK + 2 * (k + 2), cols);
@@ -157,6 +178,14 @@ unsafe fn rows_of<const F: u8>(
             let off = $r * nb;
             let v = tile::<F, $rows>(sp, nb, qp.add($r * cols), dp.add(off), spp.add(off), cols);
             for (i, v) in v.iter().enumerate() {
+                let v = if F == Q8_0 {
+                    *v
+                } else {
+                    [
+                        _mm256_permute2f128_ps(v[0], v[1], 0x20),
+                        _mm256_permute2f128_ps(v[0], v[1], 0x31),
+                    ]
+                };
                 let dst = out.add(($r + i) * stride);
                 if lanes >= STRIP {
                     _mm256_storeu_ps(dst, v[0]);
