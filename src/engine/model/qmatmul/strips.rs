@@ -173,11 +173,6 @@ pub(super) unsafe fn matmul(
     outs: &[SharedOut],
     isa: Isa,
 ) {
-    let dot_strip = if isa >= Isa::Avx512Vnni {
-        x86::dot_strip
-    } else {
-        super::strips_avx2::dot_strip
-    };
     let nb = cols / QK;
     let total: usize = ws
         .iter()
@@ -196,6 +191,7 @@ pub(super) unsafe fn matmul(
             for (w, out) in ws.iter().zip(outs) {
                 let Some(s) = w.strips.as_ref() else { continue };
                 let rb = nb * record_bytes(w.format);
+                let dot_strip = strip_kernel(isa, w.format);
                 for st in g0.max(base)..g1.min(base + s.strips) {
                     let local = st - base;
                     // SAFETY: the caller's contract; the strip is inside `s.data`, and row
@@ -203,7 +199,6 @@ pub(super) unsafe fn matmul(
                     // written by no other task.
                     unsafe {
                         dot_strip(
-                            w.format,
                             &s.data[local * rb..(local + 1) * rb],
                             q,
                             d,
@@ -228,6 +223,25 @@ pub(super) unsafe fn matmul(
     (0..total.div_ceil(chunk))
         .into_par_iter()
         .for_each(|c| run(c * chunk, ((c + 1) * chunk).min(total)));
+}
+
+/// One strip against input rows 0..n: (strip, q, d, sum, cols, out, stride, lanes), see
+/// `x86::dot_strip`.
+#[cfg(target_arch = "x86_64")]
+type StripKernel = unsafe fn(&[u8], &[i16], &[f32], &[f32], usize, *mut f32, usize, usize);
+
+/// The strip kernel of `isa` (AVX-512 VNNI, else AVX2) for `format`.
+#[cfg(target_arch = "x86_64")]
+fn strip_kernel(isa: Isa, format: BlockFormat) -> StripKernel {
+    use super::strips_avx2 as avx2;
+    match (isa >= Isa::Avx512Vnni, format) {
+        (true, BlockFormat::Q4_0) => x86::dot_strip::<Q4_0>,
+        (true, BlockFormat::Q4_1) => x86::dot_strip::<Q4_1>,
+        (true, BlockFormat::Q8_0) => x86::dot_strip::<Q8_0>,
+        (false, BlockFormat::Q4_0) => avx2::dot_strip::<Q4_0>,
+        (false, BlockFormat::Q4_1) => avx2::dot_strip::<Q4_1>,
+        (false, BlockFormat::Q8_0) => avx2::dot_strip::<Q8_0>,
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -333,30 +347,10 @@ mod x86 {
     /// the strip at `strip`; row r's 16 results go to `out[r·stride..]`, the first `lanes` of
     /// them (a partial last strip stores fewer).
     /// Safety: the CPU has AVX-512F, BW and VNNI and F16C; `strip` holds cols/32 records of
-    /// `format`; q has n·cols values, d and sum n·cols/32; `out` has room for every store.
+    /// format `F`; q has n·cols values, d and sum n·cols/32; `out` has room for every store.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_strip(
-        format: BlockFormat,
-        strip: &[u8],
-        q: &[i16],
-        d: &[f32],
-        sum: &[f32],
-        cols: usize,
-        out: *mut f32,
-        stride: usize,
-        lanes: usize,
-    ) {
-        match format {
-            BlockFormat::Q4_0 => rows_of::<Q4_0>(strip, q, d, sum, cols, out, stride, lanes),
-            BlockFormat::Q4_1 => rows_of::<Q4_1>(strip, q, d, sum, cols, out, stride, lanes),
-            BlockFormat::Q8_0 => rows_of::<Q8_0>(strip, q, d, sum, cols, out, stride, lanes),
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    unsafe fn rows_of<const F: u8>(
+    pub(super) unsafe fn dot_strip<const F: u8>(
         strip: &[u8],
         q: &[i16],
         d: &[f32],

@@ -14,7 +14,7 @@
 
 use super::format_id::{Q4_0, Q4_1, Q8_0};
 use super::strips::{record_bytes_of, SCALE_BYTES, STRIP};
-use super::{BlockFormat, QK};
+use super::QK;
 use std::arch::x86_64::*;
 
 /// The scales and offset coefficients of a record's two 8-row halves.
@@ -134,31 +134,11 @@ unsafe fn tile<const F: u8, const R: usize>(
 /// Input rows 0..n (int16 values `q`, scales `d`, sums `sum`; `cols` values a row) against
 /// the strip at `strip`; row r's 16 results go to `out[r·stride..]`, the first `lanes` of
 /// them (a partial last strip stores fewer).
-/// Safety: the CPU has AVX2, FMA and F16C; `strip` holds cols/32 records of `format`; q has
+/// Safety: the CPU has AVX2, FMA and F16C; `strip` holds cols/32 records of format `F`; q has
 /// n·cols values, d and sum n·cols/32; `out` has room for every store.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot_strip(
-    format: BlockFormat,
-    strip: &[u8],
-    q: &[i16],
-    d: &[f32],
-    sum: &[f32],
-    cols: usize,
-    out: *mut f32,
-    stride: usize,
-    lanes: usize,
-) {
-    match format {
-        BlockFormat::Q4_0 => rows_of::<Q4_0>(strip, q, d, sum, cols, out, stride, lanes),
-        BlockFormat::Q4_1 => rows_of::<Q4_1>(strip, q, d, sum, cols, out, stride, lanes),
-        BlockFormat::Q8_0 => rows_of::<Q8_0>(strip, q, d, sum, cols, out, stride, lanes),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn rows_of<const F: u8>(
+pub(super) unsafe fn dot_strip<const F: u8>(
     strip: &[u8],
     q: &[i16],
     d: &[f32],
