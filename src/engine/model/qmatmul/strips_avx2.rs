@@ -20,36 +20,29 @@ use std::arch::x86_64::*;
 /// The scales and offset coefficients of a record's two 8-row halves.
 #[inline(always)]
 unsafe fn scales<const F: u8>(rec: *const u8) -> [(__m256, __m256); 2] {
-    let mut out = [(_mm256_setzero_ps(), _mm256_setzero_ps()); 2];
-    for (h, o) in out.iter_mut().enumerate() {
-        let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16 * h) as *const __m128i));
-        let m = match F {
+    let mut d = [_mm256_setzero_ps(); 2];
+    let mut m = [_mm256_setzero_ps(); 2];
+    for h in 0..2 {
+        d[h] = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16 * h) as *const __m128i));
+        m[h] = match F {
             Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(rec.add(32 + 16 * h) as *const __m128i)),
-            Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+            Q4_0 => _mm256_mul_ps(d[h], _mm256_set1_ps(-8.0)),
             _ => _mm256_setzero_ps(),
         };
-        *o = (d, m);
     }
     if F != Q8_0 {
-        out = swap_quarters(out);
+        (d, m) = (swap_quarters(d), swap_quarters(m));
     }
-    out
+    [(d[0], m[0]), (d[1], m[1])]
 }
 
 /// Rows [0-7], [8-15] of a pair of vectors into the in-lane order the Q4 unpack gives,
 /// [0-3, 8-11], [4-7, 12-15] — and back: the map is its own inverse.
 #[inline(always)]
-unsafe fn swap_quarters(v: [(__m256, __m256); 2]) -> [(__m256, __m256); 2] {
-    let [(d0, m0), (d1, m1)] = v;
+unsafe fn swap_quarters([a, b]: [__m256; 2]) -> [__m256; 2] {
     [
-        (
-            _mm256_permute2f128_ps(d0, d1, 0x20),
-            _mm256_permute2f128_ps(m0, m1, 0x20),
-        ),
-        (
-            _mm256_permute2f128_ps(d0, d1, 0x31),
-            _mm256_permute2f128_ps(m0, m1, 0x31),
-        ),
+        _mm256_permute2f128_ps(a, b, 0x20),
+        _mm256_permute2f128_ps(a, b, 0x31),
     ]
 }
 
@@ -158,14 +151,7 @@ pub(super) unsafe fn dot_strip<const F: u8>(
             let off = $r * nb;
             let v = tile::<F, $rows>(sp, nb, qp.add($r * cols), dp.add(off), spp.add(off), cols);
             for (i, v) in v.iter().enumerate() {
-                let v = if F == Q8_0 {
-                    *v
-                } else {
-                    [
-                        _mm256_permute2f128_ps(v[0], v[1], 0x20),
-                        _mm256_permute2f128_ps(v[0], v[1], 0x31),
-                    ]
-                };
+                let v = if F == Q8_0 { *v } else { swap_quarters(*v) };
                 let dst = out.add(($r + i) * stride);
                 if lanes >= STRIP {
                     _mm256_storeu_ps(dst, v[0]);
