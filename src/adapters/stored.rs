@@ -7,7 +7,7 @@ use candle_core::Device;
 use sha2::{Digest, Sha256};
 
 use super::{AdapterError, CONFIG_FILE, SERVING_FILE, WEIGHTS_FILE};
-use crate::engine::lora::peft::{parse_peft, serving_weights, LoraLimits};
+use crate::engine::lora::peft::{parse_peft_file, serving_weights, LoraLimits, WeightsFile};
 use crate::engine::lora::LoraAdapter;
 use crate::engine::model::ModelConfig;
 use crate::store::adapters::AdapterRow;
@@ -44,7 +44,8 @@ pub enum Recorded {
 /// The files must be the bytes that were validated (and, for [`SERVING_FILE`], written) at
 /// upload: a substitute written into the store behind the service's back (valid or not) is
 /// refused. Both checks run on the one copy read into memory (not a memory map, which a writer
-/// could change between hash and parse), so the bytes parsed are the bytes hashed. Hash and
+/// could change between hash and parse), so the bytes parsed are the bytes hashed; an all-f16
+/// file (the serving copy) is then served from that same memory ([`WeightsFile`]). Hash and
 /// parse run side by side on the rayon pool, and BLAKE3 splits itself over whatever threads
 /// the parse leaves free (it is the longer of the two: ~4.5 ms for 20 MB on one core).
 pub fn load_verified(
@@ -57,19 +58,21 @@ pub fn load_verified(
 ) -> Result<(LoraAdapter, Vec<u8>), AdapterError> {
     let started = std::time::Instant::now();
     let config = std::fs::read(dir.join(CONFIG_FILE))?;
-    let weights = std::fs::read(dir.join(weights_file))?;
+    let weights = WeightsFile::read(&dir.join(weights_file), limits.max_bytes)?;
     let read = started.elapsed();
     let (found, parsed) = rayon::join(
-        || match recorded {
-            Recorded::Blake3(_) => {
-                let mut h = blake3::Hasher::new();
-                h.update(&config);
-                h.update_rayon(&weights);
-                h.finalize().to_hex().to_string()
-            }
-            Recorded::Sha256(_) => sha256_hex(&config, &weights),
+        || {
+            weights.with_bytes(|bytes| match recorded {
+                Recorded::Blake3(_) => {
+                    let mut h = blake3::Hasher::new();
+                    h.update(&config);
+                    h.update_rayon(bytes);
+                    h.finalize().to_hex().to_string()
+                }
+                Recorded::Sha256(_) => sha256_hex(&config, bytes),
+            })
         },
-        || parse_peft(&config, &weights, base, limits, device),
+        || parse_peft_file(&config, &weights, base, limits, device),
     );
     tracing::debug!(
         file = weights_file,

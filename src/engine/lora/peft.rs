@@ -11,6 +11,7 @@
 //! are un-permuted at load; candle-notes pitfall 7), so A and B are used exactly as stored.
 
 mod config;
+mod file;
 mod save;
 #[cfg(test)]
 mod tests;
@@ -21,6 +22,7 @@ use candle_core::Device;
 use super::LoraAdapter;
 use crate::engine::model::config::ModelConfig;
 
+pub use file::WeightsFile;
 pub use save::{save_peft, serving_weights};
 
 /// Server-side bounds on what an uploaded adapter may cost.
@@ -115,12 +117,35 @@ pub fn parse_peft(
 ) -> Result<LoraAdapter, LoraError> {
     let cfg = config::AdapterConfig::parse(config_json, base, limits)?;
     let (layers, size_bytes) = weights::load(weights, &cfg, base, limits, device)?;
-    Ok(LoraAdapter {
+    Ok(adapter(&cfg, layers, size_bytes))
+}
+
+/// [`parse_peft`] of a weights file already in memory as a [`WeightsFile`]: the same checks
+/// and refusals, but an all-f16 file on the CPU (the serving copy a cold load reads) is served
+/// from the file's own memory rather than copied into fresh tensors.
+pub fn parse_peft_file(
+    config_json: &[u8],
+    weights: &WeightsFile,
+    base: &ModelConfig,
+    limits: &LoraLimits,
+    device: &Device,
+) -> Result<LoraAdapter, LoraError> {
+    let cfg = config::AdapterConfig::parse(config_json, base, limits)?;
+    let (layers, size_bytes) = weights::load_shared(weights, &cfg, base, limits, device)?;
+    Ok(adapter(&cfg, layers, size_bytes))
+}
+
+fn adapter(
+    cfg: &config::AdapterConfig,
+    layers: Vec<super::LayerLora>,
+    size_bytes: usize,
+) -> LoraAdapter {
+    LoraAdapter {
         layers,
         rank: cfg.r,
         alpha: cfg.lora_alpha,
         use_rslora: cfg.use_rslora,
         target_modules: cfg.module_names(),
         size_bytes,
-    })
+    }
 }

@@ -91,8 +91,37 @@ fn qv_file() -> Vec<u8> {
     file(&t)
 }
 
+/// [`parse_peft`], checked against [`parse_peft_file`] on the same bytes: every test of a
+/// parse or a refusal also holds for the in-place path a cold load takes.
 fn parse(cfg: &[u8], weights: &[u8]) -> Result<LoraAdapter, LoraError> {
-    parse_peft(cfg, weights, &base(), &LoraLimits::default(), &Device::Cpu)
+    let copied = parse_peft(cfg, weights, &base(), &LoraLimits::default(), &Device::Cpu);
+    let file = WeightsFile::from_bytes(weights).expect("in memory");
+    let shared = parse_peft_file(cfg, &file, &base(), &LoraLimits::default(), &Device::Cpu);
+    match (&copied, &shared) {
+        (Ok(a), Ok(b)) => {
+            assert_same(a, b);
+            for (la, lb) in a.layers.iter().zip(&b.layers) {
+                for (x, y) in la.modules.iter().zip(&lb.modules) {
+                    if let (Some(x), Some(y)) = (x, y) {
+                        assert_eq!((x.a.dtype(), x.b.dtype()), (y.a.dtype(), y.b.dtype()));
+                    }
+                }
+            }
+        }
+        // The same kind of refusal (the safetensors crate's own checks name whichever bad
+        // tensor its hash map yields first, so the names may differ between two calls).
+        (Err(a), Err(b)) => assert_eq!(
+            std::mem::discriminant(a),
+            std::mem::discriminant(b),
+            "{a} / {b}"
+        ),
+        _ => panic!(
+            "parse_peft and parse_peft_file disagree: {:?} / {:?}",
+            copied.as_ref().err(),
+            shared.as_ref().err()
+        ),
+    }
+    copied
 }
 
 /// Asserts a refusal whose message contains every one of `parts`.
@@ -548,6 +577,45 @@ fn the_serving_copy_parses_to_the_same_tensors_bit_for_bit_and_half_the_bytes() 
         serving.len(),
         upload.len()
     );
+}
+
+#[test]
+fn an_all_f16_file_is_served_from_its_own_memory_and_others_are_copied() {
+    let mut t: Vec<Raw> = pair(0, Module::V, 8).into();
+    t.extend(pair(1, Module::Q, 8));
+    let cfg = config(json!({}));
+    let upload = file(&t);
+    let copied = parse(&cfg, &upload).expect("parses");
+    let limits = LoraLimits::default();
+    // The f32 upload through the file path: converted copies, as parse_peft makes.
+    let f32_file = WeightsFile::from_bytes(&upload).expect("in memory");
+    let from_f32 = parse_peft_file(&cfg, &f32_file, &base(), &limits, &Device::Cpu).unwrap();
+    assert_eq!(from_f32.size_bytes, copied.size_bytes);
+    // The all-f16 serving copy: views of the file, so the adapter holds the file's bytes.
+    let serving = serving_weights(&copied).expect("serializes");
+    let f16_file = WeightsFile::from_bytes(&serving).expect("in memory");
+    let shared = parse_peft_file(&cfg, &f16_file, &base(), &limits, &Device::Cpu).unwrap();
+    assert_eq!(shared.size_bytes, serving.len());
+    assert_same(&copied, &shared);
+    let mut offsets = Vec::new();
+    for pair in shared
+        .layers
+        .iter()
+        .flat_map(|l| l.modules.iter().flatten())
+    {
+        for t in [&pair.a, &pair.b] {
+            assert_eq!(t.dtype(), DType::F16);
+            let (_, layout) = t.storage_and_layout();
+            let (start, end) = layout.contiguous_offsets().expect("contiguous");
+            assert!(end * 2 <= serving.len(), "inside the file");
+            offsets.push(start);
+        }
+    }
+    // Past the header, and each tensor at its own place.
+    offsets.sort_unstable();
+    offsets.dedup();
+    assert_eq!(offsets.len(), 4);
+    assert!(offsets[0] > 0);
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! `adapter_model.safetensors`: tensor names mapped to (layer, module, A|B), each pair checked
 //! against the base layer's shape and the module's rank, sizes bounded before anything is
 //! allocated, values checked finite and converted to the engine's form (f16 on the CPU, f32
-//! elsewhere), then placed on the device.
+//! elsewhere), then placed on the device; or, for an all-f16 file read into a [`WeightsFile`]
+//! (the serving copy), served as views of the file's own memory.
 
 use std::collections::BTreeMap;
 
@@ -11,7 +12,7 @@ use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
 use super::config::{module_path, AdapterConfig};
-use super::{LoraError, LoraLimits};
+use super::{LoraError, LoraLimits, WeightsFile};
 use crate::engine::lora::narrow::{self, Refusal};
 use crate::engine::lora::{LayerLora, LoraPair, Module};
 use crate::engine::model::config::ModelConfig;
@@ -117,6 +118,8 @@ struct Checked<'a> {
     b: (String, safetensors::tensor::TensorView<'a>),
 }
 
+/// The adapter's layers from the bytes of a weights file, copied into tensors of the engine's
+/// form; also the bytes they take.
 pub(super) fn load(
     bytes: &[u8],
     cfg: &AdapterConfig,
@@ -124,6 +127,96 @@ pub(super) fn load(
     limits: &LoraLimits,
     device: &Device,
 ) -> Result<(Vec<LayerLora>, usize), LoraError> {
+    convert(check(bytes, cfg, base, limits)?, base, device)
+}
+
+/// [`load`] from a [`WeightsFile`]: when the tensors are all f16 and the device is the CPU,
+/// A and B become views of the file's memory (nothing copied); otherwise as [`load`]. The
+/// bytes reported are then the whole file's, which the views keep alive.
+pub(super) fn load_shared(
+    file: &WeightsFile,
+    cfg: &AdapterConfig,
+    base: &ModelConfig,
+    limits: &LoraLimits,
+    device: &Device,
+) -> Result<(Vec<LayerLora>, usize), LoraError> {
+    let spans = file.with_words(|bytes, words| {
+        let checked = check(bytes, cfg, base, limits)?;
+        // Where each tensor's values start in `words`, when it can be served from there.
+        let start = |view: &safetensors::tensor::TensorView<'_>| {
+            let offset = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+            (view.dtype() == Dtype::F16 && offset.is_multiple_of(2)).then_some(offset / 2)
+        };
+        let in_place = device.is_cpu()
+            && cfg!(target_endian = "little")
+            && checked
+                .iter()
+                .all(|c| start(&c.a.1).is_some() && start(&c.b.1).is_some());
+        if !in_place {
+            return convert(checked, base, device).map(Parsed::Copied);
+        }
+        let span = |(name, view): &(String, safetensors::tensor::TensorView<'_>)| {
+            let start = start(view).unwrap_or(0);
+            let values = &words[start..start + view.data().len() / 2];
+            check_finite(name, values)?;
+            Ok(Span {
+                start,
+                len: values.len(),
+                shape: [view.shape()[0], view.shape()[1]],
+            })
+        };
+        let spans: Vec<Result<_, LoraError>> = checked
+            .par_iter()
+            .map(|c| Ok((c.layer, c.module, c.scale, span(&c.a)?, span(&c.b)?)))
+            .collect();
+        spans
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map(Parsed::InPlace)
+    })?;
+    let spans = match spans {
+        Parsed::InPlace(spans) => spans,
+        Parsed::Copied(converted) => return Ok(converted),
+    };
+    let view = |name: String, s: Span| {
+        file.words
+            .narrow(0, s.start, s.len)
+            .and_then(|t| t.reshape((s.shape[0], s.shape[1])))
+            .map_err(|e| LoraError::tensor(name, format!("could not be viewed in place: {e}")))
+    };
+    let mut layers = vec![LayerLora::default(); base.num_layers];
+    for (layer, module, scale, a, b) in spans {
+        let pair = LoraPair {
+            a: view(tensor_name(layer, module, Side::A), a)?,
+            b: view(tensor_name(layer, module, Side::B), b)?,
+            scale,
+        };
+        layers[layer].modules[module.index()] = Some(pair);
+    }
+    Ok((layers, file.len()))
+}
+
+/// What [`load_shared`] found: every pair's place in the file, or the pairs already copied.
+enum Parsed {
+    InPlace(Vec<(usize, Module, f64, Span, Span)>),
+    Copied((Vec<LayerLora>, usize)),
+}
+
+/// Where one tensor's values lie in a [`WeightsFile`].
+struct Span {
+    start: usize,
+    len: usize,
+    shape: [usize; 2],
+}
+
+/// Every pair of the file, named, shaped and sized against the base and the limits, not yet
+/// converted.
+fn check<'a>(
+    bytes: &'a [u8],
+    cfg: &AdapterConfig,
+    base: &ModelConfig,
+    limits: &LoraLimits,
+) -> Result<Vec<Checked<'a>>, LoraError> {
     if bytes.len() > limits.max_bytes {
         return Err(LoraError::TooLarge {
             what: "the file",
@@ -229,7 +322,15 @@ pub(super) fn load(
             max: limits.max_bytes,
         });
     }
+    Ok(checked)
+}
 
+/// Checked pairs converted to the engine's form and placed on `device`.
+fn convert(
+    checked: Vec<Checked<'_>>,
+    base: &ModelConfig,
+    device: &Device,
+) -> Result<(Vec<LayerLora>, usize), LoraError> {
     // On the CPU the engine serves A and B as f16 (as PEFT and vLLM do at inference): the
     // delta pass is bound by reading them, and f16 halves the bytes (BENCHMARKS.md). A pair
     // with a value beyond f16's range stays f32. Other devices keep f32 for the tensor path.
@@ -369,13 +470,8 @@ fn to_f16(
         }
         Dtype::F16 => {
             let values = f16_le(data);
-            if all_finite(&values) {
-                return Ok(Some(values));
-            }
-            match values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                Some((i, v)) => Err(not_finite(name, i, v.to_f32())),
-                None => Ok(Some(values)),
-            }
+            check_finite(name, &values)?;
+            Ok(Some(values))
         }
         Dtype::BF16 => {
             // Rare in practice; through f32 bytes, to share the checks.
@@ -406,6 +502,17 @@ fn f16_le(data: &[u8]) -> Vec<f16> {
         }
     }
     out
+}
+
+/// Refuses a NaN or an infinity, naming the first.
+fn check_finite(name: &str, values: &[f16]) -> Result<(), LoraError> {
+    if all_finite(values) {
+        return Ok(());
+    }
+    match values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        Some((i, v)) => Err(not_finite(name, i, v.to_f32())),
+        None => Ok(()),
+    }
 }
 
 /// Whether no value is NaN or infinite (all exponent bits set), in a form the compiler

@@ -1,0 +1,199 @@
+//! An adapter weights file read into memory that the served tensors share, and the warm
+//! buffer a cold load reads it into.
+//!
+//! Why: on our VMs a cold load's cost was mostly first touches of fresh memory (a page fault
+//! per 4 KiB, ~1 ms per MB: reading a 9.8 MB serving copy into fresh memory took 6–12 ms,
+//! into memory already touched 1.6 ms), and it paid them twice, once for the read buffer and
+//! again for the tensors it copied into. Here the tensors are views of the read buffer, and
+//! the buffer is one that a helper thread touched after the previous cold load, so the
+//! request pays neither (BENCHMARKS.md, "Cold adapter").
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, Device, Storage, Tensor};
+use half::f16;
+use half::vec::HalfBitsVecExt;
+
+/// A safetensors file in memory: the bytes live in one f16 CPU tensor (so they are aligned
+/// for f16), and [`super::parse_peft_file`] makes an all-f16 file's A and B views of it. The
+/// bytes are never written after the read, so what a caller hashes through
+/// [`WeightsFile::with_bytes`] is what the tensors hold.
+pub struct WeightsFile {
+    /// The bytes as f16 words, the last one zero-padded when the length is odd.
+    pub(super) words: Tensor,
+    len: usize,
+}
+
+impl WeightsFile {
+    /// Reads the file at `path`, refusing one over `max_bytes` before allocating for it.
+    pub fn read(path: &Path, max_bytes: usize) -> std::io::Result<Self> {
+        let mut file = std::fs::File::open(path)?;
+        let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+        if len > max_bytes {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} is {len} bytes, over the limit of {max_bytes} bytes",
+                    path.display()
+                ),
+            ));
+        }
+        let mut words = warm_buffer(len.div_ceil(2));
+        file.read_exact(&mut bytemuck::cast_slice_mut::<u16, u8>(&mut words)[..len])?;
+        if file.read(&mut [0u8; 1])? != 0 {
+            return Err(std::io::Error::other(format!(
+                "{} grew while it was being read",
+                path.display()
+            )));
+        }
+        Self::from_words(words, len).map_err(std::io::Error::other)
+    }
+
+    /// The bytes of a file already in memory (copied once).
+    pub fn from_bytes(bytes: &[u8]) -> candle_core::Result<Self> {
+        let mut words = vec![0u16; bytes.len().div_ceil(2)];
+        bytemuck::cast_slice_mut::<u16, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Self::from_words(words, bytes.len())
+    }
+
+    fn from_words(words: Vec<u16>, len: usize) -> candle_core::Result<Self> {
+        let words: Vec<f16> = words.reinterpret_into();
+        let n = words.len();
+        Ok(Self {
+            words: Tensor::from_vec(words, n, &Device::Cpu)?,
+            len,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Runs `f` on the file's bytes.
+    pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        self.with_words(|bytes, _| f(bytes))
+    }
+
+    /// Runs `f` on the file's bytes and the same memory as f16 words.
+    pub(super) fn with_words<R>(&self, f: impl FnOnce(&[u8], &[f16]) -> R) -> R {
+        let (storage, _) = self.words.storage_and_layout();
+        let words: &[f16] = match &*storage {
+            Storage::Cpu(CpuStorage::F16(w)) => w,
+            // Built from a Vec<f16> on the CPU in `from_words`, so never another storage.
+            _ => &[],
+        };
+        let bytes: &[u8] = bytemuck::cast_slice(words);
+        f(&bytes[..self.len.min(bytes.len())], words)
+    }
+}
+
+/// The largest buffer kept touched in advance: adapters past it (rank 64 on every module of a
+/// bigger model) read into fresh memory, so an idle server never holds more than this spare.
+const MAX_WARM_BYTES: usize = 64 << 20;
+
+/// The touched buffer waiting for the next cold load, and whether a helper is making one.
+static WARM: Mutex<Option<Vec<u16>>> = Mutex::new(None);
+static FILLING: AtomicBool = AtomicBool::new(false);
+
+/// A buffer of `words` u16 for a file's bytes: the warm one when it has that size (adapters of
+/// one shape have serving copies of one size), else fresh memory. Either way a helper thread
+/// then touches a buffer of this size for the next cold load.
+fn warm_buffer(words: usize) -> Vec<u16> {
+    let taken = WARM
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take_if(|b| b.len() == words);
+    if words * 2 <= MAX_WARM_BYTES && !FILLING.swap(true, Ordering::AcqRel) {
+        let spawned = std::thread::Builder::new()
+            .name("adapterd-warm-buffer".into())
+            .spawn(move || {
+                lowest_priority();
+                let buffer = touched(words);
+                *WARM.lock().unwrap_or_else(|p| p.into_inner()) = Some(buffer);
+                FILLING.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            FILLING.store(false, Ordering::Release);
+        }
+    }
+    taken.unwrap_or_else(|| vec![0u16; words])
+}
+
+/// Puts the calling thread at nice 19, so it runs on cores the forward leaves idle rather than
+/// beside a request's prefill (a 10 MB buffer is ~10 ms of page faults on our VMs).
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread's id; a failure leaves the priority as is.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+    }
+}
+
+/// `words` zeroed u16 whose every page has been written, so the kernel has backed them.
+fn touched(words: usize) -> Vec<u16> {
+    let mut buffer = vec![0u16; words];
+    // One write per 4 KiB page. Volatile: the allocator's zeroed pages look written already
+    // to the optimizer, which would drop plain stores of zero.
+    for page in buffer.chunks_mut(2048) {
+        // SAFETY: `page` is a non-empty, valid, exclusive slice.
+        unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 0) };
+    }
+    buffer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of(file: &WeightsFile) -> Vec<u8> {
+        file.with_bytes(|b| b.to_vec())
+    }
+
+    #[test]
+    fn a_read_file_holds_exactly_its_bytes_odd_length_included() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [0usize, 1, 2, 7, 4096, 9_999] {
+            let content: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8 | 1).collect();
+            let path = dir.path().join(format!("w{len}"));
+            std::fs::write(&path, &content).unwrap();
+            // Twice: the second read may get the warm buffer the first one asked for.
+            for _ in 0..2 {
+                let file = WeightsFile::read(&path, 1 << 20).unwrap();
+                assert_eq!(file.len(), len);
+                assert_eq!(bytes_of(&file), content);
+            }
+            assert_eq!(
+                bytes_of(&WeightsFile::from_bytes(&content).unwrap()),
+                content
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_over_the_limit_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        std::fs::write(&path, vec![7u8; 1000]).unwrap();
+        let err = WeightsFile::read(&path, 999).err().unwrap();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        assert!(
+            err.to_string().contains("over the limit of 999 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_warm_buffer_is_all_zero_and_of_the_size_asked() {
+        let b = touched(5000);
+        assert_eq!(b.len(), 5000);
+        assert!(b.iter().all(|&w| w == 0));
+    }
+}
