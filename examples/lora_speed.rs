@@ -12,7 +12,9 @@ use std::sync::Arc;
 use adapterd::adapters::{load_verified, Recorded, CONFIG_FILE, SERVING_FILE, WEIGHTS_FILE};
 use adapterd::bench::adapters::{model_config, random_adapter, write_random_adapter};
 use adapterd::engine::lora::apply::{add_deltas_cpu_with, Kernel};
-use adapterd::engine::lora::peft::{parse_peft, serving_weights, LoraLimits};
+use adapterd::engine::lora::peft::{
+    parse_peft, parse_peft_file, serving_weights, LoraLimits, WeightsFile,
+};
 use adapterd::engine::lora::{LoraAdapter, Module};
 use adapterd::engine::model::load::{load_gguf, read_gguf_header};
 use adapterd::engine::model::{Kernels, Llama, ModelConfig, SeqCache, SeqInput};
@@ -234,6 +236,7 @@ fn cold(path: &std::path::Path, cfg: &ModelConfig, reps: usize) -> anyhow::Resul
         "serving copy: blake3",
         "serving copy: parse",
         "serving copy: verified load",
+        "serving copy: parse in place",
         "prefill base",
         "prefill cold",
         "prefill warm",
@@ -276,10 +279,14 @@ fn cold(path: &std::path::Path, cfg: &ModelConfig, reps: usize) -> anyhow::Resul
             t[4 * k + 3].push(ms(t0));
             adapter = Some(Arc::new(loaded));
         }
+        let file = WeightsFile::from_bytes(&serving)?;
+        let t0 = Instant::now();
+        drop(parse_peft_file(&config, &file, cfg, &limits, &Device::Cpu)?);
+        t[8].push(ms(t0));
         let adapter = adapter.context("two loads ran")?;
-        t[8].push(prefill(&model, None)?);
-        t[9].push(prefill(&model, Some(adapter.clone()))?);
-        t[10].push(prefill(&model, Some(adapter))?);
+        t[9].push(prefill(&model, None)?);
+        t[10].push(prefill(&model, Some(adapter.clone()))?);
+        t[11].push(prefill(&model, Some(adapter))?);
     }
     println!("cold adapter, rank 16 on all modules, median of {reps}:");
     for (name, v) in names.iter().zip(t) {

@@ -58,7 +58,11 @@ pub fn load_verified(
 ) -> Result<(LoraAdapter, Vec<u8>), AdapterError> {
     let started = std::time::Instant::now();
     let config = std::fs::read(dir.join(CONFIG_FILE))?;
-    let weights = WeightsFile::read(&dir.join(weights_file), limits.max_bytes)?;
+    let weights = WeightsFile::read(
+        &dir.join(weights_file),
+        limits.max_bytes,
+        weights_file == SERVING_FILE,
+    )?;
     let read = started.elapsed();
     let (found, parsed) = rayon::join(
         || {

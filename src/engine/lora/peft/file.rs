@@ -28,8 +28,11 @@ pub struct WeightsFile {
 }
 
 impl WeightsFile {
-    /// Reads the file at `path`, refusing one over `max_bytes` before allocating for it.
-    pub fn read(path: &Path, max_bytes: usize) -> std::io::Result<Self> {
+    /// Reads the file at `path`, refusing one over `max_bytes` before allocating for it. With
+    /// `warm`, for a file that will be served from this memory (the serving copy), it is read
+    /// into the buffer touched after the previous such read, and a helper touches one for the
+    /// next; a file that is only converted and dropped (an f32 upload) reads into plain memory.
+    pub fn read(path: &Path, max_bytes: usize, warm: bool) -> std::io::Result<Self> {
         let mut file = std::fs::File::open(path)?;
         let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
         if len > max_bytes {
@@ -41,7 +44,11 @@ impl WeightsFile {
                 ),
             ));
         }
-        let mut words = warm_buffer(len.div_ceil(2));
+        let mut words = if warm {
+            warm_buffer(len.div_ceil(2))
+        } else {
+            vec![0u16; len.div_ceil(2)]
+        };
         file.read_exact(&mut bytemuck::cast_slice_mut::<u16, u8>(&mut words)[..len])?;
         if file.read(&mut [0u8; 1])? != 0 {
             return Err(std::io::Error::other(format!(
@@ -164,9 +171,9 @@ mod tests {
             let content: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8 | 1).collect();
             let path = dir.path().join(format!("w{len}"));
             std::fs::write(&path, &content).unwrap();
-            // Twice: the second read may get the warm buffer the first one asked for.
-            for _ in 0..2 {
-                let file = WeightsFile::read(&path, 1 << 20).unwrap();
+            // Plain, then warm twice: the second may get the buffer the first one asked for.
+            for warm in [false, true, true] {
+                let file = WeightsFile::read(&path, 1 << 20, warm).unwrap();
                 assert_eq!(file.len(), len);
                 assert_eq!(bytes_of(&file), content);
             }
@@ -182,7 +189,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("big");
         std::fs::write(&path, vec![7u8; 1000]).unwrap();
-        let err = WeightsFile::read(&path, 999).err().unwrap();
+        let err = WeightsFile::read(&path, 999, true).err().unwrap();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
         assert!(
             err.to_string().contains("over the limit of 999 bytes"),
