@@ -150,54 +150,49 @@ fn main() -> anyhow::Result<()> {
             println!("{label:32} {:7.2} ms/step", median(times));
         }
     }
-    // A cold request's prompt: one adapter on 17 rows (the bench's cold prompt length).
-    let prompt_rows: Vec<u32> = (0..17).collect();
-    let xs_of = |width: usize| {
-        let v: Vec<f32> = (0..17 * width)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-            .collect();
-        Tensor::from_vec(v, (17, width), &Device::Cpu)
-    };
-    let (ph, pf, pq) = (
-        xs_of(cfg.hidden_size)?,
-        xs_of(cfg.intermediate_size)?,
-        xs_of(cfg.num_heads * cfg.head_dim)?,
-    );
-    for (label, adapter, kernel, parallel) in [
-        (
-            "prefill 17 rows, f32 portable 1 thread",
-            &f32s[0],
-            Kernel::Portable,
-            false,
-        ),
-        (
-            "prefill 17 rows, f16 avx2 threaded",
-            &f16s[0],
-            Kernel::Avx2,
-            true,
-        ),
-    ] {
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            let t0 = Instant::now();
-            pool.install(|| -> anyhow::Result<()> {
-                for layer in &adapter.layers {
-                    for m in Module::ALL {
-                        let Some(p) = layer.get(m) else { continue };
-                        let xs = match m {
-                            Module::Down => &pf,
-                            Module::O => &pq,
-                            _ => &ph,
-                        };
-                        let ys = Tensor::zeros((17, p.b.dims()[0]), DType::F32, &Device::Cpu)?;
-                        add_deltas_cpu_with(&ys, xs, &[(p, &prompt_rows)], kernel, parallel)?;
+    // A prompt on one adapter: 17 rows (the bench's cold prompt length) and 128 (a prompt
+    // chunk, where the blocks are sixteen rows).
+    for rows in [17usize, 128] {
+        let prompt_rows: Vec<u32> = (0..rows as u32).collect();
+        let xs_of = |width: usize| {
+            let v: Vec<f32> = (0..rows * width)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
+            Tensor::from_vec(v, (rows, width), &Device::Cpu)
+        };
+        let (ph, pf, pq) = (
+            xs_of(cfg.hidden_size)?,
+            xs_of(cfg.intermediate_size)?,
+            xs_of(cfg.num_heads * cfg.head_dim)?,
+        );
+        for (label, adapter, kernel, parallel) in [
+            ("f32 portable 1 thread", &f32s[0], Kernel::Portable, false),
+            ("f16 avx2 threaded", &f16s[0], Kernel::Avx2, true),
+        ] {
+            let mut times = Vec::with_capacity(reps);
+            for _ in 0..reps {
+                let t0 = Instant::now();
+                pool.install(|| -> anyhow::Result<()> {
+                    for layer in &adapter.layers {
+                        for m in Module::ALL {
+                            let Some(p) = layer.get(m) else { continue };
+                            let xs = match m {
+                                Module::Down => &pf,
+                                Module::O => &pq,
+                                _ => &ph,
+                            };
+                            let ys =
+                                Tensor::zeros((rows, p.b.dims()[0]), DType::F32, &Device::Cpu)?;
+                            add_deltas_cpu_with(&ys, xs, &[(p, &prompt_rows)], kernel, parallel)?;
+                        }
                     }
-                }
-                Ok(())
-            })?;
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
+                    Ok(())
+                })?;
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            let label = format!("prefill {rows} rows, {label}");
+            println!("{label:40} {:7.2} ms", median(times));
         }
-        println!("{label:40} {:7.2} ms", median(times));
     }
     pool.install(|| cold(std::path::Path::new(model), &cfg, reps))
 }

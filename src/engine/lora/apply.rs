@@ -11,9 +11,10 @@
 //! seven modules is ~20 MB of f32 per adapter, more than the base's shared 92 MB at 8
 //! adapters), so it reads f16 copies where the parser made them (half the bytes) and splits
 //! the (group, block of rows) items over the rayon pool the forward already runs on. A block is
-//! up to four rows of one group (a prompt, or streams sharing an adapter): A is read and
-//! widened once for the block, not once per row, and B, small enough to stay in L2 for one
-//! projection, is then read once per row.
+//! up to sixteen rows of one group (a prompt, or streams sharing an adapter): A is read and
+//! widened once for every four of them, and from four rows on B is read once for the whole
+//! block, eight outputs at a time widened and transposed so each row needs only broadcasts
+//! and FMAs (one row reads B in order with horizontal sums instead, which costs less for one).
 
 use std::sync::OnceLock;
 
@@ -159,19 +160,27 @@ pub fn add_deltas_cpu_with(
     Ok(true)
 }
 
-/// Rows of one group a task takes together, at most: A is read and widened once for them
-/// all. Four keeps the A pass's accumulators and the shared A vector well inside AVX2's
-/// registers.
-const BLOCK_ROWS: usize = 4;
+/// Rows of one group a task takes together, at most: B is read, widened and transposed once
+/// for them all (a long prompt's rows).
+const BLOCK_ROWS: usize = 16;
+
+/// Rows the A pass takes together inside a block: A is read and widened once for them. Four
+/// keeps the A pass's accumulators and the shared A vector well inside AVX2's registers.
+const A_ROWS: usize = 4;
+
+/// Blocks of at least this many rows take B's tiles transposed ([`Kernel::b_block_f16`]):
+/// transposing a tile costs about what three rows' horizontal sums do.
+const B_BLOCK_MIN_ROWS: usize = 4;
 
 /// The block size for a group of `rows` rows: small groups keep small blocks so they still
 /// split over two threads (four rows in one block would leave a thread idle: decode with 4
-/// streams on one adapter lost 10%). A function of the row count alone, so the threaded and
-/// the sequential pass add the same values in the same order.
+/// streams on one adapter lost 10%), and long prompts take the largest. A function of the row
+/// count alone, so the threaded and the sequential pass add the same values in the same order.
 fn block_rows(rows: usize) -> usize {
     match rows {
         0..4 => 1,
         4..8 => 2,
+        8..32 => A_ROWS,
         _ => BLOCK_ROWS,
     }
 }
@@ -289,12 +298,25 @@ impl DeltaOp<'_> {
         }
         let xs = &xs[..rows];
         let k = self.kernel;
-        match p.ab {
-            Ab::F32 { a, .. } => k.a_block_f32(a, in_dim, xs, p.scale, t),
-            Ab::F16 { a, .. } => k.a_block_f16(a, in_dim, xs, p.scale, t),
-        }
         // rank ≥ 1 for every parsed adapter; max(1) keeps a rank-0 pair a no-op, not a panic.
-        let ys = block.ys.iter_mut().flatten();
+        for (xs, t) in xs.chunks(A_ROWS).zip(t.chunks_mut(A_ROWS * rank.max(1))) {
+            match p.ab {
+                Ab::F32 { a, .. } => k.a_block_f32(a, in_dim, xs, p.scale, t),
+                Ab::F16 { a, .. } => k.a_block_f16(a, in_dim, xs, p.scale, t),
+            }
+        }
+        let mut ys: [&mut [f32]; BLOCK_ROWS] = Default::default();
+        for (y, slot) in ys.iter_mut().zip(block.ys.iter_mut()) {
+            *y = slot.take().unwrap_or_default();
+        }
+        let ys = &mut ys[..rows];
+        if rows >= B_BLOCK_MIN_ROWS && k.b_block_fits(rank) {
+            match p.ab {
+                Ab::F32 { b, .. } => k.b_block_f32(b, t, ys),
+                Ab::F16 { b, .. } => k.b_block_f16(b, t, ys),
+            }
+            return;
+        }
         for (tr, y) in t.chunks_exact(rank.max(1)).zip(ys) {
             match p.ab {
                 Ab::F32 { b, .. } => k.b_pass_f32(b, tr, y),
@@ -381,6 +403,44 @@ impl Kernel {
             return;
         }
         row_by_row(a, in_dim, xs, scale, t, |aj, x| self.dot_f16(aj, x));
+    }
+
+    /// Whether [`Kernel::b_block_f16`] takes adapters of `rank`: AVX2, whole 8-wide steps of
+    /// the rank, and a transposed tile (rank × 8 values) that stays in L1.
+    fn b_block_fits(self, rank: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self == Kernel::Avx2
+            && rank.is_multiple_of(8)
+            && (8..=x86::MAX_TILE_RANK).contains(&rank);
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = rank;
+            false
+        }
+    }
+
+    /// ys[r][o] += B[o, :]·t[r·rank..] for every row r of a block, B [out, rank] read once for
+    /// all of them: eight outputs' B values are widened and transposed, then each row takes
+    /// them with broadcasts of its t (no horizontal sums). Only where `b_block_fits`.
+    fn b_block_f32(self, b: &[f32], t: &[f32], ys: &mut [&mut [f32]]) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx2` reaches here only when the CPU has it (checked in
+        // `add_deltas_cpu_with`), and only with a rank `b_block_fits`.
+        unsafe {
+            x86::b_block_f32(b, t, ys)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (b, t, ys);
+    }
+
+    fn b_block_f16(self, b: &[f16], t: &[f32], ys: &mut [&mut [f32]]) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `b_block_f32`.
+        unsafe {
+            x86::b_block_f16(b, t, ys)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (b, t, ys);
     }
 
     /// y[o] += B[o, :]·t for B [y.len(), t.len()].
@@ -560,6 +620,131 @@ mod x86 {
 
     kernels!(dot_f32, b_pass_f32, f32, load_f32);
     kernels!(dot_f16, b_pass_f16, f16, load_f16);
+
+    /// The largest rank [`b_block_f32`] takes: its transposed tile is rank × 8 f32 on the stack.
+    pub const MAX_TILE_RANK: usize = 64;
+
+    /// `r[i]` becomes column i: out[j][i] = r[i][j] (an 8×8 transpose in registers).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        // Lane halves: s0 holds column 0 (low) and 4 (high) of rows 0-3, s1 columns 1/5, …
+        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(s0, s4),
+            _mm256_permute2f128_ps::<0x20>(s1, s5),
+            _mm256_permute2f128_ps::<0x20>(s2, s6),
+            _mm256_permute2f128_ps::<0x20>(s3, s7),
+            _mm256_permute2f128_ps::<0x31>(s0, s4),
+            _mm256_permute2f128_ps::<0x31>(s1, s5),
+            _mm256_permute2f128_ps::<0x31>(s2, s6),
+            _mm256_permute2f128_ps::<0x31>(s3, s7),
+        ]
+    }
+
+    /// ys[row + r][o..o + 8] += Σ_k t[(row + r)·rank + k]·tile[k] for rows row..row + R (which
+    /// `ys` must have). Two chains over k for each row, and the rows interleaved, so four rows
+    /// make eight FMA chains, which hide the FMAs' latency.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile_rows<const R: usize>(
+        tile: &[__m256; MAX_TILE_RANK],
+        rank: usize,
+        pt: *const f32,
+        ys: &mut [&mut [f32]],
+        row: usize,
+        o: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut k = 0;
+        while k < rank {
+            let (c0, c1) = (tile[k], tile[k + 1]);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let tp = pt.add((row + r) * rank + k);
+                a[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*tp), c0, a[0]);
+                a[1] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*tp.add(1)), c1, a[1]);
+            }
+            k += 2;
+        }
+        for (a, y) in acc.iter().zip(ys[row..row + R].iter_mut()) {
+            let yp = y.as_mut_ptr().add(o);
+            _mm256_storeu_ps(
+                yp,
+                _mm256_add_ps(_mm256_loadu_ps(yp), _mm256_add_ps(a[0], a[1])),
+            );
+        }
+    }
+
+    macro_rules! b_block {
+        ($name:ident, $t:ty, $load:ident, $dot:ident) => {
+            /// ys[r][o] += B[o, :]·t[r·rank..(r+1)·rank] for every row r, rank = t.len() /
+            /// ys.len(), a multiple of 8 up to [`MAX_TILE_RANK`] (else nothing is done).
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(b: &[$t], t: &[f32], ys: &mut [&mut [f32]]) {
+                let rows = ys.len();
+                let rank = if rows == 0 { 0 } else { t.len() / rows };
+                if rank == 0 || rank % 8 != 0 || rank > MAX_TILE_RANK {
+                    return;
+                }
+                let out = ys
+                    .iter()
+                    .map(|y| y.len())
+                    .min()
+                    .unwrap_or(0)
+                    .min(b.len() / rank);
+                let (pb, pt) = (b.as_ptr(), t.as_ptr());
+                // Column k of the current eight outputs: tile[k][i] = B[o + i, k].
+                let mut tile = [_mm256_setzero_ps(); MAX_TILE_RANK];
+                let mut o = 0;
+                while o + 8 <= out {
+                    let mut k = 0;
+                    while k < rank {
+                        let mut r = [_mm256_setzero_ps(); 8];
+                        for (i, v) in r.iter_mut().enumerate() {
+                            *v = $load(pb.add((o + i) * rank + k));
+                        }
+                        let c = transpose8(r);
+                        tile[k..k + 8].copy_from_slice(&c);
+                        k += 8;
+                    }
+                    let mut row = 0;
+                    while row + 4 <= rows {
+                        tile_rows::<4>(&tile, rank, pt, ys, row, o);
+                        row += 4;
+                    }
+                    while row < rows {
+                        tile_rows::<1>(&tile, rank, pt, ys, row, o);
+                        row += 1;
+                    }
+                    o += 8;
+                }
+                for (row, y) in ys.iter_mut().enumerate() {
+                    let tr = &t[row * rank..(row + 1) * rank];
+                    for oo in o..out {
+                        y[oo] += $dot(&b[oo * rank..(oo + 1) * rank], tr);
+                    }
+                }
+            }
+        };
+    }
+
+    b_block!(b_block_f32, f32, load_f32, dot_f32);
+    b_block!(b_block_f16, f16, load_f16, dot_f16);
 
     macro_rules! a_block {
         ($name:ident, $fixed:ident, $t:ty, $load:ident) => {

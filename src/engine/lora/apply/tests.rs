@@ -109,19 +109,22 @@ fn matches_the_composed_tensor_ops_on_the_listed_rows_only() {
 
 #[test]
 fn blocks_of_rows_match_the_composed_ops() {
-    // Groups of 1, 5 and 11 rows: blocks of one, two (2+2+1) and four (4+4+3); widths on and
-    // off the 8-wide steps.
+    // Groups of 1, 5, 11 and 37 rows: blocks of one, two (2+2+1), four (4+4+3, B transposed in
+    // the blocks of four) and sixteen (16+16+5, the A pass four rows at a time inside); widths
+    // on and off the 8-wide steps, ranks that take the transposed B and ones that do not.
     for (d_in, d_out, rank) in [(64, 40, 16), (37, 23, 4), (576, 192, 16), (19, 9, 8)] {
-        let n = 17;
+        let n = 54;
         let xs = tensor(values(n * d_in, 1), (n, d_in));
         let ys = tensor(values(n * d_out, 2), (n, d_out));
-        let rows: [&[u32]; 3] = [
+        let prompt: Vec<u32> = (17..54).rev().collect();
+        let rows: [&[u32]; 4] = [
             &[3],
             &[0, 2, 4, 6, 8],
             &[1, 5, 7, 9, 10, 11, 12, 13, 14, 15, 16],
+            &prompt,
         ];
         for dtype in [DType::F32, DType::F16] {
-            let ps: Vec<LoraPair> = (0..3)
+            let ps: Vec<LoraPair> = (0..4)
                 .map(|i| pair(rank, d_in, d_out, 20 + i, dtype))
                 .collect();
             let groups: Vec<(&LoraPair, &[u32])> = ps.iter().zip(rows).collect();
@@ -161,8 +164,8 @@ fn f16_weights_stay_within_half_precision_of_the_f32_composition() {
 #[test]
 fn the_threaded_split_gives_the_same_bits_as_one_thread() {
     // Eight adapters, one row each (a decode step at gate_proj's shape), and a prompt-like
-    // group of ten rows (blocks of four, four and two).
-    let (streams, prompt, d_in, d_out, rank) = (8, 10, 576, 1536, 16);
+    // group of 37 rows (blocks of sixteen, sixteen and five).
+    let (streams, prompt, d_in, d_out, rank) = (8, 37, 576, 1536, 16);
     let n = streams + prompt;
     let xs = tensor(values(n * d_in, 1), (n, d_in));
     let ys = tensor(values(n * d_out, 2), (n, d_out));
