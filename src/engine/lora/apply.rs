@@ -169,7 +169,9 @@ const BLOCK_ROWS: usize = 16;
 const A_ROWS: usize = 4;
 
 /// Blocks of at least this many rows take B's tiles transposed ([`Kernel::b_block_f16`]):
-/// transposing a tile costs about what three rows' horizontal sums do.
+/// from four rows it measured faster on one thread (a 17-row prompt, blocks of four: 8.0 →
+/// 5.2–6.1 ms, BENCHMARKS.md); fewer rows keep the per-row pass, whose horizontal sums cost
+/// less than transposing for one.
 const B_BLOCK_MIN_ROWS: usize = 4;
 
 /// The block size for a group of `rows` rows: small groups keep small blocks so they still
@@ -284,7 +286,9 @@ impl DeltaOp<'_> {
     /// ys[r] += B·(scale·A·x[r]) for the rows of one block.
     fn block(&self, p: &Pair<'_>, x: &[f32], mut block: Block<'_>) {
         let (in_dim, rows, rank) = (self.in_dim, block.len, p.rank);
-        let mut stack = [0f32; BLOCK_ROWS * 64];
+        // Sized for blocks of up to four rows (every decode item): zeroing it is paid per
+        // item, so the rarer sixteen-row blocks of long prompts take the heap instead.
+        let mut stack = [0f32; A_ROWS * 64];
         let mut heap = Vec::new();
         let t = if rows * rank <= stack.len() {
             &mut stack[..rows * rank]
