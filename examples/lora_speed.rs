@@ -1,5 +1,5 @@
 //! Times one decode step's LoRA deltas (every adapted projection of every layer, 8 adapters ×
-//! 1 row each, real shapes of MODEL) per kernel, element type and threading, then a cold
+//! 1 row each, real shapes of MODEL) per kernel, element type (f32, f16, int8) and threading, then a cold
 //! adapter's first request piece by piece (read, BLAKE3, parse and the whole verified load, of
 //! the f32 upload and of the f16 serving copy a cold load reads, then a 16-token prefill with
 //! the adapter against the base): `cargo run --release --example
@@ -12,6 +12,7 @@ use std::sync::Arc;
 use adapterd::adapters::{load_verified, Recorded, CONFIG_FILE, SERVING_FILE, WEIGHTS_FILE};
 use adapterd::bench::adapters::{model_config, random_adapter, write_random_adapter};
 use adapterd::engine::lora::apply::{add_deltas_cpu_with, Kernel};
+use adapterd::engine::lora::int8::quantize_adapter;
 use adapterd::engine::lora::peft::{
     parse_peft, parse_peft_file, serving_weights, LoraLimits, WeightsFile,
 };
@@ -54,6 +55,10 @@ fn main() -> anyhow::Result<()> {
         Ok(h)
     };
     let f16s: Vec<LoraAdapter> = f32s.iter().map(to_f16).collect::<anyhow::Result<_>>()?;
+    let int8s: Vec<LoraAdapter> = f16s
+        .iter()
+        .map(|a| pool.install(|| quantize_adapter(a)))
+        .collect::<candle_core::Result<_>>()?;
 
     let rows: Vec<[u32; 1]> = (0..ADAPTERS as u32).map(|i| [i]).collect();
     let x_of = |width: usize| {
@@ -104,6 +109,9 @@ fn main() -> anyhow::Result<()> {
         ("f16 portable threaded", &f16s, Kernel::Portable, true),
         ("f16 avx2 1 thread", &f16s, Kernel::Avx2, false),
         ("f16 avx2 threaded", &f16s, Kernel::Avx2, true),
+        ("int8 portable threaded", &int8s, Kernel::Portable, true),
+        ("int8 avx2 1 thread", &int8s, Kernel::Avx2, false),
+        ("int8 avx2 threaded", &int8s, Kernel::Avx2, true),
     ] {
         let mut times = Vec::with_capacity(reps);
         for _ in 0..reps {
@@ -168,6 +176,7 @@ fn main() -> anyhow::Result<()> {
         for (label, adapter, kernel, parallel) in [
             ("f32 portable 1 thread", &f32s[0], Kernel::Portable, false),
             ("f16 avx2 threaded", &f16s[0], Kernel::Avx2, true),
+            ("int8 avx2 threaded", &int8s[0], Kernel::Avx2, true),
         ] {
             let mut times = Vec::with_capacity(reps);
             for _ in 0..reps {
@@ -194,6 +203,13 @@ fn main() -> anyhow::Result<()> {
             println!("{label:40} {:7.2} ms", median(times));
         }
     }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        pool.install(|| quantize_adapter(&f16s[0]))?;
+        times.push(ms(t0));
+    }
+    println!("{:32} {:7.2} ms", "int8 copy of one adapter", median(times));
     pool.install(|| cold(std::path::Path::new(model), &cfg, reps))
 }
 

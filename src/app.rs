@@ -121,7 +121,8 @@ async fn assemble(settings: &Settings, separate_metrics: bool) -> anyhow::Result
             max_versions: settings.limits.max_adapter_versions_per_tenant,
             max_bytes: settings.limits.max_adapter_bytes_per_tenant,
         })
-        .with_device(loaded.model.device().clone()),
+        .with_device(loaded.model.device().clone())
+        .with_precision(settings.adapter_precision()?),
     );
     adapters
         .reconcile()

@@ -10,6 +10,7 @@ use candle_core::Device;
 use sqlx::SqlitePool;
 
 use crate::engine::lora::cache::AdapterCache;
+use crate::engine::lora::int8::{quantize_adapter, AdapterPrecision};
 use crate::engine::lora::peft::{parse_peft, serving_weights, LoraError, LoraLimits};
 use crate::engine::lora::LoraAdapter;
 use crate::engine::model::ModelConfig;
@@ -95,6 +96,7 @@ pub struct AdapterRegistry {
     quota: AdapterQuota,
     /// Where resolved adapters live: the model's device.
     device: Device,
+    precision: AdapterPrecision,
     /// Serialises version allocation + rename per process (SQLite serialises the rest).
     write_lock: tokio::sync::Mutex<()>,
 }
@@ -141,6 +143,7 @@ impl AdapterRegistry {
             cache: AdapterCache::new(cache_bytes),
             quota: AdapterQuota::default(),
             device: Device::Cpu,
+            precision: AdapterPrecision::default(),
             write_lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -154,6 +157,13 @@ impl AdapterRegistry {
     /// Resolved adapters are loaded onto `device` (the model's; the CPU by default).
     pub fn with_device(mut self, device: Device) -> Self {
         self.device = device;
+        self
+    }
+
+    /// How resolved adapters are held on the CPU (f16 by default; int8 halves their bytes).
+    /// Other devices keep the loader's form.
+    pub fn with_precision(mut self, precision: AdapterPrecision) -> Self {
+        self.precision = precision;
         self
     }
 
@@ -180,9 +190,20 @@ impl AdapterRegistry {
         validate_name("tenant", tenant)?;
         validate_name("name", name)?;
         let (base, limits) = (self.base.clone(), self.limits);
+        let int8 = self.precision == AdapterPrecision::Int8 && self.device.is_cpu();
         let (adapter, config, weights, serving) = tokio::task::spawn_blocking(move || {
             let adapter = parse_peft(&config, &weights, &base, &limits, &Device::Cpu)?;
             let serving = serving_weights(&adapter)?;
+            // The serving copy stays f16 (any precision can be made from it at a cold load);
+            // what goes into the resident cache is the form this server serves.
+            let adapter = if int8 {
+                quantize_adapter(&adapter).map_err(|e| LoraError::Tensor {
+                    tensor: "int8 copy".into(),
+                    message: e.to_string(),
+                })?
+            } else {
+                adapter
+            };
             Ok::<_, LoraError>((adapter, config, weights, serving))
         })
         .await
@@ -333,8 +354,20 @@ impl AdapterRegistry {
         let (base, limits, device) = (self.base.clone(), self.limits, self.device.clone());
         let started = std::time::Instant::now();
         let stored = row.clone();
+        let int8 = self.precision == AdapterPrecision::Int8 && device.is_cpu();
         let loaded = tokio::task::spawn_blocking(move || {
-            load_stored(&dir, &stored, &base, &limits, &device)
+            let loaded = load_stored(&dir, &stored, &base, &limits, &device)?;
+            // The int8 copy is what stays resident; the loaded form is kept only when a
+            // serving copy must still be written from it.
+            let served = if int8 {
+                Some(
+                    quantize_adapter(&loaded.adapter)
+                        .map_err(|e| AdapterError::Storage(format!("int8 copy: {e}")))?,
+                )
+            } else {
+                None
+            };
+            Ok::<_, AdapterError>((loaded, served))
         })
         .await
         .map_err(|e| AdapterError::Storage(e.to_string()))?;
@@ -348,10 +381,12 @@ impl AdapterRegistry {
             tracing::error!(adapter = reference, error = %e, "stored adapter failed to load");
             AdapterError::Damaged(reference.to_owned())
         })?;
+        let (loaded, served) = loaded;
         let adapter = Arc::new(loaded.adapter);
         if !loaded.from_serving_copy {
             self.spawn_serving_copy(&row, adapter.clone(), loaded.config);
         }
+        let adapter = served.map(Arc::new).unwrap_or(adapter);
         let evicted = self.cache.insert(key, adapter.clone());
         metrics::counter!(crate::metrics::ADAPTER_CACHE_EVICTIONS_TOTAL).increment(evicted as u64);
         self.record_cache_gauges();

@@ -121,3 +121,60 @@ fn timestamps_are_rfc3339_utc() {
     assert_eq!(t.len(), 20, "{t}");
     assert!(t.starts_with("20") && t.ends_with('Z'));
 }
+
+/// With `adapters.precision = "int8"` both ways into the resident cache (an upload, and a cold
+/// load from the store) hold int8 pairs at about half the bytes, while the serving copy on
+/// disk stays f16, so the same store serves either precision.
+#[tokio::test]
+async fn int8_precision_holds_resident_adapters_in_int8() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let db = crate::store::connect(&url).await.unwrap();
+    let base = ModelConfig::tiny_for_tests();
+    let files = dir.path().join("upload");
+    crate::bench::adapters::write_random_adapter(&base, "tiny", 8, 3, &files).unwrap();
+    let config = std::fs::read(files.join(CONFIG_FILE)).unwrap();
+    let weights = std::fs::read(files.join(WEIGHTS_FILE)).unwrap();
+    let limits = LoraLimits {
+        max_rank: 64,
+        max_bytes: 1 << 24,
+    };
+    let root = dir.path().join("adapters");
+    let f16 = AdapterRegistry::new(db.clone(), root.clone(), base.clone(), limits, 1 << 24);
+    let made = f16
+        .create("default", "x", config.clone(), weights.clone(), "upload", None)
+        .await
+        .unwrap();
+    let f16_bytes = made.adapter.size_bytes;
+    let int8 = AdapterRegistry::new(db.clone(), root.clone(), base, limits, 1 << 24)
+        .with_precision(AdapterPrecision::Int8);
+    let uploaded = int8
+        .create("default", "y", config, weights, "upload", None)
+        .await
+        .unwrap();
+    // A fresh registry has nothing resident: `x` is a cold load from the store.
+    let cold = int8.resolve("default", "x").await.unwrap();
+    for adapter in [&uploaded.adapter, &cold.adapter] {
+        let pairs: Vec<_> = adapter
+            .layers
+            .iter()
+            .flat_map(|l| l.modules.iter().flatten())
+            .collect();
+        assert!(!pairs.is_empty());
+        for p in pairs {
+            assert_eq!(p.a.dtype(), candle_core::DType::U8);
+            assert!(p.int8.is_some());
+        }
+        assert!(
+            adapter.size_bytes * 10 < f16_bytes * 6,
+            "{} int8 bytes against {f16_bytes} f16",
+            adapter.size_bytes
+        );
+    }
+    let serving = std::fs::read(root.join("default/x/1").join(SERVING_FILE)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&serving).unwrap();
+    assert!(st
+        .tensors()
+        .iter()
+        .all(|(_, v)| v.dtype() == safetensors::Dtype::F16));
+}

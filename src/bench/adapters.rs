@@ -59,6 +59,7 @@ pub fn random_adapter(cfg: &ModelConfig, rank: usize, seed: u64) -> Result<LoraA
                 a: t(rank, inp, 0.05)?,
                 b: t(out, rank, 0.01)?,
                 scale: alpha / rank as f64,
+                int8: None,
             });
         }
         layers.push(l);

@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod cache;
+pub mod int8;
 pub mod narrow;
 pub mod peft;
 
@@ -66,12 +67,15 @@ impl Module {
 #[derive(Clone, Debug)]
 pub struct LoraPair {
     /// [r, in], on the model's device: f32, or f16 for adapters parsed for serving on the CPU
-    /// (see [`apply`]); B always has A's dtype.
+    /// (see [`apply`]), or int8 (see `int8`); B always has A's dtype.
     pub a: Tensor,
     /// [out, r].
     pub b: Tensor,
     /// alpha / r, or alpha / sqrt(r) with rsLoRA (per module when rank/alpha patterns apply).
     pub scale: f64,
+    /// Set for an int8 pair ([`int8`]): A and B are then U8 tensors holding i8 values, and
+    /// these are their per-rank scales.
+    pub int8: Option<int8::Int8Scales>,
 }
 
 /// The adapted projections of one decoder layer (indexed by [`Module::index`]).

@@ -169,9 +169,10 @@ fn add_deltas(
     }
     for (g, pair) in adapted {
         let x = xs.index_select(&g.rows, 0)?;
-        // A/B are f16 when they were parsed for the CPU's fused pass; candle's matmul wants
-        // one dtype.
-        let (a, b) = (pair.a.to_dtype(x.dtype())?, pair.b.to_dtype(x.dtype())?);
+        // A/B are f16 or int8 when they were made for the CPU's fused pass; candle's matmul
+        // wants one dtype.
+        let (a, b) = pair.dense_f32()?;
+        let (a, b) = (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
         let delta = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * pair.scale)?;
         ys = ys.index_add(&g.rows, &delta.to_dtype(ys.dtype())?, 0)?;
     }

@@ -106,6 +106,7 @@ impl TrainableLora {
                         a,
                         b,
                         scale: p.scale,
+                        int8: None,
                     });
                 }
             }

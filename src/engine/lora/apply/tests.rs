@@ -21,6 +21,7 @@ fn pair(rank: usize, d_in: usize, d_out: usize, seed: u32, dtype: DType) -> Lora
         a: a.to_dtype(dtype).expect("a"),
         b: b.to_dtype(dtype).expect("b"),
         scale: 0.75,
+        int8: None,
     }
 }
 
@@ -231,12 +232,14 @@ fn shapes_that_do_not_fit_are_an_error_not_a_panic() {
         a: zeros(2, 7),
         b: zeros(6, 2),
         scale: 1.0,
+        int8: None,
     };
     assert!(add_deltas_cpu(&ys, &xs, &[(&p, &[0])]).is_err());
     let p = LoraPair {
         a: zeros(2, 8),
         b: zeros(6, 2),
         scale: 1.0,
+        int8: None,
     };
     assert!(add_deltas_cpu(&ys, &xs, &[(&p, &[5])]).is_err());
     assert!(add_deltas_cpu(&ys, &xs, &[(&p, &[1, 0, 1])]).is_err());
@@ -253,6 +256,178 @@ fn weights_of_mixed_dtypes_are_left_to_the_tensor_path() {
         a: Tensor::zeros((2, 8), DType::F16, &dev).expect("a"),
         b: Tensor::zeros((6, 2), DType::F32, &dev).expect("b"),
         scale: 1.0,
+        int8: None,
     };
     assert!(!add_deltas_cpu(&ys, &xs, &[(&p, &[0])]).expect("no error"));
+}
+
+fn int8_pair(rank: usize, d_in: usize, d_out: usize, seed: u32) -> (LoraPair, LoraPair) {
+    let wide = pair(rank, d_in, d_out, seed, DType::F32);
+    let q = crate::engine::lora::int8::quantize_pair(&wide).expect("quantize");
+    (wide, q)
+}
+
+/// Every kernel and split of an int8 pass: threaded and sequential give the same bits, and
+/// the kernels the same bits on decode-sized groups (integer sums) and agree to float
+/// rounding on prompt-sized ones (widened to f32 blocks). Returns the portable result.
+fn int8_everywhere(ys: &Tensor, xs: &Tensor, groups: &[(&LoraPair, &[u32])]) -> Vec<Vec<f32>> {
+    let same_bits = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .all(|(g, w)| g.to_bits() == w.to_bits())
+    };
+    let first = fused(ys, xs, groups, Kernel::Portable, false);
+    let decode_only = groups.iter().all(|(_, rows)| rows.len() < 4);
+    let peak = first.iter().flatten().fold(1f32, |m, v| m.max(v.abs()));
+    for k in kernels() {
+        let one = fused(ys, xs, groups, k, false);
+        let threaded = fused(ys, xs, groups, k, true);
+        assert!(same_bits(&one, &threaded), "{k:?}: threaded differs");
+        if decode_only {
+            assert!(
+                same_bits(&one, &first),
+                "{k:?} differs from the portable pass"
+            );
+        } else {
+            for (g, w) in one.iter().flatten().zip(first.iter().flatten()) {
+                assert!((g - w).abs() <= 1e-5 * peak, "{k:?}: {g} vs {w}");
+            }
+        }
+    }
+    first
+}
+
+#[test]
+fn int8_pairs_stay_within_their_rounding_of_the_f32_composition() {
+    // Shapes on and off the 16-wide steps, ranks on the AVX2 path (8, 16, 24, 64) and off it
+    // (5), decode rows and a prompt-sized group; one row no group lists.
+    for (d_in, d_out, rank) in [
+        (576, 192, 16),
+        (1536, 576, 16),
+        (37, 23, 5),
+        (64, 41, 8),
+        (100, 70, 24),
+        (96, 40, 64),
+    ] {
+        let n = 40;
+        let xs = tensor(values(n * d_in, 1), (n, d_in));
+        let ys = tensor(values(n * d_out, 2), (n, d_out));
+        let (w1, q1) = int8_pair(rank, d_in, d_out, 3);
+        let (w2, q2) = int8_pair(rank, d_in, d_out, 9);
+        let prompt: Vec<u32> = (3..40).collect();
+        let rows: [&[u32]; 2] = [&[0, 2], &prompt];
+        let want = composed(&ys, &xs, &[(&w1, rows[0]), (&w2, rows[1])]);
+        let got = int8_everywhere(&ys, &xs, &[(&q1, rows[0]), (&q2, rows[1])]);
+        let base = ys.to_vec2::<f32>().expect("ys");
+        assert_eq!(got[1], base[1], "row 1 is in no group");
+        let peak = want
+            .iter()
+            .flatten()
+            .zip(base.iter().flatten())
+            .fold(0f32, |m, (w, b)| m.max((w - b).abs()));
+        let worst = got
+            .iter()
+            .flatten()
+            .zip(want.iter().flatten())
+            .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+        // Half an int8 step (1/254 of a row's or column's peak) on A and on B, plus the int16
+        // roundings: ~1% of the largest delta at worst for these uniform values.
+        assert!(
+            worst <= 1.5e-2 * peak && peak > 0.0,
+            "[{d_in}->{d_out} r{rank}]: worst {worst}, peak delta {peak}"
+        );
+    }
+}
+
+#[test]
+fn int8_sums_are_exact_at_the_extremes() {
+    // Every A value at +127 steps and every input at its peak: the integer sums reach their
+    // bounds (an A row longer than one i32 chunk, B at rank 64) and must not wrap.
+    let (d_in, d_out, rank) = (5000, 16, 64);
+    let wide = LoraPair {
+        a: tensor(vec![1.0; rank * d_in], (rank, d_in)),
+        b: tensor(vec![-1.0; d_out * rank], (d_out, rank)),
+        scale: 1.0,
+        int8: None,
+    };
+    let q = crate::engine::lora::int8::quantize_pair(&wide).expect("quantize");
+    let xs = tensor(vec![2.0; d_in], (1, d_in));
+    let ys = tensor(vec![0.0; d_out], (1, d_out));
+    let got = int8_everywhere(&ys, &xs, &[(&q, &[0])]);
+    let want = -(d_in as f32) * 2.0 * rank as f32;
+    for g in &got[0] {
+        assert!((g - want).abs() <= 1e-4 * want.abs(), "{g} vs {want}");
+    }
+}
+
+#[test]
+fn int8_leaves_zero_inputs_and_zero_weights_alone() {
+    let (d_in, d_out, rank) = (64, 16, 8);
+    let (_, q) = int8_pair(rank, d_in, d_out, 4);
+    let zero = crate::engine::lora::int8::quantize_pair(&LoraPair {
+        a: tensor(vec![0.0; rank * d_in], (rank, d_in)),
+        b: tensor(vec![0.0; d_out * rank], (d_out, rank)),
+        scale: 1.0,
+        int8: None,
+    })
+    .expect("quantize");
+    let mut x = values(2 * d_in, 5);
+    x[..d_in].fill(0.0);
+    let xs = tensor(x, (2, d_in));
+    let ys = tensor(values(2 * d_out, 6), (2, d_out));
+    let got = int8_everywhere(&ys, &xs, &[(&q, &[0]), (&zero, &[1])]);
+    assert_eq!(got, ys.to_vec2::<f32>().expect("ys"));
+}
+
+#[test]
+fn int8_dense_form_is_the_rounded_weights() {
+    let (wide, q) = int8_pair(16, 96, 40, 12);
+    assert_eq!(q.a.dtype(), DType::U8);
+    let (a, b) = q.dense_f32().expect("dense");
+    for (got, want) in [(a, &wide.a), (b, &wide.b)] {
+        let got = got
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("got");
+        let want = want
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("want");
+        let peak = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= peak / 254.0 * 1.0001, "{g} vs {w}");
+        }
+    }
+    // The tensor path (what `kernels = "portable"` runs) gives the kernel's result within the
+    // int16 roundings.
+    let n = 3;
+    let xs = tensor(values(n * 96, 1), (n, 96));
+    let ys = tensor(vec![0.0; n * 40], (n, 40));
+    let (a, b) = q.dense_f32().expect("dense");
+    let dense = LoraPair {
+        a,
+        b,
+        scale: q.scale,
+        int8: None,
+    };
+    let want = composed(&ys, &xs, &[(&dense, &[0, 1, 2])]);
+    let got = int8_everywhere(&ys, &xs, &[(&q, &[0, 1, 2])]);
+    let peak = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+        assert!((g - w).abs() <= 1e-3 * peak, "{g} vs {w}");
+    }
+    // Half the bytes of f16, plus two scales per rank index.
+    assert_eq!(q.size_bytes(), (16 * 96 + 40 * 16) + 2 * 16 * 4);
+}
+
+#[test]
+fn int8_scales_that_do_not_fit_the_rank_are_an_error() {
+    let (_, mut q) = int8_pair(8, 32, 16, 2);
+    if let Some(s) = &mut q.int8 {
+        s.b = vec![1.0; 7].into();
+    }
+    let xs = tensor(values(32, 1), (1, 32));
+    let ys = tensor(vec![0.0; 16], (1, 16));
+    assert!(add_deltas_cpu(&ys, &xs, &[(&q, &[0])]).is_err());
 }

@@ -43,6 +43,9 @@ pub fn save_peft(
             };
             let a_name = tensor_name(layer, module, Side::A);
             let b_name = tensor_name(layer, module, Side::B);
+            if pair.int8.is_some() {
+                return Err(bad(a_name, INT8_REFUSED.into()));
+            }
             let (a_dims, a_bytes) = to_bytes(&pair.a).map_err(|e| bad(a_name.clone(), e))?;
             let (b_dims, b_bytes) = to_bytes(&pair.b).map_err(|e| bad(b_name.clone(), e))?;
             let rank = match (a_dims.as_slice(), b_dims.as_slice()) {
@@ -147,6 +150,10 @@ fn number(x: f64) -> Value {
     }
 }
 
+/// Int8 pairs exist only in the resident cache (`adapters.precision = "int8"`); writing one
+/// out would store a rounded adapter as if it were the original.
+const INT8_REFUSED: &str = "is held in int8 for serving; write adapters from their f16/f32 form";
+
 fn to_bytes(t: &candle_core::Tensor) -> Result<(Vec<usize>, Vec<u8>), String> {
     let dims = t.dims().to_vec();
     let values = t
@@ -173,6 +180,12 @@ pub fn serving_weights(adapter: &LoraAdapter) -> Result<Vec<u8>, LoraError> {
             let Some(pair) = lora.get(module) else {
                 continue;
             };
+            if pair.int8.is_some() {
+                return Err(bad(
+                    tensor_name(layer, module, Side::A),
+                    INT8_REFUSED.into(),
+                ));
+            }
             for (side, t) in [(Side::A, &pair.a), (Side::B, &pair.b)] {
                 let name = tensor_name(layer, module, side);
                 let (dtype, bytes) = resident_bytes(t).map_err(|e| bad(name.clone(), e))?;

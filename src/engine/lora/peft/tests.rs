@@ -191,7 +191,12 @@ fn adapter(mods: &[(usize, Module, usize, f64)], rank: usize, alpha: f64, rs: bo
         let a = Tensor::from_vec(values(r * fan_in, seed), (r, fan_in), &Device::Cpu);
         let b = Tensor::from_vec(values(fan_out * r, seed + 1), (fan_out, r), &Device::Cpu);
         let (a, b) = (a.expect("a"), b.expect("b"));
-        layers[l].modules[m.index()] = Some(LoraPair { a, b, scale });
+        layers[l].modules[m.index()] = Some(LoraPair {
+            a,
+            b,
+            scale,
+            int8: None,
+        });
         names.push(m.hf_name().to_owned());
     }
     names.sort();

@@ -190,6 +190,7 @@ pub(super) fn load_shared(
             a: view(tensor_name(layer, module, Side::A), a)?,
             b: view(tensor_name(layer, module, Side::B), b)?,
             scale,
+            int8: None,
         };
         layers[layer].modules[module.index()] = Some(pair);
     }
@@ -368,6 +369,7 @@ fn convert(
                     a,
                     b,
                     scale: c.scale,
+                    int8: None,
                 },
             })
         })
