@@ -9,7 +9,8 @@
 //! `decodeB@C` (any B, C ≤ 500) decodes B sequences after a C-token prompt each, for attention
 //! over a long cache (e.g. `--only decode1@500,decode8@500`). A suffix `xA` gives the B
 //! sequences A distinct random rank-16 adapters on all seven modules, in f16 as the server
-//! holds them, sequence i on adapter i mod A (e.g. `decode8x8`, `decode8@500x8`).
+//! holds them, sequence i on adapter i mod A (e.g. `decode8x8`, `decode8@500x8`); a further
+//! `i` holds them in int8 as `adapters.precision = "int8"` does (`decode8x8i`).
 //!
 //! Thread settings mirror `adapterd serve --threads N`: candle's own pool at 1, our rayon pool
 //! at N, and the forward runs on a thread of that pool as the engine's does.
@@ -112,8 +113,12 @@ fn scenario(model: &Llama, name: &str, steps: usize) -> anyhow::Result<f64> {
     let (spec, adapters) = spec.split_once('x').unwrap_or((spec, "0"));
     let (batch, context) = spec.split_once('@').unwrap_or((spec, "16"));
     let (batch, context): (usize, usize) = (batch.parse()?, context.parse()?);
+    let (adapters, int8) = match adapters.strip_suffix('i') {
+        Some(a) => (a, true),
+        None => (adapters, false),
+    };
     let adapters: Vec<Arc<LoraAdapter>> = (0..adapters.parse::<u64>()?)
-        .map(|seed| served_adapter(model, seed))
+        .map(|seed| served_adapter(model, seed, int8))
         .collect::<anyhow::Result<_>>()?;
     let adapter_of = |i: usize| match adapters.len() {
         0 => None,
@@ -152,14 +157,18 @@ fn scenario(model: &Llama, name: &str, steps: usize) -> anyhow::Result<f64> {
     Ok((steps * batch) as f64 / t.elapsed().as_secs_f64())
 }
 
-/// A random rank-16 adapter on every module, with A and B in f16 as the server parses them.
-fn served_adapter(model: &Llama, seed: u64) -> anyhow::Result<Arc<LoraAdapter>> {
+/// A random rank-16 adapter on every module, with A and B in f16 as the server parses them,
+/// or in int8 as `adapters.precision = "int8"` holds them.
+fn served_adapter(model: &Llama, seed: u64, int8: bool) -> anyhow::Result<Arc<LoraAdapter>> {
     let mut a = adapterd::bench::adapters::random_adapter(&model.cfg, 16, seed)?;
     for l in &mut a.layers {
         for p in l.modules.iter_mut().flatten() {
             p.a = p.a.to_dtype(DType::F16)?;
             p.b = p.b.to_dtype(DType::F16)?;
         }
+    }
+    if int8 {
+        a = adapterd::engine::lora::int8::quantize_adapter(&a)?;
     }
     Ok(Arc::new(a))
 }

@@ -470,7 +470,10 @@ mod tests {
             ..Default::default()
         };
         let err = Settings::load(&o).unwrap_err().to_string();
-        assert!(err.contains("adapters.precision") && err.contains("int4"), "{err}");
+        assert!(
+            err.contains("adapters.precision") && err.contains("int4"),
+            "{err}"
+        );
     }
 
     #[test]

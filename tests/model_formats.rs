@@ -334,11 +334,13 @@ mod lora {
             a: rand_t(&mut rng, &[r, H], 0.3),
             b: rand_t(&mut rng, &[NH * HD, r], 0.3),
             scale: 2.0,
+            int8: None,
         });
         layers[1].modules[Module::Down.index()] = Some(LoraPair {
             a: rand_t(&mut rng, &[r, FFN], 0.3),
             b: rand_t(&mut rng, &[H, r], 0.3),
             scale: 2.0,
+            int8: None,
         });
         LoraAdapter {
             layers,
@@ -488,6 +490,7 @@ mod portable {
                         a: t(&[r, inp]),
                         b: t(&[out, r]),
                         scale: 2.0,
+                        int8: None,
                     });
                 }
                 l

@@ -150,3 +150,33 @@ fn peft_adapters_give_pefts_first_tokens_on_the_gguf_base() {
         }
     }
 }
+
+/// `adapters.precision = "int8"` on the same fixtures and the f32 base: what rounding A and B
+/// to int8 costs against PEFT, reported, and bounded so a broken int8 path (wrong scales, a
+/// transposed layout) fails here. The fixtures' random adapters move logits by several nats,
+/// so their ~0.5% rounding shows more here than a trained adapter's would.
+#[test]
+fn int8_adapters_stay_close_to_pefts_logprobs_on_the_f32_base() {
+    let m = models();
+    for name in FIXTURES {
+        let (adapter, expected) = load_fixture(name, &m.f32);
+        let int8 = Arc::new(adapterd::engine::lora::int8::quantize_adapter(&adapter).unwrap());
+        let (mut max_diff, mut agreed, mut total) = (0f32, 0, 0);
+        for case in &expected.cases {
+            let n = case.tokens.len();
+            let (toks, lps) = greedy(&m.f32, &case.prompt_ids, n, Some(&int8));
+            let agree = agreeing_prefix(&toks, &case.tokens);
+            assert!(agree >= 1, "{name}: {:?}: first token differs", case.prompt);
+            for (a, b) in lps[..agree].iter().zip(&case.logprobs) {
+                max_diff = max_diff.max((a - b).abs());
+            }
+            agreed += agree;
+            total += n;
+        }
+        eprintln!(
+            "{name}: int8 A/B on the f32 base: {agreed}/{total} greedy tokens agree with PEFT, \
+             max |logprob diff| over them {max_diff:.3}"
+        );
+        assert!(max_diff < 0.3, "{name}: int8 moved a logprob by {max_diff}");
+    }
+}

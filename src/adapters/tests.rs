@@ -142,7 +142,14 @@ async fn int8_precision_holds_resident_adapters_in_int8() {
     let root = dir.path().join("adapters");
     let f16 = AdapterRegistry::new(db.clone(), root.clone(), base.clone(), limits, 1 << 24);
     let made = f16
-        .create("default", "x", config.clone(), weights.clone(), "upload", None)
+        .create(
+            "default",
+            "x",
+            config.clone(),
+            weights.clone(),
+            "upload",
+            None,
+        )
         .await
         .unwrap();
     let f16_bytes = made.adapter.size_bytes;

@@ -437,11 +437,13 @@ pub fn tiny_adapter_files(seed: u64, scale: f64) -> (Vec<u8>, Vec<u8>) {
             a: t(&[r, 64]),
             b: t(&[64, r]),
             scale,
+            int8: None,
         });
         l.modules[Module::V.index()] = Some(LoraPair {
             a: t(&[r, 64]),
             b: t(&[32, r]),
             scale,
+            int8: None,
         });
         layers.push(l);
     }

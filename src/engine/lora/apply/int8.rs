@@ -315,7 +315,7 @@ mod x86 {
         let rank = t.len();
         let out = y.len().min(b.len() / rank.max(1));
         let mut o = 0;
-        if rank % 8 == 0 && (8..=64).contains(&rank) {
+        if rank.is_multiple_of(8) && (8..=64).contains(&rank) {
             // t in 16-value pieces; an 8-value remainder in the low half of a 128-bit piece.
             let (pb, pt) = (b.as_ptr(), t.as_ptr());
             let vst = _mm256_set1_ps(st);
