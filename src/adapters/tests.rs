@@ -34,24 +34,50 @@ fn references_split_name_and_version() {
     }
 }
 
+/// A database, the tiny test model's config, a random adapter's files (`rank`, `seed`) and
+/// the limits and store root a registry over them takes.
+struct Fixture {
+    db: SqlitePool,
+    base: ModelConfig,
+    config: Vec<u8>,
+    weights: Vec<u8>,
+    limits: LoraLimits,
+    root: PathBuf,
+}
+
+async fn fixture(dir: &std::path::Path, rank: usize, seed: u64) -> Fixture {
+    let url = format!("sqlite://{}", dir.join("t.db").display());
+    let db = crate::store::connect(&url).await.unwrap();
+    let base = ModelConfig::tiny_for_tests();
+    let files = dir.join("upload");
+    crate::bench::adapters::write_random_adapter(&base, "tiny", rank, seed, &files).unwrap();
+    Fixture {
+        db,
+        config: std::fs::read(files.join(CONFIG_FILE)).unwrap(),
+        weights: std::fs::read(files.join(WEIGHTS_FILE)).unwrap(),
+        base,
+        limits: LoraLimits {
+            max_rank: 64,
+            max_bytes: 1 << 24,
+        },
+        root: dir.join("adapters"),
+    }
+}
+
 /// A cancel that lands while a trained adapter is being stored (after the runner's last
 /// check) must leave a cancelled job and no published version — and a job still running
 /// ends succeeded together with its version.
 #[tokio::test]
 async fn a_job_adapter_is_published_only_with_the_jobs_success() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    let db = crate::store::connect(&url).await.unwrap();
-    let base = ModelConfig::tiny_for_tests();
-    let files = dir.path().join("trained");
-    crate::bench::adapters::write_random_adapter(&base, "tiny", 4, 1, &files).unwrap();
-    let config = std::fs::read(files.join(CONFIG_FILE)).unwrap();
-    let weights = std::fs::read(files.join(WEIGHTS_FILE)).unwrap();
-    let limits = LoraLimits {
-        max_rank: 64,
-        max_bytes: 1 << 24,
-    };
-    let root = dir.path().join("adapters");
+    let Fixture {
+        db,
+        base,
+        config,
+        weights,
+        limits,
+        root,
+    } = fixture(dir.path(), 4, 1).await;
     let registry = AdapterRegistry::new(db.clone(), root.clone(), base, limits, 1 << 24);
     for (id, status) in [("job-cancelled", "cancelled"), ("job-running", "running")] {
         sqlx::query(
@@ -128,18 +154,14 @@ fn timestamps_are_rfc3339_utc() {
 #[tokio::test]
 async fn int8_precision_holds_resident_adapters_in_int8() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    let db = crate::store::connect(&url).await.unwrap();
-    let base = ModelConfig::tiny_for_tests();
-    let files = dir.path().join("upload");
-    crate::bench::adapters::write_random_adapter(&base, "tiny", 8, 3, &files).unwrap();
-    let config = std::fs::read(files.join(CONFIG_FILE)).unwrap();
-    let weights = std::fs::read(files.join(WEIGHTS_FILE)).unwrap();
-    let limits = LoraLimits {
-        max_rank: 64,
-        max_bytes: 1 << 24,
-    };
-    let root = dir.path().join("adapters");
+    let Fixture {
+        db,
+        base,
+        config,
+        weights,
+        limits,
+        root,
+    } = fixture(dir.path(), 8, 3).await;
     let f16 = AdapterRegistry::new(db.clone(), root.clone(), base.clone(), limits, 1 << 24);
     let made = f16
         .create(
