@@ -360,10 +360,14 @@ impl AdapterRegistry {
             // The int8 copy is what stays resident; the loaded form is kept only when a
             // serving copy must still be written from it.
             let served = if int8 {
-                Some(
-                    quantize_adapter(&loaded.adapter)
-                        .map_err(|e| AdapterError::Storage(format!("int8 copy: {e}")))?,
-                )
+                let started = std::time::Instant::now();
+                let copy = quantize_adapter(&loaded.adapter)
+                    .map_err(|e| AdapterError::Storage(format!("int8 copy: {e}")))?;
+                tracing::debug!(
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    "adapter's int8 copy made"
+                );
+                Some(copy)
             } else {
                 None
             };

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::apply::Kernel;
+use super::peft::WARM_INT8;
 use super::{LayerLora, LoraAdapter, LoraPair};
 
 /// How resident adapters hold A and B on the CPU.
@@ -46,17 +48,35 @@ pub struct Int8Scales {
     pub b: Arc<[f32]>,
 }
 
-/// The int8 step for a row or column: its largest magnitude maps to 127 (0 for all zeros).
-fn scale_for(values: impl Iterator<Item = f32>) -> f32 {
-    values.fold(0f32, |m, v| m.max(v.abs())) / 127.0
+/// The int8 step for a row: its largest magnitude maps to 127 (0 for all zeros). Eight
+/// running maxima, not one: a single float max chain does not vectorise (it is not
+/// reassociated) and was most of an int8 copy's time.
+fn row_scale<T: Copy>(row: &[T], widen: impl Fn(T) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            let v = widen(x).abs();
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    for (l, &x) in lanes.iter_mut().zip(tail) {
+        let v = widen(x).abs();
+        *l = if v > *l { v } else { *l };
+    }
+    lanes.iter().fold(0f32, |m, &l| if l > m { l } else { m }) / 127.0
 }
 
-/// v·inv rounded to nearest (ties to even) as i8 bits. |v·inv| ≤ 127 by construction; adding
-/// and subtracting 1.5·2^23 rounds in float operations the compiler vectorises, where
-/// `f32::round` is a libm call on the x86-64 baseline (this runs on every cold load).
+/// v·inv rounded to nearest (ties to even) as i8 bits. |v·inv| ≤ 127 by construction.
+/// Adding 1.5·2^23 rounds in float arithmetic and leaves the integer in the low mantissa bits
+/// (the sum's bits are 0x4B40_0000 + k), so the byte is k's two's complement: plain float and
+/// bit operations the compiler vectorises, where `f32::round` is a libm call and a
+/// float-to-int `as` a scalar saturating conversion on the x86-64 baseline (either made an
+/// int8 copy several times slower; this runs on every cold load).
 fn round_i8(v: f32, inv: f32) -> u8 {
     const ROUNDER: f32 = 12_582_912.0;
-    (((v * inv + ROUNDER) - ROUNDER) as i8) as u8
+    (v * inv + ROUNDER).to_bits() as u8
 }
 
 /// `pair` as an int8 pair (A and B as U8 tensors holding i8 bits, on the CPU). A pair that
@@ -65,71 +85,149 @@ pub fn quantize_pair(pair: &LoraPair) -> Result<LoraPair> {
     if pair.int8.is_some() {
         return Ok(pair.clone());
     }
-    let (rank, d_in) = pair.a.dims2()?;
-    let (d_out, b_rank) = pair.b.dims2()?;
-    if b_rank != rank || rank == 0 {
-        candle_core::bail!("lora int8: A [{rank}, {d_in}] and B [{d_out}, {b_rank}] do not pair");
-    }
-    let (a_scales, aq) = quantize(&pair.a, d_in, false)?;
-    let (b_scales, bq) = quantize(&pair.b, rank, true)?;
-    Ok(LoraPair {
-        a: Tensor::from_vec(aq, (rank, d_in), &Device::Cpu)?,
-        b: Tensor::from_vec(bq, (d_out, rank), &Device::Cpu)?,
-        scale: pair.scale,
-        int8: Some(Int8Scales {
-            a: a_scales.into(),
-            b: b_scales.into(),
-        }),
-    })
+    let shape = PairShape::of(pair)?;
+    let mut buf = vec![0u8; shape.len()];
+    let (a, b) = buf.split_at_mut(shape.a_len());
+    let scales = quantize_into(pair, shape, a, b)?;
+    let storage = Tensor::from_vec(buf, shape.len(), &Device::Cpu)?;
+    shape.place(pair, &storage, 0, scales)
 }
 
-/// A tensor's values in int8 with one scale per row of `width` values, or per column
-/// (`columns`). Read in place where it is a contiguous f16 or f32 CPU tensor (a cold load's
-/// f16 pairs: no f32 copy, whose fresh pages cost ~1 ms per MB on these VMs).
-fn quantize(t: &Tensor, width: usize, columns: bool) -> Result<(Vec<f32>, Vec<u8>)> {
+/// The dimensions of a pair: A [rank, d_in], B [d_out, rank].
+#[derive(Clone, Copy)]
+struct PairShape {
+    rank: usize,
+    d_in: usize,
+    d_out: usize,
+}
+
+impl PairShape {
+    fn of(pair: &LoraPair) -> Result<Self> {
+        let (rank, d_in) = pair.a.dims2()?;
+        let (d_out, b_rank) = pair.b.dims2()?;
+        if b_rank != rank || rank == 0 {
+            candle_core::bail!(
+                "lora int8: A [{rank}, {d_in}] and B [{d_out}, {b_rank}] do not pair"
+            );
+        }
+        Ok(Self { rank, d_in, d_out })
+    }
+
+    fn a_len(self) -> usize {
+        self.rank * self.d_in
+    }
+
+    fn len(self) -> usize {
+        self.a_len() + self.d_out * self.rank
+    }
+
+    /// The int8 pair whose A and B are views of `storage` from `offset` on.
+    fn place(
+        self,
+        pair: &LoraPair,
+        storage: &Tensor,
+        offset: usize,
+        (a_scales, b_scales): (Vec<f32>, Vec<f32>),
+    ) -> Result<LoraPair> {
+        let a = storage
+            .narrow(0, offset, self.a_len())?
+            .reshape((self.rank, self.d_in))?;
+        let b = storage
+            .narrow(0, offset + self.a_len(), self.d_out * self.rank)?
+            .reshape((self.d_out, self.rank))?;
+        Ok(LoraPair {
+            a,
+            b,
+            scale: pair.scale,
+            int8: Some(Int8Scales {
+                a: a_scales.into(),
+                b: b_scales.into(),
+            }),
+        })
+    }
+}
+
+/// Writes `pair`'s A and B as int8 into `a` and `b`; returns their scales.
+fn quantize_into(
+    pair: &LoraPair,
+    shape: PairShape,
+    a: &mut [u8],
+    b: &mut [u8],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    Ok((
+        quantize(&pair.a, shape.d_in, false, a)?,
+        quantize(&pair.b, shape.rank, true, b)?,
+    ))
+}
+
+/// A tensor's values into `out` as int8 with one scale per row of `width` values, or per
+/// column (`columns`); returns the scales. Read in place where it is a contiguous f16 or f32
+/// CPU tensor (a cold load's f16 pairs: no f32 copy, whose fresh pages cost ~1 ms per MB on
+/// these VMs).
+fn quantize(t: &Tensor, width: usize, columns: bool, out: &mut [u8]) -> Result<Vec<f32>> {
     fn run<T: Copy>(
         v: &[T],
         widen: impl Fn(T) -> f32 + Copy,
-        w: usize,
-        c: bool,
-    ) -> (Vec<f32>, Vec<u8>) {
-        if c {
-            quantize_columns(v, widen, w)
-        } else {
-            quantize_rows(v, widen, w)
+        width: usize,
+        columns: bool,
+        out: &mut [u8],
+    ) -> Result<Vec<f32>> {
+        if v.len() != out.len() {
+            candle_core::bail!("lora int8: {} values for {} slots", v.len(), out.len());
         }
+        Ok(if columns {
+            quantize_columns(v, widen, width, out)
+        } else {
+            quantize_rows(v, widen, width, out)
+        })
     }
     let (storage, layout) = t.storage_and_layout();
     if let Some((o0, o1)) = layout.contiguous_offsets() {
         match &*storage {
             Storage::Cpu(CpuStorage::F16(v)) => {
-                return Ok(run(&v[o0..o1], super::apply::widen, width, columns))
+                let v = &v[o0..o1];
+                #[cfg(target_arch = "x86_64")]
+                if v.len() == out.len() && Kernel::detect() == Kernel::Avx2 {
+                    // SAFETY: the CPU has AVX2 and F16C (`Kernel::detect`).
+                    return Ok(unsafe {
+                        if columns {
+                            x86::quantize_columns_f16(v, width, out)
+                        } else {
+                            x86::quantize_rows_f16(v, width, out)
+                        }
+                    });
+                }
+                return run(v, super::apply::widen, width, columns, out);
             }
             Storage::Cpu(CpuStorage::F32(v)) => {
-                return Ok(run(&v[o0..o1], |x: f32| x, width, columns))
+                return run(&v[o0..o1], |x: f32| x, width, columns, out)
             }
             _ => {}
         }
     }
     drop(storage);
     let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(run(&v, |x: f32| x, width, columns))
+    run(&v, |x: f32| x, width, columns, out)
 }
 
 /// One scale per row of `width` values (A: per rank index).
-fn quantize_rows<T: Copy>(v: &[T], widen: impl Fn(T) -> f32, width: usize) -> (Vec<f32>, Vec<u8>) {
+fn quantize_rows<T: Copy>(
+    v: &[T],
+    widen: impl Fn(T) -> f32,
+    width: usize,
+    q: &mut [u8],
+) -> Vec<f32> {
     let width = width.max(1);
     let mut scales = Vec::with_capacity(v.len() / width);
-    let mut q = vec![0u8; v.len()];
     for (row, out) in v.chunks(width).zip(q.chunks_mut(width)) {
-        let s = scale_for(row.iter().map(|&x| widen(x)));
+        let s = row_scale(row, &widen);
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
         for (o, &x) in out.iter_mut().zip(row) {
             *o = round_i8(widen(x), inv);
         }
         scales.push(s);
     }
-    (scales, q)
+    scales
 }
 
 /// One scale per column of a row-major matrix `width` wide (B: per rank index).
@@ -137,7 +235,8 @@ fn quantize_columns<T: Copy>(
     v: &[T],
     widen: impl Fn(T) -> f32,
     width: usize,
-) -> (Vec<f32>, Vec<u8>) {
+    q: &mut [u8],
+) -> Vec<f32> {
     let width = width.max(1);
     let mut peaks = vec![0f32; width];
     for row in v.chunks(width) {
@@ -150,28 +249,60 @@ fn quantize_columns<T: Copy>(
         .iter()
         .map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 })
         .collect();
-    let mut q = vec![0u8; v.len()];
     for (row, out) in v.chunks(width).zip(q.chunks_mut(width)) {
         for ((o, &x), &i) in out.iter_mut().zip(row).zip(&inv) {
             *o = round_i8(widen(x), i);
         }
     }
-    (scales, q)
+    scales
 }
 
-/// `adapter` with every pair in int8 (pairs quantized in parallel: this runs on a cold load).
+/// `adapter` with every pair in int8. All pairs' values go into one buffer that a helper
+/// thread touched after the previous such copy (this runs on a cold load, where first touches
+/// of fresh memory cost ~1 ms per MB on our VMs), the pairs quantized in parallel; each A and
+/// B is a view of it.
 pub fn quantize_adapter(adapter: &LoraAdapter) -> Result<LoraAdapter> {
-    let layers = adapter
+    let mut jobs = Vec::new();
+    let mut total = 0usize;
+    for (l, layer) in adapter.layers.iter().enumerate() {
+        for (m, pair) in layer.modules.iter().enumerate() {
+            let Some(pair) = pair.as_ref().filter(|p| p.int8.is_none()) else {
+                continue;
+            };
+            let shape = PairShape::of(pair)?;
+            jobs.push((l, m, pair, shape, total));
+            total += shape.len();
+        }
+    }
+    let mut buf = WARM_INT8.take(total);
+    let mut work = Vec::with_capacity(jobs.len());
+    let mut rest: &mut [u8] = &mut buf;
+    for &(_, _, pair, shape, _) in &jobs {
+        let (a, tail) = rest.split_at_mut(shape.a_len());
+        let (b, tail) = tail.split_at_mut(shape.len() - shape.a_len());
+        rest = tail;
+        work.push((pair, shape, a, b));
+    }
+    let scales = work
+        .into_par_iter()
+        .map(|(pair, shape, a, b)| quantize_into(pair, shape, a, b))
+        .collect::<Result<Vec<_>>>()?;
+    let storage = Tensor::from_vec(buf, total, &Device::Cpu)?;
+    // Pairs that were int8 already stay as they are.
+    let mut layers: Vec<LayerLora> = adapter
         .layers
-        .par_iter()
+        .iter()
         .map(|layer| {
             let mut out = LayerLora::default();
             for (slot, pair) in out.modules.iter_mut().zip(&layer.modules) {
-                *slot = pair.as_ref().map(quantize_pair).transpose()?;
+                *slot = pair.as_ref().filter(|p| p.int8.is_some()).cloned();
             }
-            Ok(out)
+            out
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect();
+    for ((l, m, pair, shape, offset), scales) in jobs.into_iter().zip(scales) {
+        layers[l].modules[m] = Some(shape.place(pair, &storage, offset, scales)?);
+    }
     let size_bytes = layers
         .iter()
         .flat_map(|l| l.modules.iter().flatten())
@@ -233,5 +364,149 @@ impl LoraPair {
             .as_ref()
             .map_or(0, |s| (s.a.len() + s.b.len()) * std::mem::size_of::<f32>());
         weights + scales
+    }
+}
+
+/// The f16 cases (a cold load's serving copy) with F16C widening and `cvtps` rounding, eight
+/// values at a time: the same bytes and scales as the portable loops (maxima are exact, and
+/// both round to nearest, ties to even).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    /// Eight f32 rounded to i32 and narrowed to eight i8 bytes at `out`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn store8(v: __m256, out: *mut u8) {
+        let i = _mm256_cvtps_epi32(v);
+        let w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256::<1>(i));
+        _mm_storel_epi64(out.cast(), _mm_packs_epi16(w, w));
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn quantize_rows_f16(v: &[f16], width: usize, q: &mut [u8]) -> Vec<f32> {
+        let width = width.max(1);
+        let sign = _mm256_set1_ps(-0.0);
+        let mut scales = Vec::with_capacity(v.len() / width);
+        for (row, out) in v.chunks(width).zip(q.chunks_mut(width)) {
+            let n8 = row.len() / 8 * 8;
+            let mut m = _mm256_setzero_ps();
+            let mut i = 0;
+            while i < n8 {
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, load8(row.as_ptr().add(i))));
+                i += 8;
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+            let peak = lanes
+                .iter()
+                .copied()
+                .chain(row[n8..].iter().map(|x| x.to_f32().abs()))
+                .fold(0f32, |a, b| if b > a { b } else { a });
+            let s = peak / 127.0;
+            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+            let vi = _mm256_set1_ps(inv);
+            let mut i = 0;
+            while i < n8 {
+                store8(
+                    _mm256_mul_ps(load8(row.as_ptr().add(i)), vi),
+                    out.as_mut_ptr().add(i),
+                );
+                i += 8;
+            }
+            for (o, x) in out[n8..].iter_mut().zip(&row[n8..]) {
+                *o = super::round_i8(x.to_f32(), inv);
+            }
+            scales.push(s);
+        }
+        scales
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn quantize_columns_f16(v: &[f16], width: usize, q: &mut [u8]) -> Vec<f32> {
+        let width = width.max(1);
+        if !width.is_multiple_of(8) || width > 64 {
+            return super::quantize_columns(v, super::super::apply::widen, width, q);
+        }
+        let sign = _mm256_set1_ps(-0.0);
+        let mut peaks = [_mm256_setzero_ps(); 8];
+        for row in v.chunks_exact(width) {
+            for (k, p) in peaks.iter_mut().take(width / 8).enumerate() {
+                *p = _mm256_max_ps(*p, _mm256_andnot_ps(sign, load8(row.as_ptr().add(k * 8))));
+            }
+        }
+        let mut scales = vec![0f32; width];
+        for (k, p) in peaks.iter().take(width / 8).enumerate() {
+            _mm256_storeu_ps(scales.as_mut_ptr().add(k * 8), *p);
+        }
+        for s in &mut scales {
+            *s /= 127.0;
+        }
+        let inv: Vec<__m256> = scales
+            .chunks_exact(8)
+            .map(|c| {
+                let mut l = [0f32; 8];
+                for (o, &s) in l.iter_mut().zip(c) {
+                    *o = if s > 0.0 { 1.0 / s } else { 0.0 };
+                }
+                _mm256_loadu_ps(l.as_ptr())
+            })
+            .collect();
+        for (row, out) in v.chunks_exact(width).zip(q.chunks_exact_mut(width)) {
+            for (k, vi) in inv.iter().enumerate() {
+                store8(
+                    _mm256_mul_ps(load8(row.as_ptr().add(k * 8)), *vi),
+                    out.as_mut_ptr().add(k * 8),
+                );
+            }
+        }
+        scales
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::f16;
+
+    fn halves(n: usize, seed: u32) -> Vec<f16> {
+        (0..n)
+            .map(|i| {
+                let r = ((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 20011;
+                f16::from_f32((r as f32 / 20011.0 - 0.5) * 0.37)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_avx2_copy_gives_the_portable_bytes_and_scales() {
+        if Kernel::detect() != Kernel::Avx2 {
+            return;
+        }
+        let widen = crate::engine::lora::apply::widen;
+        for (rows, width) in [(16, 576), (5, 37), (3, 8), (1, 1)] {
+            let v = halves(rows * width, 3);
+            let (mut want, mut got) = (vec![0u8; v.len()], vec![0u8; v.len()]);
+            let ws = quantize_rows(&v, widen, width, &mut want);
+            // SAFETY: AVX2 and F16C checked above.
+            let gs = unsafe { x86::quantize_rows_f16(&v, width, &mut got) };
+            assert_eq!((ws, want), (gs, got), "rows of {width}");
+        }
+        for (rows, width) in [(576, 16), (37, 8), (40, 64), (20, 24), (9, 5)] {
+            let v = halves(rows * width, 7);
+            let (mut want, mut got) = (vec![0u8; v.len()], vec![0u8; v.len()]);
+            let ws = quantize_columns(&v, widen, width, &mut want);
+            // SAFETY: as above.
+            let gs = unsafe { x86::quantize_columns_f16(&v, width, &mut got) };
+            assert_eq!((ws, want), (gs, got), "columns of {width}");
+        }
     }
 }

@@ -23,6 +23,7 @@ use super::LoraAdapter;
 use crate::engine::model::config::ModelConfig;
 
 pub use file::WeightsFile;
+pub(crate) use file::WARM_INT8;
 pub use save::{save_peft, serving_weights};
 
 /// Server-side bounds on what an uploaded adapter may cost.

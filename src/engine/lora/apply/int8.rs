@@ -11,9 +11,9 @@ use super::Kernel;
 /// need not be, so lanes are added in i64).
 const CHUNK: usize = 2048;
 
-/// Adding and subtracting 1.5·2^23 rounds an f32 of magnitude < 2^22 to the nearest integer,
-/// ties to even: what `cvtps` does, in plain float operations the compiler vectorises
-/// (`f32::round` is a libm call on the x86-64 baseline).
+/// Adding 1.5·2^23 rounds an f32 of magnitude < 2^22 to the nearest integer, ties to even
+/// (what `cvtps` does), in plain float operations the compiler vectorises (`f32::round` is a
+/// libm call on the x86-64 baseline).
 const ROUNDER: f32 = 12_582_912.0;
 
 /// An int8 pair as the pass reads it.
@@ -159,7 +159,9 @@ fn max_abs(v: &[f32]) -> f32 {
 /// The portable rounding from element `from` on (the AVX2 one hands it its tail).
 fn round_i16(v: &[f32], inv: f32, out: &mut [i16], from: usize) {
     for (o, x) in out.iter_mut().zip(v).skip(from) {
-        *o = ((x * inv + ROUNDER) - ROUNDER) as i16;
+        // The sum's bits are 0x4B40_0000 + k: the low half is k's two's complement (no
+        // saturating float-to-int conversion, which stays scalar).
+        *o = (x * inv + ROUNDER).to_bits() as u16 as i16;
     }
 }
 

@@ -45,7 +45,7 @@ impl WeightsFile {
             ));
         }
         let mut words = if warm {
-            warm_buffer(len.div_ceil(2))
+            WARM_FILES.take(len.div_ceil(2))
         } else {
             vec![0u16; len.div_ceil(2)]
         };
@@ -101,36 +101,57 @@ impl WeightsFile {
     }
 }
 
-/// The largest buffer kept touched in advance: adapters past it (rank 64 on every module of a
-/// bigger model) read into fresh memory, so an idle server never holds more than this spare.
+/// The largest buffer kept touched in advance (per kind): adapters past it (rank 64 on every
+/// module of a bigger model) take fresh memory, so an idle server never holds more than this
+/// spare of each.
 const MAX_WARM_BYTES: usize = 64 << 20;
 
-/// The touched buffer waiting for the next cold load, and whether a helper is making one.
-static WARM: Mutex<Option<Vec<u16>>> = Mutex::new(None);
-static FILLING: AtomicBool = AtomicBool::new(false);
+/// A buffer touched in advance for the next cold load of one kind (the serving copy's bytes,
+/// or an int8 copy's values), and whether a helper is making one.
+pub(crate) struct WarmPool<T: 'static> {
+    spare: Mutex<Option<Vec<T>>>,
+    filling: AtomicBool,
+}
 
-/// A buffer of `words` u16 for a file's bytes: the warm one when it has that size (adapters of
-/// one shape have serving copies of one size), else fresh memory. Either way a helper thread
-/// then touches a buffer of this size for the next cold load.
-fn warm_buffer(words: usize) -> Vec<u16> {
-    let taken = WARM
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take_if(|b| b.len() == words);
-    if words * 2 <= MAX_WARM_BYTES && !FILLING.swap(true, Ordering::AcqRel) {
-        let spawned = std::thread::Builder::new()
-            .name("adapterd-warm-buffer".into())
-            .spawn(move || {
-                lowest_priority();
-                let buffer = touched(words);
-                *WARM.lock().unwrap_or_else(|p| p.into_inner()) = Some(buffer);
-                FILLING.store(false, Ordering::Release);
-            });
-        if spawned.is_err() {
-            FILLING.store(false, Ordering::Release);
+/// The serving copies' read buffers (u16 words: f16-aligned).
+static WARM_FILES: WarmPool<u16> = WarmPool::new();
+
+/// The int8 copies' buffers (`adapters.precision = "int8"`).
+pub(crate) static WARM_INT8: WarmPool<u8> = WarmPool::new();
+
+impl<T: Copy + Default + Send + 'static> WarmPool<T> {
+    const fn new() -> Self {
+        Self {
+            spare: Mutex::new(None),
+            filling: AtomicBool::new(false),
         }
     }
-    taken.unwrap_or_else(|| vec![0u16; words])
+
+    /// A buffer of `len` values: the warm one when it has that length (adapters of one shape
+    /// make buffers of one size), else fresh memory. Either way a helper thread then touches
+    /// one of this length for the next cold load.
+    pub(crate) fn take(&'static self, len: usize) -> Vec<T> {
+        let taken = self
+            .spare
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_if(|b| b.len() == len);
+        let bytes = len.saturating_mul(std::mem::size_of::<T>());
+        if bytes <= MAX_WARM_BYTES && !self.filling.swap(true, Ordering::AcqRel) {
+            let spawned = std::thread::Builder::new()
+                .name("adapterd-warm-buffer".into())
+                .spawn(move || {
+                    lowest_priority();
+                    let buffer = touched::<T>(len);
+                    *self.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(buffer);
+                    self.filling.store(false, Ordering::Release);
+                });
+            if spawned.is_err() {
+                self.filling.store(false, Ordering::Release);
+            }
+        }
+        taken.unwrap_or_else(|| vec![T::default(); len])
+    }
 }
 
 /// Puts the calling thread at nice 19, so it runs on cores the forward leaves idle rather than
@@ -144,14 +165,15 @@ fn lowest_priority() {
     }
 }
 
-/// `words` zeroed u16 whose every page has been written, so the kernel has backed them.
-fn touched(words: usize) -> Vec<u16> {
-    let mut buffer = vec![0u16; words];
+/// `len` default (zero) values whose every page has been written, so the kernel has backed
+/// them.
+fn touched<T: Copy + Default>(len: usize) -> Vec<T> {
+    let mut buffer = vec![T::default(); len];
     // One write per 4 KiB page. Volatile: the allocator's zeroed pages look written already
     // to the optimizer, which would drop plain stores of zero.
-    for page in buffer.chunks_mut(2048) {
+    for page in buffer.chunks_mut((4096 / std::mem::size_of::<T>().max(1)).max(1)) {
         // SAFETY: `page` is a non-empty, valid, exclusive slice.
-        unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 0) };
+        unsafe { std::ptr::write_volatile(page.as_mut_ptr(), T::default()) };
     }
     buffer
 }
@@ -199,7 +221,7 @@ mod tests {
 
     #[test]
     fn a_warm_buffer_is_all_zero_and_of_the_size_asked() {
-        let b = touched(5000);
+        let b = touched::<u16>(5000);
         assert_eq!(b.len(), 5000);
         assert!(b.iter().all(|&w| w == 0));
     }
