@@ -124,6 +124,13 @@ async fn assemble(settings: &Settings, separate_metrics: bool) -> anyhow::Result
         .with_device(loaded.model.device().clone())
         .with_precision(settings.adapter_precision()?),
     );
+    if settings.adapter_precision()? == crate::engine::lora::int8::AdapterPrecision::Int8
+        && !loaded.model.device().is_cpu()
+    {
+        tracing::warn!(
+            "adapters.precision = \"int8\" applies on the CPU only; adapters on this GPU stay f32"
+        );
+    }
     adapters
         .reconcile()
         .await

@@ -135,14 +135,18 @@ pub fn add_deltas_cpu_with(
             return Ok(false);
         };
         let ab = match (&**a_store, &**b_store) {
-            (Storage::Cpu(CpuStorage::F32(a)), Storage::Cpu(CpuStorage::F32(b))) => Ab::F32 {
-                a: &a[a0..a1],
-                b: &b[b0..b1],
-            },
-            (Storage::Cpu(CpuStorage::F16(a)), Storage::Cpu(CpuStorage::F16(b))) => Ab::F16 {
-                a: &a[a0..a1],
-                b: &b[b0..b1],
-            },
+            (Storage::Cpu(CpuStorage::F32(a)), Storage::Cpu(CpuStorage::F32(b))) => {
+                Ab::Dense(Dense::F32 {
+                    a: &a[a0..a1],
+                    b: &b[b0..b1],
+                })
+            }
+            (Storage::Cpu(CpuStorage::F16(a)), Storage::Cpu(CpuStorage::F16(b))) => {
+                Ab::Dense(Dense::F16 {
+                    a: &a[a0..a1],
+                    b: &b[b0..b1],
+                })
+            }
             (Storage::Cpu(CpuStorage::U8(a)), Storage::Cpu(CpuStorage::U8(b))) => {
                 let Some(scales) = &pair.int8 else {
                     return Ok(false);
@@ -213,9 +217,15 @@ const INT8_WIDEN_MIN_ROWS: usize = 32;
 /// A and B of one pair as the pass reads them.
 #[derive(Clone, Copy)]
 enum Ab<'a> {
+    Dense(Dense<'a>),
+    Int8(Int8Ab<'a>),
+}
+
+/// A and B as floats, which the block kernels take.
+#[derive(Clone, Copy)]
+enum Dense<'a> {
     F32 { a: &'a [f32], b: &'a [f32] },
     F16 { a: &'a [f16], b: &'a [f16] },
-    Int8(Int8Ab<'a>),
 }
 
 struct Pair<'a> {
@@ -264,28 +274,36 @@ impl DeltaOp<'_> {
         // block kernels then share A and B across rows, where the row pass rounds and sums
         // every row on its own (~2× slower at 128 rows; faster at 17, where widening the
         // whole adapter costs more than the rows).
-        let widened: Vec<Option<(Vec<f32>, Vec<f32>)>> = self
-            .pairs
-            .iter()
-            .map(|p| match p.ab {
-                Ab::Int8(q) if p.rows.len() >= INT8_WIDEN_MIN_ROWS => Some(q.widen()),
-                _ => None,
-            })
-            .collect();
-        let pairs: Vec<Pair<'_>> = self
-            .pairs
-            .iter()
-            .zip(&widened)
-            .map(|(p, w)| Pair {
-                ab: match w {
-                    Some((a, b)) => Ab::F32 { a, b },
-                    None => p.ab,
-                },
-                rank: p.rank,
-                scale: p.scale,
-                rows: p.rows,
-            })
-            .collect();
+        // Nothing is allocated unless one is (this runs per projection and decode step).
+        let widen =
+            |p: &Pair<'_>| matches!(p.ab, Ab::Int8(_)) && p.rows.len() >= INT8_WIDEN_MIN_ROWS;
+        let widened: Vec<Option<(Vec<f32>, Vec<f32>)>>;
+        let rebuilt: Vec<Pair<'_>>;
+        let pairs: &[Pair<'_>] = if self.pairs.iter().any(widen) {
+            widened = self
+                .pairs
+                .iter()
+                .map(|p| match p.ab {
+                    Ab::Int8(q) if widen(p) => Some(q.widen()),
+                    _ => None,
+                })
+                .collect();
+            rebuilt = self
+                .pairs
+                .iter()
+                .zip(&widened)
+                .map(|(p, w)| Pair {
+                    ab: match w {
+                        Some((a, b)) => Ab::Dense(Dense::F32 { a, b }),
+                        None => p.ab,
+                    },
+                    ..*p
+                })
+                .collect();
+            &rebuilt
+        } else {
+            self.pairs
+        };
         let macs: usize = pairs
             .iter()
             .map(|p| p.rows.len() * p.rank * (in_dim + out_dim))
@@ -300,7 +318,7 @@ impl DeltaOp<'_> {
                 y.chunks_exact_mut(out_dim).map(Some).collect();
             let mut items = Vec::new();
             let mut distinct = true;
-            'pairs: for p in &pairs {
+            'pairs: for p in pairs {
                 for rows in p.rows.chunks(block_rows(p.rows.len())) {
                     match Block::take(rows, &mut slots) {
                         Some(block) => items.push((p, block)),
@@ -321,7 +339,7 @@ impl DeltaOp<'_> {
         // Group by group, so a row two groups share gets both deltas; the same blocks as the
         // threaded split, so the results are the same bits. (Rows within a group are distinct:
         // checked before the pass, so every block takes its rows.)
-        for p in &pairs {
+        for p in pairs {
             let mut slots: Vec<Option<&mut [f32]>> =
                 y.chunks_exact_mut(out_dim).map(Some).collect();
             for rows in p.rows.chunks(block_rows(p.rows.len())) {
@@ -335,8 +353,9 @@ impl DeltaOp<'_> {
     /// ys[r] += B·(scale·A·x[r]) for the rows of one block.
     fn block(&self, p: &Pair<'_>, x: &[f32], mut block: Block<'_>) {
         let (in_dim, rows) = (self.in_dim, block.len);
-        let Ab::Int8(ab) = p.ab else {
-            return self.dense_block(p.ab, p, x, block);
+        let ab = match p.ab {
+            Ab::Dense(dense) => return self.dense_block(dense, p, x, block),
+            Ab::Int8(ab) => ab,
         };
         // Decode rows and short prompts (long ones were widened in `run`): integer sums
         // straight from the int8 bytes, which is the point of int8 (half the bytes of f16).
@@ -354,7 +373,7 @@ impl DeltaOp<'_> {
     }
 
     /// [`Self::block`] for A and B as f32 or f16 (`ab`; `p` gives the rank and scale).
-    fn dense_block(&self, ab: Ab<'_>, p: &Pair<'_>, x: &[f32], mut block: Block<'_>) {
+    fn dense_block(&self, ab: Dense<'_>, p: &Pair<'_>, x: &[f32], mut block: Block<'_>) {
         let (in_dim, rows, rank) = (self.in_dim, block.len, p.rank);
         // Sized for blocks of up to four rows (every decode item): zeroing it is paid per
         // item, so the rarer sixteen-row blocks of long prompts take the heap instead.
@@ -375,9 +394,8 @@ impl DeltaOp<'_> {
         // rank ≥ 1 for every parsed adapter; max(1) keeps a rank-0 pair a no-op, not a panic.
         for (xs, t) in xs.chunks(A_ROWS).zip(t.chunks_mut(A_ROWS * rank.max(1))) {
             match ab {
-                Ab::F32 { a, .. } => k.a_block_f32(a, in_dim, xs, p.scale, t),
-                Ab::F16 { a, .. } => k.a_block_f16(a, in_dim, xs, p.scale, t),
-                Ab::Int8(_) => {} // widened by the caller
+                Dense::F32 { a, .. } => k.a_block_f32(a, in_dim, xs, p.scale, t),
+                Dense::F16 { a, .. } => k.a_block_f16(a, in_dim, xs, p.scale, t),
             }
         }
         let mut ys: [&mut [f32]; BLOCK_ROWS] = Default::default();
@@ -387,17 +405,15 @@ impl DeltaOp<'_> {
         let ys = &mut ys[..rows];
         if rows >= B_BLOCK_MIN_ROWS && k.b_block_fits(rank) {
             match ab {
-                Ab::F32 { b, .. } => k.b_block_f32(b, t, ys),
-                Ab::F16 { b, .. } => k.b_block_f16(b, t, ys),
-                Ab::Int8(_) => {}
+                Dense::F32 { b, .. } => k.b_block_f32(b, t, ys),
+                Dense::F16 { b, .. } => k.b_block_f16(b, t, ys),
             }
             return;
         }
         for (tr, y) in t.chunks_exact(rank.max(1)).zip(ys) {
             match ab {
-                Ab::F32 { b, .. } => k.b_pass_f32(b, tr, y),
-                Ab::F16 { b, .. } => k.b_pass_f16(b, tr, y),
-                Ab::Int8(_) => {}
+                Dense::F32 { b, .. } => k.b_pass_f32(b, tr, y),
+                Dense::F16 { b, .. } => k.b_pass_f16(b, tr, y),
             }
         }
     }

@@ -355,16 +355,6 @@ impl LoraPair {
             )),
         }
     }
-
-    /// Bytes A, B and any scales take in memory.
-    pub fn size_bytes(&self) -> usize {
-        let weights = (self.a.elem_count() + self.b.elem_count()) * self.a.dtype().size_in_bytes();
-        let scales = self
-            .int8
-            .as_ref()
-            .map_or(0, |s| (s.a.len() + s.b.len()) * std::mem::size_of::<f32>());
-        weights + scales
-    }
 }
 
 /// The f16 cases (a cold load's serving copy) with F16C widening and `cvtps` rounding, eight

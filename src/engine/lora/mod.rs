@@ -78,6 +78,18 @@ pub struct LoraPair {
     pub int8: Option<int8::Int8Scales>,
 }
 
+impl LoraPair {
+    /// Bytes A, B and any int8 scales take in memory.
+    pub fn size_bytes(&self) -> usize {
+        let weights = (self.a.elem_count() + self.b.elem_count()) * self.a.dtype().size_in_bytes();
+        let scales = self
+            .int8
+            .as_ref()
+            .map_or(0, |s| (s.a.len() + s.b.len()) * std::mem::size_of::<f32>());
+        weights + scales
+    }
+}
+
 /// The adapted projections of one decoder layer (indexed by [`Module::index`]).
 #[derive(Clone, Debug, Default)]
 pub struct LayerLora {

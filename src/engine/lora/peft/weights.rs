@@ -382,8 +382,7 @@ fn convert(
             module,
             pair,
         } = p?;
-        resident_bytes +=
-            (pair.a.elem_count() + pair.b.elem_count()) * pair.a.dtype().size_in_bytes();
+        resident_bytes += pair.size_bytes();
         layers[layer].modules[module.index()] = Some(pair);
     }
     Ok((layers, resident_bytes))
