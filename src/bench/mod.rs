@@ -95,6 +95,11 @@ pub struct RunArgs {
     /// stream at 4, 1 per stream at 8 and 16 by default).
     #[arg(long, default_value_t = 8)]
     pub min_requests: usize,
+    /// Rounds (requests per stream) at least for the base and n-adapters scenarios at 8
+    /// streams when both run: the 8-adapters-against-base ratio divides their aggregates, and
+    /// from one round each it moves ±10% between runs.
+    #[arg(long, default_value_t = 5)]
+    pub ratio_rounds: usize,
     /// Fresh adapters the cold scenario uploads and measures.
     #[arg(long, default_value_t = 8)]
     pub cold_adapters: usize,
@@ -233,6 +238,7 @@ fn matrix(a: &RunArgs) -> Matrix {
         concurrency: a.concurrency.clone(),
         requests_per_stream: a.requests_per_stream,
         min_requests: a.min_requests,
+        ratio_rounds: a.ratio_rounds,
     }
 }
 

@@ -442,7 +442,7 @@ fn targets(ours: &RunReport, peer: &RunReport, lb: &[BenchRow]) -> Vec<TargetRow
         let note = if rounds < FEW_ROUNDS {
             format!(
                 " (from {rounds} round(s) of 8 requests: ±10% run to run; \
-                 --min-requests 40 for a stable ratio)"
+                 --ratio-rounds 5 for a stable ratio)"
             )
         } else {
             format!(" ({rounds} rounds of 8 requests)")

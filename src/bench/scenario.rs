@@ -86,7 +86,14 @@ pub struct Matrix {
     /// Requests a scenario sends at least, spread over its streams, so that one stream still
     /// yields enough samples for a median and a p99 without every level paying for 16 × K.
     pub min_requests: usize,
+    /// Rounds (requests per stream) at least for the base and n-adapters scenarios at
+    /// [`RATIO_STREAMS`] streams when both modes run: the 8-adapter target divides those two
+    /// aggregates, and from one round each the ratio moves ±10% between runs.
+    pub ratio_rounds: usize,
 }
+
+/// The stream count of the adapters-against-base target.
+pub const RATIO_STREAMS: usize = 8;
 
 impl Matrix {
     /// Refuses axes that cannot run (empty lists, zeros) with a sentence naming the flag.
@@ -114,9 +121,12 @@ impl Matrix {
         for &mode in dedup(&self.modes).iter().filter(|m| **m != Mode::Cold) {
             for &prompt_tokens in &dedup(&self.prompt_tokens) {
                 for &concurrency in &dedup(&self.concurrency) {
-                    let per_stream = self
+                    let mut per_stream = self
                         .requests_per_stream
                         .max(self.min_requests.div_ceil(concurrency));
+                    if self.judges_ratio(mode, concurrency) {
+                        per_stream = per_stream.max(self.ratio_rounds);
+                    }
                     out.push(Scenario {
                         mode,
                         prompt_tokens,
@@ -127,6 +137,14 @@ impl Matrix {
             }
         }
         out
+    }
+
+    /// Whether this scenario is one of the two the adapters-against-base ratio divides.
+    fn judges_ratio(&self, mode: Mode, concurrency: usize) -> bool {
+        concurrency == RATIO_STREAMS
+            && matches!(mode, Mode::Base | Mode::NAdapters)
+            && self.modes.contains(&Mode::Base)
+            && self.modes.contains(&Mode::NAdapters)
     }
 
     /// Distinct adapters the N-adapter scenarios need: one per stream of the widest level.
@@ -197,6 +215,7 @@ mod tests {
             concurrency: vec![1, 4, 8, 16],
             requests_per_stream: 1,
             min_requests: 8,
+            ratio_rounds: 1,
         }
     }
 
@@ -223,6 +242,38 @@ mod tests {
         let mut m = matrix();
         m.requests_per_stream = 3;
         assert_eq!(m.expand()[3].requests(), 48);
+    }
+
+    #[test]
+    fn the_two_scenarios_of_the_adapter_ratio_get_more_rounds_when_both_run() {
+        let mut m = matrix();
+        m.modes = vec![Mode::Base, Mode::OneAdapter, Mode::NAdapters];
+        m.ratio_rounds = 5;
+        // Without the flag every 8-stream scenario sends one round (see the test above).
+        let rounds = |m: &Matrix| -> Vec<String> {
+            m.expand()
+                .iter()
+                .filter(|s| s.requests_per_stream == 5)
+                .map(|s| s.id())
+                .collect()
+        };
+        assert_eq!(
+            rounds(&m),
+            [
+                "base/p16/c8",
+                "base/p500/c8",
+                "n-adapters/p16/c8",
+                "n-adapters/p500/c8"
+            ]
+        );
+        // A run without one of the two (llama.cpp's base-only run) keeps its plain counts.
+        m.modes = vec![Mode::Base];
+        assert!(rounds(&m).is_empty());
+        // More requests asked for by the other flags win.
+        m.modes = vec![Mode::Base, Mode::NAdapters];
+        m.requests_per_stream = 7;
+        m.min_requests = 1;
+        assert!(m.expand().iter().all(|s| s.requests_per_stream == 7));
     }
 
     #[test]
