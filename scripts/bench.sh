@@ -2,7 +2,7 @@
 # adapterd against llama.cpp in one run, on the same GGUF file and thread count, through the
 # same harness (`adapterd bench`; manual: docs/benchmarking.md):
 #
-#   scripts/bench.sh                                  # the full default matrix (13–16 min)
+#   scripts/bench.sh                                  # the full default matrix (≈ 15 min)
 #   CONCURRENCY=1,2 PROMPTS=16 MAX_TOKENS=8 scripts/bench.sh --min-requests 2 --cold-adapters 2
 #
 # One server at a time (two would fight over the cores): adapterd (release build) is started,
