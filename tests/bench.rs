@@ -249,3 +249,41 @@ async fn malformed_streams_errors_mid_stream_and_early_ends_are_failed_requests(
         assert!(f.keys().any(|k| k.starts_with(reason)), "{reason}: {f:?}");
     }
 }
+
+/// A keep-alive server that answers one request per connection (a complete stream with a
+/// `content-length`, no `connection: close`) and hangs up on a second request sent on the same
+/// connection, as llama-server does once a connection has served its quota.
+async fn one_request_per_connection_server() -> String {
+    const BODY: &str = "data: {\"choices\":[{\"text\":\"a\",\"finish_reason\":\"length\"}],\"usage\":{\"prompt_tokens\":8,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = sock.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n",
+                    BODY.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(BODY.as_bytes()).await;
+                // The next request on this connection gets no answer.
+                let _ = sock.read(&mut buf).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn requests_back_to_back_do_not_reuse_a_connection_the_server_may_have_closed() {
+    let url = one_request_per_connection_server().await;
+    let mut a = one_request(&url, "m");
+    a.min_requests = 4;
+    let r = bench::run(&a).await.expect("report");
+    let m = &r.scenarios[0].summary;
+    assert_eq!((m.ok, m.failed), (4, 0), "{:?}", m.failures);
+}
