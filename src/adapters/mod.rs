@@ -371,6 +371,7 @@ impl AdapterRegistry {
             } else {
                 None
             };
+            crate::engine::lora::peft::refill_warm_buffers();
             Ok::<_, AdapterError>((loaded, served))
         })
         .await

@@ -22,6 +22,7 @@ use candle_core::Device;
 use super::LoraAdapter;
 use crate::engine::model::config::ModelConfig;
 
+pub use file::refill_warm_buffers;
 pub use file::WeightsFile;
 pub(crate) use file::WARM_INT8;
 pub use save::{save_peft, serving_weights};

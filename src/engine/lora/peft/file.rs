@@ -10,7 +10,7 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, Device, Storage, Tensor};
@@ -107,10 +107,21 @@ impl WeightsFile {
 const MAX_WARM_BYTES: usize = 64 << 20;
 
 /// A buffer touched in advance for the next cold load of one kind (the serving copy's bytes,
-/// or an int8 copy's values), and whether a helper is making one.
+/// or an int8 copy's values), the length the last load took, and whether a helper is making
+/// one.
 pub(crate) struct WarmPool<T: 'static> {
     spare: Mutex<Option<Vec<T>>>,
+    last_len: AtomicUsize,
     filling: AtomicBool,
+}
+
+/// Has a helper touch a buffer for the next cold load of each kind, of the length the last one
+/// took. Called when a cold load is done rather than when its buffers are taken: a helper that
+/// starts at the take spends its ~10 ms of page faults beside the load's own hash, parse and
+/// int8 copy on our 2-core VMs.
+pub fn refill_warm_buffers() {
+    WARM_FILES.refill();
+    WARM_INT8.refill();
 }
 
 /// The serving copies' read buffers (u16 words: f16-aligned).
@@ -123,13 +134,14 @@ impl<T: Copy + Default + Send + 'static> WarmPool<T> {
     const fn new() -> Self {
         Self {
             spare: Mutex::new(None),
+            last_len: AtomicUsize::new(0),
             filling: AtomicBool::new(false),
         }
     }
 
     /// A buffer of `len` values: the warm one when it has that length (adapters of one shape
-    /// make buffers of one size), else fresh memory. Either way a helper thread then touches
-    /// one of this length for the next cold load.
+    /// make buffers of one size), else fresh memory. [`refill_warm_buffers`] then has one of
+    /// this length touched for the next cold load.
     pub(crate) fn take(&'static self, len: usize) -> Vec<T> {
         let taken = self
             .spare
@@ -137,7 +149,28 @@ impl<T: Copy + Default + Send + 'static> WarmPool<T> {
             .unwrap_or_else(|p| p.into_inner())
             .take_if(|b| b.len() == len);
         let bytes = len.saturating_mul(std::mem::size_of::<T>());
-        if bytes <= MAX_WARM_BYTES && !self.filling.swap(true, Ordering::AcqRel) {
+        if bytes <= MAX_WARM_BYTES {
+            self.last_len.store(len, Ordering::Release);
+        }
+        taken.unwrap_or_else(|| {
+            // Either the helper for this load's buffer had not finished, or the shape changed:
+            // the load pays the first touches itself (~1 ms per MB here).
+            tracing::debug!(bytes, "no warm buffer ready: fresh memory");
+            vec![T::default(); len]
+        })
+    }
+
+    /// Spawns a helper that touches a buffer of the last taken length, unless the spare has
+    /// that length already or a helper is at work.
+    fn refill(&'static self) {
+        let len = self.last_len.load(Ordering::Acquire);
+        let ready = self
+            .spare
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|b| b.len() == len);
+        if len > 0 && !ready && !self.filling.swap(true, Ordering::AcqRel) {
             let spawned = std::thread::Builder::new()
                 .name("adapterd-warm-buffer".into())
                 .spawn(move || {
@@ -150,7 +183,6 @@ impl<T: Copy + Default + Send + 'static> WarmPool<T> {
                 self.filling.store(false, Ordering::Release);
             }
         }
-        taken.unwrap_or_else(|| vec![T::default(); len])
     }
 }
 
@@ -193,9 +225,11 @@ mod tests {
             let content: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8 | 1).collect();
             let path = dir.path().join(format!("w{len}"));
             std::fs::write(&path, &content).unwrap();
-            // Plain, then warm twice: the second may get the buffer the first one asked for.
+            // Plain, then warm twice: the second may get the buffer the refill after the first
+            // had touched.
             for warm in [false, true, true] {
                 let file = WeightsFile::read(&path, 1 << 20, warm).unwrap();
+                refill_warm_buffers();
                 assert_eq!(file.len(), len);
                 assert_eq!(bytes_of(&file), content);
             }
@@ -217,6 +251,42 @@ mod tests {
             err.to_string().contains("over the limit of 999 bytes"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_pool_refills_only_when_asked_and_with_the_length_last_taken() {
+        static POOL: WarmPool<u8> = WarmPool::new();
+        let spare_ptr = || {
+            POOL.spare
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|b| (b.as_ptr() as usize, b.len()))
+        };
+        // Nothing taken yet: nothing to refill.
+        POOL.refill();
+        assert!(!POOL.filling.load(Ordering::Acquire));
+        assert_eq!(POOL.take(3000).len(), 3000);
+        // Taking spawns no helper: the load's own work gets the cores.
+        assert!(!POOL.filling.load(Ordering::Acquire));
+        assert_eq!(spare_ptr(), None);
+        POOL.refill();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (ptr, len) = loop {
+            if let Some(s) = spare_ptr() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no spare after refill"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        assert_eq!(len, 3000);
+        // The next take of that length gets the touched buffer.
+        let warm = POOL.take(3000);
+        assert_eq!(warm.as_ptr() as usize, ptr);
+        assert_eq!(spare_ptr(), None);
     }
 
     #[test]
