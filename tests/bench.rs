@@ -205,25 +205,36 @@ async fn refused_connections_and_http_errors_are_failed_requests_with_reasons() 
     );
 }
 
-/// A one-shot HTTP server that answers every connection with `body` as an event stream.
-async fn canned_sse_server(body: &'static str) -> String {
+/// A loopback server that runs `handle` on every connection it accepts; its base URL.
+async fn serve_connections<F, Fut>(handle: F) -> String
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 8192];
-                let _ = sock.read(&mut buf).await;
-                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
-                let _ = sock.write_all(head.as_bytes()).await;
-                let _ = sock.write_all(body.as_bytes()).await;
-                let _ = sock.shutdown().await;
-            });
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(handle(sock));
         }
     });
     format!("http://{addr}")
+}
+
+/// A one-shot HTTP server that answers every connection with `body` as an event stream.
+async fn canned_sse_server(body: &'static str) -> String {
+    serve_connections(move |mut sock| async move {
+        let mut buf = [0u8; 8192];
+        let _ = sock.read(&mut buf).await;
+        let head =
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+        let _ = sock.write_all(head.as_bytes()).await;
+        let _ = sock.write_all(body.as_bytes()).await;
+        let _ = sock.shutdown().await;
+    })
+    .await
 }
 
 #[tokio::test]
@@ -255,27 +266,19 @@ async fn malformed_streams_errors_mid_stream_and_early_ends_are_failed_requests(
 /// connection, as llama-server does once a connection has served its quota.
 async fn one_request_per_connection_server() -> String {
     const BODY: &str = "data: {\"choices\":[{\"text\":\"a\",\"finish_reason\":\"length\"}],\"usage\":{\"prompt_tokens\":8,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n";
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 8192];
-                let _ = sock.read(&mut buf).await;
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n",
-                    BODY.len()
-                );
-                let _ = sock.write_all(head.as_bytes()).await;
-                let _ = sock.write_all(BODY.as_bytes()).await;
-                // The next request on this connection gets no answer.
-                let _ = sock.read(&mut buf).await;
-            });
-        }
-    });
-    format!("http://{addr}")
+    serve_connections(|mut sock| async move {
+        let mut buf = [0u8; 8192];
+        let _ = sock.read(&mut buf).await;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n",
+            BODY.len()
+        );
+        let _ = sock.write_all(head.as_bytes()).await;
+        let _ = sock.write_all(BODY.as_bytes()).await;
+        // The next request on this connection gets no answer.
+        let _ = sock.read(&mut buf).await;
+    })
+    .await
 }
 
 #[tokio::test]
