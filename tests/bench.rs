@@ -160,6 +160,121 @@ async fn the_openai_api_drives_adapterd_through_v1_completions() {
 }
 
 #[tokio::test]
+async fn the_two_rows_of_the_adapter_ratio_run_their_rounds_in_turn_and_report_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = helpers::spawn_app_in(dir.path(), |_| {}).await;
+    let model = dir.path().join(helpers::TINY_MODEL_NAME);
+    let a = args(&[
+        "--url",
+        &app.base,
+        "--api",
+        "native",
+        "--modes",
+        "n-adapters,base",
+        "-c",
+        "8",
+        "--prompt-tokens",
+        "8",
+        "--max-tokens",
+        "2",
+        "--ratio-rounds",
+        "3",
+        "--model-file",
+        model.to_str().expect("utf-8 path"),
+        "--no-warmup",
+    ]);
+    let r = bench::run(&a).await.expect("run completes");
+    // The table keeps the order asked for; each row has its own 3 rounds of 8 requests.
+    let ids: Vec<&str> = r.scenarios.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["n-adapters/p8/c8", "base/p8/c8"]);
+    for s in &r.scenarios {
+        let m = &s.summary;
+        assert_eq!(
+            (m.requests, m.failed),
+            (24, 0),
+            "{}: {:?}",
+            s.id,
+            m.failures
+        );
+        assert_eq!(m.generated_tokens, 48, "{}", s.id);
+        assert!(m.wall_s > 0.0 && m.aggregate_tps > 0.0, "{}", s.id);
+    }
+}
+
+#[tokio::test]
+async fn the_ratio_rows_alternate_round_by_round_on_the_server() {
+    // Records, in arrival order, whether each request named an adapter (`model` ≠ "m").
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<bool>::new()));
+    let log = seen.clone();
+    let url = serve_connections(move |mut sock| {
+        let log = log.clone();
+        async move {
+            let mut buf = vec![0u8; 16384];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            log.lock()
+                .expect("log")
+                .push(!text.contains("\"model\":\"m\""));
+            const BODY: &str = "data: {\"choices\":[{\"text\":\"a\",\"finish_reason\":\"length\"}],\"usage\":{\"prompt_tokens\":8,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n";
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(BODY.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let set = dir.path().join("adapters.json");
+    let mix: Vec<String> = (0..8).map(|i| format!("ad{i}")).collect();
+    let json =
+        serde_json::json!({"mix": mix, "cold": [], "rank": 16, "cold_uploaded_this_run": false});
+    std::fs::write(&set, json.to_string()).expect("write");
+    let a = args(&[
+        "--url",
+        &url,
+        "--model",
+        "m",
+        "--modes",
+        "base,n-adapters",
+        "-c",
+        "8",
+        "--prompt-tokens",
+        "8",
+        "--max-tokens",
+        "1",
+        "--ratio-rounds",
+        "3",
+        "--adapters-from",
+        set.to_str().expect("utf-8 path"),
+        "--no-warmup",
+    ]);
+    let r = bench::run(&a).await.expect("report");
+    assert!(
+        r.scenarios.iter().all(|s| s.summary.ok == 24),
+        "{:?}",
+        r.scenarios
+    );
+    let seen = seen.lock().expect("log").clone();
+    // 8 adapter warm-ups, then base and adapter rounds of 8 in turn.
+    let blocks: Vec<(bool, usize)> = seen
+        .chunk_by(|x, y| x == y)
+        .map(|c| (c[0], c.len()))
+        .collect();
+    assert_eq!(
+        blocks,
+        [
+            (true, 8),
+            (false, 8),
+            (true, 8),
+            (false, 8),
+            (true, 8),
+            (false, 8),
+            (true, 8)
+        ]
+    );
+}
+
+#[tokio::test]
 async fn refused_connections_and_http_errors_are_failed_requests_with_reasons() {
     // A port nothing listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -396,8 +396,29 @@ pub async fn run(a: &RunArgs) -> Result<RunReport> {
     };
     println!("{}", report::TABLE_HEADER);
     let mut reports = Vec::with_capacity(scenarios.len());
+    // Reports of ratio pairs run together, kept until their turn in the table.
+    let mut done: Vec<ScenarioReport> = Vec::new();
     for sc in &scenarios {
-        let r = run_scenario(a, &target, &set, sc, &mut next_id).await;
+        let r = if let Some(i) = done.iter().position(|r| r.id == sc.id()) {
+            done.swap_remove(i)
+        } else if let Some(partner) = m.ratio_partner(sc, &scenarios) {
+            let base_first = sc.mode == Mode::Base;
+            let pair = if base_first {
+                [sc, partner]
+            } else {
+                [partner, sc]
+            };
+            let [base, adapters] = run_interleaved(a, &target, &set, pair, &mut next_id).await;
+            let (mine, theirs) = if base_first {
+                (base, adapters)
+            } else {
+                (adapters, base)
+            };
+            done.push(theirs);
+            mine
+        } else {
+            run_scenario(a, &target, &set, sc, &mut next_id).await
+        };
         println!("{}", report::table_row(&label, &r));
         eprint!("{}", report::failure_lines(&r.id, &r.summary.failures));
         reports.push(r);
@@ -430,54 +451,123 @@ async fn run_scenario(
     sc: &Scenario,
     next_id: &mut u64,
 ) -> ScenarioReport {
-    let adapter_for = |stream: usize| -> Option<String> {
-        match sc.mode {
-            Mode::Base | Mode::Cold => None,
-            Mode::OneAdapter => set.mix.first().cloned(),
-            Mode::NAdapters => set.mix.get(stream).cloned(),
-        }
-    };
-    // Load every adapter the scenario uses before timing it: the cold scenario measures loads.
-    if sc.mode.needs_adapters() {
-        let n = if sc.mode == Mode::OneAdapter {
-            1
-        } else {
-            sc.concurrency
-        };
-        for s in 0..n {
-            let spec = RequestSpec {
-                id: *next_id,
-                prompt_tokens: 8,
-                shared_prefix: 0,
-                max_tokens: 1,
-                adapter: adapter_for(s),
-            };
-            *next_id += 1;
-            if let Err(e) = client::one_request(target, &spec).await {
-                eprintln!("  {}: adapter warm-up failed: {e}", sc.id());
-            }
+    warm_adapters(target, set, sc, next_id).await;
+    let round = run_round(a, target, set, sc, sc.requests_per_stream, next_id).await;
+    round.report(a, sc)
+}
+
+/// The two scenarios the 8-adapter ratio divides (base, n-adapters), round by round in turn, so that
+/// both see the same machine: this VM's memory bandwidth drifts over minutes, and it bounds the
+/// adapter pass far more than the base's arithmetic, so run back to back the two rows drifted
+/// apart (BENCHMARKS.md). Each round is one request per stream; the rounds' walls add up.
+async fn run_interleaved(
+    a: &RunArgs,
+    target: &Target,
+    set: &AdapterSet,
+    pair: [&Scenario; 2],
+    next_id: &mut u64,
+) -> [ScenarioReport; 2] {
+    for sc in pair {
+        warm_adapters(target, set, sc, next_id).await;
+    }
+    let mut totals = [Round::default(), Round::default()];
+    for _ in 0..pair[0].requests_per_stream.max(pair[1].requests_per_stream) {
+        for (sc, total) in pair.iter().zip(totals.iter_mut()) {
+            let round = run_round(a, target, set, sc, 1, next_id).await;
+            total.add(round);
         }
     }
+    let [t0, t1] = totals;
+    [t0.report(a, pair[0]), t1.report(a, pair[1])]
+}
+
+/// The adapter a scenario's stream uses.
+fn adapter_for(set: &AdapterSet, sc: &Scenario, stream: usize) -> Option<String> {
+    match sc.mode {
+        Mode::Base | Mode::Cold => None,
+        Mode::OneAdapter => set.mix.first().cloned(),
+        Mode::NAdapters => set.mix.get(stream).cloned(),
+    }
+}
+
+/// Loads every adapter the scenario uses before timing it: the cold scenario measures loads.
+async fn warm_adapters(target: &Target, set: &AdapterSet, sc: &Scenario, next_id: &mut u64) {
+    if !sc.mode.needs_adapters() {
+        return;
+    }
+    let n = if sc.mode == Mode::OneAdapter {
+        1
+    } else {
+        sc.concurrency
+    };
+    for s in 0..n {
+        let spec = RequestSpec {
+            id: *next_id,
+            prompt_tokens: 8,
+            shared_prefix: 0,
+            max_tokens: 1,
+            adapter: adapter_for(set, sc, s),
+        };
+        *next_id += 1;
+        if let Err(e) = client::one_request(target, &spec).await {
+            eprintln!("  {}: adapter warm-up failed: {e}", sc.id());
+        }
+    }
+}
+
+/// What one or more timed stretches of a scenario gave.
+#[derive(Default)]
+struct Round {
+    outcomes: Vec<Result<stats::Sample, String>>,
+    wall: f64,
+    peak_rss: Option<rss::Peak>,
+}
+
+impl Round {
+    fn add(&mut self, other: Round) {
+        self.outcomes.extend(other.outcomes);
+        self.wall += other.wall;
+        self.peak_rss = match (self.peak_rss, other.peak_rss) {
+            (Some(p), Some(q)) => Some(if q.mib > p.mib { q } else { p }),
+            (p, q) => p.or(q),
+        };
+    }
+
+    fn report(self, a: &RunArgs, sc: &Scenario) -> ScenarioReport {
+        ScenarioReport {
+            id: sc.id(),
+            scenario: *sc,
+            summary: stats::summarize(&self.outcomes, self.wall, a.max_tokens),
+            peak_rss: self.peak_rss,
+        }
+    }
+}
+
+/// `per_stream` requests on each of the scenario's streams, timed.
+async fn run_round(
+    a: &RunArgs,
+    target: &Target,
+    set: &AdapterSet,
+    sc: &Scenario,
+    per_stream: usize,
+    next_id: &mut u64,
+) -> Round {
     let id0 = *next_id;
-    *next_id += sc.requests() as u64;
+    *next_id += (sc.concurrency * per_stream) as u64;
     let watch = a.server_pid.map(rss::RssWatch::start);
     let (outcomes, wall) =
-        client::run_streams(target, sc.concurrency, sc.requests_per_stream, |s, k| {
-            RequestSpec {
-                id: id0 + (s * sc.requests_per_stream + k) as u64,
-                prompt_tokens: sc.prompt_tokens,
-                shared_prefix: a.shared_prefix_tokens,
-                max_tokens: a.max_tokens,
-                adapter: adapter_for(s),
-            }
+        client::run_streams(target, sc.concurrency, per_stream, |s, k| RequestSpec {
+            id: id0 + (s * per_stream + k) as u64,
+            prompt_tokens: sc.prompt_tokens,
+            shared_prefix: a.shared_prefix_tokens,
+            max_tokens: a.max_tokens,
+            adapter: adapter_for(set, sc, s),
         })
         .await;
-    let peak_rss = watch.and_then(rss::RssWatch::finish);
-    ScenarioReport {
-        id: sc.id(),
-        scenario: *sc,
-        summary: stats::summarize(&outcomes, wall, a.max_tokens),
-        peak_rss,
+    Round {
+        outcomes,
+        wall,
+        peak_rss: watch.and_then(rss::RssWatch::finish),
     }
 }
 

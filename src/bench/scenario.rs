@@ -139,6 +139,28 @@ impl Matrix {
         out
     }
 
+    /// For either of the two scenarios the adapters-against-base ratio divides, the other one
+    /// (same prompt length and streams, from `scenarios`): the two run interleaved.
+    pub fn ratio_partner<'s>(
+        &self,
+        sc: &Scenario,
+        scenarios: &'s [Scenario],
+    ) -> Option<&'s Scenario> {
+        if !self.judges_ratio(sc.mode, sc.concurrency) {
+            return None;
+        }
+        let other = if sc.mode == Mode::Base {
+            Mode::NAdapters
+        } else {
+            Mode::Base
+        };
+        scenarios.iter().find(|o| {
+            o.mode == other
+                && o.prompt_tokens == sc.prompt_tokens
+                && o.concurrency == sc.concurrency
+        })
+    }
+
     /// Whether this scenario is one of the two the adapters-against-base ratio divides.
     fn judges_ratio(&self, mode: Mode, concurrency: usize) -> bool {
         concurrency == RATIO_STREAMS
@@ -274,6 +296,28 @@ mod tests {
         m.requests_per_stream = 7;
         m.min_requests = 1;
         assert!(m.expand().iter().all(|s| s.requests_per_stream == 7));
+    }
+
+    #[test]
+    fn the_ratio_pairs_are_base_and_n_adapters_at_8_streams_and_the_same_prompt() {
+        let mut m = matrix();
+        m.modes = vec![Mode::NAdapters, Mode::OneAdapter, Mode::Base];
+        let s = m.expand();
+        let partner = |id: &str| {
+            let sc = s.iter().find(|x| x.id() == id).unwrap();
+            m.ratio_partner(sc, &s).map(|p| p.id())
+        };
+        assert_eq!(partner("base/p16/c8").as_deref(), Some("n-adapters/p16/c8"));
+        assert_eq!(
+            partner("n-adapters/p500/c8").as_deref(),
+            Some("base/p500/c8")
+        );
+        assert_eq!(partner("base/p16/c4"), None);
+        assert_eq!(partner("one-adapter/p16/c8"), None);
+        // Without both modes there is no ratio to judge.
+        m.modes = vec![Mode::Base];
+        let s = m.expand();
+        assert!(s.iter().all(|sc| m.ratio_partner(sc, &s).is_none()));
     }
 
     #[test]
