@@ -97,7 +97,7 @@ pub struct RunArgs {
     pub min_requests: usize,
     /// Rounds (requests per stream) at least for the base and n-adapters scenarios at 8
     /// streams when both run: the 8-adapters-against-base ratio divides their aggregates, and
-    /// from one round each it moves ±10% between runs.
+    /// from one round each it moves ±10% between runs. The two run their rounds in turn.
     #[arg(long, default_value_t = 5)]
     pub ratio_rounds: usize,
     /// Fresh adapters the cold scenario uploads and measures.
