@@ -349,6 +349,7 @@ mod lora {
             use_rslora: false,
             target_modules: vec!["down_proj".into(), "q_proj".into()],
             size_bytes: 0,
+            packed: Default::default(),
         }
     }
 
@@ -503,6 +504,7 @@ mod portable {
             use_rslora: false,
             target_modules: Module::ALL.iter().map(|m| m.hf_name().into()).collect(),
             size_bytes: 0,
+            packed: Default::default(),
         }
     }
 
@@ -602,6 +604,94 @@ mod portable {
                 assert_eq!(argmax(w), argmax(g), "step {step} row {row}");
             }
         }
+    }
+
+    /// `adapter`'s f16 pairs copied into one buffer with every A and B a view of it, as a cold
+    /// load parses a serving copy.
+    fn in_one_buffer(adapter: &LoraAdapter) -> LoraAdapter {
+        let pairs = || {
+            adapter
+                .layers
+                .iter()
+                .flat_map(|l| l.modules.iter().flatten())
+        };
+        let mut values: Vec<half::f16> = Vec::new();
+        for p in pairs() {
+            for t in [&p.a, &p.b] {
+                values.extend(t.flatten_all().unwrap().to_vec1::<half::f16>().unwrap());
+            }
+        }
+        let n = values.len();
+        let buffer = Tensor::from_vec(values, n, &Device::Cpu).unwrap();
+        let mut at = 0;
+        let mut view = |t: &Tensor| {
+            let v = buffer
+                .narrow(0, at, t.elem_count())
+                .unwrap()
+                .reshape(t.dims())
+                .unwrap();
+            at += t.elem_count();
+            v
+        };
+        let mut packed = adapter.clone();
+        for p in packed
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.modules.iter_mut().flatten())
+        {
+            p.a = view(&p.a);
+            p.b = view(&p.b);
+        }
+        packed
+    }
+
+    /// The delta pass reads an adapter whose pairs share one buffer through its packed table
+    /// (f16 serving copies, int8 copies) and others through their tensors: the same logits,
+    /// bit for bit, in batched decode steps beside a base-only sequence.
+    #[test]
+    fn packed_adapters_give_the_logits_of_their_tensors() {
+        use adapterd::engine::lora::int8::quantize_adapter;
+        let dir = tempfile::tempdir().unwrap();
+        write_pair(&random_weights(11), GgmlDType::F32, dir.path());
+        let gguf = dir.path().join("tiny.gguf");
+        let (ct, mut f) = read_gguf_header(&gguf).unwrap();
+        let mut model = load_gguf(&gguf, &ct, &mut f, &Device::Cpu, Kernels::Native).unwrap();
+        model.set_activation_precision(ActivationPrecision::F32);
+        let separate = [adapter(5, DType::F16), adapter(6, DType::F16)];
+        let packed = separate.each_ref().map(in_one_buffer);
+        let int8_packed = packed.each_ref().map(|a| quantize_adapter(a).unwrap());
+        let int8_separate = int8_packed.each_ref().map(|a| {
+            let mut s = a.clone();
+            for p in s
+                .layers
+                .iter_mut()
+                .flat_map(|l| l.modules.iter_mut().flatten())
+            {
+                // The same int8 values, each tensor in a buffer of its own.
+                p.a = p.a.copy().unwrap();
+                p.b = p.b.copy().unwrap();
+            }
+            s
+        });
+        let logits = |[a, b]: &[LoraAdapter; 2]| {
+            run(
+                &model,
+                &[Some(Arc::new(a.clone())), None, Some(Arc::new(b.clone()))],
+            )
+        };
+        for (label, with_table, without) in [
+            ("f16", &packed, &separate),
+            ("int8", &int8_packed, &int8_separate),
+        ] {
+            assert!(with_table.iter().all(|a| a.packed().is_some()), "{label}");
+            assert!(without.iter().all(|a| a.packed().is_none()), "{label}");
+            assert_eq!(logits(with_table), logits(without), "{label}");
+        }
+        // The tables are read: the packed adapters move the logits as the tensors do.
+        let plain = run(&model, &[None, None, None]);
+        assert!(diffs(&logits(&packed), &plain)
+            .iter()
+            .all(|&(max, _)| max > 0.1));
     }
 
     #[test]

@@ -71,6 +71,7 @@ pub fn random_adapter(cfg: &ModelConfig, rank: usize, seed: u64) -> Result<LoraA
         use_rslora: false,
         target_modules: Module::ALL.iter().map(|m| m.hf_name().to_owned()).collect(),
         size_bytes: 0,
+        packed: Default::default(),
     })
 }
 

@@ -454,6 +454,7 @@ pub fn tiny_adapter_files(seed: u64, scale: f64) -> (Vec<u8>, Vec<u8>) {
         use_rslora: false,
         target_modules: vec!["q_proj".into(), "v_proj".into()],
         size_bytes: 0,
+        packed: Default::default(),
     };
     let dir = tempfile::tempdir().expect("tempdir");
     adapterd::engine::lora::peft::save_peft(&adapter, TINY_MODEL_NAME, dir.path())

@@ -86,6 +86,123 @@ pub fn add_deltas_cpu_with(
     kernel: Kernel,
     parallel: bool,
 ) -> Result<bool> {
+    // The read guards of every A and B live until the pass is done.
+    let mut guards = Vec::with_capacity(groups.len());
+    for (pair, _) in groups {
+        let (rank, a_in) = pair.a.dims2()?;
+        let (b_out, b_rank) = pair.b.dims2()?;
+        if b_rank != rank {
+            candle_core::bail!(
+                "lora delta: A [{rank}, {a_in}] / B [{b_out}, {b_rank}] do not pair"
+            );
+        }
+        guards.push((pair.a.storage_and_layout(), pair.b.storage_and_layout()));
+    }
+    let mut pairs = Vec::with_capacity(groups.len());
+    for (((a_store, a_layout), (b_store, b_layout)), (pair, rows)) in guards.iter().zip(groups) {
+        let (Some((a0, a1)), Some((b0, b1))) =
+            (a_layout.contiguous_offsets(), b_layout.contiguous_offsets())
+        else {
+            return Ok(false);
+        };
+        let rank = pair.a.dims()[0];
+        let scale = pair.scale as f32;
+        let cpu = match (&**a_store, &**b_store) {
+            (Storage::Cpu(CpuStorage::F32(a)), Storage::Cpu(CpuStorage::F32(b))) => CpuPair {
+                ab: Ab::Dense(Dense::F32 {
+                    a: &a[a0..a1],
+                    b: &b[b0..b1],
+                }),
+                rank,
+                scale,
+            },
+            (Storage::Cpu(CpuStorage::F16(a)), Storage::Cpu(CpuStorage::F16(b))) => {
+                CpuPair::f16(&a[a0..a1], &b[b0..b1], rank, scale)
+            }
+            (Storage::Cpu(CpuStorage::U8(a)), Storage::Cpu(CpuStorage::U8(b))) => {
+                let Some(scales) = &pair.int8 else {
+                    return Ok(false);
+                };
+                if scales.a.len() != rank || scales.b.len() != rank {
+                    candle_core::bail!("lora delta: int8 scales do not match rank {rank}");
+                }
+                CpuPair::int8(
+                    bytemuck::cast_slice(&a[a0..a1]),
+                    &scales.a,
+                    bytemuck::cast_slice(&b[b0..b1]),
+                    &scales.b,
+                    scale,
+                )
+            }
+            _ => return Ok(false),
+        };
+        pairs.push((cpu, *rows));
+    }
+    add_pairs_cpu_with(ys, xs, &pairs, kernel, parallel)
+}
+
+/// One adapted projection of one adapter as the CPU pass reads it: A [rank, in] and
+/// B [out, rank] as slices, and the scale. Made from a [`LoraPair`]'s tensors by
+/// [`add_deltas_cpu`], or from an adapter's packed table ([`super::packed`]).
+#[derive(Clone, Copy)]
+pub struct CpuPair<'a> {
+    ab: Ab<'a>,
+    rank: usize,
+    scale: f32,
+}
+
+impl<'a> CpuPair<'a> {
+    pub fn f16(a: &'a [f16], b: &'a [f16], rank: usize, scale: f32) -> Self {
+        Self {
+            ab: Ab::Dense(Dense::F16 { a, b }),
+            rank,
+            scale,
+        }
+    }
+
+    /// An int8 pair: row k of A holds A[k, :] / `a_scales[k]`, column k of B holds
+    /// B[:, k] / `b_scales[k]`; the rank is the number of scales.
+    pub fn int8(
+        a: &'a [i8],
+        a_scales: &'a [f32],
+        b: &'a [i8],
+        b_scales: &'a [f32],
+        scale: f32,
+    ) -> Self {
+        Self {
+            ab: Ab::Int8(Int8Ab {
+                a,
+                a_scales,
+                b,
+                b_scales,
+            }),
+            rank: a_scales.len(),
+            scale,
+        }
+    }
+
+    /// Elements of A and of B.
+    fn lens(&self) -> (usize, usize) {
+        match self.ab {
+            Ab::Dense(Dense::F32 { a, b }) => (a.len(), b.len()),
+            Ab::Dense(Dense::F16 { a, b }) => (a.len(), b.len()),
+            Ab::Int8(q) => (q.a.len(), q.b.len()),
+        }
+    }
+}
+
+/// [`add_deltas_cpu`] for pairs already in slices (see [`CpuPair`]).
+pub fn add_pairs_cpu(ys: &Tensor, xs: &Tensor, groups: &[(CpuPair<'_>, &[u32])]) -> Result<bool> {
+    add_pairs_cpu_with(ys, xs, groups, Kernel::detect(), true)
+}
+
+fn add_pairs_cpu_with(
+    ys: &Tensor,
+    xs: &Tensor,
+    groups: &[(CpuPair<'_>, &[u32])],
+    kernel: Kernel,
+    parallel: bool,
+) -> Result<bool> {
     if !ys.device().is_cpu() || ys.dtype() != DType::F32 || !ys.is_contiguous() {
         return Ok(false);
     }
@@ -102,18 +219,16 @@ pub fn add_deltas_cpu_with(
     } else {
         Kernel::Portable
     };
-
-    // The read guards of every A and B live until the pass is done.
-    let mut guards = Vec::with_capacity(groups.len());
     // Which group last listed each row (group index + 1): one buffer for every group's
     // duplicate check, not one per group in this per-projection call.
     let mut seen_in = vec![0usize; n];
+    let mut pairs = Vec::with_capacity(groups.len());
     for (g, (pair, rows)) in groups.iter().enumerate() {
-        let (rank, a_in) = pair.a.dims2()?;
-        let (b_out, b_rank) = pair.b.dims2()?;
-        if a_in != in_dim || b_out != out_dim || b_rank != rank {
+        let rank = pair.rank;
+        let (a_len, b_len) = pair.lens();
+        if a_len != rank * in_dim || b_len != out_dim * rank {
             candle_core::bail!(
-                "lora delta: A [{rank}, {a_in}] / B [{b_out}, {b_rank}] do not fit [{n}, {in_dim}] -> [{n}, {out_dim}]"
+                "lora delta: A ({a_len} values) / B ({b_len}) of rank {rank} do not fit [{n}, {in_dim}] -> [{n}, {out_dim}]"
             );
         }
         if let Some(&r) = rows.iter().find(|&&r| r as usize >= n) {
@@ -125,49 +240,10 @@ pub fn add_deltas_cpu_with(
                 candle_core::bail!("lora delta: row {r} listed twice for one adapter");
             }
         }
-        guards.push((pair.a.storage_and_layout(), pair.b.storage_and_layout()));
-    }
-    let mut pairs = Vec::with_capacity(groups.len());
-    for (((a_store, a_layout), (b_store, b_layout)), (pair, rows)) in guards.iter().zip(groups) {
-        let (Some((a0, a1)), Some((b0, b1))) =
-            (a_layout.contiguous_offsets(), b_layout.contiguous_offsets())
-        else {
-            return Ok(false);
-        };
-        let ab = match (&**a_store, &**b_store) {
-            (Storage::Cpu(CpuStorage::F32(a)), Storage::Cpu(CpuStorage::F32(b))) => {
-                Ab::Dense(Dense::F32 {
-                    a: &a[a0..a1],
-                    b: &b[b0..b1],
-                })
-            }
-            (Storage::Cpu(CpuStorage::F16(a)), Storage::Cpu(CpuStorage::F16(b))) => {
-                Ab::Dense(Dense::F16 {
-                    a: &a[a0..a1],
-                    b: &b[b0..b1],
-                })
-            }
-            (Storage::Cpu(CpuStorage::U8(a)), Storage::Cpu(CpuStorage::U8(b))) => {
-                let Some(scales) = &pair.int8 else {
-                    return Ok(false);
-                };
-                let rank = pair.a.dims()[0];
-                if scales.a.len() != rank || scales.b.len() != rank {
-                    candle_core::bail!("lora delta: int8 scales do not match rank {rank}");
-                }
-                Ab::Int8(Int8Ab {
-                    a: bytemuck::cast_slice(&a[a0..a1]),
-                    a_scales: &scales.a,
-                    b: bytemuck::cast_slice(&b[b0..b1]),
-                    b_scales: &scales.b,
-                })
-            }
-            _ => return Ok(false),
-        };
         pairs.push(Pair {
-            ab,
-            rank: pair.a.dims()[0],
-            scale: pair.scale as f32,
+            ab: pair.ab,
+            rank,
+            scale: pair.scale,
             rows,
         });
     }

@@ -315,6 +315,7 @@ pub fn quantize_adapter(adapter: &LoraAdapter) -> Result<LoraAdapter> {
         use_rslora: adapter.use_rslora,
         target_modules: adapter.target_modules.clone(),
         size_bytes,
+        packed: Default::default(),
     })
 }
 

@@ -6,6 +6,7 @@ pub mod apply;
 pub mod cache;
 pub mod int8;
 pub mod narrow;
+pub mod packed;
 pub mod peft;
 
 use candle_core::Tensor;
@@ -115,6 +116,15 @@ pub struct LoraAdapter {
     pub target_modules: Vec<String>,
     /// Bytes the A/B tensors take in memory (for the resident-cache budget).
     pub size_bytes: usize,
+    /// The pairs as the CPU delta pass reads them, built on first use ([`packed`]).
+    pub packed: packed::PackedCell,
+}
+
+impl LoraAdapter {
+    /// The adapter's table for the CPU delta pass, when its pairs are views of one buffer.
+    pub fn packed(&self) -> Option<&packed::PackedAdapter> {
+        self.packed.get_or_build(self)
+    }
 }
 
 #[cfg(test)]
@@ -129,6 +139,7 @@ impl LoraAdapter {
             use_rslora: false,
             target_modules: Vec::new(),
             size_bytes,
+            packed: Default::default(),
         })
     }
 }

@@ -149,5 +149,6 @@ fn adapter(
         use_rslora: cfg.use_rslora,
         target_modules: cfg.module_names(),
         size_bytes,
+        packed: Default::default(),
     }
 }

@@ -14,6 +14,7 @@ use super::config::ModelConfig;
 use super::fused_attention::attention_cpu;
 use super::linear::Linear;
 use super::qmatmul::ActivationPrecision;
+use crate::engine::lora::packed::PackedView;
 use crate::engine::lora::{self, LoraAdapter, LoraPair, Module};
 
 #[derive(Debug, Clone)]
@@ -122,6 +123,29 @@ fn adapter_groups(batch: &[SeqInput<'_>], device: &Device) -> Result<Vec<Adapter
         .collect()
 }
 
+/// A step's adapter groups, each with its adapter's packed table locked for the step where it
+/// has one ([`lora::packed`]): the fused CPU pass then reads one table entry per projection
+/// and group instead of the pair's tensors.
+struct StepAdapters<'a> {
+    groups: &'a [AdapterGroup],
+    /// One per group; all empty off the native CPU path.
+    packed: Vec<Option<PackedView<'a>>>,
+}
+
+impl<'a> StepAdapters<'a> {
+    fn lock(groups: &'a [AdapterGroup], native: bool) -> Self {
+        let packed = groups
+            .iter()
+            .map(|g| {
+                native
+                    .then(|| g.adapter.packed().map(|p| p.lock()))
+                    .flatten()
+            })
+            .collect();
+        Self { groups, packed }
+    }
+}
+
 /// `base(xs)` plus, for every adapter group that adapts this projection, scale·B(A·x) on the
 /// group's rows.
 fn project(
@@ -129,12 +153,12 @@ fn project(
     xs: &Tensor,
     layer: usize,
     module: Module,
-    groups: &[AdapterGroup],
+    adapters: &StepAdapters<'_>,
     precision: ActivationPrecision,
     native: bool,
 ) -> Result<Tensor> {
     let ys = lin.forward(xs, precision)?;
-    add_deltas(ys, xs, layer, module, groups, native)
+    add_deltas(ys, xs, layer, module, adapters, native)
 }
 
 /// `ys` plus scale·B(A·x) on the rows of every group whose adapter adapts `module` here: one
@@ -144,10 +168,26 @@ fn add_deltas(
     xs: &Tensor,
     layer: usize,
     module: Module,
-    groups: &[AdapterGroup],
+    adapters: &StepAdapters<'_>,
     native: bool,
 ) -> Result<Tensor> {
-    let adapted: Vec<(&AdapterGroup, &LoraPair)> = groups
+    if native && !adapters.packed.is_empty() && adapters.packed.iter().all(Option::is_some) {
+        let pairs: Vec<_> = adapters
+            .groups
+            .iter()
+            .zip(&adapters.packed)
+            .filter_map(|(g, view)| Some((view.as_ref()?.pair(layer, module)?, &g.row_ids[..])))
+            .collect();
+        if pairs.is_empty() {
+            return Ok(ys);
+        }
+        // In place: `ys` is this projection's fresh output, owned here.
+        if lora::apply::add_pairs_cpu(&ys, xs, &pairs)? {
+            return Ok(ys);
+        }
+    }
+    let adapted: Vec<(&AdapterGroup, &LoraPair)> = adapters
+        .groups
         .iter()
         .filter_map(|g| {
             let pair = g.adapter.layers.get(layer).and_then(|l| l.get(module))?;
@@ -184,14 +224,14 @@ fn project_many<const N: usize>(
     lins: [(&Linear, Module); N],
     xs: &Tensor,
     layer: usize,
-    groups: &[AdapterGroup],
+    adapters: &StepAdapters<'_>,
     precision: ActivationPrecision,
     native: bool,
 ) -> Result<[Tensor; N]> {
     let bases = Linear::forward_many(&lins.map(|(l, _)| l), xs, precision)?;
     let mut out = Vec::with_capacity(N);
     for (ys, (_, module)) in bases.into_iter().zip(lins) {
-        out.push(add_deltas(ys, xs, layer, module, groups, native)?);
+        out.push(add_deltas(ys, xs, layer, module, adapters, native)?);
     }
     out.try_into()
         .map_err(|_| candle_core::Error::Msg("fused projection count".into()))
@@ -286,11 +326,12 @@ impl Llama {
         let sin = self.sin.index_select(&pos, 0)?.reshape((total, 1, half))?;
 
         let groups = adapter_groups(batch, &self.device)?;
+        let adapters = StepAdapters::lock(&groups, self.native());
         let mut xs = self.embed.index_select(&ids, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &xs;
             let h = candle_nn::ops::rms_norm(&xs, &layer.input_norm, cfg.rms_norm_eps as f32)?;
-            let h = self.attention(li, &layer.attn, &h, &cos, &sin, batch, &groups)?;
+            let h = self.attention(li, &layer.attn, &h, &cos, &sin, batch, &adapters)?;
             let xs2 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&xs2, &layer.post_attn_norm, cfg.rms_norm_eps as f32)?;
             let [gate, up] = project_many(
@@ -300,7 +341,7 @@ impl Llama {
                 ],
                 &h,
                 li,
-                &groups,
+                &adapters,
                 self.precision,
                 self.native(),
             )?;
@@ -310,7 +351,7 @@ impl Llama {
                 &act,
                 li,
                 Module::Down,
-                &groups,
+                &adapters,
                 self.precision,
                 self.native(),
             )?;
@@ -350,7 +391,7 @@ impl Llama {
         cos: &Tensor,
         sin: &Tensor,
         batch: &mut [SeqInput<'_>],
-        groups: &[AdapterGroup],
+        adapters: &StepAdapters<'_>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (rows, _) = xs.dims2()?;
@@ -364,7 +405,7 @@ impl Llama {
             ],
             xs,
             layer_idx,
-            groups,
+            adapters,
             self.precision,
             self.native(),
         )?;
@@ -452,7 +493,7 @@ impl Llama {
             &o,
             layer_idx,
             Module::O,
-            groups,
+            adapters,
             self.precision,
             self.native(),
         )

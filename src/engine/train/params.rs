@@ -119,6 +119,7 @@ impl TrainableLora {
             use_rslora: self.use_rslora,
             target_modules: self.target_modules.clone(),
             size_bytes,
+            packed: Default::default(),
         })
     }
 }

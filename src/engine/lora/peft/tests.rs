@@ -208,6 +208,7 @@ fn adapter(mods: &[(usize, Module, usize, f64)], rank: usize, alpha: f64, rs: bo
         use_rslora: rs,
         target_modules: names,
         size_bytes: 0,
+        packed: Default::default(),
     }
 }
 
