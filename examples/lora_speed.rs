@@ -1,5 +1,6 @@
 //! Times one decode step's LoRA deltas (every adapted projection of every layer, 8 adapters ×
-//! 1 row each, real shapes of MODEL) per kernel, element type (f32, f16, int8) and threading, then a cold
+//! 1 row each, real shapes of MODEL) per kernel, element type (f32, f16, int8) and threading,
+//! the int8 pass read through packed tables and the cost of building one, then a cold
 //! adapter's first request piece by piece (read, BLAKE3, parse and the whole verified load, of
 //! the f32 upload and of the f16 serving copy a cold load reads, then a 16-token prefill with
 //! the adapter against the base): `cargo run --release --example
@@ -11,8 +12,9 @@ use std::sync::Arc;
 
 use adapterd::adapters::{load_verified, Recorded, CONFIG_FILE, SERVING_FILE, WEIGHTS_FILE};
 use adapterd::bench::adapters::{model_config, random_adapter, write_random_adapter};
-use adapterd::engine::lora::apply::{add_deltas_cpu_with, Kernel};
+use adapterd::engine::lora::apply::{add_deltas_cpu_with, add_pairs_cpu, Kernel};
 use adapterd::engine::lora::int8::quantize_adapter;
+use adapterd::engine::lora::packed::PackedAdapter;
 use adapterd::engine::lora::peft::{
     parse_peft, parse_peft_file, serving_weights, LoraLimits, WeightsFile,
 };
@@ -213,6 +215,60 @@ fn main() -> anyhow::Result<()> {
         drop(copy);
     }
     println!("{:32} {:7.2} ms", "int8 copy of one adapter", median(times));
+    // The packed table a cold adapter builds on its first step (the int8 copy is one buffer).
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let table = PackedAdapter::build(&int8s[0]).context("the int8 copy packs")?;
+        times.push(ms(t0));
+        drop(table);
+    }
+    println!(
+        "{:32} {:7.3} ms",
+        "packed table of one adapter",
+        median(times)
+    );
+    // The pass as the server runs it for such adapters: one table entry per projection.
+    let tables: Vec<PackedAdapter> = int8s
+        .iter()
+        .map(|a| PackedAdapter::build(a).context("packs"))
+        .collect::<anyhow::Result<_>>()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        pool.install(|| -> anyhow::Result<()> {
+            let views: Vec<_> = tables.iter().map(PackedAdapter::lock).collect();
+            for layer in 0..cfg.num_layers {
+                for m in Module::ALL {
+                    let xs = match m {
+                        Module::Down => &xs_ffn,
+                        Module::O => &xs_q,
+                        _ => &xs_hidden,
+                    };
+                    let groups: Vec<_> = views
+                        .iter()
+                        .zip(&rows)
+                        .filter_map(|(v, r)| Some((v.pair(layer, m)?, r.as_slice())))
+                        .collect();
+                    let out = match m {
+                        Module::Q => cfg.num_heads * cfg.head_dim,
+                        Module::O | Module::Down => cfg.hidden_size,
+                        Module::K | Module::V => cfg.num_kv_heads * cfg.head_dim,
+                        Module::Gate | Module::Up => cfg.intermediate_size,
+                    };
+                    let ys = Tensor::zeros((ADAPTERS, out), DType::F32, &Device::Cpu)?;
+                    add_pairs_cpu(&ys, xs, &groups)?;
+                }
+            }
+            Ok(())
+        })?;
+        times.push(ms(t0));
+    }
+    println!(
+        "{:32} {:7.2} ms/step",
+        "int8 avx2 threaded, packed",
+        median(times)
+    );
     pool.install(|| cold(std::path::Path::new(model), &cfg, reps))
 }
 
