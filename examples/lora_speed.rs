@@ -73,6 +73,12 @@ fn main() -> anyhow::Result<()> {
     let xs_ffn = x_of(cfg.intermediate_size)?;
     let xs_q = x_of(cfg.num_heads * cfg.head_dim)?;
 
+    // The input rows a projection takes.
+    let input = |m: Module| match m {
+        Module::Down => &xs_ffn,
+        Module::O => &xs_q,
+        _ => &xs_hidden,
+    };
     // One projection's deltas for every adapter, one row each.
     let deltas = |adapters: &[LoraAdapter],
                   layer: usize,
@@ -80,11 +86,7 @@ fn main() -> anyhow::Result<()> {
                   kernel: Kernel,
                   parallel: bool|
      -> anyhow::Result<()> {
-        let xs = match m {
-            Module::Down => &xs_ffn,
-            Module::O => &xs_q,
-            _ => &xs_hidden,
-        };
+        let xs = input(m);
         let groups: Vec<_> = adapters
             .iter()
             .zip(&rows)
@@ -240,11 +242,6 @@ fn main() -> anyhow::Result<()> {
             let views: Vec<_> = tables.iter().map(PackedAdapter::lock).collect();
             for layer in 0..cfg.num_layers {
                 for m in Module::ALL {
-                    let xs = match m {
-                        Module::Down => &xs_ffn,
-                        Module::O => &xs_q,
-                        _ => &xs_hidden,
-                    };
                     let groups: Vec<_> = views
                         .iter()
                         .zip(&rows)
@@ -257,7 +254,7 @@ fn main() -> anyhow::Result<()> {
                         Module::Gate | Module::Up => cfg.intermediate_size,
                     };
                     let ys = Tensor::zeros((ADAPTERS, out), DType::F32, &Device::Cpu)?;
-                    add_pairs_cpu(&ys, xs, &groups)?;
+                    add_pairs_cpu(&ys, input(m), &groups)?;
                 }
             }
             Ok(())
