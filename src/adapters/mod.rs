@@ -11,23 +11,30 @@ use sqlx::SqlitePool;
 
 use crate::engine::lora::cache::AdapterCache;
 use crate::engine::lora::int8::{quantize_adapter, AdapterPrecision};
-use crate::engine::lora::peft::{parse_peft, serving_weights, LoraError, LoraLimits};
+use crate::engine::lora::peft::{int8_weights, parse_peft, serving_weights, LoraError, LoraLimits};
 use crate::engine::lora::LoraAdapter;
 use crate::engine::model::ModelConfig;
-use crate::store::adapters::{self as q, AdapterRow};
+use crate::store::adapters::{self as q, AdapterRow, ServingCopy};
 
 mod names;
 mod stored;
 
 pub use names::{parse_ref, validate_name};
-use stored::{blake3_hex, fsync_dir, remove_stray_serving_temps, sha256_hex};
-pub use stored::{load_stored, load_verified, write_serving_copy, Loaded, Recorded};
+use stored::{blake3_hex, fsync_dir, remove_stray_copy_temps, sha256_hex};
+pub use stored::{
+    copy_bytes, copy_file, load_cold, load_int8_copy, load_stored, load_verified, write_copy,
+    ColdLoad, Loaded, Recorded,
+};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// The weights as the engine serves them (f16 where they fit, PEFT's names), written beside
 /// the upload and verified against `serving_blake3` at every cold load; see [`load_stored`].
 pub const SERVING_FILE: &str = "serving.safetensors";
+/// The int8 copy a server with `adapters.precision = "int8"` serves in place (I8 A and B with
+/// their per-rank scales), written beside the upload by such a server and verified against
+/// `serving_int8_blake3` at its cold loads; see [`load_cold`].
+pub const SERVING_INT8_FILE: &str = "serving-int8.safetensors";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
@@ -191,26 +198,31 @@ impl AdapterRegistry {
         validate_name("name", name)?;
         let (base, limits) = (self.base.clone(), self.limits);
         let int8 = self.precision == AdapterPrecision::Int8 && self.device.is_cpu();
-        let (adapter, config, weights, serving) = tokio::task::spawn_blocking(move || {
-            let adapter = parse_peft(&config, &weights, &base, &limits, &Device::Cpu)?;
-            let serving = serving_weights(&adapter)?;
-            // The serving copy stays f16 (any precision can be made from it at a cold load);
-            // what goes into the resident cache is the form this server serves.
-            let adapter = if int8 {
-                quantize_adapter(&adapter).map_err(|e| LoraError::Tensor {
-                    tensor: "int8 copy".into(),
-                    message: e.to_string(),
-                })?
-            } else {
-                adapter
-            };
-            Ok::<_, LoraError>((adapter, config, weights, serving))
-        })
-        .await
-        .map_err(|e| AdapterError::Storage(e.to_string()))??;
+        let (adapter, config, weights, serving, int8_copy) =
+            tokio::task::spawn_blocking(move || {
+                let adapter = parse_peft(&config, &weights, &base, &limits, &Device::Cpu)?;
+                let serving = serving_weights(&adapter)?;
+                // The serving copy stays f16 (any precision can be made from it at a cold load);
+                // what goes into the resident cache is the form this server serves, and an int8
+                // server stores that form too, for its cold loads to read.
+                let (adapter, int8_copy) = if int8 {
+                    let copy = quantize_adapter(&adapter).map_err(|e| LoraError::Tensor {
+                        tensor: "int8 copy".into(),
+                        message: e.to_string(),
+                    })?;
+                    let bytes = int8_weights(&copy)?;
+                    (copy, Some(bytes))
+                } else {
+                    (adapter, None)
+                };
+                Ok::<_, LoraError>((adapter, config, weights, serving, int8_copy))
+            })
+            .await
+            .map_err(|e| AdapterError::Storage(e.to_string()))??;
         let sha = sha256_hex(&config, &weights);
         let fast_hash = blake3_hex(&config, &weights);
         let serving_hash = blake3_hex(&config, &serving);
+        let int8_hash = int8_copy.as_ref().map(|b| blake3_hex(&config, b));
 
         let _guard = self.write_lock.lock().await;
         // Under the write lock, so concurrent uploads of one tenant cannot both pass the check.
@@ -225,11 +237,12 @@ impl AdapterRegistry {
             tokio::task::spawn_blocking(move || -> std::io::Result<()> {
                 std::fs::create_dir_all(&tmp)?;
                 let files = [
-                    (CONFIG_FILE, &config),
-                    (WEIGHTS_FILE, &weights),
-                    (SERVING_FILE, &serving),
+                    (CONFIG_FILE, Some(&config)),
+                    (WEIGHTS_FILE, Some(&weights)),
+                    (SERVING_FILE, Some(&serving)),
+                    (SERVING_INT8_FILE, int8_copy.as_ref()),
                 ];
-                for (file, bytes) in files {
+                for (file, bytes) in files.into_iter().filter_map(|(f, b)| Some((f, b?))) {
                     let path = tmp.join(file);
                     std::fs::write(&path, bytes)?;
                     std::fs::File::open(&path)?.sync_all()?;
@@ -262,6 +275,7 @@ impl AdapterRegistry {
             sha256: sha,
             blake3: Some(fast_hash),
             serving_blake3: Some(serving_hash),
+            serving_int8_blake3: int8_hash,
             source: source.to_owned(),
             job_id,
             created_at: now_rfc3339(),
@@ -356,23 +370,9 @@ impl AdapterRegistry {
         let stored = row.clone();
         let int8 = self.precision == AdapterPrecision::Int8 && device.is_cpu();
         let loaded = tokio::task::spawn_blocking(move || {
-            let loaded = load_stored(&dir, &stored, &base, &limits, &device)?;
-            // The int8 copy is what stays resident; the loaded form is kept only when a
-            // serving copy must still be written from it.
-            let served = if int8 {
-                let started = std::time::Instant::now();
-                let copy = quantize_adapter(&loaded.adapter)
-                    .map_err(|e| AdapterError::Storage(format!("int8 copy: {e}")))?;
-                tracing::debug!(
-                    ms = started.elapsed().as_secs_f64() * 1e3,
-                    "adapter's int8 copy made"
-                );
-                Some(copy)
-            } else {
-                None
-            };
+            let loaded = load_cold(&dir, &stored, &base, &limits, &device, int8);
             crate::engine::lora::peft::refill_warm_buffers();
-            Ok::<_, AdapterError>((loaded, served))
+            loaded
         })
         .await
         .map_err(|e| AdapterError::Storage(e.to_string()))?;
@@ -386,22 +386,35 @@ impl AdapterRegistry {
             tracing::error!(adapter = reference, error = %e, "stored adapter failed to load");
             AdapterError::Damaged(reference.to_owned())
         })?;
-        let (loaded, served) = loaded;
-        let adapter = Arc::new(loaded.adapter);
-        if !loaded.from_serving_copy {
-            self.spawn_serving_copy(&row, adapter.clone(), loaded.config);
+        if let Some(f16) = loaded.rewrite_serving {
+            self.spawn_copy(&row, ServingCopy::F16, f16, loaded.config.clone());
         }
-        let adapter = served.map(Arc::new).unwrap_or(adapter);
+        if loaded.rewrite_int8 {
+            self.spawn_copy(
+                &row,
+                ServingCopy::Int8,
+                loaded.served.clone(),
+                loaded.config,
+            );
+        }
+        let adapter = loaded.served;
         let evicted = self.cache.insert(key, adapter.clone());
         metrics::counter!(crate::metrics::ADAPTER_CACHE_EVICTIONS_TOTAL).increment(evicted as u64);
         self.record_cache_gauges();
         Ok(Resolved { row, adapter })
     }
 
-    /// Writes the serving copy of a version that was just loaded from its upload (stored before
-    /// serving copies existed, or its copy was damaged), in the background, and records its
-    /// hash, so the next cold load of it reads the copy. Best effort: a failure is a warning.
-    fn spawn_serving_copy(&self, row: &AdapterRow, adapter: Arc<LoraAdapter>, config: Vec<u8>) {
+    /// Writes a version's copy of kind `copy` from the adapter a cold load just made (the f16
+    /// form loaded from the upload, or the int8 copy made from it) in the background, and
+    /// records its hash, so the next cold load reads the copy. Best effort: a failure is a
+    /// warning, and the next cold load makes the adapter the slower way again.
+    fn spawn_copy(
+        &self,
+        row: &AdapterRow,
+        copy: ServingCopy,
+        adapter: Arc<LoraAdapter>,
+        config: Vec<u8>,
+    ) {
         let (db, dir, row) = (
             self.db.clone(),
             self.dir(&row.tenant, &row.name, row.version),
@@ -409,14 +422,16 @@ impl AdapterRegistry {
         );
         tokio::spawn(async move {
             let written =
-                tokio::task::spawn_blocking(move || write_serving_copy(&dir, &adapter, &config))
+                tokio::task::spawn_blocking(move || write_copy(&dir, copy, &adapter, &config))
                     .await
                     .map_err(|e| AdapterError::Storage(e.to_string()))
                     .and_then(|r| r);
             let recorded = match written {
-                Ok(hash) => q::set_serving_blake3(&db, &row.tenant, &row.name, row.version, &hash)
-                    .await
-                    .map_err(AdapterError::from),
+                Ok(hash) => {
+                    q::set_copy_blake3(&db, copy, &row.tenant, &row.name, row.version, &hash)
+                        .await
+                        .map_err(AdapterError::from)
+                }
                 Err(e) => Err(e),
             };
             if let Err(e) = recorded {
@@ -424,8 +439,9 @@ impl AdapterRegistry {
                     tenant = row.tenant,
                     name = row.name,
                     version = row.version,
+                    file = copy_file(copy),
                     error = %e,
-                    "could not write the adapter's serving copy; it keeps loading from the upload"
+                    "could not write the adapter's copy; its cold loads take the slower way"
                 );
             }
         });
@@ -475,7 +491,7 @@ impl AdapterRegistry {
                         );
                         removed += 1;
                     } else if !orphan && v.path().is_dir() {
-                        removed += remove_stray_serving_temps(&v.path());
+                        removed += remove_stray_copy_temps(&v.path());
                     }
                 }
             }

@@ -25,12 +25,17 @@ pub struct AdapterRow {
     /// column, which load from the uploaded files. Internal, like `blake3`.
     #[serde(skip)]
     pub serving_blake3: Option<String>,
+    /// BLAKE3 over the config then `serving-int8.safetensors` (the int8 copy), verified when a
+    /// cold load on a server with `adapters.precision = "int8"` reads it; `None` until such a
+    /// server has written one. Internal, like `blake3`.
+    #[serde(skip)]
+    pub serving_int8_blake3: Option<String>,
     pub source: String,
     pub job_id: Option<String>,
     pub created_at: String,
 }
 
-const COLUMNS: &str = "tenant, name, version, rank, alpha, target_modules, size_bytes, sha256, blake3, serving_blake3, source, job_id, created_at";
+const COLUMNS: &str = "tenant, name, version, rank, alpha, target_modules, size_bytes, sha256, blake3, serving_blake3, serving_int8_blake3, source, job_id, created_at";
 
 /// The version a new upload of `name` gets: one past the highest ever used (deleted included,
 /// so a version number is never reused for different content).
@@ -47,8 +52,8 @@ pub async fn next_version(db: &SqlitePool, tenant: &str, name: &str) -> sqlx::Re
 /// `db`: the pool, or a transaction (a trained adapter is published with its job's success).
 pub async fn insert<'e>(db: impl sqlx::SqliteExecutor<'e>, row: &AdapterRow) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO adapters (tenant, name, version, rank, alpha, target_modules, size_bytes, sha256, blake3, serving_blake3, source, job_id, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO adapters (tenant, name, version, rank, alpha, target_modules, size_bytes, sha256, blake3, serving_blake3, serving_int8_blake3, source, job_id, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&row.tenant)
     .bind(&row.name)
@@ -60,6 +65,7 @@ pub async fn insert<'e>(db: impl sqlx::SqliteExecutor<'e>, row: &AdapterRow) -> 
     .bind(&row.sha256)
     .bind(&row.blake3)
     .bind(&row.serving_blake3)
+    .bind(&row.serving_int8_blake3)
     .bind(&row.source)
     .bind(&row.job_id)
     .bind(&row.created_at)
@@ -111,23 +117,44 @@ pub async fn versions(db: &SqlitePool, tenant: &str, name: &str) -> sqlx::Result
         .await
 }
 
-/// Records the hash of a version's (re)written serving copy.
-pub async fn set_serving_blake3(
+/// The copies of a version's weights written beside its upload, each with its own hash column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServingCopy {
+    /// `serving.safetensors`: f16 where the values fit (`serving_blake3`).
+    F16,
+    /// `serving-int8.safetensors`: the int8 copy (`serving_int8_blake3`).
+    Int8,
+}
+
+impl ServingCopy {
+    fn column(self) -> &'static str {
+        match self {
+            Self::F16 => "serving_blake3",
+            Self::Int8 => "serving_int8_blake3",
+        }
+    }
+}
+
+/// Records the hash of a version's (re)written copy.
+pub async fn set_copy_blake3(
     db: &SqlitePool,
+    copy: ServingCopy,
     tenant: &str,
     name: &str,
     version: i64,
     hash: &str,
 ) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE adapters SET serving_blake3 = ? WHERE tenant = ? AND name = ? AND version = ?",
-    )
-    .bind(hash)
-    .bind(tenant)
-    .bind(name)
-    .bind(version)
-    .execute(db)
-    .await?;
+    let q = format!(
+        "UPDATE adapters SET {} = ? WHERE tenant = ? AND name = ? AND version = ?",
+        copy.column()
+    );
+    sqlx::query(&q)
+        .bind(hash)
+        .bind(tenant)
+        .bind(name)
+        .bind(version)
+        .execute(db)
+        .await?;
     Ok(())
 }
 

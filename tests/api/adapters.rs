@@ -6,7 +6,10 @@ use serde_json::{json, Value};
 use crate::helpers::{error_code, spawn_app, tiny_adapter_files};
 
 /// The first generated token's logprob and the text, greedy, for a given adapter (or none).
-async fn first_logprob(app: &crate::helpers::TestApp, adapter: Option<&str>) -> (f64, Value) {
+pub(crate) async fn first_logprob(
+    app: &crate::helpers::TestApp,
+    adapter: Option<&str>,
+) -> (f64, Value) {
     let mut body =
         json!({"prompt": "the cat", "max_new_tokens": 6, "temperature": 0, "logprobs": true});
     if let Some(a) = adapter {
@@ -306,10 +309,13 @@ async fn start_up_removes_adapter_directories_no_version_points_at() {
     // And a serving copy's temp file a crash left inside a live version.
     let stray = store.join("real/1/.serving.safetensors.0123abcd");
     std::fs::write(&stray, b"half a copy").unwrap();
+    let stray_int8 = store.join("real/1/.serving-int8.safetensors.4567cdef");
+    std::fs::write(&stray_int8, b"half an int8 copy").unwrap();
     let second = crate::helpers::spawn_app_in(dir.path(), |_| {}).await;
     assert!(!store.join("ghost").join("1").exists());
     assert!(!store.join("real").join(".tmp-abc").exists());
     assert!(!stray.exists());
+    assert!(!stray_int8.exists());
     assert!(store.join("real/1/serving.safetensors").exists());
     assert!(store
         .join("real")

@@ -7,6 +7,7 @@ mod files;
 mod finetune;
 mod generate;
 mod helpers;
+mod int8_copies;
 mod openai;
 mod ops;
 mod portable;

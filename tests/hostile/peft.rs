@@ -3,7 +3,10 @@
 //! adapter_config.json values: always an error or an adapter, never a panic, and never an
 //! allocation much larger than the input.
 
-use adapterd::engine::lora::peft::{parse_peft, LoraError, LoraLimits};
+use adapterd::engine::lora::int8::quantize_adapter;
+use adapterd::engine::lora::peft::{
+    int8_weights, parse_int8_file, parse_peft, Int8File, LoraError, LoraLimits,
+};
 use adapterd::engine::lora::LoraAdapter;
 use adapterd::engine::model::{Arch, ModelConfig};
 use candle_core::Device;
@@ -94,6 +97,40 @@ fn parse(config: &[u8], weights: &[u8]) -> Result<LoraAdapter, LoraError> {
         config.len() + weights.len()
     );
     result
+}
+
+/// The int8 copy a server with `adapters.precision = "int8"` would store for the valid fixture.
+fn valid_int8_copy() -> Vec<u8> {
+    parse(&valid_config(), &valid_weights())
+        .ok()
+        .and_then(|a| quantize_adapter(&a).ok())
+        .and_then(|a| int8_weights(&a).ok())
+        .unwrap_or_default()
+}
+
+/// Parses an int8 copy on this thread and checks the allocation bound. A cold load parses the
+/// copy beside hashing it, so a damaged copy must be an error like any upload.
+fn parse_int8(config: &[u8], bytes: Vec<u8>) -> Result<LoraAdapter, LoraError> {
+    let n = config.len() + bytes.len();
+    let (result, largest) = largest_allocation(|| {
+        let file = Int8File::from_vec(bytes).map_err(|e| LoraError::Safetensors {
+            message: e.to_string(),
+        })?;
+        parse_int8_file(config, &file, &base(), &LoraLimits::default())
+    });
+    assert!(
+        largest <= MAX_ALLOCATION.max(4 * n),
+        "an allocation of {largest} bytes for {n} input bytes"
+    );
+    result
+}
+
+#[test]
+fn the_valid_int8_copy_parses() {
+    let copy = valid_int8_copy();
+    assert!(!copy.is_empty());
+    let adapter = parse_int8(&valid_config(), copy).expect("parses");
+    assert_eq!(adapter.layers.len(), 2);
 }
 
 #[test]
@@ -238,6 +275,26 @@ proptest! {
             w.truncate(c.index(w.len()));
         }
         let _ = parse(&valid_config(), &w);
+    }
+
+    #[test]
+    fn arbitrary_and_mutated_int8_copies_never_panic(
+        junk in prop::collection::vec(any::<u8>(), 0..2048),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..12),
+        cut in prop::option::of(any::<prop::sample::Index>()),
+        in_header in any::<bool>(),
+    ) {
+        prop_assert!(parse_int8(&valid_config(), junk).is_err());
+        let mut w = valid_int8_copy();
+        let header_end = 8 + u64::from_le_bytes(w[..8].try_into().unwrap_or_default()) as usize;
+        for (at, byte) in &edits {
+            let i = if in_header { at.index(header_end.min(w.len())) } else { at.index(w.len()) };
+            w[i] = *byte;
+        }
+        if let Some(c) = cut {
+            w.truncate(c.index(w.len()));
+        }
+        let _ = parse_int8(&valid_config(), w);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 mod config;
 mod file;
+mod int8_copy;
 mod save;
 #[cfg(test)]
 mod tests;
@@ -25,6 +26,7 @@ use crate::engine::model::config::ModelConfig;
 pub use file::refill_warm_buffers;
 pub use file::WeightsFile;
 pub(crate) use file::WARM_INT8;
+pub use int8_copy::{int8_weights, parse_int8_file, Int8File};
 pub use save::{save_peft, serving_weights};
 
 /// Server-side bounds on what an uploaded adapter may cost.

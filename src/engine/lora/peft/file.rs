@@ -33,29 +33,7 @@ impl WeightsFile {
     /// into the buffer touched after the previous such read, and a helper touches one for the
     /// next; a file that is only converted and dropped (an f32 upload) reads into plain memory.
     pub fn read(path: &Path, max_bytes: usize, warm: bool) -> std::io::Result<Self> {
-        let mut file = std::fs::File::open(path)?;
-        let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
-        if len > max_bytes {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
-                    "{} is {len} bytes, over the limit of {max_bytes} bytes",
-                    path.display()
-                ),
-            ));
-        }
-        let mut words = if warm {
-            WARM_FILES.take(len.div_ceil(2))
-        } else {
-            vec![0u16; len.div_ceil(2)]
-        };
-        file.read_exact(&mut bytemuck::cast_slice_mut::<u16, u8>(&mut words)[..len])?;
-        if file.read(&mut [0u8; 1])? != 0 {
-            return Err(std::io::Error::other(format!(
-                "{} grew while it was being read",
-                path.display()
-            )));
-        }
+        let (words, len) = read_whole(path, max_bytes, warm.then_some(&WARM_FILES))?;
         Self::from_words(words, len).map_err(std::io::Error::other)
     }
 
@@ -101,6 +79,41 @@ impl WeightsFile {
     }
 }
 
+/// Reads the whole file at `path` into a buffer of `T` (the one `pool` touched in advance,
+/// else fresh memory; the last value zero-padded), refusing a file over `max_bytes` before
+/// allocating for it and one that grows while it is read. Returns the buffer and the file's
+/// length in bytes.
+pub(super) fn read_whole<T: bytemuck::Pod + Default + Send>(
+    path: &Path,
+    max_bytes: usize,
+    pool: Option<&'static WarmPool<T>>,
+) -> std::io::Result<(Vec<T>, usize)> {
+    let mut file = std::fs::File::open(path)?;
+    let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+    if len > max_bytes {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} is {len} bytes, over the limit of {max_bytes} bytes",
+                path.display()
+            ),
+        ));
+    }
+    let n = len.div_ceil(std::mem::size_of::<T>().max(1));
+    let mut buffer = match pool {
+        Some(pool) => pool.take(n),
+        None => vec![T::default(); n],
+    };
+    file.read_exact(&mut bytemuck::cast_slice_mut::<T, u8>(&mut buffer)[..len])?;
+    if file.read(&mut [0u8; 1])? != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} grew while it was being read",
+            path.display()
+        )));
+    }
+    Ok((buffer, len))
+}
+
 /// The largest buffer kept touched in advance (per kind): adapters past it (rank 64 on every
 /// module of a bigger model) take fresh memory, so an idle server never holds more than this
 /// spare of each.
@@ -122,13 +135,17 @@ pub(crate) struct WarmPool<T: 'static> {
 pub fn refill_warm_buffers() {
     WARM_FILES.refill();
     WARM_INT8.refill();
+    WARM_INT8_FILES.refill();
 }
 
 /// The serving copies' read buffers (u16 words: f16-aligned).
 static WARM_FILES: WarmPool<u16> = WarmPool::new();
 
-/// The int8 copies' buffers (`adapters.precision = "int8"`).
+/// The int8 copies' buffers (`adapters.precision = "int8"`), made from an f16 form.
 pub(crate) static WARM_INT8: WarmPool<u8> = WarmPool::new();
+
+/// The read buffers of stored int8 copies (`serving-int8.safetensors`), served in place.
+pub(super) static WARM_INT8_FILES: WarmPool<u8> = WarmPool::new();
 
 impl<T: Copy + Default + Send + 'static> WarmPool<T> {
     const fn new() -> Self {

@@ -59,7 +59,7 @@ pub(super) fn base_dims(base: &ModelConfig, module: Module) -> (usize, usize) {
 
 /// Reads `base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}[.default].weight`.
 /// Anything else is refused with a message saying what the tensor looks like it is for.
-fn parse_name(name: &str) -> Result<(usize, Module, Side), LoraError> {
+pub(super) fn parse_name(name: &str) -> Result<(usize, Module, Side), LoraError> {
     let parsed = (|| {
         let rest = name.strip_prefix(PREFIX)?;
         let (layer, rest) = rest.split_once('.')?;
