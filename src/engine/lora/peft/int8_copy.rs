@@ -149,15 +149,17 @@ pub fn parse_int8_file(
             .map_err(|e| LoraError::tensor(name, format!("could not be viewed in place: {e}")))
     };
     let mut layers = vec![LayerLora::default(); base.num_layers];
-    let mut size_bytes = 0usize;
+    // What the adapter keeps alive: the whole file (the views hold its buffer) and the scales
+    // copied out of it.
+    let mut size_bytes = file.len();
     for f in found {
+        size_bytes += std::mem::size_of::<f32>() * (f.scales.a.len() + f.scales.b.len());
         let pair = LoraPair {
             a: view(tensor_name(f.layer, f.module, Side::A), f.a)?,
             b: view(tensor_name(f.layer, f.module, Side::B), f.b)?,
             scale: f.scale,
             int8: Some(f.scales),
         };
-        size_bytes += pair.size_bytes();
         layers[f.layer].modules[f.module.index()] = Some(pair);
     }
     Ok(super::adapter(&cfg, layers, size_bytes))
