@@ -22,8 +22,8 @@ mod stored;
 pub use names::{parse_ref, validate_name};
 use stored::{blake3_hex, fsync_dir, remove_stray_copy_temps, sha256_hex};
 pub use stored::{
-    copy_bytes, copy_file, load_cold, load_int8_copy, load_stored, load_verified, write_copy,
-    ColdLoad, Loaded, Recorded,
+    copy_file, load_cold, load_int8_copy, load_stored, load_verified, write_copy, ColdLoad, Loaded,
+    Recorded,
 };
 
 pub const CONFIG_FILE: &str = "adapter_config.json";

@@ -262,7 +262,7 @@ pub fn copy_file(copy: ServingCopy) -> &'static str {
 
 /// The bytes of `adapter`'s copy of kind `copy`: `adapter` is the f16 form for
 /// [`ServingCopy::F16`], the int8 copy for [`ServingCopy::Int8`].
-pub fn copy_bytes(copy: ServingCopy, adapter: &LoraAdapter) -> Result<Vec<u8>, AdapterError> {
+fn copy_bytes(copy: ServingCopy, adapter: &LoraAdapter) -> Result<Vec<u8>, AdapterError> {
     Ok(match copy {
         ServingCopy::F16 => serving_weights(adapter)?,
         ServingCopy::Int8 => int8_weights(adapter)?,

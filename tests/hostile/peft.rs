@@ -247,6 +247,29 @@ fn lying_tensor() -> impl Strategy<Value = (String, Value)> {
         .prop_map(|(n, d, s, (a, b))| (n, json!({"dtype": d, "shape": s, "data_offsets": [a, b]})))
 }
 
+/// A safetensors file with bytes overwritten at `edits` (with `in_header`, only in the 8-byte
+/// length and the header, where lies matter most) and cut at `cut`.
+fn mutated(
+    mut w: Vec<u8>,
+    edits: &[(prop::sample::Index, u8)],
+    cut: Option<prop::sample::Index>,
+    in_header: bool,
+) -> Vec<u8> {
+    let header_end = 8 + u64::from_le_bytes(w[..8].try_into().unwrap_or_default()) as usize;
+    for (at, byte) in edits {
+        let i = if in_header {
+            at.index(header_end.min(w.len()))
+        } else {
+            at.index(w.len())
+        };
+        w[i] = *byte;
+    }
+    if let Some(c) = cut {
+        w.truncate(c.index(w.len()));
+    }
+    w
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -264,16 +287,7 @@ proptest! {
         cut in prop::option::of(any::<prop::sample::Index>()),
         in_header in any::<bool>(),
     ) {
-        let mut w = valid_weights();
-        let header_end = 8 + u64::from_le_bytes(w[..8].try_into().unwrap_or_default()) as usize;
-        for (at, byte) in &edits {
-            // Half the time aim at the 8-byte length and the header, where lies matter most.
-            let i = if in_header { at.index(header_end.min(w.len())) } else { at.index(w.len()) };
-            w[i] = *byte;
-        }
-        if let Some(c) = cut {
-            w.truncate(c.index(w.len()));
-        }
+        let w = mutated(valid_weights(), &edits, cut, in_header);
         let _ = parse(&valid_config(), &w);
     }
 
@@ -285,15 +299,7 @@ proptest! {
         in_header in any::<bool>(),
     ) {
         prop_assert!(parse_int8(&valid_config(), junk).is_err());
-        let mut w = valid_int8_copy();
-        let header_end = 8 + u64::from_le_bytes(w[..8].try_into().unwrap_or_default()) as usize;
-        for (at, byte) in &edits {
-            let i = if in_header { at.index(header_end.min(w.len())) } else { at.index(w.len()) };
-            w[i] = *byte;
-        }
-        if let Some(c) = cut {
-            w.truncate(c.index(w.len()));
-        }
+        let w = mutated(valid_int8_copy(), &edits, cut, in_header);
         let _ = parse_int8(&valid_config(), w);
     }
 

@@ -20,6 +20,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::config::{module_path, AdapterConfig};
 use super::file::{read_whole, WARM_INT8_FILES};
+use super::save::{serialize_named, NamedBytes};
 use super::weights::{base_dims, parse_name, tensor_name, Side};
 use super::{LoraError, LoraLimits};
 use crate::engine::lora::int8::Int8Scales;
@@ -36,7 +37,7 @@ fn scales_name(layer: usize, module: Module, side: Side) -> String {
 /// [`crate::engine::lora::int8::quantize_adapter`] makes).
 pub fn int8_weights(adapter: &LoraAdapter) -> Result<Vec<u8>, LoraError> {
     let bad = |tensor: String, message: String| LoraError::Tensor { tensor, message };
-    let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut buffers: Vec<NamedBytes> = Vec::new();
     for (layer, lora) in adapter.layers.iter().enumerate() {
         for module in Module::ALL {
             let Some(pair) = lora.get(module) else {
@@ -65,17 +66,7 @@ pub fn int8_weights(adapter: &LoraAdapter) -> Result<Vec<u8>, LoraError> {
             }
         }
     }
-    let views = buffers
-        .iter()
-        .map(|(name, dtype, dims, bytes)| {
-            TensorView::new(*dtype, dims.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| bad(name.clone(), e.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    safetensors::serialize(views, None).map_err(|e| LoraError::Safetensors {
-        message: format!("could not serialize the int8 copy: {e}"),
-    })
+    serialize_named(&buffers, "the int8 copy")
 }
 
 /// An int8 copy in memory: the bytes live in one U8 CPU tensor that the pairs' A and B view.

@@ -174,7 +174,7 @@ fn to_bytes(t: &candle_core::Tensor) -> Result<(Vec<usize>, Vec<u8>), String> {
 /// bit, as the upload did.
 pub fn serving_weights(adapter: &LoraAdapter) -> Result<Vec<u8>, LoraError> {
     let bad = |tensor: String, message: String| LoraError::Tensor { tensor, message };
-    let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut buffers: Vec<NamedBytes> = Vec::new();
     for (layer, lora) in adapter.layers.iter().enumerate() {
         for module in Module::ALL {
             let Some(pair) = lora.get(module) else {
@@ -193,16 +193,27 @@ pub fn serving_weights(adapter: &LoraAdapter) -> Result<Vec<u8>, LoraError> {
             }
         }
     }
+    serialize_named(&buffers, "the serving copy")
+}
+
+/// One tensor to write: its name, dtype, shape and little-endian bytes.
+pub(super) type NamedBytes = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// `buffers` as a safetensors file; `what` names the file in an error.
+pub(super) fn serialize_named(buffers: &[NamedBytes], what: &str) -> Result<Vec<u8>, LoraError> {
     let views = buffers
         .iter()
         .map(|(name, dtype, dims, bytes)| {
             TensorView::new(*dtype, dims.clone(), bytes)
                 .map(|v| (name.clone(), v))
-                .map_err(|e| bad(name.clone(), e.to_string()))
+                .map_err(|e| LoraError::Tensor {
+                    tensor: name.clone(),
+                    message: e.to_string(),
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     safetensors::serialize(views, None).map_err(|e| LoraError::Safetensors {
-        message: format!("could not serialize the serving copy: {e}"),
+        message: format!("could not serialize {what}: {e}"),
     })
 }
 
